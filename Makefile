@@ -1,0 +1,36 @@
+# Every target creates (once) and reuses a virtualenv in .venv, so a fresh machine with only
+# Python 3.11, pip and gcc needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint protos bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Device plugin + GFD + mock kubelet on a simulated DGX A100. RUN_ARGS='--exit-after 5' stops it.
+run: $(STAMP)
+	$(PY) -m deviceplugin.demo $(RUN_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+protos: $(STAMP)
+	$(PY) -m protos.generate
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

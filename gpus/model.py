@@ -1,0 +1,118 @@
+"""The node's GPUs as plain immutable data: what NVML said, read once.
+
+Everything downstream (the device plugin's resource map, GFD's labels, the allocator) is a pure
+function of a :class:`Snapshot`, so the same fixtures test all of them and nothing but
+``gpus.nvml`` ever talks to NVML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class TopologyLevel(IntEnum):
+    """NVML's ``nvmlGpuTopologyLevel_t``: the closest common ancestor of two GPUs.
+
+    Values are NVML's own, so a reader can convert with ``TopologyLevel(value)``.
+    """
+
+    INTERNAL = 0  # same board (e.g. the two GPUs of a dual-GPU card)
+    SINGLE = 10  # one PCIe switch
+    MULTIPLE = 20  # several PCIe switches, no host bridge
+    HOSTBRIDGE = 30  # the same host bridge
+    NODE = 40  # the same NUMA node / CPU, across host bridges
+    SYSTEM = 50  # across CPUs (SMP interconnect)
+
+
+@dataclass(frozen=True)
+class Link:
+    """How two GPUs are connected: their PCIe common ancestor and NVLink count."""
+
+    level: TopologyLevel
+    nvlinks: int = 0
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """Node-wide versions."""
+
+    driver_version: str  # e.g. "535.129.03"
+    cuda_driver_version: int  # NVML's integer form, e.g. 12020 for CUDA 12.2
+    nvml_version: str = ""
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    """One MIG device (a GPU instance + compute instance pair) on a MIG-enabled GPU."""
+
+    uuid: str  # "MIG-..."
+    index: int  # position among the parent's MIG devices (nvmlDeviceGetMigDeviceHandleByIndex)
+    parent_index: int
+    parent_uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str  # NVIDIA's name: "1g.5gb", "3g.20gb", "1c.2g.10gb", "1g.10gb+me"
+    memory_bytes: int
+    gpu_instance_slices: int
+    compute_instance_slices: int
+    multiprocessors: int = 0
+    copy_engines: int = 0
+    decoders: int = 0
+    encoders: int = 0
+    jpeg_decoders: int = 0
+    ofa_engines: int = 0
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One physical GPU as NVML reports it."""
+
+    index: int
+    uuid: str  # "GPU-..."
+    name: str  # "NVIDIA A100-SXM4-40GB"
+    memory_bytes: int
+    compute_capability: tuple[int, int]  # (8, 0)
+    architecture: str  # lower-case NVML architecture: "ampere", "hopper", ... or "unknown"
+    brand: str  # "Nvidia", "Tesla", ... (NVML brand without the prefix), or "unknown"
+    minor: int  # /dev/nvidia<minor>
+    pci_bus_id: str  # as NVML reports it: "00000000:07:00.0"
+    pci_device_id: int = 0  # NVML's combined id: device << 16 | vendor (e.g. 0x20B010DE)
+    pci_class: int | None = None  # sysfs class >> 8: 0x0302 (3D controller), 0x0300 (VGA)
+    numa_node: int | None = None  # from sysfs; None when absent or negative
+    mig_capable: bool = False
+    mig_enabled: bool = False
+    mig_devices: tuple[MigDevice, ...] = ()
+
+    @property
+    def sysfs_bus_id(self) -> str:
+        """The bus id as sysfs spells it: lower case, 4-digit domain ("0000:07:00.0")."""
+        bus = self.pci_bus_id.lower()
+        domain, _, rest = bus.partition(":")
+        if len(domain) > 4:
+            domain = domain[-4:]
+        return f"{domain}:{rest}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything read from NVML in one pass.
+
+    ``links[i][j]`` describes GPUs at positions ``i`` and ``j`` of ``gpus`` (not NVML indices,
+    though the two coincide for a full read); the diagonal is ``Link(INTERNAL)``.
+    """
+
+    system: SystemInfo
+    gpus: tuple[GPU, ...] = ()
+    links: tuple[tuple[Link, ...], ...] = field(default=())
+
+    def link(self, i: int, j: int) -> Link:
+        """The link between the GPUs at positions ``i`` and ``j``."""
+        return self.links[i][j]
+
+    def gpu_by_uuid(self, uuid: str) -> GPU | None:
+        """The GPU with this UUID, or None."""
+        for gpu in self.gpus:
+            if gpu.uuid == uuid:
+                return gpu
+        return None

@@ -1,0 +1,169 @@
+"""``fake-nvml``: list and show machine profiles, and inject faults into a running daemon's fake.
+
+fake-nvml list
+fake-nvml show dgx-a100-mig [--json]
+fake-nvml inject --control /run/fake-nvml.sock xid 3 79
+fake-nvml inject --control /run/fake-nvml.sock xid MIG-... 94
+fake-nvml inject --control /run/fake-nvml.sock fail nvmlDeviceGetUUID NVML_ERROR_UNKNOWN --count 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpus.fake.control import ControlError, send
+from gpus.fake.controller import install, write_sysfs
+from gpus.fake.profile import ProfileError, list_profiles, load_profile
+from gpus.model import Snapshot, TopologyLevel
+from gpus.nvml import Nvml, NvmlError
+
+CONTROL_ENV = "FAKE_NVML_CONTROL"
+# nvidia-smi topo -m abbreviations.
+_LEVEL_NAMES = {
+    TopologyLevel.INTERNAL: "X",
+    TopologyLevel.SINGLE: "PIX",
+    TopologyLevel.MULTIPLE: "PXB",
+    TopologyLevel.HOSTBRIDGE: "PHB",
+    TopologyLevel.NODE: "NODE",
+    TopologyLevel.SYSTEM: "SYS",
+}
+
+
+def _gpu_arg(text: str) -> int | str:
+    """A GPU index or a GPU/MIG UUID."""
+    return int(text) if text.isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="fake-nvml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the shipped machine profiles")
+    show = sub.add_parser("show", help="read a profile through pynvml and the fake, and print it")
+    show.add_argument("profile", help="profile name or path to a .yaml")
+    show.add_argument("--json", action="store_true", help="print the Snapshot as JSON")
+
+    inject = sub.add_parser("inject", help="inject a fault through a daemon's control socket")
+    inject.add_argument(
+        "--control",
+        default=os.environ.get(CONTROL_ENV),
+        help=f"control socket path (env {CONTROL_ENV})",
+    )
+    faults = inject.add_subparsers(dest="fault", required=True)
+    xid = faults.add_parser("xid", help="deliver a critical XID event")
+    xid.add_argument("gpu", type=_gpu_arg, help="GPU index, GPU UUID or MIG UUID")
+    xid.add_argument("xid", type=int)
+    xid.add_argument("--gi", type=int, help="GPU instance id (a MIG UUID sets it)")
+    xid.add_argument("--ci", type=int, help="compute instance id (a MIG UUID sets it)")
+    ecc = faults.add_parser("ecc", help="deliver an ECC error event")
+    ecc.add_argument("gpu", type=_gpu_arg)
+    ecc.add_argument("--single", action="store_true", help="single-bit (default: double-bit)")
+    for name, text in (("lose", "the GPU falls off the bus"), ("restore", "bring a lost GPU back")):
+        faults.add_parser(name, help=text).add_argument("gpu", type=_gpu_arg)
+    fail = faults.add_parser("fail", help="make an NVML function return an error")
+    fail.add_argument("function", help="e.g. nvmlDeviceGetUUID (covers version suffixes)")
+    fail.add_argument("error", help="e.g. NVML_ERROR_GPU_IS_LOST, GPU_IS_LOST or 15")
+    fail.add_argument("--count", type=int, help="only this many times (default: until cleared)")
+    for name in ("fail-event-wait", "fail-init"):
+        faults.add_parser(name, help=f"make {name[5:]} fail").add_argument("error", nargs="?")
+    faults.add_parser("clear", help="remove all injected faults, restore lost GPUs")
+    faults.add_parser("status", help="print the active faults")
+    return parser
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """The control request for ``fake-nvml inject ...``."""
+    fault = args.fault
+    if fault == "xid":
+        return {"op": "xid", "gpu": args.gpu, "xid": args.xid, "gi": args.gi, "ci": args.ci}
+    if fault == "ecc":
+        return {"op": "ecc", "gpu": args.gpu, "double_bit": not args.single}
+    if fault in ("lose", "restore"):
+        return {"op": fault, "gpu": args.gpu}
+    if fault == "fail":
+        error: str | int = int(args.error) if args.error.isdigit() else args.error
+        return {"op": "fail", "function": args.function, "error": error, "count": args.count}
+    if fault in ("fail-event-wait", "fail-init"):
+        request: dict[str, Any] = {"op": fault.replace("-", "_")}
+        if args.error:
+            request["error"] = int(args.error) if args.error.isdigit() else args.error
+        return request
+    return {"op": fault}
+
+
+def render(snapshot: Snapshot, title: str) -> str:
+    """A human-readable summary: GPUs, MIG devices and an nvidia-smi-like topology matrix."""
+    system = snapshot.system
+    lines = [
+        title,
+        f"driver {system.driver_version}, CUDA {system.cuda_driver_version}, "
+        f"NVML {system.nvml_version}",
+        "",
+    ]
+    for gpu in snapshot.gpus:
+        mig = "MIG enabled" if gpu.mig_enabled else ("MIG capable" if gpu.mig_capable else "")
+        lines.append(
+            f"GPU {gpu.index}: {gpu.name}  {gpu.memory_bytes >> 20} MiB  {gpu.pci_bus_id}"
+            f"  NUMA {gpu.numa_node}  {gpu.uuid}  {mig}".rstrip()
+        )
+        for dev in gpu.mig_devices:
+            lines.append(
+                f"  MIG {dev.profile:<12} gi {dev.gpu_instance_id:<2} "
+                f"ci {dev.compute_instance_id}  {dev.memory_bytes >> 20} MiB  {dev.uuid}"
+            )
+    n = len(snapshot.gpus)
+    lines += ["", "      " + "".join(f"GPU{k:<5}" for k in range(n))]
+    for i in range(n):
+        cells = []
+        for j in range(n):
+            link = snapshot.link(i, j)
+            cells.append(f"NV{link.nvlinks}" if link.nvlinks else _LEVEL_NAMES[link.level])
+        lines.append(f"GPU{i:<3}" + "".join(f"{c:<8}" for c in cells))
+    return "\n".join(lines)
+
+
+def _show(profile_ref: str, as_json: bool) -> str:
+    profile = load_profile(profile_ref)
+    with tempfile.TemporaryDirectory(prefix="fake-nvml-") as root:
+        write_sysfs(profile, Path(root))
+        with install(profile), Nvml() as nvml:
+            snapshot = nvml.read_snapshot(root)
+    if as_json:
+        return json.dumps(dataclasses.asdict(snapshot), indent=2)
+    return render(snapshot, f"{profile.name}: {profile.description} ({profile.source})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            for name in list_profiles():
+                print(f"{name:<18} {load_profile(name).description}")
+        elif args.command == "show":
+            print(_show(args.profile, args.json))
+        else:
+            if not args.control:
+                print(f"fake-nvml: --control (or {CONTROL_ENV}) is required", file=sys.stderr)
+                return 2
+            reply = send(args.control, _request(args))
+            reply.pop("ok", None)
+            print(json.dumps(reply) if reply else "ok")
+    except (ProfileError, ControlError, NvmlError) as exc:
+        print(f"fake-nvml: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The fake NVML's controller: installs the fake beneath pynvml and injects faults.
+
+Every method is thread-safe and takes effect immediately for threads blocked in NVML calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import pynvml
+
+from gpus.fake.lib import FakeNvmlLib, NvmlFunctions
+from gpus.fake.profile import Profile, load_profile
+from gpus.fake.state import NOT_APPLICABLE, XID_FALLEN_OFF_BUS, FakeGpu, FakeState, error_code
+
+if TYPE_CHECKING:
+    from gpus.fake.control import ControlServer
+
+log = logging.getLogger(__name__)
+
+
+class FakeNvml:
+    """A fake NVML for one machine profile; ``install()`` puts it beneath pynvml."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._state = FakeState(profile)
+        self.lib = FakeNvmlLib(self._state)
+        self._saved: dict[str, Any] | None = None
+        self._control: ControlServer | None = None
+
+    # -- installation ---------------------------------------------------------------------------
+
+    @property
+    def installed(self) -> bool:
+        """Whether this fake is pynvml's library right now."""
+        return self._saved is not None
+
+    @property
+    def functions(self) -> NvmlFunctions:
+        """The Python bodies of the C functions (tests may monkeypatch them)."""
+        return self.lib.functions
+
+    def install(self, control_socket: str | None = None) -> FakeNvml:
+        """Make pynvml call this fake; optionally serve the control socket."""
+        if self._saved is not None:
+            raise RuntimeError("this fake NVML is already installed")
+        with pynvml.libLoadLock:
+            self._saved = {
+                "nvmlLib": pynvml.nvmlLib,
+                "cache": dict(pynvml._nvmlGetFunctionPointer_cache),
+                "refcount": pynvml._nvmlLib_refcount,
+                "errors": dict(pynvml.NVMLError._errcode_to_string),
+            }
+            pynvml.nvmlLib = self.lib
+            pynvml._nvmlGetFunctionPointer_cache.clear()
+            pynvml._nvmlLib_refcount = 0
+        with self._state.lock:
+            self._state.closed = False
+        log.info(
+            "fake NVML installed: profile %s (%d GPUs)", self.profile.name, len(self.profile.gpus)
+        )
+        if control_socket:
+            try:
+                self.start_control(control_socket)
+            except BaseException:
+                self.uninstall()
+                raise
+        return self
+
+    def uninstall(self) -> None:
+        """Restore pynvml's previous library and caches; wake and fail any waiter."""
+        self.stop_control()
+        with self._state.lock:
+            self._state.closed = True
+            self._state.notify_all_event_sets()
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        with pynvml.libLoadLock:
+            if pynvml.nvmlLib is not self.lib:
+                log.warning("fake NVML %s uninstalled out of order", self.profile.name)
+            pynvml.nvmlLib = saved["nvmlLib"]
+            pynvml._nvmlGetFunctionPointer_cache.clear()
+            pynvml._nvmlGetFunctionPointer_cache.update(saved["cache"])
+            pynvml._nvmlLib_refcount = saved["refcount"]
+            pynvml.NVMLError._errcode_to_string.clear()
+            pynvml.NVMLError._errcode_to_string.update(saved["errors"])
+        log.info("fake NVML uninstalled: profile %s", self.profile.name)
+
+    def __enter__(self) -> FakeNvml:
+        if not self.installed:
+            self.install()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.uninstall()
+
+    def start_control(self, path: str) -> None:
+        """Serve the JSON-lines fault-injection socket at ``path`` on a daemon thread."""
+        from gpus.fake.control import ControlServer
+
+        if self._control is not None:
+            raise RuntimeError(f"control socket already served at {self._control.path}")
+        server = ControlServer(self, path)
+        server.start()
+        self._control = server
+
+    def stop_control(self) -> None:
+        """Stop the control socket, if any."""
+        control, self._control = self._control, None
+        if control is not None:
+            control.stop()
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def uuids(self) -> list[str]:
+        """GPU UUIDs in index order."""
+        return [gpu.spec.uuid for gpu in self._state.gpus]
+
+    def mig_uuids(self, gpu: int | str) -> list[str]:
+        """A GPU's MIG device UUIDs in slot order."""
+        with self._state.lock:
+            found, _ = self._state.find(gpu)
+            return [mig.uuid for mig in found.mig_slots if mig is not None]
+
+    def status(self) -> dict[str, Any]:
+        """Active faults, for the control socket and the CLI."""
+        with self._state.lock:
+            return {
+                "profile": self.profile.name,
+                "lost": [g.spec.index for g in self._state.gpus if g.lost],
+                "failures": {
+                    name: {"error": code, "remaining": remaining}
+                    for name, (code, remaining) in self._state.failures.items()
+                },
+                "initialized": self._state.init_count,
+            }
+
+    # -- fault injection ------------------------------------------------------------------------
+
+    def inject_xid(
+        self,
+        gpu: int | str,
+        xid: int,
+        gpu_instance_id: int | None = None,
+        compute_instance_id: int | None = None,
+    ) -> int:
+        """Deliver a critical-XID event; a MIG UUID carries its GI/CI ids. Returns sets reached."""
+        with self._state.lock:
+            target, mig = self._state.find(gpu)
+            if mig is not None:
+                gpu_instance_id = mig.gpu_instance.spec.id
+                compute_instance_id = mig.compute_instance.id
+            gi = NOT_APPLICABLE if gpu_instance_id is None else gpu_instance_id
+            ci = NOT_APPLICABLE if compute_instance_id is None else compute_instance_id
+            log.info("fake NVML: XID %d on GPU %d (gi=%#x ci=%#x)", xid, target.spec.index, gi, ci)
+            return self._state.post(target, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
+
+    def inject_ecc(self, gpu: int | str, double_bit: bool = True) -> int:
+        """Deliver a double- (default) or single-bit ECC event. Returns sets reached."""
+        event = (
+            pynvml.nvmlEventTypeDoubleBitEccError
+            if double_bit
+            else pynvml.nvmlEventTypeSingleBitEccError
+        )
+        with self._state.lock:
+            target = self._gpu(gpu)
+            log.info(
+                "fake NVML: %s-bit ECC error on GPU %d",
+                "double" if double_bit else "single",
+                target.spec.index,
+            )
+            return self._state.post(target, event, 0, NOT_APPLICABLE, NOT_APPLICABLE)
+
+    def lose_gpu(self, gpu: int | str, xid: int | None = XID_FALLEN_OFF_BUS) -> None:
+        """The GPU falls off the bus: every call on it returns NVML_ERROR_GPU_IS_LOST.
+
+        Like the driver, it also reports XID 79 to registered event sets (``xid=None``: silent).
+        """
+        with self._state.lock:
+            target = self._gpu(gpu)
+            target.lost = True
+            log.info("fake NVML: GPU %d lost", target.spec.index)
+            if xid is not None:
+                self._state.post(
+                    target,
+                    pynvml.nvmlEventTypeXidCriticalError,
+                    xid,
+                    NOT_APPLICABLE,
+                    NOT_APPLICABLE,
+                )
+
+    def restore_gpu(self, gpu: int | str) -> None:
+        """Bring a lost GPU back."""
+        with self._state.lock:
+            target = self._gpu(gpu)
+            target.lost = False
+            log.info("fake NVML: GPU %d restored", target.spec.index)
+
+    def fail(self, function: str, error: str | int, count: int | None = None) -> None:
+        """Make ``function`` (any version suffix: "nvmlDeviceGetCount" covers _v2) return
+        ``error``, ``count`` times or until cleared."""
+        if not isinstance(function, str) or not function.startswith("nvml"):
+            raise ValueError(f"not an NVML function name: {function!r}")
+        code = error_code(error)
+        if code == pynvml.NVML_SUCCESS:
+            raise ValueError("cannot inject NVML_SUCCESS as a failure")
+        if count is not None and count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        key = "nvmlInit" if function.startswith("nvmlInit") else function
+        with self._state.lock:
+            self._state.failures[key] = [code, count]
+            self._state.notify_all_event_sets()
+        log.info(
+            "fake NVML: %s will return %d (%s)",
+            key,
+            code,
+            "until cleared" if count is None else f"{count} time(s)",
+        )
+
+    def fail_event_wait(self, error: str | int = "NVML_ERROR_UNKNOWN") -> None:
+        """Every nvmlEventSetWait (including those blocked now) returns ``error``."""
+        self.fail("nvmlEventSetWait", error)
+
+    def fail_init(self, error: str | int = "NVML_ERROR_DRIVER_NOT_LOADED") -> None:
+        """nvmlInit returns ``error`` until cleared."""
+        self.fail("nvmlInit", error)
+
+    def clear_faults(self) -> None:
+        """Remove injected failures and restore lost GPUs (queued events stay)."""
+        with self._state.lock:
+            self._state.failures.clear()
+            for gpu in self._state.gpus:
+                gpu.lost = False
+        log.info("fake NVML: faults cleared")
+
+    def _gpu(self, gpu: int | str) -> FakeGpu:
+        return self._state.find(gpu)[0]
+
+    # -- sysfs ----------------------------------------------------------------------------------
+
+    def write_sysfs(self, root: Path | str) -> None:
+        """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class}`` for every GPU."""
+        write_sysfs(self.profile, Path(root))
+
+
+def write_sysfs(profile: Profile, root: Path) -> None:
+    """The sysfs files the reader and the device plugin read, for ``profile``'s GPUs."""
+    for gpu in profile.gpus:
+        directory = root / "sys" / "bus" / "pci" / "devices" / gpu.sysfs_bus_id
+        os.makedirs(directory, exist_ok=True)
+        numa = -1 if gpu.numa_node is None else gpu.numa_node
+        (directory / "numa_node").write_text(f"{numa}\n")
+        (directory / "class").write_text(f"0x{gpu.pci_class:06x}\n")
+
+
+def install(profile: str | Path | Profile, control_socket: str | None = None) -> FakeNvml:
+    """Load ``profile`` (name, path or Profile) and install a fake NVML for it beneath pynvml."""
+    loaded = profile if isinstance(profile, Profile) else load_profile(profile)
+    return FakeNvml(loaded).install(control_socket)

@@ -1,0 +1,769 @@
+"""Machine profiles: YAML descriptions of real node shapes that the fake NVML serves.
+
+A profile names its GPUs' models (figures in ``gpus/profiles/_models.yaml``), their PCI bus ids,
+NUMA nodes, MIG layouts and the topology between them. The loader validates everything and
+reports errors as ``<file>: <field path>: <reason>``. The format is documented in
+``docs/profiles.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid as uuidlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+MODELS_FILE = PROFILES_DIR / "_models.yaml"
+MIB = 1 << 20
+
+ARCHITECTURES = (
+    "kepler",
+    "maxwell",
+    "pascal",
+    "volta",
+    "turing",
+    "ampere",
+    "ada",
+    "hopper",
+    "blackwell",
+)
+BRANDS = ("unknown", "quadro", "tesla", "nvs", "grid", "geforce", "titan", "nvidia")
+GI_PROFILES = (
+    "1_SLICE",
+    "2_SLICE",
+    "3_SLICE",
+    "4_SLICE",
+    "7_SLICE",
+    "8_SLICE",
+    "6_SLICE",
+    "1_SLICE_REV1",
+    "2_SLICE_REV1",
+    "1_SLICE_REV2",
+    "1_SLICE_GFX",
+    "2_SLICE_GFX",
+    "4_SLICE_GFX",
+    "1_SLICE_NO_ME",
+    "2_SLICE_NO_ME",
+    "1_SLICE_ALL_ME",
+    "2_SLICE_ALL_ME",
+    "3_SLICE_GFX",
+)
+# nvmlGpuTopologyLevel_t by the names profiles use.
+TOPOLOGY_LEVELS = {
+    "internal": 0,
+    "single": 10,
+    "multiple": 20,
+    "hostbridge": 30,
+    "node": 40,
+    "system": 50,
+}
+# NVSwitch PCI device ids (device << 16 | vendor) by generation: V100 (DGX-2), A100, H100.
+NVSWITCH_PCI_DEVICE_IDS = frozenset({0x1AC010DE, 0x1AC110DE, 0x1AC210DE, 0x1AF110DE, 0x22A310DE})
+_BUS_ID = re.compile(
+    r"^(?:([0-9A-Fa-f]{4}|[0-9A-Fa-f]{8}):)?([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])$"
+)
+_MIG_NAME = re.compile(r"^(?:(\d+)c\.)?(\d+g\..+)$")
+# GPU instance ids NVML hands out on 7-slice GPUs, by (compute slices, memory eighths): the fake
+# takes the first free one so ids look like a real A100/H100's.
+_GI_ID_POOLS: dict[tuple[int, int], tuple[int, ...]] = {
+    (7, 8): (0,),
+    (4, 4): (1,),
+    (3, 4): (1, 2),
+    (2, 2): (3, 4, 5),
+    (1, 2): (3, 4, 5, 6),
+    (1, 1): (7, 8, 9, 10, 11, 12, 13),
+}
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be loaded: message is ``<file>: <field path>: <reason>``."""
+
+
+@dataclass(frozen=True)
+class MigProfile:
+    """One GPU instance profile of a model (a row of ``nvidia-smi mig -lgip``)."""
+
+    profile: str  # NVML_GPU_INSTANCE_PROFILE_<profile>, e.g. "1_SLICE_REV1"
+    id: int  # the profile id NVML reports (19 for A100 1g.5gb)
+    name: str  # NVIDIA's name, e.g. "1g.5gb+me"
+    slices: int
+    instances: int
+    memory_mib: int
+    multiprocessors: int
+    copy_engines: int = 0
+    decoders: int = 0
+    encoders: int = 0
+    jpeg: int = 0
+    ofa: int = 0
+
+    @property
+    def constant(self) -> int:
+        """The NVML_GPU_INSTANCE_PROFILE_* value."""
+        return GI_PROFILES.index(self.profile)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A GPU model and the figures NVML reports for it."""
+
+    key: str
+    name: str
+    memory_bytes: int
+    compute_capability: tuple[int, int]
+    architecture: str
+    brand: str
+    pci_device_id: int
+    pci_subsystem_id: int = 0
+    pci_class: int = 0x030200
+    nvlinks: int = 0
+    mig_slices: int = 0
+    mig_profiles: tuple[MigProfile, ...] = ()
+
+    @property
+    def mig_capable(self) -> bool:
+        """Whether the model supports MIG."""
+        return bool(self.mig_profiles)
+
+    @property
+    def memory_mib(self) -> int:
+        """Total memory in MiB."""
+        return self.memory_bytes // MIB
+
+    def mig_profile(self, name: str) -> MigProfile | None:
+        """The GPU instance profile with this name, or None."""
+        return next((p for p in self.mig_profiles if p.name == name), None)
+
+    def memory_eighths(self, profile: MigProfile) -> int:
+        """How many of the GPU's eight memory slices the profile takes."""
+        return math.ceil(profile.memory_mib / self.memory_mib * 8)
+
+
+@dataclass(frozen=True)
+class ComputeInstance:
+    """A compute instance inside a GPU instance: one MIG device."""
+
+    id: int
+    slices: int
+
+
+@dataclass(frozen=True)
+class GpuInstance:
+    """A GPU instance on a MIG-enabled GPU."""
+
+    id: int
+    profile: MigProfile
+    placement_start: int
+    compute_instances: tuple[ComputeInstance, ...]
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU of a profile."""
+
+    index: int
+    uuid: str
+    model: Model
+    bus_id: str  # NVML form: "00000000:07:00.0"
+    minor: int
+    numa_node: int | None
+    pci_class: int
+    mig_enabled: bool = False
+    gpu_instances: tuple[GpuInstance, ...] = ()
+
+    @property
+    def sysfs_bus_id(self) -> str:
+        """The bus id as sysfs spells it: "0000:07:00.0"."""
+        return sysfs_bus_id(self.bus_id)
+
+
+@dataclass(frozen=True)
+class NvSwitchSpec:
+    """NVSwitches every GPU's NVLinks go to (round robin over the switches)."""
+
+    bus_ids: tuple[str, ...]
+    pci_device_id: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Pairwise PCIe common-ancestor levels and direct NVLink counts (symmetric matrices)."""
+
+    levels: tuple[tuple[int, ...], ...]
+    nvlinks: tuple[tuple[int, ...], ...]
+    nvswitch: NvSwitchSpec | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A machine: system versions, GPUs and their topology."""
+
+    name: str
+    description: str
+    source: str
+    driver_version: str
+    cuda_driver_version: int
+    nvml_version: str
+    gpus: tuple[GpuSpec, ...]
+    topology: Topology
+
+
+def sysfs_bus_id(bus_id: str) -> str:
+    """NVML's "00000000:07:00.0" as sysfs spells it: "0000:07:00.0"."""
+    domain, _, rest = bus_id.lower().partition(":")
+    return f"{domain[-4:]}:{rest}"
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load and validate a shipped profile by name, or any profile file by path."""
+    path = _resolve(name_or_path)
+    raw = _load_raw(path, ())
+    return _Builder(str(path), raw).build()
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml")):
+        path = Path(text)
+        if not path.is_file():
+            raise ProfileError(f"{text}: no such profile file")
+        return path
+    path = PROFILES_DIR / f"{text}.yaml"
+    if text.startswith("_") or not path.is_file():
+        raise ProfileError(f"{text}: unknown profile (shipped: {', '.join(list_profiles())})")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfileError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Read a profile, resolving ``extends`` (the child's top-level keys win)."""
+    if path.resolve() in seen:
+        raise ProfileError(f"{path}: extends: cycle through {', '.join(map(str, seen))}")
+    data = _read_yaml(path)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data
+    if not isinstance(parent_ref, str):
+        raise ProfileError(f"{path}: extends: must be a profile name or path")
+    try:
+        parent_path = _resolve(parent_ref)
+    except ProfileError as exc:
+        raise ProfileError(f"{path}: extends: {exc}") from exc
+    merged = _load_raw(parent_path, (*seen, path.resolve()))
+    merged.pop("name", None)
+    merged.pop("description", None)
+    merged.update(data)
+    return merged
+
+
+class _Builder:
+    """Turns a raw profile mapping into a :class:`Profile`, naming the field of every error."""
+
+    def __init__(self, source: str, raw: dict[str, Any]) -> None:
+        self.source = source
+        self.raw = raw
+
+    def fail(self, field: str, reason: str) -> ProfileError:
+        """An error for ``field``."""
+        return ProfileError(f"{self.source}: {field}: {reason}")
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        field: str,
+        kind: type | tuple[type, ...],
+        default: Any = ...,
+    ) -> Any:
+        """``data[key]`` checked against ``kind`` (bool is not an int here)."""
+        if key not in data or data[key] is None:
+            if default is ...:
+                raise self.fail(field, "required")
+            return default
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(field, f"expected {_kind_names(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.fail(field, f"expected {_kind_names(kinds)}, got {value!r}")
+        return value
+
+    def check_keys(self, data: Mapping[str, Any], allowed: Iterable[str], field: str) -> None:
+        """Reject unknown keys (typos would otherwise be silently ignored)."""
+        unknown = sorted(set(map(str, data)) - set(allowed))
+        if unknown:
+            prefix = f"{field}." if field else ""
+            raise self.fail(
+                f"{prefix}{unknown[0]}", f"unknown field (allowed: {', '.join(allowed)})"
+            )
+
+    def build(self) -> Profile:
+        """Validate and build the profile."""
+        raw = self.raw
+        self.check_keys(
+            raw,
+            (
+                "name",
+                "description",
+                "driver_version",
+                "cuda_driver_version",
+                "nvml_version",
+                "models",
+                "defaults",
+                "gpus",
+                "mig",
+                "topology",
+            ),
+            "",
+        )
+        name = self.get(raw, "name", "name", str)
+        driver = self.get(raw, "driver_version", "driver_version", str)
+        models = self.models()
+        gpus = self.gpus(name, models)
+        return Profile(
+            name=name,
+            description=self.get(raw, "description", "description", str, ""),
+            source=self.source,
+            driver_version=driver,
+            cuda_driver_version=self.get(raw, "cuda_driver_version", "cuda_driver_version", int),
+            nvml_version=self.get(raw, "nvml_version", "nvml_version", str, f"12.{driver}"),
+            gpus=gpus,
+            topology=self.topology(gpus),
+        )
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Model]:
+        """The shipped models plus any the profile defines."""
+        shipped = _read_yaml(MODELS_FILE).get("models", {})
+        extra = self.get(self.raw, "models", "models", dict, {})
+        raw_models = {**shipped, **extra}
+        built: dict[str, Model] = {}
+        for key in raw_models:
+            built[str(key)] = self.model(str(key), raw_models)
+        return built
+
+    def model(self, key: str, raw_models: Mapping[str, Any]) -> Model:
+        """Build one model (``mig_table`` borrows another model's MIG profiles)."""
+        field = f"models.{key}"
+        data = raw_models[key]
+        if not isinstance(data, dict):
+            raise self.fail(field, "must be a mapping")
+        self.check_keys(
+            data,
+            (
+                "name",
+                "memory_bytes",
+                "compute_capability",
+                "architecture",
+                "brand",
+                "pci_device_id",
+                "pci_subsystem_id",
+                "pci_class",
+                "nvlinks",
+                "mig_slices",
+                "mig",
+                "mig_table",
+            ),
+            field,
+        )
+        cc = self.get(data, "compute_capability", f"{field}.compute_capability", list)
+        if len(cc) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in cc):
+            raise self.fail(f"{field}.compute_capability", "expected [major, minor]")
+        arch = self.get(data, "architecture", f"{field}.architecture", str)
+        if arch not in (*ARCHITECTURES, "unknown"):
+            raise self.fail(
+                f"{field}.architecture", f"unknown {arch!r} (one of {', '.join(ARCHITECTURES)})"
+            )
+        brand = self.get(data, "brand", f"{field}.brand", str)
+        if brand not in BRANDS:
+            raise self.fail(f"{field}.brand", f"unknown {brand!r} (one of {', '.join(BRANDS)})")
+        memory = self.get(data, "memory_bytes", f"{field}.memory_bytes", int)
+        if memory <= 0 or memory % MIB:
+            raise self.fail(f"{field}.memory_bytes", "must be a positive whole number of MiB")
+        mig_raw = data.get("mig")
+        mig_field = f"{field}.mig"
+        table_ref = data.get("mig_table")
+        if table_ref is not None:
+            if table_ref not in raw_models or not isinstance(raw_models[table_ref], dict):
+                raise self.fail(f"{field}.mig_table", f"unknown model {table_ref!r}")
+            mig_raw = raw_models[table_ref].get("mig")
+            mig_field = f"models.{table_ref}.mig"
+        return Model(
+            key=key,
+            name=self.get(data, "name", f"{field}.name", str),
+            memory_bytes=memory,
+            compute_capability=(cc[0], cc[1]),
+            architecture=arch,
+            brand=brand,
+            pci_device_id=self.get(data, "pci_device_id", f"{field}.pci_device_id", int),
+            pci_subsystem_id=self.get(
+                data, "pci_subsystem_id", f"{field}.pci_subsystem_id", int, 0
+            ),
+            pci_class=self.get(data, "pci_class", f"{field}.pci_class", int, 0x030200),
+            nvlinks=self.get(data, "nvlinks", f"{field}.nvlinks", int, 0),
+            mig_slices=self.get(
+                data, "mig_slices", f"{field}.mig_slices", int, 7 if mig_raw else 0
+            ),
+            mig_profiles=self.mig_table(mig_raw or [], mig_field),
+        )
+
+    def mig_table(self, rows: Any, field: str) -> tuple[MigProfile, ...]:
+        """A model's GPU instance profiles."""
+        if not isinstance(rows, list):
+            raise self.fail(field, "must be a list")
+        out = []
+        for i, row in enumerate(rows):
+            f = f"{field}[{i}]"
+            if not isinstance(row, dict):
+                raise self.fail(f, "must be a mapping")
+            self.check_keys(row, MigProfile.__dataclass_fields__, f)
+            profile = self.get(row, "profile", f"{f}.profile", str)
+            if profile not in GI_PROFILES:
+                raise self.fail(
+                    f"{f}.profile", f"unknown {profile!r} (one of {', '.join(GI_PROFILES)})"
+                )
+            ints = {
+                k: self.get(row, k, f"{f}.{k}", int, 0 if k in _ENGINE_FIELDS else ...)
+                for k in (
+                    "id",
+                    "slices",
+                    "instances",
+                    "memory_mib",
+                    "multiprocessors",
+                    *_ENGINE_FIELDS,
+                )
+            }
+            out.append(
+                MigProfile(profile=profile, name=self.get(row, "name", f"{f}.name", str), **ints)
+            )
+        return tuple(out)
+
+    # -- GPUs -----------------------------------------------------------------------------------
+
+    def gpus(self, profile_name: str, models: Mapping[str, Model]) -> tuple[GpuSpec, ...]:
+        """Every GPU entry, with defaults and MIG layouts applied."""
+        entries = self.get(self.raw, "gpus", "gpus", list)
+        if not entries:
+            raise self.fail("gpus", "at least one GPU is required")
+        defaults = self.get(self.raw, "defaults", "defaults", dict, {})
+        mig_overrides = self.get(self.raw, "mig", "mig", dict, {})
+        for key in mig_overrides:
+            if key != "all" and not (isinstance(key, int) and 0 <= key < len(entries)):
+                raise self.fail(
+                    f"mig.{key}", f"expected 'all' or a GPU index 0..{len(entries) - 1}"
+                )
+        out = []
+        bus_ids: set[str] = set()
+        for index, entry in enumerate(entries):
+            field = f"gpus[{index}]"
+            if not isinstance(entry, dict):
+                raise self.fail(field, "must be a mapping")
+            data = {**defaults, **entry}
+            self.check_keys(
+                data, ("model", "bus_id", "numa_node", "minor", "uuid", "mig", "pci_class"), field
+            )
+            model_key = self.get(data, "model", f"{field}.model", str)
+            if model_key not in models:
+                raise self.fail(
+                    f"{field}.model",
+                    f"unknown model {model_key!r} (known: {', '.join(sorted(models))})",
+                )
+            model = models[model_key]
+            bus_id = self.bus_id(
+                self.get(data, "bus_id", f"{field}.bus_id", str), f"{field}.bus_id"
+            )
+            if bus_id in bus_ids:
+                raise self.fail(f"{field}.bus_id", f"duplicate bus id {bus_id}")
+            bus_ids.add(bus_id)
+            numa = self.get(data, "numa_node", f"{field}.numa_node", int, None)
+            mig_field, mig_value = f"{field}.mig", data.get("mig")
+            for key in ("all", index):
+                if key in mig_overrides:
+                    mig_field, mig_value = f"mig.{key}", mig_overrides[key]
+            uuid = self.get(
+                data,
+                "uuid",
+                f"{field}.uuid",
+                str,
+                f"GPU-{uuidlib.uuid5(uuidlib.NAMESPACE_URL, f'fake-nvml/{profile_name}/{index}')}",
+            )
+            enabled, instances = self.mig_layout(model, mig_value, mig_field)
+            out.append(
+                GpuSpec(
+                    index=index,
+                    uuid=uuid,
+                    model=model,
+                    bus_id=bus_id,
+                    minor=self.get(data, "minor", f"{field}.minor", int, index),
+                    numa_node=numa if numa is None or numa >= 0 else None,
+                    pci_class=self.get(
+                        data, "pci_class", f"{field}.pci_class", int, model.pci_class
+                    ),
+                    mig_enabled=enabled,
+                    gpu_instances=instances,
+                )
+            )
+        return tuple(out)
+
+    def bus_id(self, text: str, field: str) -> str:
+        """Normalise a bus id to NVML's form ("00000000:07:00.0"); the domain defaults to 0."""
+        match = _BUS_ID.match(text)
+        if not match:
+            raise self.fail(field, f"{text!r} is not a PCI bus id like 00000000:07:00.0")
+        domain, bus, dev, fn = match.groups()
+        return f"{int(domain or '0', 16):08X}:{bus.upper()}:{dev.upper()}.{fn}"
+
+    def mig_layout(
+        self, model: Model, value: Any, field: str
+    ) -> tuple[bool, tuple[GpuInstance, ...]]:
+        """(MIG enabled, GPU instances) from ``disabled``/null or a list of instances."""
+        if value is None or value == "disabled":
+            return False, ()
+        if not isinstance(value, list):
+            raise self.fail(field, "expected 'disabled' or a list of MIG instances")
+        if not model.mig_capable:
+            raise self.fail(field, f"{model.name} is not MIG capable")
+        layout = _MigLayout(model)
+        for i, item in enumerate(value):
+            self.mig_item(layout, item, f"{field}[{i}]")
+        return True, tuple(layout.instances)
+
+    def mig_item(self, layout: _MigLayout, item: Any, field: str) -> None:
+        """One list entry: "[<c>c.]<name>" or {profile, count, compute, gi}."""
+        if isinstance(item, str):
+            match = _MIG_NAME.match(item)
+            if not match:
+                raise self.fail(
+                    field, f"{item!r} is not a MIG profile name like 1g.5gb or 1c.3g.20gb"
+                )
+            profile = self.mig_profile(layout.model, match.group(2), field)
+            compute = [int(match.group(1))] if match.group(1) else [profile.slices]
+            self.add_instance(layout, profile, compute, None, field)
+            return
+        if not isinstance(item, dict):
+            raise self.fail(field, "expected a profile name or a mapping")
+        self.check_keys(item, ("profile", "count", "compute", "gi"), field)
+        profile = self.mig_profile(
+            layout.model, self.get(item, "profile", f"{field}.profile", str), f"{field}.profile"
+        )
+        count = self.get(item, "count", f"{field}.count", int, 1)
+        compute = self.get(item, "compute", f"{field}.compute", list, [profile.slices])
+        gi = self.get(item, "gi", f"{field}.gi", int, None)
+        if count < 1 or (gi is not None and count != 1):
+            raise self.fail(f"{field}.count", "must be >= 1 (and 1 when gi is given)")
+        for _ in range(count):
+            self.add_instance(layout, profile, compute, gi, field)
+
+    def mig_profile(self, model: Model, name: str, field: str) -> MigProfile:
+        """The model's GPU instance profile called ``name``."""
+        profile = model.mig_profile(name)
+        if profile is None:
+            known = ", ".join(p.name for p in model.mig_profiles)
+            raise self.fail(field, f"{model.name} has no MIG profile {name!r} (has: {known})")
+        return profile
+
+    def add_instance(
+        self,
+        layout: _MigLayout,
+        profile: MigProfile,
+        compute: list[Any],
+        gi: int | None,
+        field: str,
+    ) -> None:
+        """Add a GPU instance, checking that it fits."""
+        if not compute or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in compute
+        ):
+            raise self.fail(field, "compute: expected a non-empty list of compute slice counts")
+        if sum(compute) > profile.slices:
+            raise self.fail(
+                field,
+                f"compute instances use {sum(compute)} slices, {profile.name} has {profile.slices}",
+            )
+        reason = layout.add(profile, compute, gi)
+        if reason:
+            raise self.fail(field, reason)
+
+    # -- topology -------------------------------------------------------------------------------
+
+    def topology(self, gpus: tuple[GpuSpec, ...]) -> Topology:
+        """Pairwise levels and NVLink counts from the compact ``topology`` section."""
+        data = self.get(self.raw, "topology", "topology", dict, {})
+        self.check_keys(data, ("pcie", "default", "nvlink", "nvswitch"), "topology")
+        n = len(gpus)
+        default = self.get(data, "default", "topology.default", str, "numa")
+        if default != "numa" and default not in TOPOLOGY_LEVELS:
+            raise self.fail(
+                "topology.default", f"expected 'numa' or one of {', '.join(TOPOLOGY_LEVELS)}"
+            )
+        levels = [
+            [0 if i == j else self.default_level(default, gpus[i], gpus[j]) for j in range(n)]
+            for i in range(n)
+        ]
+        pcie = self.get(data, "pcie", "topology.pcie", dict, {})
+        for level_name, groups in pcie.items():
+            field = f"topology.pcie.{level_name}"
+            if level_name not in TOPOLOGY_LEVELS:
+                raise self.fail(field, f"unknown level (one of {', '.join(TOPOLOGY_LEVELS)})")
+            for group in self.groups(groups, n, field):
+                for i in group:
+                    for j in group:
+                        if i != j:
+                            levels[i][j] = min(levels[i][j], TOPOLOGY_LEVELS[level_name])
+        nvlinks = self.nvlinks(data, gpus)
+        switch = self.nvswitch(data, gpus, nvlinks)
+        return Topology(
+            levels=tuple(map(tuple, levels)), nvlinks=tuple(map(tuple, nvlinks)), nvswitch=switch
+        )
+
+    @staticmethod
+    def default_level(default: str, a: GpuSpec, b: GpuSpec) -> int:
+        """The level of a pair no group mentions."""
+        if default != "numa":
+            return TOPOLOGY_LEVELS[default]
+        same = a.numa_node is not None and a.numa_node == b.numa_node
+        return TOPOLOGY_LEVELS["node" if same else "system"]
+
+    def groups(self, groups: Any, n: int, field: str) -> list[list[int]]:
+        """A list of lists of GPU indices."""
+        if not isinstance(groups, list):
+            raise self.fail(field, "expected a list of GPU index lists")
+        for k, group in enumerate(groups):
+            if not isinstance(group, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in group
+            ):
+                raise self.fail(f"{field}[{k}]", f"expected a list of GPU indices 0..{n - 1}")
+        return groups
+
+    def nvlinks(self, data: Mapping[str, Any], gpus: tuple[GpuSpec, ...]) -> list[list[int]]:
+        """Direct GPU-to-GPU NVLink counts from "i-j: count" entries."""
+        n = len(gpus)
+        counts = [[0] * n for _ in range(n)]
+        raw = self.get(data, "nvlink", "topology.nvlink", dict, {})
+        for key, count in raw.items():
+            field = f"topology.nvlink.{key}"
+            match = re.fullmatch(r"(\d+)-(\d+)", str(key))
+            if not match:
+                raise self.fail(field, "keys are GPU index pairs like 0-1")
+            i, j = int(match.group(1)), int(match.group(2))
+            if i == j or i >= n or j >= n:
+                raise self.fail(field, f"expected two different GPU indices 0..{n - 1}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise self.fail(field, "expected a positive link count")
+            counts[i][j] = counts[j][i] = count
+        for gpu in gpus:
+            used = sum(counts[gpu.index])
+            if used > gpu.model.nvlinks:
+                raise self.fail(
+                    "topology.nvlink",
+                    f"GPU {gpu.index} ({gpu.model.name}) has "
+                    f"{gpu.model.nvlinks} NVLinks, the profile uses {used}",
+                )
+        return counts
+
+    def nvswitch(
+        self, data: Mapping[str, Any], gpus: tuple[GpuSpec, ...], nvlinks: list[list[int]]
+    ) -> NvSwitchSpec | None:
+        """The NVSwitch fabric, if any (exclusive with direct links)."""
+        raw = self.get(data, "nvswitch", "topology.nvswitch", dict, None)
+        if raw is None:
+            return None
+        self.check_keys(raw, ("bus_ids", "pci_device_id"), "topology.nvswitch")
+        if any(any(row) for row in nvlinks):
+            raise self.fail("topology.nvswitch", "cannot be combined with direct topology.nvlink")
+        bus_ids = self.get(raw, "bus_ids", "topology.nvswitch.bus_ids", list)
+        if not bus_ids:
+            raise self.fail("topology.nvswitch.bus_ids", "at least one switch is required")
+        ids = tuple(
+            self.bus_id(str(b), f"topology.nvswitch.bus_ids[{k}]") for k, b in enumerate(bus_ids)
+        )
+        clash = set(ids) & {g.bus_id for g in gpus}
+        if clash:
+            raise self.fail("topology.nvswitch.bus_ids", f"{sorted(clash)[0]} is also a GPU")
+        dev_id = self.get(raw, "pci_device_id", "topology.nvswitch.pci_device_id", int)
+        if dev_id not in NVSWITCH_PCI_DEVICE_IDS:
+            raise self.fail(
+                "topology.nvswitch.pci_device_id", f"{dev_id:#010x} is not a known NVSwitch"
+            )
+        return NvSwitchSpec(bus_ids=ids, pci_device_id=dev_id)
+
+
+_ENGINE_FIELDS = ("copy_engines", "decoders", "encoders", "jpeg", "ofa")
+
+
+class _MigLayout:
+    """GPU instances being placed on one GPU, with NVML's capacity rules."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.instances: list[GpuInstance] = []
+
+    def add(self, profile: MigProfile, compute: list[int], gi: int | None) -> str | None:
+        """Place an instance; returns why it does not fit, or None."""
+        same = sum(1 for g in self.instances if g.profile.id == profile.id)
+        if same >= profile.instances:
+            return f"{profile.name}: at most {profile.instances} instance(s) per GPU"
+        slices = sum(g.profile.slices for g in self.instances) + profile.slices
+        if slices > self.model.mig_slices:
+            return (
+                f"{profile.name} does not fit: {slices} of {self.model.mig_slices} compute slices"
+            )
+        eighths = sum(self.model.memory_eighths(g.profile) for g in self.instances)
+        eighths += self.model.memory_eighths(profile)
+        if eighths > 8:
+            return f"{profile.name} does not fit: {eighths} of 8 memory slices"
+        used = {g.id for g in self.instances}
+        if gi is None:
+            gi = self.free_id(profile, used)
+        elif gi in used:
+            return f"gi {gi} is already used on this GPU"
+        start = sum(g.profile.slices for g in self.instances)
+        cis = tuple(ComputeInstance(id=k, slices=c) for k, c in enumerate(compute))
+        self.instances.append(
+            GpuInstance(id=gi, profile=profile, placement_start=start, compute_instances=cis)
+        )
+        return None
+
+    def free_id(self, profile: MigProfile, used: set[int]) -> int:
+        """The first free id from the pool a real GPU would use, else the smallest free id."""
+        pool: tuple[int, ...] = ()
+        if self.model.mig_slices == 7:
+            pool = _GI_ID_POOLS.get((profile.slices, self.model.memory_eighths(profile)), ())
+        for candidate in pool:
+            if candidate not in used:
+                return candidate
+        candidate = 1
+        while candidate in used:
+            candidate += 1
+        return candidate
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {
+        int: "an integer",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        bool: "a boolean",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

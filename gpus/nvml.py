@@ -1,0 +1,604 @@
+"""The only module that calls pynvml: reads a :class:`gpus.model.Snapshot` and watches events.
+
+Every ``pynvml.NVMLError`` becomes an :class:`NvmlError` naming the NVML call. The same code runs
+against the real driver and against the fake NVML installed beneath pynvml (``gpus.fake``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import pynvml
+
+from gpus.model import GPU, Link, MigDevice, Snapshot, SystemInfo, TopologyLevel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MIB = 1 << 20
+NOT_APPLICABLE = 0xFFFFFFFF
+
+EVENT_XID: int = pynvml.nvmlEventTypeXidCriticalError
+EVENT_SINGLE_BIT_ECC: int = pynvml.nvmlEventTypeSingleBitEccError
+EVENT_DOUBLE_BIT_ECC: int = pynvml.nvmlEventTypeDoubleBitEccError
+DEFAULT_EVENTS = EVENT_XID | EVENT_SINGLE_BIT_ECC | EVENT_DOUBLE_BIT_ECC
+
+# NVSwitch PCI device ids (device << 16 | vendor): a link to one reaches every GPU on the fabric.
+NVSWITCH_PCI_DEVICE_IDS = frozenset({0x1AC010DE, 0x1AC110DE, 0x1AC210DE, 0x1AF110DE, 0x22A310DE})
+
+_ERROR_NAMES: dict[int, str] = {
+    getattr(pynvml, name): name for name in dir(pynvml) if name.startswith("NVML_ERROR_")
+}
+_ARCHITECTURES: dict[int, str] = {
+    pynvml.NVML_DEVICE_ARCH_KEPLER: "kepler",
+    pynvml.NVML_DEVICE_ARCH_MAXWELL: "maxwell",
+    pynvml.NVML_DEVICE_ARCH_PASCAL: "pascal",
+    pynvml.NVML_DEVICE_ARCH_VOLTA: "volta",
+    pynvml.NVML_DEVICE_ARCH_TURING: "turing",
+    pynvml.NVML_DEVICE_ARCH_AMPERE: "ampere",
+    pynvml.NVML_DEVICE_ARCH_ADA: "ada",
+    pynvml.NVML_DEVICE_ARCH_HOPPER: "hopper",
+    pynvml.NVML_DEVICE_ARCH_BLACKWELL: "blackwell",
+}
+_BRANDS: dict[int, str] = {
+    pynvml.NVML_BRAND_QUADRO: "Quadro",
+    pynvml.NVML_BRAND_TESLA: "Tesla",
+    pynvml.NVML_BRAND_NVS: "NVS",
+    pynvml.NVML_BRAND_GRID: "Grid",
+    pynvml.NVML_BRAND_GEFORCE: "GeForce",
+    pynvml.NVML_BRAND_TITAN: "Titan",
+    pynvml.NVML_BRAND_NVIDIA_VAPPS: "NvidiaVApps",
+    pynvml.NVML_BRAND_NVIDIA_VPC: "NvidiaVPC",
+    pynvml.NVML_BRAND_NVIDIA_VCS: "NvidiaVCS",
+    pynvml.NVML_BRAND_NVIDIA_VWS: "NvidiaVWS",
+    pynvml.NVML_BRAND_NVIDIA_CLOUD_GAMING: "NvidiaCloudGaming",
+    pynvml.NVML_BRAND_QUADRO_RTX: "QuadroRTX",
+    pynvml.NVML_BRAND_NVIDIA_RTX: "NvidiaRTX",
+    pynvml.NVML_BRAND_NVIDIA: "Nvidia",
+    pynvml.NVML_BRAND_GEFORCE_RTX: "GeForceRTX",
+    pynvml.NVML_BRAND_TITAN_RTX: "TitanRTX",
+}
+# Name suffix of each GPU instance profile constant (NVIDIA's MIG profile naming).
+_GI_SUFFIXES: dict[int, str] = {
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1: "+me",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_REV1: "+me",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_GFX: "+gfx",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_GFX: "+gfx",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE_GFX: "+gfx",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE_GFX: "+gfx",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_NO_ME: "-me",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_NO_ME: "-me",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_ALL_ME: "+me.all",
+    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_ALL_ME: "+me.all",
+}
+_INIT_HINTS = {
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
+        "NVIDIA driver not found: cannot load libnvidia-ml.so.1 "
+        "(is the driver installed and its root mounted?)"
+    ),
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA kernel driver is not loaded",
+}
+
+
+def error_name(code: int) -> str:
+    """NVML's name for a return code, e.g. "NVML_ERROR_GPU_IS_LOST"."""
+    return _ERROR_NAMES.get(code, f"NVML_ERROR_{code}")
+
+
+class NvmlError(Exception):
+    """An NVML call failed: ``call`` (e.g. "nvmlDeviceGetUUID"), ``code`` and ``name``."""
+
+    def __init__(self, call: str, code: int, description: str = "", hint: str = "") -> None:
+        self.call = call
+        self.code = code
+        self.name = error_name(code)
+        self.description = description
+        message = f"{call}: {self.name}"
+        if description:
+            message += f" ({description})"
+        if hint:
+            message += f": {hint}"
+        super().__init__(message)
+
+    @classmethod
+    def from_pynvml(cls, call: str, exc: pynvml.NVMLError, hint: str = "") -> NvmlError:
+        """Convert pynvml's exception."""
+        code = int(exc.value)
+        try:
+            description = str(exc)
+        except Exception:  # pynvml's __str__ may itself call into NVML
+            description = ""
+        return cls(call, code, description, hint)
+
+
+def _call(call: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run a pynvml wrapper, converting its errors."""
+    try:
+        return fn(*args)
+    except pynvml.NVMLError as exc:
+        raise NvmlError.from_pynvml(call, exc) from None
+
+
+def _handle_key(handle: Any) -> int:
+    """A handle's address, usable as a dict key."""
+    return ctypes.cast(handle, ctypes.c_void_p).value or 0
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def normalize_bus_id(bus_id: str | bytes) -> str:
+    """A bus id in NVML's form: "00000000:07:00.0" (upper case, 8-digit domain)."""
+    domain, _, rest = _text(bus_id).strip().upper().partition(":")
+    return f"{int(domain, 16):08X}:{rest}" if rest else domain
+
+
+def sysfs_bus_id(bus_id: str) -> str:
+    """A bus id as sysfs spells it: "0000:07:00.0"."""
+    domain, _, rest = bus_id.lower().partition(":")
+    return f"{domain[-4:]}:{rest}"
+
+
+def mig_memory_gb(total_mib: int, mig_mib: int) -> int:
+    """The memory figure in a MIG profile name (NVIDIA's rule, as in go-nvlib)."""
+    fraction = math.ceil(mig_mib / total_mib * 8) / 8
+    return round(fraction * math.ceil(total_mib / 1024))
+
+
+def mig_profile_name(
+    gi_profile: int, gi_slices: int, ci_slices: int, total_mib: int, mig_mib: int
+) -> str:
+    """NVIDIA's MIG profile name: ``[<c>c.]<g>g.<mem>gb[+me|+gfx|-me|+me.all]``."""
+    name = f"{gi_slices}g.{mig_memory_gb(total_mib, mig_mib)}gb{_GI_SUFFIXES.get(gi_profile, '')}"
+    return name if ci_slices == gi_slices else f"{ci_slices}c.{name}"
+
+
+def read_sysfs(sysfs_root: str, bus_id: str) -> tuple[int | None, int | None]:
+    """(PCI class >> 8, NUMA node) from sysfs; None when absent, unreadable or negative."""
+    directory = Path(sysfs_root) / "sys" / "bus" / "pci" / "devices" / sysfs_bus_id(bus_id)
+    pci_class = numa = None
+    try:
+        pci_class = int((directory / "class").read_text().strip(), 16) >> 8
+    except (OSError, ValueError):
+        log.debug("no PCI class for %s under %s", bus_id, sysfs_root)
+    try:
+        value = int((directory / "numa_node").read_text().strip())
+        numa = value if value >= 0 else None
+    except (OSError, ValueError):
+        log.debug("no NUMA node for %s under %s", bus_id, sysfs_root)
+    return pci_class, numa
+
+
+@dataclass(frozen=True)
+class NvmlEvent:
+    """One NVML event: XID (``xid`` = eventData) or ECC error, on a GPU or a MIG instance."""
+
+    gpu_uuid: str
+    event_type: int
+    xid: int
+    gpu_instance_id: int | None
+    compute_instance_id: int | None
+
+
+@dataclass(frozen=True)
+class _GiProfile:
+    constant: int
+    slices: int
+    memory_mib: int
+
+
+class Nvml:
+    """An NVML session: ``init()``/``shutdown()`` (or ``with``), then reads."""
+
+    def __init__(self) -> None:
+        self._initialized = False
+
+    def init(self) -> None:
+        """Initialise NVML; a missing driver gives a one-line NvmlError saying so."""
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            raise NvmlError.from_pynvml(
+                "nvmlInit", exc, _INIT_HINTS.get(int(exc.value), "")
+            ) from None
+        self._initialized = True
+
+    def shutdown(self) -> None:
+        """Release NVML (once per init)."""
+        if not self._initialized:
+            return
+        self._initialized = False
+        _call("nvmlShutdown", pynvml.nvmlShutdown)
+
+    def __enter__(self) -> Nvml:
+        self.init()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    # -- snapshot -------------------------------------------------------------------------------
+
+    def read_snapshot(self, sysfs_root: str = "/", skip_lost: bool = True) -> Snapshot:
+        """Read versions, every GPU (with MIG devices) and the pairwise topology once.
+
+        A GPU that answers NVML_ERROR_GPU_IS_LOST is left out (logged) so one GPU off the bus
+        does not hide the others; ``GPU.index`` keeps NVML's index.
+        """
+        system = SystemInfo(
+            driver_version=_text(
+                _call("nvmlSystemGetDriverVersion", pynvml.nvmlSystemGetDriverVersion)
+            ),
+            cuda_driver_version=_call(
+                "nvmlSystemGetCudaDriverVersion", pynvml.nvmlSystemGetCudaDriverVersion
+            ),
+            nvml_version=_text(_call("nvmlSystemGetNVMLVersion", pynvml.nvmlSystemGetNVMLVersion)),
+        )
+        count = _call("nvmlDeviceGetCount", pynvml.nvmlDeviceGetCount)
+        gpus: list[GPU] = []
+        handles: list[Any] = []
+        for index in range(count):
+            try:
+                handle = _call(
+                    "nvmlDeviceGetHandleByIndex", pynvml.nvmlDeviceGetHandleByIndex, index
+                )
+                gpus.append(self._read_gpu(index, handle, sysfs_root))
+                handles.append(handle)
+            except NvmlError as exc:
+                if not (skip_lost and exc.code == pynvml.NVML_ERROR_GPU_IS_LOST):
+                    raise
+                log.warning("GPU %d left out of the snapshot: %s", index, exc)
+        links = self._read_links(handles, gpus)
+        return Snapshot(system=system, gpus=tuple(gpus), links=links)
+
+    def _read_gpu(self, index: int, handle: Any, sysfs_root: str) -> GPU:
+        pci = _call("nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, handle)
+        bus_id = normalize_bus_id(pci.busId)
+        pci_class, numa = read_sysfs(sysfs_root, bus_id)
+        memory = _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, handle).total
+        uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, handle))
+        capable, enabled = self._mig_mode(handle)
+        mig_devices = self._read_mig_devices(handle, index, uuid, memory) if enabled else ()
+        return GPU(
+            index=index,
+            uuid=uuid,
+            name=_text(_call("nvmlDeviceGetName", pynvml.nvmlDeviceGetName, handle)),
+            memory_bytes=int(memory),
+            compute_capability=tuple(
+                _call(
+                    "nvmlDeviceGetCudaComputeCapability",
+                    pynvml.nvmlDeviceGetCudaComputeCapability,
+                    handle,
+                )
+            ),
+            architecture=self._optional(
+                "nvmlDeviceGetArchitecture",
+                pynvml.nvmlDeviceGetArchitecture,
+                handle,
+                lambda v: _ARCHITECTURES.get(v, "unknown"),
+                "unknown",
+            ),
+            brand=self._optional(
+                "nvmlDeviceGetBrand",
+                pynvml.nvmlDeviceGetBrand,
+                handle,
+                lambda v: _BRANDS.get(v, "unknown"),
+                "unknown",
+            ),
+            minor=_call("nvmlDeviceGetMinorNumber", pynvml.nvmlDeviceGetMinorNumber, handle),
+            pci_bus_id=bus_id,
+            pci_device_id=int(pci.pciDeviceId),
+            pci_class=pci_class,
+            numa_node=numa,
+            mig_capable=capable,
+            mig_enabled=enabled,
+            mig_devices=mig_devices,
+        )
+
+    @staticmethod
+    def _optional(
+        call: str,
+        fn: Callable[[Any], int],
+        handle: Any,
+        convert: Callable[[int], str],
+        default: str,
+    ) -> str:
+        """A value old drivers may not report (NOT_SUPPORTED / FUNCTION_NOT_FOUND -> default)."""
+        try:
+            return convert(_call(call, fn, handle))
+        except NvmlError as exc:
+            if exc.code in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+                return default
+            raise
+
+    @staticmethod
+    def _mig_mode(handle: Any) -> tuple[bool, bool]:
+        """(MIG capable, MIG enabled now)."""
+        try:
+            current, _pending = _call("nvmlDeviceGetMigMode", pynvml.nvmlDeviceGetMigMode, handle)
+        except NvmlError as exc:
+            if exc.code in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+                return False, False
+            raise
+        return True, current == pynvml.NVML_DEVICE_MIG_ENABLE
+
+    def _read_mig_devices(
+        self, handle: Any, index: int, uuid: str, memory: int
+    ) -> tuple[MigDevice, ...]:
+        total_mib = int(memory) // MIB
+        profiles = self._gi_profiles(handle)
+        slots = _call(
+            "nvmlDeviceGetMaxMigDeviceCount", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle
+        )
+        devices = []
+        for slot in range(slots):
+            try:
+                mig = _call(
+                    "nvmlDeviceGetMigDeviceHandleByIndex",
+                    pynvml.nvmlDeviceGetMigDeviceHandleByIndex,
+                    handle,
+                    slot,
+                )
+            except NvmlError as exc:
+                if exc.code == pynvml.NVML_ERROR_NOT_FOUND:
+                    continue  # an empty slot
+                raise
+            devices.append(self._read_mig(handle, mig, slot, index, uuid, total_mib, profiles))
+        return tuple(devices)
+
+    @staticmethod
+    def _gi_profiles(handle: Any) -> dict[int, _GiProfile]:
+        """GPU instance profile id -> (constant, slices, memory) for every profile the GPU has."""
+        found: dict[int, _GiProfile] = {}
+        for constant in range(pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
+            try:
+                info = _call(
+                    "nvmlDeviceGetGpuInstanceProfileInfo",
+                    pynvml.nvmlDeviceGetGpuInstanceProfileInfo,
+                    handle,
+                    constant,
+                )
+            except NvmlError as exc:
+                if exc.code in (
+                    pynvml.NVML_ERROR_NOT_SUPPORTED,
+                    pynvml.NVML_ERROR_INVALID_ARGUMENT,
+                ):
+                    continue
+                raise
+            found.setdefault(
+                int(info.id), _GiProfile(constant, int(info.sliceCount), int(info.memorySizeMB))
+            )
+        return found
+
+    @staticmethod
+    def _read_mig(
+        parent: Any,
+        mig: Any,
+        slot: int,
+        parent_index: int,
+        parent_uuid: str,
+        total_mib: int,
+        profiles: dict[int, _GiProfile],
+    ) -> MigDevice:
+        gi_id = _call("nvmlDeviceGetGpuInstanceId", pynvml.nvmlDeviceGetGpuInstanceId, mig)
+        ci_id = _call("nvmlDeviceGetComputeInstanceId", pynvml.nvmlDeviceGetComputeInstanceId, mig)
+        attrs = _call("nvmlDeviceGetAttributes", pynvml.nvmlDeviceGetAttributes, mig)
+        gi = _call(
+            "nvmlDeviceGetGpuInstanceById", pynvml.nvmlDeviceGetGpuInstanceById, parent, gi_id
+        )
+        gi_info = _call("nvmlGpuInstanceGetInfo", pynvml.nvmlGpuInstanceGetInfo, gi)
+        profile = profiles.get(int(gi_info.profileId))
+        if profile is None:
+            raise NvmlError(
+                "nvmlDeviceGetGpuInstanceProfileInfo",
+                pynvml.NVML_ERROR_NOT_FOUND,
+                f"no GPU instance profile with id {gi_info.profileId}",
+            )
+        ci_slices = int(attrs.computeInstanceSliceCount)
+        return MigDevice(
+            uuid=_text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, mig)),
+            index=slot,
+            parent_index=parent_index,
+            parent_uuid=parent_uuid,
+            gpu_instance_id=int(gi_id),
+            compute_instance_id=int(ci_id),
+            profile=mig_profile_name(
+                profile.constant, profile.slices, ci_slices, total_mib, profile.memory_mib
+            ),
+            memory_bytes=int(
+                _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, mig).total
+            ),
+            gpu_instance_slices=profile.slices,
+            compute_instance_slices=ci_slices,
+            multiprocessors=int(attrs.multiprocessorCount),
+            copy_engines=int(attrs.sharedCopyEngineCount),
+            decoders=int(attrs.sharedDecoderCount),
+            encoders=int(attrs.sharedEncoderCount),
+            jpeg_decoders=int(attrs.sharedJpegCount),
+            ofa_engines=int(attrs.sharedOfaCount),
+        )
+
+    # -- topology -------------------------------------------------------------------------------
+
+    def _read_links(self, handles: list[Any], gpus: list[GPU]) -> tuple[tuple[Link, ...], ...]:
+        """Pairwise PCIe levels and NVLink counts.
+
+        A link whose far end is another GPU counts for that pair; a link to an NVSwitch reaches
+        every GPU on the fabric, so a pair on the fabric gets min(switch links of either GPU).
+        """
+        n = len(handles)
+        position = {sysfs_bus_id(g.pci_bus_id): k for k, g in enumerate(gpus)}
+        direct = [[0] * n for _ in range(n)]
+        switch_links = [0] * n
+        for i, handle in enumerate(handles):
+            for remote_bus, remote_device in self._nvlink_remotes(handle):
+                j = position.get(sysfs_bus_id(remote_bus))
+                if j is not None and j != i:
+                    direct[i][j] += 1
+                elif remote_device in NVSWITCH_PCI_DEVICE_IDS:
+                    switch_links[i] += 1
+        rows = []
+        for i in range(n):
+            row = []
+            for j in range(n):
+                if i == j:
+                    row.append(Link(TopologyLevel.INTERNAL))
+                    continue
+                level = _call(
+                    "nvmlDeviceGetTopologyCommonAncestor",
+                    pynvml.nvmlDeviceGetTopologyCommonAncestor,
+                    handles[i],
+                    handles[j],
+                )
+                # Direct counts are symmetric on real hardware; take the larger if not.
+                links = max(direct[i][j], direct[j][i]) + min(switch_links[i], switch_links[j])
+                row.append(Link(TopologyLevel(level), links))
+            rows.append(tuple(row))
+        return tuple(rows)
+
+    @staticmethod
+    def _nvlink_remotes(handle: Any) -> list[tuple[str, int]]:
+        """(remote bus id, remote pciDeviceId) of every active NVLink of a GPU."""
+        remotes = []
+        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+            try:
+                state = _call(
+                    "nvmlDeviceGetNvLinkState", pynvml.nvmlDeviceGetNvLinkState, handle, link
+                )
+            except NvmlError as exc:
+                if exc.code == pynvml.NVML_ERROR_NOT_SUPPORTED and link == 0:
+                    return []  # no NVLink on this GPU
+                if exc.code in (
+                    pynvml.NVML_ERROR_NOT_SUPPORTED,
+                    pynvml.NVML_ERROR_INVALID_ARGUMENT,
+                ):
+                    continue  # beyond this GPU's links
+                raise
+            if state != pynvml.NVML_FEATURE_ENABLED:
+                continue
+            pci = _call(
+                "nvmlDeviceGetNvLinkRemotePciInfo",
+                pynvml.nvmlDeviceGetNvLinkRemotePciInfo,
+                handle,
+                link,
+            )
+            remotes.append((normalize_bus_id(pci.busId), int(pci.pciDeviceId)))
+        return remotes
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def probe(self, uuid: str) -> None:
+        """Re-query a GPU or MIG device by UUID; raises NvmlError if it does not answer."""
+        handle = _call("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
+        _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, handle)
+
+
+class EventWatcher:
+    """One NVML event set with the given GPUs registered; ``wait()`` returns the next event.
+
+    MIG UUIDs register their parent GPU (NVML delivers MIG events there, with GI/CI ids).
+    A GPU whose registration fails is listed in ``registration_errors`` instead of raising.
+    """
+
+    def __init__(self, nvml: Nvml, uuids: Iterable[str], event_types: int = DEFAULT_EVENTS) -> None:
+        self._nvml = nvml
+        self.registration_errors: dict[str, NvmlError] = {}
+        self._uuid_by_handle: dict[int, str] = {}
+        self._set: Any = _call("nvmlEventSetCreate", pynvml.nvmlEventSetCreate)
+        for uuid in uuids:
+            try:
+                self._register(uuid, event_types)
+            except NvmlError as exc:
+                log.warning("cannot watch events of %s: %s", uuid, exc)
+                self.registration_errors[uuid] = exc
+
+    def _register(self, uuid: str, event_types: int) -> None:
+        handle = _call("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
+        is_mig = _call("nvmlDeviceIsMigDeviceHandle", pynvml.nvmlDeviceIsMigDeviceHandle, handle)
+        gpu_uuid = uuid
+        if getattr(is_mig, "value", is_mig):
+            handle = _call(
+                "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
+                pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle,
+                handle,
+            )
+            gpu_uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, handle))
+        if _handle_key(handle) in self._uuid_by_handle:
+            return
+        try:
+            supported = _call(
+                "nvmlDeviceGetSupportedEventTypes", pynvml.nvmlDeviceGetSupportedEventTypes, handle
+            )
+            event_types &= supported
+        except NvmlError as exc:
+            if exc.code != pynvml.NVML_ERROR_NOT_SUPPORTED:
+                raise
+        _call(
+            "nvmlDeviceRegisterEvents",
+            pynvml.nvmlDeviceRegisterEvents,
+            handle,
+            event_types,
+            self._set,
+        )
+        self._uuid_by_handle[_handle_key(handle)] = gpu_uuid
+
+    @property
+    def watched(self) -> list[str]:
+        """UUIDs of the GPUs registered."""
+        return list(self._uuid_by_handle.values())
+
+    def wait(self, timeout_ms: int) -> NvmlEvent | None:
+        """The next event, or None after ``timeout_ms``; other errors raise NvmlError."""
+        if self._set is None:
+            raise NvmlError("nvmlEventSetWait", pynvml.NVML_ERROR_UNINITIALIZED, "watcher closed")
+        try:
+            data = pynvml.nvmlEventSetWait(self._set, timeout_ms)
+        except pynvml.NVMLError as exc:
+            if int(exc.value) == pynvml.NVML_ERROR_TIMEOUT:
+                return None
+            raise NvmlError.from_pynvml("nvmlEventSetWait", exc) from None
+        uuid = self._uuid_by_handle.get(_handle_key(data.device))
+        if uuid is None:
+            uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, data.device))
+        gi, ci = int(data.gpuInstanceId), int(data.computeInstanceId)
+        return NvmlEvent(
+            gpu_uuid=uuid,
+            event_type=int(data.eventType),
+            xid=int(data.eventData),
+            gpu_instance_id=None if gi == NOT_APPLICABLE else gi,
+            compute_instance_id=None if ci == NOT_APPLICABLE else ci,
+        )
+
+    def close(self) -> None:
+        """Free the event set (idempotent; call once no thread is waiting)."""
+        event_set, self._set = self._set, None
+        if event_set is None:
+            return
+        try:
+            _call("nvmlEventSetFree", pynvml.nvmlEventSetFree, event_set)
+        except NvmlError as exc:
+            log.warning("freeing the NVML event set failed: %s", exc)
+
+    def __enter__(self) -> EventWatcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""Backend selection: real / fake:<profile>[?control=...], and the real driver's absence."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import tempfile
+
+import pynvml
+import pytest
+
+from gpus.backend import backend_from_env, parse_backend, select_backend
+from gpus.fake import FakeNvml
+from gpus.fake.control import send
+from gpus.nvml import Nvml, NvmlError
+
+
+def _has_driver() -> bool:
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "unknown NVML backend"),
+        ("mock", "expected 'real' or 'fake:<profile"),
+        ("fake:", "names no profile"),
+        ("fake:dgx-a100?sock=/x", "unknown option 'sock'"),
+        ("fake:dgx-a100?control=", "control= needs a socket path"),
+        ("fake:no-such-profile", "unknown profile"),
+        ("fake:/no/such/file.yaml", "no such profile file"),
+    ],
+)
+def test_bad_specs_are_clear_and_install_nothing(spec: str, message: str) -> None:
+    before = pynvml.nvmlLib
+    with pytest.raises(ValueError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        select_backend(spec)
+    assert pynvml.nvmlLib is before
+
+
+def test_real_returns_none_and_installs_nothing() -> None:
+    before = pynvml.nvmlLib
+    assert select_backend("real") is None
+    assert pynvml.nvmlLib is before
+
+
+def test_fake_spec_installs_a_profile() -> None:
+    fake = select_backend("fake:t4")
+    assert isinstance(fake, FakeNvml)
+    try:
+        with Nvml() as nvml:
+            assert len(nvml.read_snapshot().gpus) == 4
+    finally:
+        fake.uninstall()
+
+
+def test_fake_spec_with_path_and_control_socket() -> None:
+    from gpus.fake.profile import PROFILES_DIR
+
+    directory = tempfile.mkdtemp(prefix="nvk", dir="/tmp")
+    sock = f"{directory}/c.sock"
+    try:
+        fake = select_backend(f"fake:{PROFILES_DIR / 'hetero.yaml'}?control={sock}")
+        assert isinstance(fake, FakeNvml)
+        try:
+            assert send(sock, {"op": "ping"}) == {"ok": True}
+        finally:
+            fake.uninstall()
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_parse_and_env() -> None:
+    assert parse_backend(" real ") is None
+    assert parse_backend("fake:dgx-a100?control=/tmp/x.sock") == ("dgx-a100", "/tmp/x.sock")
+    assert backend_from_env({}) == "real"
+    assert backend_from_env({"NVML_BACKEND": "fake:t4"}) == "fake:t4"
+
+
+@pytest.mark.skipif(_has_driver(), reason="this machine has an NVIDIA driver")
+def test_real_backend_without_driver_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whatever an earlier test left behind, start from pynvml's pristine state: no library loaded.
+    monkeypatch.setattr(pynvml, "nvmlLib", None)
+    monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
+    assert select_backend("real") is None
+    with pytest.raises(NvmlError) as info:
+        Nvml().init()
+    message = str(info.value)
+    assert info.value.name == "NVML_ERROR_LIBRARY_NOT_FOUND"
+    assert "libnvidia-ml.so.1" in message and "driver" in message
+    assert "\n" not in message
+    assert pynvml.nvmlLib is None

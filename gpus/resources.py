@@ -4,18 +4,29 @@ Recomputed, never patched: a health change or a config reload builds a new map, 
 plugin's manager applies the difference. GFD labels read the same map, so both daemons agree on
 what a node offers.
 
-SKELETON: the dataclasses below are the agreed interface; build_resource_map is being implemented.
+Two steps, both pure:
+
+1. The MIG strategy turns GPUs and MIG devices into *units* grouped by their unshared resource
+   name (``nvidia.com/gpu``, ``nvidia.com/mig-1g.5gb``); invalid layouts become problems.
+2. Time-slicing turns the selected units of a resource into ``<uuid>::<n>`` replicas, advertised
+   under the same or a new name; the unselected units stay under the unshared name.
+
+See docs/mig.md and docs/sharing.md for the rules, and how they differ from NVIDIA's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpus.model import GPU, MigDevice
+from gpus.config import Config, ReplicatedResource, TimeSlicing
+from gpus.model import GPU, MigDevice, Snapshot
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
+
+GPU_RESOURCE = "nvidia.com/gpu"
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
 
 
 @dataclass(frozen=True)
@@ -36,10 +47,15 @@ class Device:
 
     @property
     def index(self) -> str:
-        """NVIDIA's device index: "<gpu>" or "<gpu>:<mig index>" (for --device-id-strategy=index)."""
+        """NVIDIA's device index, "<gpu>" or "<gpu>:<mig index>" (--device-id-strategy=index)."""
         if self.mig is not None:
             return f"{self.gpu.index}:{self.mig.index}"
         return str(self.gpu.index)
+
+    @property
+    def health(self) -> str:
+        """The kubelet's health string: ``Healthy`` or ``Unhealthy``."""
+        return HEALTHY if self.healthy else UNHEALTHY
 
 
 @dataclass(frozen=True)
@@ -50,11 +66,24 @@ class Resource:
     devices: tuple[Device, ...]
     replicas: int = 1  # 1 when not shared
     fail_requests_greater_than_one: bool = False
+    # The name these devices would have unshared ("" = same as name): "nvidia.com/gpu" for
+    # "nvidia.com/gpu.shared". GFD adds "-SHARED" to the product only when not renamed.
+    unshared_name: str = ""
 
     @property
     def shared(self) -> bool:
         """True when devices are time-slicing replicas."""
         return self.replicas > 1
+
+    @property
+    def renamed(self) -> bool:
+        """True when shared devices are advertised under a name other than their own."""
+        return bool(self.unshared_name) and self.unshared_name != self.name
+
+    @property
+    def short_name(self) -> str:
+        """The name without ``nvidia.com/`` ("gpu", "mig-1g.5gb")."""
+        return resource_short_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -65,3 +94,259 @@ class ResourceMap:
     # Human-readable problems (invalid MIG layouts for the strategy, unknown devices in the
     # sharing config...). Each names the GPUs and the reason; the daemons log and expose them.
     problems: tuple[str, ...] = ()
+
+
+def resource_short_name(name: str) -> str:
+    """``nvidia.com/mig-1g.5gb`` -> ``mig-1g.5gb`` (the socket and label suffix)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def mig_resource_name(profile: str) -> str:
+    """The mixed-strategy resource of a MIG profile.
+
+    ``1g.10gb+me`` -> ``nvidia.com/mig-1g.10gb.me`` ("+" is not allowed in resource names).
+    """
+    return MIG_RESOURCE_PREFIX + profile.replace("+", ".")
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: MIG strategy -> units per unshared resource name.
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A device before sharing: a whole GPU or one MIG device."""
+
+    gpu: GPU
+    mig: MigDevice | None = None
+
+    @property
+    def uuid(self) -> str:
+        return self.mig.uuid if self.mig is not None else self.gpu.uuid
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.gpu.index, self.mig.index if self.mig is not None else -1)
+
+
+_Units = dict[str, list[_Unit]]
+
+
+def _name_gpu(gpu: GPU) -> str:
+    return f"GPU {gpu.index} ({gpu.uuid})"
+
+
+def _name_gpus(gpus: Sequence[GPU]) -> str:
+    return ", ".join(_name_gpu(gpu) for gpu in gpus)
+
+
+def _have(gpus: Sequence[GPU]) -> str:
+    return "has" if len(gpus) == 1 else "have"
+
+
+def _layout(gpu: GPU) -> str:
+    """A GPU's MIG profiles in device order, repeats counted: "1g.5gb x7", "3g.20gb, 1g.5gb"."""
+    counts: dict[str, int] = {}
+    for mig in sorted(gpu.mig_devices, key=lambda m: m.index):
+        counts[mig.profile] = counts.get(mig.profile, 0) + 1
+    return ", ".join(p if n == 1 else f"{p} x{n}" for p, n in counts.items())
+
+
+def _mig_units(gpus: Sequence[GPU]) -> list[_Unit]:
+    return [_Unit(gpu, mig) for gpu in gpus for mig in sorted(gpu.mig_devices,
+                                                                key=lambda m: m.index)]
+
+
+def _units_none(snapshot: Snapshot) -> tuple[_Units, list[str]]:
+    return {GPU_RESOURCE: [_Unit(gpu) for gpu in snapshot.gpus]}, []
+
+
+def _empty_mig_problems(strategy: str, gpus: Sequence[GPU]) -> list[str]:
+    return [f"mig-strategy {strategy}: {_name_gpu(gpu)} has MIG enabled but no MIG devices; "
+            "it is not advertised (create MIG devices or disable MIG)"
+            for gpu in gpus if gpu.mig_enabled and not gpu.mig_devices]
+
+
+def _units_mixed(snapshot: Snapshot) -> tuple[_Units, list[str]]:
+    units: _Units = {}
+    for gpu in snapshot.gpus:
+        if not gpu.mig_enabled:
+            units.setdefault(GPU_RESOURCE, []).append(_Unit(gpu))
+    for unit in _mig_units([gpu for gpu in snapshot.gpus if gpu.mig_enabled]):
+        assert unit.mig is not None
+        units.setdefault(mig_resource_name(unit.mig.profile), []).append(unit)
+    return units, _empty_mig_problems("mixed", snapshot.gpus)
+
+
+def _single_plan(snapshot: Snapshot) -> tuple[list[_Unit], list[str]]:
+    """What ``nvidia.com/gpu`` holds under the single strategy, and what is wrong.
+
+    nvidia.com/gpu must mean one kind of device. If every MIG device on the node has the same
+    profile, it means that MIG device; otherwise (several profiles, or no MIG device at all) it
+    means a whole MIG-disabled GPU. Everything else is reported, never served.
+    """
+    enabled = [gpu for gpu in snapshot.gpus if gpu.mig_enabled]
+    disabled = [gpu for gpu in snapshot.gpus if not gpu.mig_enabled]
+    if not enabled:
+        return [_Unit(gpu) for gpu in disabled], []
+    problems = _empty_mig_problems("single", enabled)
+    mig_units = _mig_units(enabled)
+    profiles = sorted({unit.mig.profile for unit in mig_units if unit.mig is not None})
+    if len(profiles) == 1:
+        if disabled:
+            problems.append(
+                f"mig-strategy single: {_name_gpus(disabled)} {_have(disabled)} MIG disabled "
+                f"while other GPUs have MIG enabled; not advertised (nvidia.com/gpu is the MIG "
+                f"profile {profiles[0]} on this node)")
+        return mig_units, problems
+    if profiles:
+        per_gpu = "; ".join(f"{_name_gpu(gpu)}: {_layout(gpu)}"
+                            for gpu in enabled if gpu.mig_devices)
+        served = ("no MIG device is advertised, only the MIG-disabled GPUs, whole" if disabled
+                  else "nothing is advertised")
+        problems.append(
+            f"mig-strategy single needs one MIG profile on the node, found "
+            f"{', '.join(profiles)} ({per_gpu}); {served} "
+            "(use mig-strategy mixed, or repartition)")
+    if disabled:
+        problems.append(
+            f"mig-strategy single: {_name_gpus(disabled)} {_have(disabled)} MIG disabled while "
+            f"{_name_gpus(enabled)} {_have(enabled)} MIG enabled; the MIG-disabled GPUs are "
+            "advertised whole because no single MIG profile is usable")
+    return [_Unit(gpu) for gpu in disabled], problems
+
+
+def mig_single_problems(snapshot: Snapshot) -> tuple[str, ...]:
+    """Why this node's layout is invalid for mig-strategy single (empty when it is valid).
+
+    GFD labels the product ``<model>-MIG-INVALID`` when this is not empty.
+    """
+    return tuple(_single_plan(snapshot)[1])
+
+
+def _units_single(snapshot: Snapshot) -> tuple[_Units, list[str]]:
+    units, problems = _single_plan(snapshot)
+    return {GPU_RESOURCE: units}, problems
+
+
+_STRATEGIES = {"none": _units_none, "single": _units_single, "mixed": _units_mixed}
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: time-slicing.
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """One time-slicing entry applied: its units become replicas under ``name``."""
+
+    name: str
+    unshared_name: str
+    units: tuple[_Unit, ...]
+    replicas: int
+
+
+def _matches(unit: _Unit, ref: str) -> bool:
+    """Does a devices entry (GPU index, "<gpu>:<mig>", GPU or MIG UUID) select this unit?
+
+    A GPU index or GPU UUID selects the whole GPU, or all of its MIG devices.
+    """
+    if ref.isdigit():
+        return unit.gpu.index == int(ref)
+    if ":" in ref and ref.replace(":", "", 1).isdigit():
+        gpu_index, mig_index = (int(part) for part in ref.split(":"))
+        return unit.mig is not None and (unit.gpu.index, unit.mig.index) == (gpu_index,
+                                                                             mig_index)
+    if ref.startswith("GPU-"):
+        return unit.gpu.uuid == ref
+    if ref.startswith("MIG-GPU-"):  # the old "MIG-GPU-<uuid>/<gi>/<ci>" form
+        return unit.mig is not None and ref == (
+            f"MIG-{unit.gpu.uuid}/{unit.mig.gpu_instance_id}/{unit.mig.compute_instance_id}")
+    return unit.mig is not None and unit.mig.uuid == ref
+
+
+def _select(units: Sequence[_Unit], devices: int | tuple[str, ...] | None,
+            label: str) -> tuple[list[_Unit], list[str]]:
+    """The units a ``devices`` selection picks (in unit order) and problems with it."""
+    if devices is None:
+        return list(units), []
+    if isinstance(devices, int):
+        problems = []
+        if devices > len(units):
+            problems.append(f"{label}: devices asks for {devices} but the node has "
+                            f"{len(units)}; all {len(units)} are shared")
+        return list(units[:devices]), problems
+    problems = [f"{label}: devices entry {ref!r} matches no device of this resource; ignored"
+                for ref in devices if not any(_matches(unit, ref) for unit in units)]
+    return [unit for unit in units if any(_matches(unit, ref) for ref in devices)], problems
+
+
+def _apply_entry(units: _Units, time_slicing: TimeSlicing, index: int,
+                 entry: ReplicatedResource, taken: set[str]) -> tuple[_Shared | None, list[str]]:
+    label = f"sharing.timeSlicing.resources[{index}] ({entry.name})"
+    available = units.get(entry.name, [])
+    if not available:
+        offered = ", ".join(sorted(name for name, found in units.items() if found)) or "nothing"
+        return None, [f"{label}: no such resource on this node (it offers {offered}); ignored"]
+    name = time_slicing.shared_name(entry)
+    if name != entry.name and (units.get(name) or name in taken):
+        return None, [f"{label}: cannot advertise replicas as {name}: that resource already "
+                      f"exists on this node; {entry.name} is not shared"]
+    selected, problems = _select(available, entry.devices, label)
+    if name == entry.name and len(selected) < len(available):
+        problems.append(f"{label}: devices selection ignored, all {len(available)} devices are "
+                        f"shared: the unselected devices would need to stay under {entry.name}, "
+                        "so the replicas need another name (set rename or renameByDefault)")
+        selected = list(available)
+    if not selected:
+        return None, problems
+    return _Shared(name, entry.name, tuple(selected), entry.replicas), problems
+
+
+def _device(unit: _Unit, unhealthy: Collection[str], replica: int | None = None) -> Device:
+    sick = unit.gpu.uuid in unhealthy or unit.uuid in unhealthy
+    device_id = unit.uuid if replica is None else f"{unit.uuid}::{replica}"
+    return Device(id=device_id, uuid=unit.uuid, gpu=unit.gpu, mig=unit.mig, replica=replica,
+                  healthy=not sick)
+
+
+def build_resource_map(snapshot: Snapshot, config: Config,
+                       unhealthy: Collection[str] = ()) -> ResourceMap:
+    """Everything the node advertises under ``config``, with health applied.
+
+    ``unhealthy`` holds GPU or MIG UUIDs; a GPU UUID also marks its MIG devices and all their
+    replicas unhealthy. Pure and deterministic: resources sorted by name, devices by GPU index,
+    MIG index, then replica. A resource with no devices is omitted. Raises ValueError only for
+    an unknown MIG strategy (a Config built without validation).
+    """
+    strategy = config.flags.mig_strategy
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"unknown MIG strategy {strategy!r}")
+    unhealthy = frozenset(unhealthy)
+    units, problems = _STRATEGIES[strategy](snapshot)
+    for found in units.values():
+        found.sort(key=lambda unit: unit.sort_key)
+    time_slicing = config.sharing.time_slicing
+    shared: list[_Shared] = []
+    taken: set[str] = set()
+    for index, entry in enumerate(time_slicing.resources):
+        applied, entry_problems = _apply_entry(units, time_slicing, index, entry, taken)
+        problems.extend(entry_problems)
+        if applied is not None:
+            shared.append(applied)
+            taken.add(applied.name)
+    resources: dict[str, Resource] = {}
+    shared_uuids = {unit.uuid for applied in shared for unit in applied.units}
+    for name, found in units.items():
+        devices = tuple(_device(unit, unhealthy) for unit in found
+                        if unit.uuid not in shared_uuids)
+        if devices:
+            resources[name] = Resource(name=name, devices=devices)
+    for applied in shared:
+        devices = tuple(_device(unit, unhealthy, replica) for unit in applied.units
+                        for replica in range(applied.replicas))
+        resources[applied.name] = Resource(
+            name=applied.name, devices=devices, replicas=applied.replicas,
+            fail_requests_greater_than_one=time_slicing.fail_requests_greater_than_one,
+            unshared_name=applied.unshared_name)
+    return ResourceMap(resources=dict(sorted(resources.items())), problems=tuple(problems))

@@ -1,0 +1,190 @@
+"""Preferred allocation of time-slicing replicas and MIG devices: distributed and packed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deviceplugin.allocator import preferred_shared
+from gpus.model import GPU, MigDevice
+from gpus.resources import Device
+
+
+def make_gpu(index: int) -> GPU:
+    return GPU(
+        index=index,
+        uuid=f"GPU-{index}",
+        name="NVIDIA A100-SXM4-40GB",
+        memory_bytes=40 << 30,
+        compute_capability=(8, 0),
+        architecture="ampere",
+        brand="Nvidia",
+        minor=index,
+        pci_bus_id=f"00000000:{index + 7:02X}:00.0",
+    )
+
+
+GPUS = [make_gpu(i) for i in range(3)]
+
+
+def replica(gpu: int, n: int) -> Device:
+    """Replica ``n`` of GPU ``gpu``: id ``GPU-<gpu>::<n>``."""
+    g = GPUS[gpu]
+    return Device(id=f"{g.uuid}::{n}", uuid=g.uuid, gpu=g, replica=n)
+
+
+def mig(gpu: int, index: int) -> Device:
+    g = GPUS[gpu]
+    uuid = f"MIG-{gpu}-{index}"
+    device = MigDevice(
+        uuid=uuid,
+        index=index,
+        parent_index=gpu,
+        parent_uuid=g.uuid,
+        gpu_instance_id=index + 1,
+        compute_instance_id=0,
+        profile="1g.5gb",
+        memory_bytes=5 << 30,
+        gpu_instance_slices=1,
+        compute_instance_slices=1,
+    )
+    return Device(id=uuid, uuid=uuid, gpu=g, mig=device)
+
+
+def ids(devices: list[Device]) -> list[str]:
+    return [d.id for d in devices]
+
+
+def r(gpu: int, n: int) -> str:
+    return f"GPU-{gpu}::{n}"
+
+
+FRESH = [replica(g, n) for g in (0, 1) for n in range(4)]
+# GPU 0 has replicas 0 and 1 in use (not offered by the kubelet); GPU 1 is untouched.
+GPU0_BUSY = [replica(0, 2), replica(0, 3)] + [replica(1, n) for n in range(4)]
+# Three parents with 2, 3 and 1 free MIG devices (in the kubelet's shuffled order).
+MIGS = [mig(1, 2), mig(0, 1), mig(2, 0), mig(1, 0), mig(0, 0), mig(1, 1)]
+
+# (name, available, must include, size, policy, allocated counts, expected)
+CASES = [
+    ("fresh spread", FRESH, [], 2, "distributed", None, [r(0, 0), r(1, 0)]),
+    ("fresh spread 3", FRESH, [], 3, "distributed", None, [r(0, 0), r(1, 0), r(0, 1)]),
+    ("fresh pack", FRESH, [], 2, "packed", None, [r(0, 0), r(0, 1)]),
+    (
+        "fresh pack spills",
+        FRESH,
+        [],
+        5,
+        "packed",
+        None,
+        [r(0, 0), r(0, 1), r(0, 2), r(0, 3), r(1, 0)],
+    ),
+    ("busy gpu avoided", GPU0_BUSY, [], 2, "distributed", None, [r(1, 0), r(1, 1)]),
+    (
+        "busy gpu then spread",
+        GPU0_BUSY,
+        [],
+        4,
+        "distributed",
+        None,
+        [r(1, 0), r(1, 1), r(0, 2), r(1, 2)],
+    ),
+    ("busy gpu filled", GPU0_BUSY, [], 3, "packed", None, [r(0, 2), r(0, 3), r(1, 0)]),
+    ("counts override", FRESH, [], 2, "distributed", {"GPU-0": 3, "GPU-1": 0}, [r(1, 0), r(1, 1)]),
+    ("counts override packed", FRESH, [], 1, "packed", {"GPU-0": 0, "GPU-1": 2}, [r(1, 0)]),
+    (
+        "must first, then spread",
+        FRESH,
+        [r(0, 3)],
+        3,
+        "distributed",
+        None,
+        [r(0, 3), r(1, 0), r(0, 0)],
+    ),
+    ("must first, then pack", FRESH, [r(1, 2)], 3, "packed", None, [r(1, 2), r(1, 0), r(1, 1)]),
+    ("must is everything", FRESH, [r(1, 2), r(0, 1)], 2, "packed", None, [r(1, 2), r(0, 1)]),
+    ("size > available", GPU0_BUSY, [], 7, "distributed", None, []),
+    ("size zero", FRESH, [], 0, "packed", None, []),
+    ("must unavailable", GPU0_BUSY, [r(0, 0)], 2, "distributed", None, []),
+    ("must exceeds size", FRESH, [r(0, 0), r(0, 1)], 1, "distributed", None, []),
+    # In use inferred from free counts 2/3/1: parent 2 is the busiest, parent 1 the idlest.
+    ("mig spread", MIGS, [], 3, "distributed", None, ["MIG-1-0", "MIG-0-0", "MIG-1-1"]),
+    ("mig pack", MIGS, [], 3, "packed", None, ["MIG-2-0", "MIG-0-0", "MIG-0-1"]),
+    ("mig pack whole parent", MIGS, [], 2, "packed", None, ["MIG-2-0", "MIG-0-0"]),
+    ("mig must", MIGS, ["MIG-1-2"], 2, "packed", None, ["MIG-1-2", "MIG-2-0"]),
+    ("mig must spread", MIGS, ["MIG-2-0"], 2, "distributed", None, ["MIG-2-0", "MIG-1-0"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("available", "must", "size", "policy", "counts", "expected"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_shared_policies(available, must, size, policy, counts, expected) -> None:
+    before = list(available)
+    assert preferred_shared(available, must, size, policy, counts) == expected
+    assert available == before  # the caller's list is untouched
+
+
+def test_impossible_request_is_logged(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):
+        assert preferred_shared(FRESH, [], 9, "packed") == []
+    assert "exceeds the 8 available" in caplog.text
+
+
+def test_unknown_policy_falls_back_to_distributed(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):
+        got = preferred_shared(FRESH, [], 2, "round-robin")
+    assert got == [r(0, 0), r(1, 0)]
+    assert "unknown allocation policy" in caplog.text
+
+
+def test_duplicate_ids_are_ignored() -> None:
+    assert preferred_shared(FRESH + FRESH[:2], [r(0, 0), r(0, 0)], 2, "packed") == [
+        r(0, 0),
+        r(0, 1),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5)), unique=True, max_size=18),
+    st.lists(st.integers(0, 6), min_size=3, max_size=3),
+    st.data(),
+    st.sampled_from(["distributed", "packed"]),
+)
+def test_shared_invariants(
+    slots: list[tuple[int, int]], in_use: list[int], data: st.DataObject, policy: str
+) -> None:
+    available = [replica(g, n) for g, n in slots]
+    all_ids = ids(available)
+    must = data.draw(st.lists(st.sampled_from(all_ids), max_size=3, unique=True)) if all_ids else []
+    size = data.draw(st.integers(-1, len(available) + 1))
+    counts = {f"GPU-{g}": in_use[g] for g in range(3)}
+    got = preferred_shared(available, must, size, policy, counts)
+    if not (0 < size <= len(available) and len(must) <= size):
+        assert got == []
+        return
+    assert len(got) == size == len(set(got))
+    assert got[: len(must)] == must
+    assert set(got) <= set(all_ids)
+    picked = {g: sum(1 for x in got if x.startswith(f"GPU-{g}::")) for g in range(3)}
+    final = {g: in_use[g] + picked[g] for g in range(3)}
+    left = {g: sum(1 for s in slots if s[0] == g) - picked[g] for g in range(3)}
+    for h in range(3):
+        if picked[h] == 0 or (
+            policy == "distributed" and picked[h] <= sum(x.startswith(f"GPU-{h}::") for x in must)
+        ):
+            continue
+        for g in range(3):
+            if left[g] and g != h:
+                if policy == "distributed":
+                    # h was the least used when last picked: it ends at most one above g.
+                    assert final[h] - 1 <= final[g]
+                elif not must:
+                    # packed: g was passed over, so it was no busier than h at the time.
+                    assert in_use[g] <= final[h] - 1

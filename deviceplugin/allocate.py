@@ -1,0 +1,268 @@
+"""Allocate: which environment, mounts, device nodes and CDI names a container gets.
+
+A pure function of the resource, the requested device IDs and the configuration (file-system
+look-ups are injected), so every device-list strategy is tested with plain data. The gRPC server
+only converts the :class:`ContainerAllocation` into a ``ContainerAllocateResponse``.
+
+Strategies (``flags.plugin.deviceListStrategy``, combinable), as NVIDIA's plugin does them:
+
+- ``envvar``: ``NVIDIA_VISIBLE_DEVICES=<id1>,<id2>``.
+- ``volume-mounts``: ``NVIDIA_VISIBLE_DEVICES=/var/run/nvidia-container-devices`` plus a
+  ``/dev/null`` mount per device at ``/var/run/nvidia-container-devices/<id>``. When combined with
+  ``envvar``, NVIDIA's plugin sets the ``envvar`` value first and then overwrites it with the
+  ``volume-mounts`` one, so the environment variable names the directory and the mounts list the
+  devices; we do the same.
+- ``cdi-annotations``: one ``cdi.k8s.io/nvidia-device-plugin_<uuid>`` annotation naming the CDI
+  devices; ``cdi-cri``: the same names in the response's ``cdi_devices``.
+- Only CDI strategies: no environment variable and no mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gpus.config import Config
+from gpus.resources import Device, Resource
+
+VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
+VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
+VOLUME_MOUNTS_HOST_PATH = "/dev/null"
+CDI_KIND = "k8s.device-plugin.nvidia.com/gpu"
+CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
+CDI_ANNOTATION_PLUGIN = "nvidia-device-plugin"
+CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
+# Control nodes every GPU container needs; each is passed only when present on the host.
+CONTROL_DEVICE_NODES = (
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+)
+MIG_MINORS_FILE = "proc/driver/nvidia-caps/mig-minors"
+NVIDIA_CAPS_DIR = "/dev/nvidia-caps"
+REPLICA_SEPARATOR = "::"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount for the container (kubelet ``Mount``)."""
+
+    container_path: str
+    host_path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device node for the container (kubelet ``DeviceSpec``)."""
+
+    container_path: str
+    host_path: str
+    permissions: str = "rw"
+
+
+@dataclass(frozen=True)
+class ContainerAllocation:
+    """Everything one container gets for its share of a resource."""
+
+    envs: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    devices: tuple[DeviceSpec, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    cdi_devices: tuple[str, ...] = ()
+
+
+class AllocationError(ValueError):
+    """An Allocate request that cannot be served; ``str()`` is the message the kubelet sees."""
+
+
+def invalid_request(resource_name: str, reason: str) -> AllocationError:
+    """NVIDIA's wording: ``invalid allocation request for "<name>": invalid request: <reason>``."""
+    return AllocationError(f'invalid allocation request for "{resource_name}": '
+                           f"invalid request: {reason}")
+
+
+def strip_replica(device_id: str) -> str:
+    """``GPU-x::3`` -> ``GPU-x``; IDs without a replica suffix are returned unchanged."""
+    return device_id.split(REPLICA_SEPARATOR, 1)[0]
+
+
+def cdi_device_name(device_id: str) -> str:
+    """The fully qualified CDI name of one device: ``k8s.device-plugin.nvidia.com/gpu=<id>``."""
+    return f"{CDI_KIND}={device_id}"
+
+
+def host_path(root: str, path: str) -> str:
+    """``path`` (absolute, as seen in the container) under the host directory ``root``."""
+    return os.path.join(root or "/", path.lstrip("/"))
+
+
+def read_mig_minors(driver_root: str) -> dict[str, int]:
+    """Parse ``<driver root>/proc/driver/nvidia-caps/mig-minors``.
+
+    Lines look like ``gpu0/gi1/access 12`` and ``gpu0/gi1/ci0/access 13`` (the key uses the
+    parent GPU's minor number); the number is the minor of ``/dev/nvidia-caps/nvidia-cap<N>``.
+    Raises OSError when the file cannot be read and ValueError (naming the line) when a line is
+    malformed.
+    """
+    path = host_path(driver_root, MIG_MINORS_FILE)
+    minors: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise ValueError(f"{path}:{number}: expected '<capability> <minor>', "
+                                 f"got {line.strip()!r}")
+            minors[fields[0]] = int(fields[1])
+    return minors
+
+
+def build_allocation(
+    resource: Resource,
+    requested_ids: Sequence[str],
+    config: Config,
+    *,
+    uuid_factory: Callable[[], str] = lambda: str(uuid.uuid4()),
+    path_exists: Callable[[str], bool] = os.path.exists,
+    mig_minors: Callable[[str], Mapping[str, int]] = read_mig_minors,
+) -> ContainerAllocation:
+    """Build one container's allocation for ``requested_ids`` of ``resource``.
+
+    Errors (all :class:`AllocationError`, message as the kubelet will show it):
+
+    - empty request: ``invalid allocation request for "<name>": invalid request: no devices
+      requested``;
+    - an ID the resource does not have: ``... invalid request: unknown device: <id>``;
+    - an Unhealthy device (ours; NVIDIA leaves this to the kubelet): ``... invalid request:
+      unhealthy device: <id>``;
+    - more than one replica of a shared resource with ``failRequestsGreaterThanOne``:
+      ``... invalid request: maximum request size for shared resources is 1; found <n>``;
+    - ``passDeviceSpecs`` for a MIG device when the MIG capability minors cannot be read or do
+      not list the device.
+
+    ``mig_minors`` is called (with the driver root) only when MIG device specs are needed.
+    """
+    devices = _requested_devices(resource, requested_ids)
+    plugin = config.flags.plugin
+    runtime_ids = _unique(_runtime_id(device, plugin.device_id_strategy) for device in devices)
+    strategies = set(plugin.device_list_strategy)
+
+    envs: dict[str, str] = {}
+    mounts: tuple[Mount, ...] = ()
+    if "envvar" in strategies:
+        envs[VISIBLE_DEVICES_ENV] = ",".join(runtime_ids)
+    if "volume-mounts" in strategies:
+        envs[VISIBLE_DEVICES_ENV] = VOLUME_MOUNTS_ROOT
+        mounts = tuple(
+            Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/{device_id}",
+                  host_path=VOLUME_MOUNTS_HOST_PATH)
+            for device_id in runtime_ids
+        )
+
+    cdi_names = tuple(cdi_device_name(device_id) for device_id in runtime_ids)
+    annotations: dict[str, str] = {}
+    if "cdi-annotations" in strategies:
+        key = f"{CDI_ANNOTATION_PREFIX}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
+        annotations[key] = ",".join(cdi_names)
+    cdi_devices = cdi_names if "cdi-cri" in strategies else ()
+
+    specs: tuple[DeviceSpec, ...] = ()
+    if plugin.pass_device_specs:
+        specs = _device_specs(resource.name, devices, config, path_exists, mig_minors)
+
+    return ContainerAllocation(envs=envs, mounts=mounts, devices=specs,
+                               annotations=annotations, cdi_devices=cdi_devices)
+
+
+def _requested_devices(resource: Resource, requested_ids: Sequence[str]) -> list[Device]:
+    """Validate the request; return the distinct physical devices in request order."""
+    if not requested_ids:
+        raise invalid_request(resource.name, "no devices requested")
+    by_id = {device.id: device for device in resource.devices}
+    for device_id in requested_ids:
+        device = by_id.get(device_id)
+        if device is None:
+            raise invalid_request(resource.name, f"unknown device: {device_id}")
+        if not device.healthy:
+            raise invalid_request(resource.name, f"unhealthy device: {device_id}")
+    if resource.shared and resource.fail_requests_greater_than_one and len(requested_ids) > 1:
+        raise invalid_request(
+            resource.name,
+            f"maximum request size for shared resources is 1; found {len(requested_ids)}",
+        )
+    physical: dict[str, Device] = {}
+    for device_id in requested_ids:
+        device = by_id[device_id]
+        physical.setdefault(strip_replica(device.id), device)
+    return list(physical.values())
+
+
+def _runtime_id(device: Device, id_strategy: str) -> str:
+    """What the container runtime is told: the UUID, or NVIDIA's index ("3", "3:1")."""
+    return device.index if id_strategy == "index" else device.uuid
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    """Distinct strings, first occurrence order."""
+    return list(dict.fromkeys(items))
+
+
+def device_node_paths(device: Device, minors: Callable[[], Mapping[str, int]]) -> list[str]:
+    """Container paths of one device's own nodes: ``/dev/nvidia<minor>`` (+ MIG caps).
+
+    ``minors`` returns the parsed mig-minors table and is only called for MIG devices. A MIG
+    device missing from the table raises KeyError naming the capability.
+    """
+    paths = [f"/dev/nvidia{device.gpu.minor}"]
+    if device.mig is not None:
+        table = minors()
+        prefix = f"gpu{device.gpu.minor}/gi{device.mig.gpu_instance_id}"
+        compute = f"{prefix}/ci{device.mig.compute_instance_id}/access"
+        for capability in (f"{prefix}/access", compute):
+            if capability not in table:
+                raise KeyError(capability)
+            paths.append(f"{NVIDIA_CAPS_DIR}/nvidia-cap{table[capability]}")
+    return paths
+
+
+def _device_specs(
+    resource_name: str,
+    devices: Sequence[Device],
+    config: Config,
+    path_exists: Callable[[str], bool],
+    mig_minors: Callable[[str], Mapping[str, int]],
+) -> tuple[DeviceSpec, ...]:
+    """Control nodes present under the dev root, then each device's nodes, without repeats."""
+    dev_root = config.flags.dev_root
+    driver_root = config.flags.nvidia_driver_root
+    cache: dict[str, Mapping[str, int]] = {}
+
+    def minors() -> Mapping[str, int]:
+        # Read lazily and once: only MIG allocations need the file.
+        if "table" not in cache:
+            try:
+                cache["table"] = mig_minors(driver_root)
+            except (OSError, ValueError) as err:
+                raise AllocationError(
+                    f'cannot allocate MIG devices of "{resource_name}" with device specs: '
+                    f"reading MIG capability minors under {driver_root!r} failed: {err}"
+                ) from err
+        return cache["table"]
+
+    paths = [path for path in CONTROL_DEVICE_NODES if path_exists(host_path(dev_root, path))]
+    for device in devices:
+        try:
+            paths.extend(device_node_paths(device, minors))
+        except KeyError as err:
+            raise AllocationError(
+                f'cannot allocate MIG device {device.uuid} of "{resource_name}" with device '
+                f"specs: {err.args[0]} is not listed in "
+                f"{host_path(driver_root, MIG_MINORS_FILE)}"
+            ) from err
+    return tuple(DeviceSpec(container_path=path, host_path=host_path(dev_root, path))
+                 for path in _unique(paths))

@@ -1,0 +1,167 @@
+"""The CDI spec that makes ``k8s.device-plugin.nvidia.com/gpu=<id>`` names resolvable.
+
+With a CDI device-list strategy (``cdi-annotations``, ``cdi-cri``) Allocate hands the runtime
+fully qualified CDI names instead of ``NVIDIA_VISIBLE_DEVICES``; the runtime looks them up in the
+JSON specs under ``/var/run/cdi``. We write one spec per node: a device per GPU / MIG device,
+named both by UUID and by NVIDIA's index (so either ``--device-id-strategy`` resolves), whose
+edits add its device nodes, plus common edits with the control nodes and
+``NVIDIA_VISIBLE_DEVICES=void`` (so the NVIDIA runtime hook does not inject devices itself).
+
+Format facts (CDI spec): ``cdiVersion`` 0.5.0 is the first with ``deviceNodes[].hostPath`` and
+device names that start with a digit (our index names, "0", "3:1").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from deviceplugin.allocate import (
+    CDI_KIND,
+    CDI_STRATEGIES,
+    CONTROL_DEVICE_NODES,
+    MIG_MINORS_FILE,
+    VISIBLE_DEVICES_ENV,
+    device_node_paths,
+    host_path,
+    read_mig_minors,
+)
+from gpus.config import Config
+from gpus.resources import Device, ResourceMap
+
+LOG = logging.getLogger(__name__)
+
+CDI_VERSION = "0.5.0"
+SPEC_FILE_NAME = CDI_KIND.replace("/", "-") + ".json"  # k8s.device-plugin.nvidia.com-gpu.json
+
+
+class CdiError(RuntimeError):
+    """The CDI spec could not be built or written; the message says where and why."""
+
+
+def cdi_enabled(config: Config) -> bool:
+    """True when a CDI device-list strategy is configured."""
+    return bool(CDI_STRATEGIES.intersection(config.flags.plugin.device_list_strategy))
+
+
+def build_cdi_spec(
+    resource_map: ResourceMap,
+    config: Config,
+    *,
+    path_exists: Callable[[str], bool] = os.path.exists,
+    mig_minors: Callable[[str], Mapping[str, int]] = read_mig_minors,
+) -> dict[str, Any]:
+    """The CDI spec as a JSON-ready dict (pure apart from the injected look-ups).
+
+    Devices are ordered by GPU index, then MIG index; each appears once even when several
+    resources (replicas, renames) advertise it. Raises CdiError when MIG devices are present and
+    their capability minors cannot be read.
+    """
+    dev_root = config.flags.dev_root
+    driver_root = config.flags.nvidia_driver_root
+    cache: dict[str, Mapping[str, int]] = {}
+
+    def minors() -> Mapping[str, int]:
+        if "table" not in cache:
+            try:
+                cache["table"] = mig_minors(driver_root)
+            except (OSError, ValueError) as err:
+                raise CdiError(
+                    f"cannot describe MIG devices in the CDI spec: reading "
+                    f"{host_path(driver_root, MIG_MINORS_FILE)} failed: {err}"
+                ) from err
+        return cache["table"]
+
+    def node(path: str) -> dict[str, str]:
+        entry = {"path": path}
+        host = host_path(dev_root, path)
+        if host != path:
+            entry["hostPath"] = host
+        return entry
+
+    cdi_devices: list[dict[str, Any]] = []
+    for device in _physical_devices(resource_map):
+        try:
+            paths = device_node_paths(device, minors)
+        except KeyError as err:
+            raise CdiError(
+                f"cannot describe MIG device {device.uuid} in the CDI spec: {err.args[0]} is "
+                f"not listed in {host_path(driver_root, MIG_MINORS_FILE)}"
+            ) from err
+        edits = {"deviceNodes": [node(path) for path in paths]}
+        for name in dict.fromkeys((device.uuid, device.index)):
+            cdi_devices.append({"name": name, "containerEdits": edits})
+
+    control = [node(path) for path in CONTROL_DEVICE_NODES
+               if path_exists(host_path(dev_root, path))]
+    common: dict[str, Any] = {"env": [f"{VISIBLE_DEVICES_ENV}=void"]}
+    if control:
+        common["deviceNodes"] = control
+    return {
+        "cdiVersion": CDI_VERSION,
+        "kind": CDI_KIND,
+        "devices": cdi_devices,
+        "containerEdits": common,
+    }
+
+
+def write_cdi_spec(
+    resource_map: ResourceMap,
+    config: Config,
+    *,
+    path_exists: Callable[[str], bool] = os.path.exists,
+    mig_minors: Callable[[str], Mapping[str, int]] = read_mig_minors,
+) -> Path | None:
+    """Write the spec into ``flags.plugin.cdiSpecDir`` atomically; None when CDI is not in use.
+
+    The file (``k8s.device-plugin.nvidia.com-gpu.json``) is replaced in one step (temporary file
+    in the same directory, then ``os.replace``), so a runtime never reads half a spec. Raises
+    CdiError when the directory cannot be created or written, or the spec cannot be built; the
+    previous file, if any, is then left as it was.
+    """
+    if not cdi_enabled(config):
+        return None
+    spec = build_cdi_spec(resource_map, config, path_exists=path_exists, mig_minors=mig_minors)
+    directory = Path(config.flags.plugin.cdi_spec_dir)
+    target = directory / SPEC_FILE_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, json.dumps(spec, indent=2) + "\n")
+    except OSError as err:
+        raise CdiError(f"cannot write CDI spec {target}: {err.strerror or err}") from err
+    LOG.info("wrote CDI spec %s (%d device names)", target, len(spec["devices"]))
+    return target
+
+
+def _physical_devices(resource_map: ResourceMap) -> list[Device]:
+    """One Device per GPU / MIG UUID across all resources, by GPU index then MIG index."""
+    unique: dict[str, Device] = {}
+    for resource in resource_map.resources.values():
+        for device in resource.devices:
+            unique.setdefault(device.uuid, device)
+    return sorted(unique.values(),
+                  key=lambda d: (d.gpu.index, -1 if d.mig is None else d.mig.index))
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` via a temporary file in the same directory + os.replace."""
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                     dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp_name, 0o644)  # runtimes run as other users; mkstemp makes it 0600
+        os.replace(temp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+

@@ -1,0 +1,495 @@
+"""Health: XID policy, event handling, recovery, and the monitor's threads (stand-in NVML)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import pytest
+
+from deviceplugin.health import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_XID,
+    HealthMonitor,
+    HealthPolicy,
+    parse_health_env,
+)
+from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
+
+WAIT_S = 5.0  # generous upper bound for event waits; tests never sleep
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+def make_gpu(index: int, migs: tuple[tuple[int, int], ...] = ()) -> GPU:
+    uuid = f"GPU-{index}"
+    mig_devices = tuple(
+        MigDevice(uuid=f"MIG-{index}-{gi}-{ci}", index=i, parent_index=index, parent_uuid=uuid,
+                  gpu_instance_id=gi, compute_instance_id=ci, profile="1g.5gb",
+                  memory_bytes=5 << 30, gpu_instance_slices=1, compute_instance_slices=1)
+        for i, (gi, ci) in enumerate(migs)
+    )
+    return GPU(index=index, uuid=uuid, name="NVIDIA A100-SXM4-40GB", memory_bytes=40 << 30,
+               compute_capability=(8, 0), architecture="ampere", brand="Nvidia", minor=index,
+               pci_bus_id=f"00000000:{index:02X}:00.0", mig_enabled=bool(migs),
+               mig_devices=mig_devices)
+
+
+SNAPSHOT = Snapshot(
+    system=SystemInfo(driver_version="535.129.03", cuda_driver_version=12020),
+    gpus=(make_gpu(0), make_gpu(1), make_gpu(2, migs=((1, 0), (1, 1), (2, 0)))),
+)
+ALL_GPUS = frozenset({"GPU-0", "GPU-1", "GPU-2"})
+
+
+@dataclass(frozen=True)
+class Event:
+    gpu_uuid: str
+    xid: int = 79
+    event_type: int = EVENT_XID
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+
+
+class FakeNvmlError(Exception):
+    """Shaped like gpus.nvml.NvmlError: carries NVML's error name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"nvmlDeviceGetMemoryInfo: {name}")
+        self.name = name
+
+
+@dataclass
+class Prober:
+    """Stand-in for Nvml.probe: UUIDs in ``failing`` raise the given error name."""
+
+    failing: dict[str, str] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def probe(self, uuid: str) -> None:
+        self.calls.append(uuid)
+        if uuid in self.failing:
+            raise FakeNvmlError(self.failing[uuid])
+
+
+class Watcher:
+    """Stand-in EventWatcher fed through a queue (events, or exceptions to raise)."""
+
+    def __init__(self, registration_errors: Mapping[str, Exception]) -> None:
+        self.registration_errors = dict(registration_errors)
+        self.items: queue.Queue[Event | Exception] = queue.Queue()
+        self.closed = threading.Event()
+
+    def wait(self, timeout_ms: int) -> Event | None:
+        try:
+            item = self.items.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+class WatcherFactory:
+    """Hands out Watchers; the first ``failing_registrations`` calls fail these UUIDs."""
+
+    def __init__(self, registration_errors: Mapping[str, Exception] | None = None) -> None:
+        self.registration_errors = dict(registration_errors or {})
+        self.made: list[Watcher] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, nvml: object, uuids: list[str]) -> Watcher:
+        assert sorted(uuids) == sorted(ALL_GPUS)
+        watcher = Watcher(self.registration_errors)
+        self.registration_errors = {}  # registration works when retried
+        with self.cond:
+            self.made.append(watcher)
+            self.cond.notify_all()
+        return watcher
+
+    def wait_made(self, count: int) -> Watcher:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.made) >= count, WAIT_S)
+            return self.made[count - 1]
+
+
+class Changes:
+    """Records on_change calls; lets a test wait for a given set."""
+
+    def __init__(self) -> None:
+        self.seen: list[frozenset[str]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, unhealthy: frozenset[str]) -> None:
+        with self.cond:
+            self.seen.append(unhealthy)
+            self.cond.notify_all()
+
+    def wait_for(self, expected: set[str]) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: bool(self.seen) and self.seen[-1] == expected, WAIT_S)
+        assert ok, f"never saw {expected}; saw {self.seen}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def monitor(prober: Prober | None = None, environ: Mapping[str, str] | None = None,
+            factory: Callable[[object, list[str]], Watcher] | None = None,
+            recovery_interval: float = 5.0, clock: Clock | None = None
+            ) -> tuple[HealthMonitor, Changes, Prober, Clock]:
+    changes, prober, clock = Changes(), prober or Prober(), clock or Clock()
+    mon = HealthMonitor(prober, SNAPSHOT, changes, environ or {},
+                        recovery_interval=recovery_interval, quiet_period=30.0, clock=clock,
+                        watcher_factory=factory or WatcherFactory(), wait_timeout_ms=20)
+    return mon, changes, prober, clock
+
+
+# --- policy --------------------------------------------------------------------------------
+
+
+def test_default_policy_ignores_application_xids() -> None:
+    policy = parse_health_env({})
+    assert policy == HealthPolicy()
+    for xid in (13, 31, 43, 45, 68, 109):
+        assert not policy.is_critical(xid)
+    for xid in (48, 63, 64, 74, 79, 94, 95):
+        assert policy.is_critical(xid)
+
+
+@pytest.mark.parametrize("value", ["all", "xids", "ALL", " xids ", "48,xids"])
+def test_disable_all(value: str) -> None:
+    policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": value,
+                               "DP_ENABLE_HEALTHCHECKS": "all"})
+    assert not policy.enabled
+    assert not policy.is_critical(79)
+
+
+def test_disable_adds_ignored_xids() -> None:
+    policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": "48, 79"})
+    assert not policy.is_critical(48) and not policy.is_critical(79)
+    assert not policy.is_critical(13)
+    assert policy.is_critical(94)
+
+
+def test_enable_reenables_listed_xids() -> None:
+    policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": "48",
+                               "DP_ENABLE_HEALTHCHECKS": "13,48"})
+    assert policy.is_critical(13) and policy.is_critical(48)
+    assert not policy.is_critical(31)
+
+
+def test_enable_all_makes_every_xid_critical() -> None:
+    policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": "79", "DP_ENABLE_HEALTHCHECKS": "all"})
+    assert all(policy.is_critical(x) for x in (13, 31, 43, 45, 68, 79, 109))
+
+
+def test_malformed_entries_are_reported_and_skipped() -> None:
+    policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": "48,abc,,-3",
+                               "DP_ENABLE_HEALTHCHECKS": "x13"})
+    assert policy.problems == (
+        "DP_DISABLE_HEALTHCHECKS: ignoring 'abc': not an XID number",
+        "DP_DISABLE_HEALTHCHECKS: ignoring '-3': XIDs are not negative",
+        "DP_ENABLE_HEALTHCHECKS: ignoring 'x13': not an XID number",
+    )
+    assert not policy.is_critical(48)
+    assert not policy.is_critical(13)  # nothing re-enabled by the bad entry
+
+
+# --- events (no threads) ----------------------------------------------------------------------
+
+
+def test_critical_xid_on_whole_gpu_marks_only_that_gpu() -> None:
+    mon, changes, _, _ = monitor()
+    mon.handle_event(Event("GPU-1", xid=79))
+    assert mon.unhealthy == {"GPU-1"}
+    assert changes.seen == [frozenset({"GPU-1"})]
+
+
+def test_ignored_xid_and_ecc_events_change_nothing() -> None:
+    mon, changes, _, _ = monitor()
+    mon.handle_event(Event("GPU-0", xid=13))
+    mon.handle_event(Event("GPU-0", xid=0, event_type=EVENT_DOUBLE_BIT_ECC))
+    assert mon.unhealthy == set() and changes.seen == []
+
+
+def test_env_policy_is_used() -> None:
+    mon, _, _, _ = monitor(environ={"DP_ENABLE_HEALTHCHECKS": "13"})
+    mon.handle_event(Event("GPU-0", xid=13))
+    assert mon.unhealthy == {"GPU-0"}
+
+
+def test_xid_on_mig_device_marks_only_that_instance() -> None:
+    mon, _, _, _ = monitor()
+    mon.handle_event(Event("GPU-2", gpu_instance_id=1, compute_instance_id=1))
+    assert mon.unhealthy == {"MIG-2-1-1"}
+
+
+def test_xid_with_gi_only_marks_every_ci_of_that_gi() -> None:
+    mon, _, _, _ = monitor()
+    mon.handle_event(Event("GPU-2", gpu_instance_id=1))
+    assert mon.unhealthy == {"MIG-2-1-0", "MIG-2-1-1"}
+
+
+def test_xid_on_mig_gpu_without_instance_marks_the_gpu() -> None:
+    mon, _, _, _ = monitor()
+    mon.handle_event(Event("GPU-2"))
+    assert mon.unhealthy == {"GPU-2"}
+
+
+def test_xid_on_unknown_instance_or_gpu_is_ignored() -> None:
+    mon, changes, _, _ = monitor()
+    mon.handle_event(Event("GPU-2", gpu_instance_id=9, compute_instance_id=0))
+    mon.handle_event(Event("GPU-77"))
+    assert mon.unhealthy == set() and changes.seen == []
+
+
+def test_repeated_xid_does_not_renotify() -> None:
+    mon, changes, _, _ = monitor()
+    mon.handle_event(Event("GPU-0"))
+    mon.handle_event(Event("GPU-0", xid=48))
+    assert changes.seen == [frozenset({"GPU-0"})]
+
+
+def test_generic_wait_error_marks_every_gpu() -> None:
+    mon, changes, _, _ = monitor()
+    mon.handle_wait_error(FakeNvmlError("NVML_ERROR_UNKNOWN"))
+    assert mon.unhealthy == ALL_GPUS
+    assert changes.seen == [ALL_GPUS]
+
+
+def test_gpu_lost_wait_error_marks_only_the_lost_gpu() -> None:
+    mon, _, _, _ = monitor(Prober(failing={"GPU-1": "NVML_ERROR_GPU_IS_LOST"}))
+    mon.handle_wait_error(FakeNvmlError("NVML_ERROR_GPU_IS_LOST"))
+    assert mon.unhealthy == {"GPU-1"}
+
+
+def test_gpu_lost_wait_error_nobody_to_blame_marks_all() -> None:
+    mon, _, _, _ = monitor()
+    mon.handle_wait_error(FakeNvmlError("NVML_ERROR_GPU_IS_LOST"))
+    assert mon.unhealthy == ALL_GPUS
+
+
+# --- recovery (driven by step() with an injected clock) -----------------------------------------
+
+
+def test_recovery_needs_quiet_period_and_a_good_probe() -> None:
+    prober = Prober(failing={"GPU-0": "NVML_ERROR_UNKNOWN"})
+    mon, changes, _, clock = monitor(prober)
+    mon.handle_event(Event("GPU-0"))
+    clock.now += 10
+    mon.step()
+    assert "GPU-0" not in prober.calls  # still inside the quiet period: not even probed
+    clock.now += 25
+    mon.step()
+    assert mon.unhealthy == {"GPU-0"}  # quiet, but the probe failed: quiet period restarts
+    prober.failing.clear()
+    clock.now += 29
+    mon.step()
+    assert mon.unhealthy == {"GPU-0"}
+    clock.now += 1
+    mon.step()
+    assert mon.unhealthy == set()
+    assert changes.seen == [frozenset({"GPU-0"}), frozenset()]
+
+
+def test_new_xid_restarts_the_quiet_period() -> None:
+    mon, _, _, clock = monitor()
+    mon.handle_event(Event("GPU-0"))
+    clock.now += 20
+    mon.handle_event(Event("GPU-0", xid=48))
+    clock.now += 20
+    mon.step()
+    assert mon.unhealthy == {"GPU-0"}
+    clock.now += 10
+    mon.step()
+    assert mon.unhealthy == set()
+
+
+def test_step_marks_a_lost_healthy_gpu_and_ignores_other_probe_errors() -> None:
+    prober = Prober(failing={"GPU-0": "NVML_ERROR_GPU_IS_LOST", "GPU-1": "NVML_ERROR_UNKNOWN"})
+    mon, _, _, clock = monitor(prober)
+    mon.step()
+    assert mon.unhealthy == {"GPU-0"}
+    prober.failing.clear()
+    clock.now += 30
+    mon.step()
+    assert mon.unhealthy == set()
+
+
+def test_mig_device_recovers_independently() -> None:
+    mon, _, prober, clock = monitor()
+    mon.handle_event(Event("GPU-2", gpu_instance_id=2, compute_instance_id=0))
+    clock.now += 30
+    mon.step()
+    assert mon.unhealthy == set()
+    assert "MIG-2-2-0" in prober.calls
+
+
+def test_failing_listener_does_not_break_the_monitor() -> None:
+    def explode(_: frozenset[str]) -> None:
+        raise RuntimeError("listener bug")
+
+    mon = HealthMonitor(Prober(), SNAPSHOT, explode, {}, clock=Clock())
+    mon.handle_event(Event("GPU-0"))
+    assert mon.unhealthy == {"GPU-0"}
+
+
+# --- threads --------------------------------------------------------------------------------------
+
+
+def test_threads_report_registration_failures_events_and_wait_errors() -> None:
+    factory = WatcherFactory({"GPU-1": FakeNvmlError("NVML_ERROR_GPU_IS_LOST")})
+    mon, changes, _, _ = monitor(factory=factory)
+    mon.start()
+    try:
+        changes.wait_for({"GPU-1"})
+        watcher = factory.wait_made(1)
+        watcher.items.put(Event("GPU-0", xid=13))  # ignored
+        watcher.items.put(Event("GPU-0", xid=79))
+        changes.wait_for({"GPU-0", "GPU-1"})
+        watcher.items.put(FakeNvmlError("NVML_ERROR_UNKNOWN"))
+        changes.wait_for(set(ALL_GPUS))
+    finally:
+        mon.stop()
+    assert watcher.closed.is_set()
+    assert changes.seen == [frozenset({"GPU-1"}), frozenset({"GPU-0", "GPU-1"}), ALL_GPUS]
+
+
+def test_keeps_waiting_after_a_wait_error() -> None:
+    factory = WatcherFactory()
+    mon, changes, _, clock = monitor(factory=factory)
+    mon.start()
+    try:
+        watcher = factory.wait_made(1)
+        watcher.items.put(FakeNvmlError("NVML_ERROR_UNKNOWN"))
+        changes.wait_for(set(ALL_GPUS))
+        clock.now += 30
+        mon.step()
+        changes.wait_for(set())
+        watcher.items.put(Event("GPU-2", gpu_instance_id=1, compute_instance_id=0))
+        changes.wait_for({"MIG-2-1-0"})
+    finally:
+        mon.stop()
+
+
+def test_recovered_registration_failure_rebuilds_the_watcher() -> None:
+    factory = WatcherFactory({"GPU-0": FakeNvmlError("NVML_ERROR_UNKNOWN")})
+    mon, changes, _, clock = monitor(factory=factory)
+    mon.start()
+    try:
+        changes.wait_for({"GPU-0"})
+        clock.now += 30
+        mon.step()
+        changes.wait_for(set())
+        second = factory.wait_made(2)
+        assert factory.made[0].closed.wait(WAIT_S)
+        second.items.put(Event("GPU-0"))
+        changes.wait_for({"GPU-0"})
+    finally:
+        mon.stop()
+
+
+def test_probe_thread_recovers_devices() -> None:
+    clock = Clock()
+    mon, changes, _, _ = monitor(recovery_interval=0.001, clock=clock)
+    mon.handle_event(Event("GPU-1"))
+    clock.now += 31
+    mon.start()
+    try:
+        changes.wait_for(set())
+    finally:
+        mon.stop()
+
+
+def test_event_set_creation_failure_marks_all_and_retries() -> None:
+    attempts: list[int] = []
+    retried = threading.Event()
+    good = WatcherFactory()
+
+    def factory(nvml: object, uuids: list[str]) -> Watcher:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise FakeNvmlError("NVML_ERROR_UNKNOWN")
+        retried.set()
+        return good(nvml, uuids)
+
+    mon, changes, _, _ = monitor(factory=factory)
+    mon.start()
+    try:
+        changes.wait_for(set(ALL_GPUS))
+        assert retried.wait(WAIT_S)
+    finally:
+        mon.stop()
+
+
+def test_disabled_checks_start_nothing() -> None:
+    factory = WatcherFactory()
+    mon, _, _, _ = monitor(environ={"DP_DISABLE_HEALTHCHECKS": "all"}, factory=factory)
+    mon.start()
+    mon.stop()
+    assert factory.made == []
+
+
+def test_zero_recovery_interval_disables_the_probe_thread() -> None:
+    factory = WatcherFactory()
+    mon, _, prober, _ = monitor(recovery_interval=0, factory=factory)
+    mon.start()
+    try:
+        factory.wait_made(1)
+        names = {t.name for t in threading.enumerate()}
+        assert "health-events" in names and "health-probe" not in names
+    finally:
+        mon.stop()
+    assert prober.calls == []
+
+
+def test_stop_joins_threads() -> None:
+    factory = WatcherFactory()
+    mon, _, _, _ = monitor(factory=factory)
+    mon.start()
+    factory.wait_made(1)
+    mon.stop()
+    assert not any(t.name.startswith("health-") for t in threading.enumerate())
+
+
+def test_listener_may_read_state_from_another_thread() -> None:
+    seen: list[frozenset[str]] = []
+
+    def listener(_: frozenset[str]) -> None:
+        # A manager that hands the change to its own thread, which reads the monitor back.
+        reader = threading.Thread(target=lambda: seen.append(mon.unhealthy))
+        reader.start()
+        reader.join(WAIT_S)
+
+    mon = HealthMonitor(Prober(), SNAPSHOT, listener, {}, clock=Clock())
+    mon.handle_event(Event("GPU-0"))
+    assert seen == [frozenset({"GPU-0"})]
+
+
+def test_stopped_monitor_reports_nothing() -> None:
+    mon, changes, _, _ = monitor()
+    mon.start()
+    mon.stop()
+    mon.handle_event(Event("GPU-0"))
+    assert changes.seen == []
+
+
+def test_event_constants_match_nvml() -> None:
+    from deviceplugin import health
+    from gpus import nvml
+
+    assert health.EVENT_XID == nvml.EVENT_XID
+    assert health.EVENT_SINGLE_BIT_ECC == nvml.EVENT_SINGLE_BIT_ECC
+    assert health.EVENT_DOUBLE_BIT_ECC == nvml.EVENT_DOUBLE_BIT_ECC

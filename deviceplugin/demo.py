@@ -1,0 +1,140 @@
+"""``make run``: the device plugin on a simulated DGX A100, talking to the mock kubelet.
+
+Everything runs in one process in a temporary directory: the mock kubelet serves
+``kubelet.sock``, the device plugin runs on the fake NVML (``fake:dgx-a100``, sysfs written by
+the fake), registers, and the mock kubelet prints what it sees, allocates two GPUs
+(GetPreferredAllocation, then Allocate) and the GFD labels of the node are printed. Then it
+serves until Ctrl-C (or ``--exit-after`` seconds); inject faults meanwhile with
+``fake-nvml inject --control <printed socket> xid 0 79`` and watch ListAndWatch change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_plugin_flags
+from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
+from gpus.config import Config
+from gpus.model import Snapshot
+
+GPU_RESOURCE = "nvidia.com/gpu"
+REGISTER_TIMEOUT_S = 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line."""
+    parser = argparse.ArgumentParser(prog="nvk8s-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="dgx-a100", help="fake machine profile")
+    parser.add_argument("--allocate", type=int, default=2, metavar="N", help="GPUs to allocate")
+    parser.add_argument("--exit-after", type=float, metavar="S", help="exit after S seconds")
+    parser.add_argument("--verbose", action="store_true", help="show the daemons' logs")
+    return parser
+
+
+def demo_config(workdir: str, profile: str) -> Config:
+    """Defaults, pointed at the temporary directory and the fake backend."""
+    control = os.path.join(workdir, "fake-nvml.sock")
+    config = replace_flags(
+        Config(), nvml=f"fake:{profile}?control={control}", sysfs_root=os.path.join(workdir, "root")
+    )
+    return replace_plugin_flags(
+        config,
+        kubelet_socket=os.path.join(workdir, "kubelet.sock"),
+        cdi_spec_dir=os.path.join(workdir, "cdi"),
+        health_recovery_interval=1.0,
+        health_quiet_period=5.0,
+    )
+
+
+def print_labels(snapshot: Snapshot, config: Config, out: _Printer) -> None:
+    """GFD's labels for the simulated node."""
+    try:
+        from gfd.labels import node_labels
+    except ImportError as err:  # GFD is optional for the plugin demo
+        out(f"[GFD] labels unavailable: {err}")
+        return
+    labels = node_labels(snapshot, config, machine="DGX-A100-simulated")
+    out(f"[GFD] {len(labels)} node labels:")
+    for key, value in sorted(labels.items()):
+        out(f"    {key}={value}")
+
+
+class _Printer:
+    """Serialises prints from the main thread and ListAndWatch callbacks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.live = False
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            print(text, flush=True)
+
+    def update(self, resource: str, devices: Sequence[object]) -> None:
+        if self.live:
+            self(format_devices(resource, devices))  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
+    """The demo proper, in ``workdir``."""
+    kubelet = MockKubelet(workdir, on_update=out.update)
+    kubelet.start()
+    config = demo_config(workdir, args.profile)
+    plugin = DevicePlugin(config, os.environ)
+    try:
+        controller = plugin.select_backend()
+        if controller is not None:
+            controller.write_sysfs(Path(config.flags.sysfs_root))
+        plugin.start()
+        out(f"[demo] fake NVML profile {args.profile}; kubelet socket {kubelet.socket_path}")
+        if not kubelet.wait_for_registration(GPU_RESOURCE, REGISTER_TIMEOUT_S):
+            out(f"[demo] {GPU_RESOURCE} did not register")
+            return 1
+        for resource in kubelet.resources():
+            out(format_devices(resource, kubelet.devices(resource)))
+        out(format_allocation(kubelet.allocate(GPU_RESOURCE, args.allocate)))
+        assert plugin.snapshot is not None
+        print_labels(plugin.snapshot, config, out)
+        control = config.flags.nvml.partition("control=")[2]
+        out(f"[demo] serving; try: fake-nvml inject --control {control} xid 0 79")
+        out.live = True
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait(args.exit_after)
+        out("[demo] stopping")
+        return 0
+    except InitError as err:
+        out(f"[demo] the device plugin could not start: {err}")
+        return 1
+    finally:
+        out.live = False
+        plugin.close()
+        kubelet.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    workdir = tempfile.mkdtemp(prefix="nvk-demo", dir="/tmp")
+    try:
+        return run(args, workdir, _Printer())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Registration with the kubelet, and the watch that keeps it registered.
+
+The kubelet never reconnects by itself: when it restarts it wipes every socket in its directory
+and recreates ``kubelet.sock``, and the plugin must notice, rebind and register again. The stdlib
+has no inotify, so :class:`RegistrationLoop` polls ``os.stat`` of the kubelet socket and of our
+own sockets every ``poll_interval`` (100 ms by default, well inside the 1 s we must react in);
+a stat per socket per tick costs microseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
+REGISTER_TIMEOUT_S = 5.0
+POLL_INTERVAL_S = 0.1
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+
+class RegistrationError(RuntimeError):
+    """The kubelet refused or did not answer a Register call."""
+
+
+def plugin_options() -> api_pb2.DevicePluginOptions:
+    """Our options, as both Register and GetDevicePluginOptions report them."""
+    return api_pb2.DevicePluginOptions(
+        pre_start_required=False, get_preferred_allocation_available=True
+    )
+
+
+def register(
+    kubelet_socket: str,
+    endpoint: str,
+    resource_name: str,
+    timeout: float = REGISTER_TIMEOUT_S,
+) -> None:
+    """Register one resource whose server listens on ``<kubelet dir>/<endpoint>``.
+
+    The plugin's server must already be serving: the kubelet dials it back during Register.
+    Raises RegistrationError with the kubelet's reason.
+    """
+    request = api_pb2.RegisterRequest(
+        version=API_VERSION,
+        endpoint=endpoint,
+        resource_name=resource_name,
+        options=plugin_options(),
+    )
+    with grpc.insecure_channel(f"unix:{kubelet_socket}") as channel:
+        try:
+            api_pb2_grpc.RegistrationStub(channel).Register(request, timeout=timeout)
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else None
+            details = err.details() if isinstance(err, grpc.Call) else str(err)
+            name = code.name if code is not None else "UNKNOWN"
+            raise RegistrationError(
+                f"registering {resource_name} with the kubelet at {kubelet_socket} failed: "
+                f"{name}: {details}"
+            ) from err
+
+
+@dataclass(frozen=True)
+class SocketState:
+    """What a stat of the kubelet socket path says; ``identity`` changes when it is recreated."""
+
+    problem: str | None  # None when it is a socket we can dial
+    identity: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns)
+
+    @property
+    def ready(self) -> bool:
+        """True when the path is a socket."""
+        return self.problem is None
+
+
+def kubelet_socket_state(path: str) -> SocketState:
+    """Stat the kubelet socket; a missing path or a non-socket is a problem with a reason."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return SocketState(problem=f"kubelet socket {path} does not exist (yet)")
+    except OSError as err:
+        return SocketState(problem=f"cannot stat kubelet socket {path}: {err.strerror}")
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
+        return SocketState(problem=f"kubelet socket {path} is {kind}")
+    return SocketState(problem=None, identity=(st.st_dev, st.st_ino, st.st_ctime_ns))
+
+
+class Backoff:
+    """Capped exponential backoff: initial, 2x, 4x ... up to cap."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S) -> None:
+        self._initial, self._cap = initial, cap
+        self._next = initial
+
+    def next_delay(self) -> float:
+        """The delay before the next try; doubles each call up to the cap."""
+        delay = self._next
+        self._next = min(self._next * 2, self._cap)
+        return delay
+
+    def reset(self) -> None:
+        """Start over from the initial delay (after a success)."""
+        self._next = self._initial
+
+
+class StateLog:
+    """Logs a message only when it differs from the last one for the same key."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: dict[str, str] = {}
+
+    def set(self, key: str, level: int, message: str) -> None:
+        """Record the state for ``key``; log it if it changed."""
+        if self._last.get(key) != message:
+            self._last[key] = message
+            self._logger.log(level, "%s", message)
+
+    def forget(self, key: str) -> None:
+        """Drop the state for ``key`` (so its next state is logged)."""
+        self._last.pop(key, None)
+
+
+class Endpoint(Protocol):
+    """What the loop needs of a plugin server (deviceplugin.server.PluginServer)."""
+
+    name: str
+    generation: int
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def intact(self) -> bool: ...
+
+    def restart(self) -> None: ...
+
+
+@dataclass
+class _Registration:
+    identity: tuple[int, int, int] | None = None
+    generation: int = -1
+    next_try: float = 0.0
+    backoff: Backoff | None = None
+
+
+class RegistrationLoop:
+    """Keeps every served resource registered with the current kubelet, in one thread.
+
+    Each tick: stat the kubelet socket; rebind servers whose socket vanished; register every
+    server not yet registered with this kubelet incarnation (socket identity) and this server
+    generation, with capped backoff per resource on failure. ``kubelet_socket == ""`` only
+    rebinds vanished sockets and never registers.
+    """
+
+    def __init__(
+        self,
+        kubelet_socket: str,
+        servers: Callable[[], Sequence[Endpoint]],
+        poll_interval: float = POLL_INTERVAL_S,
+        register_fn: Callable[[str, str, str], None] = register,
+        on_registered: Callable[[str], None] | None = None,
+    ) -> None:
+        self.kubelet_socket = kubelet_socket
+        self._servers = servers
+        self._poll = poll_interval
+        self._register = register_fn
+        self._on_registered = on_registered
+        self._state: dict[str, _Registration] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log = StateLog(log)
+        self._lock = threading.Lock()
+        self.last_problem: str | None = None
+
+    def start(self) -> None:
+        """Start the watch thread (ticks once at once)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kubelet-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wake(self) -> None:
+        """Tick now (a new resource needs registering)."""
+        self._wake.set()
+
+    def registered(self) -> dict[str, bool]:
+        """Resource name -> registered with the current kubelet (for status and tests)."""
+        with self._lock:
+            return {name: reg.identity is not None for name, reg in self._state.items()}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the watch must survive anything a tick meets
+                log.exception("kubelet watch tick failed")
+            self._wake.wait(self._poll)
+            self._wake.clear()
+
+    def tick(self, now: float | None = None) -> None:
+        """One pass of the watch; public so tests can drive it without the thread."""
+        now = time.monotonic() if now is None else now
+        servers = list(self._servers())
+        self._rebind_vanished(servers)
+        if not self.kubelet_socket:
+            return
+        kubelet = kubelet_socket_state(self.kubelet_socket)
+        self.last_problem = kubelet.problem
+        if kubelet.problem is not None:
+            level = logging.INFO if "does not exist" in kubelet.problem else logging.ERROR
+            self._log.set("kubelet", level, kubelet.problem + "; waiting for the kubelet")
+            return
+        self._log.set("kubelet", logging.INFO, f"kubelet socket {self.kubelet_socket} is up")
+        with self._lock:
+            names = {s.name for s in servers}
+            for gone in set(self._state) - names:
+                del self._state[gone]
+                self._log.forget(gone)
+        for server in servers:
+            self._ensure_registered(server, kubelet.identity, now)
+
+    def _rebind_vanished(self, servers: Sequence[Endpoint]) -> None:
+        for server in servers:
+            if server.intact():
+                continue
+            try:
+                server.restart()
+            except Exception as err:  # keep serving the others; retry next tick
+                self._log.set(server.name, logging.ERROR, f"cannot rebind {server.name}: {err}")
+
+    def _ensure_registered(
+        self, server: Endpoint, identity: tuple[int, int, int] | None, now: float
+    ) -> None:
+        with self._lock:
+            reg = self._state.setdefault(server.name, _Registration())
+            if reg.identity == identity and reg.generation == server.generation:
+                return
+            if reg.identity is not None:
+                # Registered with an older kubelet or an older bind of our socket: start over.
+                reg.identity, reg.next_try, reg.backoff = None, 0.0, None
+            if now < reg.next_try:
+                return
+        try:
+            self._register(self.kubelet_socket, server.endpoint, server.name)
+        except Exception as err:
+            with self._lock:
+                reg.backoff = reg.backoff or Backoff()
+                reg.next_try = now + reg.backoff.next_delay()
+            self._log.set(server.name, logging.WARNING, f"{err}; retrying with backoff")
+            return
+        with self._lock:
+            reg.identity, reg.generation, reg.backoff, reg.next_try = (
+                identity,
+                server.generation,
+                None,
+                0.0,
+            )
+        self._log.set(
+            server.name,
+            logging.INFO,
+            f"registered {server.name} (endpoint {server.endpoint}) with the kubelet",
+        )
+        if self._on_registered is not None:
+            self._on_registered(server.name)

@@ -1,0 +1,142 @@
+"""Reconciles the running gRPC servers with the resource map.
+
+The map is recomputed, never patched: a health change or a config reload hands :meth:`apply` a
+whole new :class:`ResourceMap` and the manager works out the difference against the servers it
+runs: start new resources, push changed device lists to existing ones (their ListAndWatch
+streams get the new list at once), stop removed ones. A resource with no devices is not served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deviceplugin.kubelet import RegistrationLoop
+from deviceplugin.server import PluginServer, ServeError, ServingContext
+from gpus.resources import Resource, ResourceMap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one :meth:`PluginManager.apply` did, by resource name."""
+
+    started: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    stopped: tuple[str, ...] = ()
+    errors: dict[str, str] = field(default_factory=dict)  # resource -> why it is not served
+
+
+class PluginManager:
+    """Owns one PluginServer per non-empty resource and the kubelet registration loop.
+
+    ``socket_dir`` is where plugin sockets go (the kubelet socket's directory). An empty
+    ``kubelet_socket`` serves without registering.
+    """
+
+    def __init__(
+        self,
+        socket_dir: str,
+        kubelet_socket: str,
+        context: ServingContext,
+        *,
+        poll_interval: float = 0.1,
+        server_factory: Callable[[Resource, ServingContext, str], PluginServer] = PluginServer,
+    ) -> None:
+        self.socket_dir = socket_dir
+        self.kubelet_socket = kubelet_socket
+        self._context = context
+        self._factory = server_factory
+        self._lock = threading.Lock()
+        self._servers: dict[str, PluginServer] = {}
+        self._map = ResourceMap()
+        self.errors: dict[str, str] = {}
+        self._loop = RegistrationLoop(kubelet_socket, self.servers, poll_interval=poll_interval)
+
+    @classmethod
+    def for_kubelet_socket(
+        cls, kubelet_socket: str, context: ServingContext, plugin_dir: str = ""
+    ) -> PluginManager:
+        """A manager whose sockets live beside ``kubelet_socket`` (or in ``plugin_dir``)."""
+        socket_dir = plugin_dir or os.path.dirname(kubelet_socket) or "."
+        return cls(socket_dir, kubelet_socket, context)
+
+    @property
+    def registration(self) -> RegistrationLoop:
+        """The registration loop (status and tests)."""
+        return self._loop
+
+    @property
+    def resource_map(self) -> ResourceMap:
+        """The map last applied."""
+        with self._lock:
+            return self._map
+
+    def servers(self) -> list[PluginServer]:
+        """The running servers."""
+        with self._lock:
+            return list(self._servers.values())
+
+    def server(self, name: str) -> PluginServer | None:
+        """The server of one resource, if running."""
+        with self._lock:
+            return self._servers.get(name)
+
+    def start(self) -> None:
+        """Start watching the kubelet (servers start as maps are applied)."""
+        self._loop.start()
+
+    def apply(self, new_map: ResourceMap, context: ServingContext | None = None) -> ApplyResult:
+        """Make the running servers match ``new_map`` (optionally with a new context)."""
+        with self._lock:
+            if context is not None:
+                self._context = context
+            result = self._reconcile(new_map)
+            self._map = new_map
+        if result.started or result.errors:
+            self._loop.wake()
+        for problem in new_map.problems:
+            log.warning("resource map: %s", problem)
+        return result
+
+    def _reconcile(self, new_map: ResourceMap) -> ApplyResult:
+        wanted = {name: r for name, r in new_map.resources.items() if r.devices}
+        started: list[str] = []
+        updated: list[str] = []
+        stopped: list[str] = []
+        errors: dict[str, str] = {}
+        for name in sorted(set(self._servers) - set(wanted)):
+            self._servers.pop(name).stop()
+            stopped.append(name)
+            log.info("stopped %s: no longer advertised", name)
+        for name, resource in sorted(wanted.items()):
+            running = self._servers.get(name)
+            if running is not None:
+                if running.update(resource, self._context):
+                    updated.append(name)
+                continue
+            server = self._factory(resource, self._context, self.socket_dir)
+            try:
+                server.start()
+            except (ServeError, OSError) as err:
+                errors[name] = str(err)
+                log.error("cannot serve %s: %s", name, err)
+                continue
+            self._servers[name] = server
+            started.append(name)
+        for name in set(new_map.resources) - set(wanted):
+            log.info("not advertising %s: it has no devices", name)
+        self.errors = errors
+        return ApplyResult(tuple(started), tuple(updated), tuple(stopped), errors)
+
+    def stop(self) -> None:
+        """Stop the watch and every server; removes our sockets."""
+        self._loop.stop()
+        with self._lock:
+            servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            server.stop()

@@ -1,0 +1,463 @@
+"""One kubelet DevicePlugin gRPC server for one resource, on its own Unix socket.
+
+The server holds the resource it serves and a :class:`ServingContext` (config, snapshot and the
+allocation functions); :meth:`PluginServer.update` swaps both atomically and wakes every
+ListAndWatch stream, so the kubelet sees a new device list at once. Nothing else is stateful:
+Allocate and GetPreferredAllocation are pure functions of the current resource and context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from gpus.config import Config
+from gpus.model import Snapshot
+from gpus.resources import HEALTHY, UNHEALTHY, Device, Resource
+from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RESOURCE_PREFIX = "nvidia.com/"
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_UNIX_PATH = 107
+# ListAndWatch streams each hold a worker for their whole life (the kubelet keeps one open),
+# so the pool must leave room for unary calls beside a few streams.
+MAX_WORKERS = 16
+# A stream re-checks whether its client is still there this often even if no callback fires.
+STREAM_RECHECK_S = 1.0
+STOP_GRACE_S = 0.5
+
+
+class ServeError(RuntimeError):
+    """The server cannot listen on its socket; the message says where and why."""
+
+
+class AllocationLike(Protocol):
+    """What ``deviceplugin.allocate.build_allocation`` returns (a ContainerAllocation)."""
+
+    @property
+    def envs(self) -> Mapping[str, str]: ...
+
+    @property
+    def mounts(self) -> Sequence[Any]: ...
+
+    @property
+    def devices(self) -> Sequence[Any]: ...
+
+    @property
+    def annotations(self) -> Mapping[str, str]: ...
+
+    @property
+    def cdi_devices(self) -> Sequence[str]: ...
+
+
+AllocateFn = Callable[[Resource, Sequence[str], Config], AllocationLike]
+PreferredWholeFn = Callable[[Sequence[str], Sequence[str], int], list[str]]
+PreferredSharedFn = Callable[[Sequence[Device], Sequence[str], int, str], list[str]]
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """Everything besides the resource that the RPC handlers read.
+
+    The functions are parameters so the gRPC shell can be tested without the real allocator;
+    :meth:`create` wires the real ones.
+    """
+
+    config: Config
+    snapshot: Snapshot
+    allocate: AllocateFn
+    preferred_whole: PreferredWholeFn
+    preferred_shared: PreferredSharedFn
+    allocation_errors: tuple[type[Exception], ...] = ()
+
+    @classmethod
+    def create(cls, config: Config, snapshot: Snapshot) -> ServingContext:
+        """The production context: NVIDIA-compatible allocation and the topology allocator."""
+        from deviceplugin import allocate, allocator
+
+        whole = allocator.Allocator.from_snapshot(snapshot)
+        return cls(
+            config=config,
+            snapshot=snapshot,
+            allocate=allocate.build_allocation,
+            preferred_whole=whole.preferred,
+            preferred_shared=allocator.preferred_shared,
+            allocation_errors=(allocate.AllocationError,),
+        )
+
+
+def socket_name(resource_name: str) -> str:
+    """NVIDIA's socket base name: ``nvidia.com/gpu`` -> ``nvidia-gpu.sock``."""
+    short = resource_name.removeprefix(RESOURCE_PREFIX).replace("/", "-")
+    return f"nvidia-{short}.sock"
+
+
+def check_socket_path(path: str) -> None:
+    """Raise ServeError when ``path`` cannot be a Unix socket we bind (length, directory)."""
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise ServeError(
+            f"socket path {path!r} is {size} bytes; AF_UNIX allows at most {MAX_UNIX_PATH}: "
+            "use a shorter kubelet socket directory"
+        )
+    directory = os.path.dirname(path) or "."
+    if not os.path.exists(directory):
+        raise ServeError(f"plugin socket directory {directory!r} does not exist")
+    if not os.path.isdir(directory):
+        raise ServeError(f"plugin socket directory {directory!r} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ServeError(f"plugin socket directory {directory!r} is not writable")
+
+
+def device_to_proto(device: Device) -> api_pb2.Device:
+    """A resource-map device as ListAndWatch reports it."""
+    message = api_pb2.Device(ID=device.id, health=HEALTHY if device.healthy else UNHEALTHY)
+    node = device.numa_node
+    if node is not None and node >= 0:
+        message.topology.nodes.append(api_pb2.NUMANode(ID=node))
+    return message
+
+
+def devices_response(resource: Resource) -> api_pb2.ListAndWatchResponse:
+    """The full device list of a resource."""
+    return api_pb2.ListAndWatchResponse(devices=[device_to_proto(d) for d in resource.devices])
+
+
+def advertised_state(resource: Resource) -> tuple[tuple[str, bool, int | None], ...]:
+    """What the kubelet can see of a resource; a push is due only when this changes."""
+    return tuple((d.id, d.healthy, d.numa_node) for d in resource.devices)
+
+
+def fill_allocation(
+    message: api_pb2.ContainerAllocateResponse, allocation: AllocationLike
+) -> api_pb2.ContainerAllocateResponse:
+    """Write a ContainerAllocation into a ContainerAllocateResponse in place.
+
+    In place rather than building sub-messages and copying them in: Allocate is on the pod
+    start path and the copies cost more than the allocation itself.
+    """
+    # Item by item: the protobuf map's update() goes through the slow generic Mapping path.
+    envs = message.envs
+    for key, value in allocation.envs.items():
+        envs[key] = value
+    for m in allocation.mounts:
+        message.mounts.add(
+            container_path=m.container_path, host_path=m.host_path, read_only=m.read_only
+        )
+    for d in allocation.devices:
+        message.devices.add(
+            container_path=d.container_path, host_path=d.host_path, permissions=d.permissions
+        )
+    annotations = message.annotations
+    for key, value in allocation.annotations.items():
+        annotations[key] = value
+    for name in allocation.cdi_devices:
+        message.cdi_devices.add(name=name)
+    return message
+
+
+def allocation_to_proto(allocation: AllocationLike) -> api_pb2.ContainerAllocateResponse:
+    """A ContainerAllocation as a new ContainerAllocateResponse."""
+    return fill_allocation(api_pb2.ContainerAllocateResponse(), allocation)
+
+
+def is_whole_gpu_resource(resource: Resource) -> bool:
+    """True when the resource's devices are unshared, non-MIG GPUs (topology allocator)."""
+    return not resource.shared and all(d.mig is None for d in resource.devices)
+
+
+def preferred_ids(
+    resource: Resource,
+    context: ServingContext,
+    available: Sequence[str],
+    must_include: Sequence[str],
+    size: int,
+) -> list[str]:
+    """The preferred allocation for one container, or [] when the request is impossible."""
+    known = {d.id: d for d in resource.devices}
+    # A stale id (the map changed since the kubelet's last list) is simply not available.
+    available = [i for i in dict.fromkeys(available) if i in known]
+    must_include = list(dict.fromkeys(must_include))
+    available_set = set(available)
+    if (
+        size <= 0
+        or size > len(available)
+        or len(must_include) > size
+        or not set(must_include) <= available_set
+    ):
+        return []
+    try:
+        if is_whole_gpu_resource(resource):
+            chosen = context.preferred_whole(available, must_include, size)
+        else:
+            policy = context.config.flags.plugin.shared_devices_allocation_policy
+            devices = [known[i] for i in available]
+            chosen = context.preferred_shared(devices, must_include, size, policy)
+    except Exception:  # the kubelet falls back to its own choice; never fail the pod
+        log.exception("preferred allocation failed for %s", resource.name)
+        return []
+    chosen = list(chosen)
+    # Never hand back fewer, padding or unknown devices, whatever the allocator did.
+    if len(chosen) != size or len(set(chosen)) != size or not set(chosen) <= available_set:
+        log.error("allocator returned an invalid set for %s: %s", resource.name, chosen)
+        return []
+    return chosen
+
+
+class PluginServer:
+    """Serves ``v1beta1.DevicePlugin`` for one resource on ``<dir>/nvidia-<name>.sock``."""
+
+    def __init__(self, resource: Resource, context: ServingContext, socket_dir: str) -> None:
+        self.name = resource.name
+        self.socket_path = os.path.join(socket_dir, socket_name(resource.name))
+        self._cond = threading.Condition()
+        # (resource, context) swapped as one tuple: handlers read it with a single attribute
+        # load (atomic in CPython), no lock on the Allocate path.
+        self._state: tuple[Resource, ServingContext] = (resource, context)
+        self._version = 0
+        self._streams = 0
+        self._server: grpc.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._inode: int | None = None
+        self._closed = False
+        self._lifecycle = threading.Lock()
+        # Incremented on every (re)start so the registration loop knows to register again.
+        self.generation = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The socket's base name, as sent in RegisterRequest.endpoint."""
+        return os.path.basename(self.socket_path)
+
+    @property
+    def resource(self) -> Resource:
+        """The resource currently served."""
+        return self._state[0]
+
+    @property
+    def context(self) -> ServingContext:
+        """The serving context currently used."""
+        return self._state[1]
+
+    @property
+    def state(self) -> tuple[Resource, ServingContext]:
+        """The resource and context, read together."""
+        return self._state
+
+    @property
+    def serving(self) -> bool:
+        """True between a successful start and stop."""
+        return self._server is not None
+
+    def start(self) -> None:
+        """Bind the socket and serve. Raises ServeError with a clear reason on failure."""
+        with self._lifecycle:
+            if self._server is not None:
+                return
+            with self._cond:
+                self._closed = False
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        check_socket_path(self.socket_path)
+        self._remove_stale_socket()
+        executor = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix=self.endpoint)
+        server = grpc.server(executor)
+        api_pb2_grpc.add_DevicePluginServicer_to_server(_Servicer(self), server)
+        try:
+            server.add_insecure_port(f"unix:{self.socket_path}")
+        except RuntimeError as err:
+            executor.shutdown(wait=False)
+            raise ServeError(f"cannot listen on {self.socket_path}: {err}") from err
+        server.start()
+        try:
+            self._inode = os.stat(self.socket_path).st_ino
+        except OSError as err:
+            server.stop(None)
+            executor.shutdown(wait=False)
+            raise ServeError(f"socket {self.socket_path} vanished right after bind: {err}") from err
+        self._server, self._executor = server, executor
+        self.generation += 1
+        log.info("serving %s on %s", self.name, self.socket_path)
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServeError(f"{self.socket_path} exists and is not a socket; not removing it")
+        os.unlink(self.socket_path)
+
+    def stop(self) -> None:
+        """Stop serving: end every stream, stop gRPC, remove our socket. Idempotent."""
+        with self._lifecycle:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        server, executor = self._server, self._executor
+        self._server = self._executor = None
+        if server is not None:
+            server.stop(STOP_GRACE_S).wait()
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if self._inode is not None and self._socket_inode() == self._inode:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        self._inode = None
+
+    def restart(self) -> None:
+        """Rebind after our socket was removed (the kubelet wipes the directory on start)."""
+        with self._lifecycle:
+            if self._server is None or self._closed:
+                return
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._stop_locked()
+            with self._cond:
+                self._closed = False
+            log.info("our socket %s was removed; restarting %s", self.socket_path, self.name)
+            self._start_locked()
+
+    def _socket_inode(self) -> int | None:
+        try:
+            st = os.lstat(self.socket_path)
+        except OSError:
+            return None
+        return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
+
+    def intact(self) -> bool:
+        """True while our socket file is still the one we bound."""
+        return self._inode is not None and self._socket_inode() == self._inode
+
+    def update(self, resource: Resource, context: ServingContext | None = None) -> bool:
+        """Serve a new version of the resource; wake ListAndWatch when the list changed.
+
+        Returns True when the kubelet-visible device list changed.
+        """
+        if resource.name != self.name:
+            raise ValueError(f"server for {self.name} cannot serve {resource.name}")
+        with self._cond:
+            old_resource, old_context = self._state
+            changed = advertised_state(resource) != advertised_state(old_resource)
+            self._state = (resource, context or old_context)
+            if changed:
+                self._version += 1
+                self._cond.notify_all()
+        return changed
+
+    def wake(self) -> None:
+        """Wake streams so they re-check whether their client or the server went away."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def active_streams(self) -> int:
+        """ListAndWatch streams currently open."""
+        with self._cond:
+            return self._streams
+
+    def wait_streams(self, count: int, timeout: float) -> bool:
+        """Wait until exactly ``count`` ListAndWatch streams are open (tests, status)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._streams == count, timeout=timeout)
+
+    def stream(self, is_active: Callable[[], bool]) -> Iterator[api_pb2.ListAndWatchResponse]:
+        """The ListAndWatch stream: the full list now and after every change, until stopped."""
+        with self._cond:
+            self._streams += 1
+            self._cond.notify_all()
+        try:
+            yield from self._watch(is_active)
+        finally:
+            with self._cond:
+                self._streams -= 1
+                self._cond.notify_all()
+
+    def _watch(self, is_active: Callable[[], bool]) -> Iterator[api_pb2.ListAndWatchResponse]:
+        seen = -1
+
+        def due() -> bool:
+            return self._closed or not is_active() or self._version != seen
+
+        while True:
+            with self._cond:
+                self._cond.wait_for(due, timeout=STREAM_RECHECK_S)
+                if self._closed or not is_active():
+                    return
+                if self._version == seen:
+                    continue
+                seen, resource = self._version, self._state[0]
+            yield devices_response(resource)
+
+
+class _Servicer(api_pb2_grpc.DevicePluginServicer):
+    """The five RPCs, reading the server's current resource and context."""
+
+    def __init__(self, server: PluginServer) -> None:
+        self._server = server
+
+    def GetDevicePluginOptions(
+        self, request: api_pb2.Empty, context: grpc.ServicerContext
+    ) -> api_pb2.DevicePluginOptions:
+        return api_pb2.DevicePluginOptions(
+            pre_start_required=False, get_preferred_allocation_available=True
+        )
+
+    def ListAndWatch(
+        self, request: api_pb2.Empty, context: grpc.ServicerContext
+    ) -> Iterator[api_pb2.ListAndWatchResponse]:
+        log.debug("ListAndWatch opened for %s", self._server.name)
+        context.add_callback(self._server.wake)
+        yield from self._server.stream(context.is_active)
+        log.debug("ListAndWatch closed for %s", self._server.name)
+
+    def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreferredAllocationResponse:
+        resource, serving = self._server.state
+        response = api_pb2.PreferredAllocationResponse()
+        for req in request.container_requests:
+            ids = preferred_ids(
+                resource,
+                serving,
+                list(req.available_deviceIDs),
+                list(req.must_include_deviceIDs),
+                req.allocation_size,
+            )
+            response.container_responses.add(deviceIDs=ids)
+        return response
+
+    def Allocate(
+        self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
+    ) -> api_pb2.AllocateResponse:
+        resource, serving = self._server.state
+        response = api_pb2.AllocateResponse()
+        for req in request.container_requests:
+            try:
+                allocation = serving.allocate(resource, req.devices_ids, serving.config)
+            except serving.allocation_errors as err:
+                log.warning("Allocate for %s refused: %s", resource.name, err)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            fill_allocation(response.container_responses.add(), allocation)
+        return response
+
+    def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreStartContainerResponse:
+        return api_pb2.PreStartContainerResponse()

@@ -1,0 +1,29 @@
+"""``make run``: the demo prints the advertised GPUs, an allocation and the GFD labels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_runs_and_exits() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "deviceplugin.demo", "--exit-after", "2"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[ListAndWatch] nvidia.com/gpu: 8 devices, 8 healthy" in out
+    assert "[GetPreferredAllocation] nvidia.com/gpu: GPU-" in out
+    assert "[Allocate] nvidia.com/gpu: GPU-" in out
+    assert "env NVIDIA_VISIBLE_DEVICES=GPU-" in out
+    assert "nvidia.com/gpu.count=8" in out
+    assert "nvidia.com/gpu.product=NVIDIA-A100-SXM4-40GB" in out
+    assert "[demo] stopping" in out

@@ -1,0 +1,157 @@
+"""The manager reconciling servers with resource maps, against the mock kubelet."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from test_server_support import (
+    fake_context,
+    make_map,
+    make_resource,
+    make_snapshot,
+    short_tmpdir,
+)
+
+from deviceplugin.manager import PluginManager
+from deviceplugin.mockkubelet import DeviceInfo, MockKubelet
+from gpus.model import Snapshot
+from gpus.resources import Resource
+
+TIMEOUT = 10.0
+GPU = "nvidia.com/gpu"
+MIG = "nvidia.com/mig-1g.5gb"
+
+
+@pytest.fixture
+def snapshot() -> Snapshot:
+    return make_snapshot(4)
+
+
+@pytest.fixture
+def env(snapshot: Snapshot) -> Iterator[tuple[MockKubelet, PluginManager]]:
+    with short_tmpdir() as directory:
+        kubelet = MockKubelet(directory)
+        kubelet.start()
+        manager = PluginManager(
+            directory, kubelet.socket_path, fake_context(snapshot), poll_interval=0.02
+        )
+        manager.start()
+        try:
+            yield kubelet, manager
+        finally:
+            manager.stop()
+            kubelet.stop()
+
+
+def healthy_ids(devices: list[DeviceInfo]) -> set[str]:
+    return {d.id for d in devices if d.health == "Healthy"}
+
+
+def test_apply_starts_and_registers(env, snapshot) -> None:
+    kubelet, manager = env
+    result = manager.apply(make_map(make_resource(snapshot)))
+    assert result.started == (GPU,)
+    assert kubelet.wait_for_registration(GPU, TIMEOUT)
+    (request,) = kubelet.registrations(GPU)
+    assert request.endpoint == "nvidia-gpu.sock"
+    devices = kubelet.devices(GPU)
+    assert [d.id for d in devices] == [g.uuid for g in snapshot.gpus]
+    assert devices[0].numa_nodes == (0,)
+
+
+def test_empty_resources_are_not_served(env, snapshot) -> None:
+    kubelet, manager = env
+    empty = Resource(name=MIG, devices=())
+    result = manager.apply(make_map(make_resource(snapshot), empty))
+    assert result.started == (GPU,)
+    assert manager.server(MIG) is None
+    assert not os.path.exists(os.path.join(manager.socket_dir, "nvidia-mig-1g.5gb.sock"))
+
+
+def test_changes_are_pushed_and_removals_stop(env, snapshot) -> None:
+    kubelet, manager = env
+    manager.apply(make_map(make_resource(snapshot)))
+    assert kubelet.wait_for_registration(GPU, TIMEOUT)
+    sick = snapshot.gpus[1].uuid
+    result = manager.apply(make_map(make_resource(snapshot, unhealthy=[sick])))
+    assert result.updated == (GPU,)
+    devices = kubelet.wait_for_devices(GPU, lambda ds: sick not in healthy_ids(ds), TIMEOUT)
+    assert devices is not None and len(healthy_ids(devices)) == 3
+
+    # A second resource appears; then the first goes away.
+    mig = make_resource(snapshot, name=MIG)
+    manager.apply(make_map(make_resource(snapshot), mig))
+    assert kubelet.wait_for_registration(MIG, TIMEOUT)
+    socket_path = manager.server(GPU).socket_path
+    result = manager.apply(make_map(mig))
+    assert result.stopped == (GPU,)
+    assert not os.path.exists(socket_path)
+    assert kubelet.wait_disconnected(GPU, TIMEOUT)
+    assert [s.name for s in manager.servers()] == [MIG]
+
+
+def test_kubelet_restart_reregisters(env, snapshot) -> None:
+    kubelet, manager = env
+    manager.apply(make_map(make_resource(snapshot)))
+    assert kubelet.wait_for_registration(GPU, TIMEOUT)
+    kubelet.restart()
+    assert kubelet.wait_for_registration(GPU, TIMEOUT, count=2)
+    assert len(kubelet.devices(GPU)) == 4
+    assert manager.server(GPU).intact()
+
+
+def test_our_socket_removed_rebinds_and_reregisters(env, snapshot) -> None:
+    kubelet, manager = env
+    manager.apply(make_map(make_resource(snapshot)))
+    assert kubelet.wait_for_registration(GPU, TIMEOUT)
+    os.unlink(manager.server(GPU).socket_path)
+    assert kubelet.wait_for_registration(GPU, TIMEOUT, count=2)
+    assert manager.server(GPU).intact()
+
+
+def test_one_bad_resource_does_not_stop_the_others(env, snapshot) -> None:
+    kubelet, manager = env
+    long_name = "nvidia.com/" + "x" * 120
+    result = manager.apply(make_map(make_resource(snapshot), make_resource(snapshot, long_name)))
+    assert result.started == (GPU,)
+    assert "AF_UNIX" in result.errors[long_name]
+    assert kubelet.wait_for_registration(GPU, TIMEOUT)
+
+
+def test_kubelet_socket_not_a_socket_keeps_serving(snapshot) -> None:
+    with short_tmpdir() as directory:
+        bogus = os.path.join(directory, "kubelet.sock")
+        open(bogus, "w").close()
+        manager = PluginManager(directory, bogus, fake_context(snapshot), poll_interval=0.02)
+        try:
+            manager.apply(make_map(make_resource(snapshot)))
+            manager.registration.tick()  # driven by hand: the thread is not started yet
+            assert manager.registration.last_problem == f"kubelet socket {bogus} is not a socket"
+            server = manager.server(GPU)
+            assert server is not None and server.serving
+            # Now a real kubelet shows up at that path: we register.
+            manager.start()
+            os.unlink(bogus)
+            kubelet = MockKubelet(directory)
+            kubelet.start()
+            try:
+                assert kubelet.wait_for_registration(GPU, TIMEOUT)
+            finally:
+                kubelet.stop()
+        finally:
+            manager.stop()
+
+
+def test_no_kubelet_socket_serves_without_registering(snapshot) -> None:
+    with short_tmpdir() as directory:
+        manager = PluginManager(directory, "", fake_context(snapshot))
+        manager.start()
+        try:
+            manager.apply(make_map(make_resource(snapshot)))
+            assert os.path.exists(os.path.join(directory, "nvidia-gpu.sock"))
+            assert manager.registration.registered() == {}
+        finally:
+            manager.stop()
+        assert os.listdir(directory) == []

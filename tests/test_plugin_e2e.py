@@ -1,0 +1,183 @@
+"""End to end: the device plugin on the fake DGX A100 against the mock kubelet.
+
+Real gRPC over real Unix sockets; the fake NVML sits beneath pynvml. Health recovery uses tiny
+intervals so a recovered device turns Healthy within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from test_server_support import short_tmpdir
+
+from deviceplugin.allocator import Allocator
+from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags
+from deviceplugin.mockkubelet import DeviceInfo, MockKubelet
+from gpus.config import Config
+from protos.deviceplugin.v1beta1 import api_pb2
+
+TIMEOUT = 10.0
+GPU = "nvidia.com/gpu"
+
+
+def e2e_config(directory: str, profile: str = "dgx-a100") -> Config:
+    config = replace_flags(
+        Config(), nvml=f"fake:{profile}", sysfs_root=os.path.join(directory, "root")
+    )
+    return replace_plugin_flags(
+        config,
+        kubelet_socket=os.path.join(directory, "kubelet.sock"),
+        cdi_spec_dir=os.path.join(directory, "cdi"),
+        health_recovery_interval=0.02,
+        health_quiet_period=0.1,
+    )
+
+
+def start_plugin(config: Config) -> DevicePlugin:
+    plugin = DevicePlugin(config, {}, poll_interval=0.02)
+    controller = plugin.select_backend()
+    controller.write_sysfs(Path(config.flags.sysfs_root))
+    plugin.start()
+    return plugin
+
+
+@pytest.fixture
+def env() -> Iterator[tuple[MockKubelet, DevicePlugin]]:
+    with short_tmpdir() as directory:
+        kubelet = MockKubelet(directory)
+        kubelet.start()
+        plugin = start_plugin(e2e_config(directory))
+        try:
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+            yield kubelet, plugin
+        finally:
+            plugin.close()
+            kubelet.stop()
+
+
+def health_of(devices: list[DeviceInfo]) -> dict[str, str]:
+    return {d.id: d.health for d in devices}
+
+
+def test_eight_healthy_gpus_registered(env) -> None:
+    kubelet, plugin = env
+    (request,) = kubelet.registrations(GPU)
+    assert request.endpoint == "nvidia-gpu.sock"
+    devices = kubelet.devices(GPU)
+    assert len(devices) == 8
+    assert {d.health for d in devices} == {"Healthy"}
+    assert [d.id for d in devices] == [g.uuid for g in plugin.snapshot.gpus]
+    # NUMA nodes come from the sysfs tree the fake wrote.
+    expected = [(g.numa_node,) if g.numa_node is not None else () for g in plugin.snapshot.gpus]
+    assert [d.numa_nodes for d in devices] == expected
+
+
+def test_allocate_two_gets_the_preferred_nvlinked_pair(env) -> None:
+    kubelet, plugin = env
+    outcome = kubelet.allocate(GPU, 2)
+    snapshot = plugin.snapshot
+    uuids = [g.uuid for g in snapshot.gpus]
+    expected = Allocator.from_snapshot(snapshot).preferred(uuids, [], 2)
+    assert list(outcome.preferred) == expected
+    i, j = (uuids.index(u) for u in outcome.preferred)
+    assert snapshot.link(i, j).nvlinks > 0
+    assert outcome.response.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(outcome.preferred)
+
+
+def test_xid_marks_unhealthy_then_recovers(env) -> None:
+    kubelet, plugin = env
+    uuid = plugin.snapshot.gpus[3].uuid
+    plugin.controller.inject_xid(3, 79)
+    devices = kubelet.wait_for_devices(GPU, lambda ds: health_of(ds)[uuid] == "Unhealthy", TIMEOUT)
+    assert devices is not None
+    assert sum(h == "Healthy" for h in health_of(devices).values()) == 7
+    # Quiet period over and the GPU answers probes: Healthy again.
+    devices = kubelet.wait_for_devices(GPU, lambda ds: health_of(ds)[uuid] == "Healthy", TIMEOUT)
+    assert devices is not None
+
+
+def test_kubelet_restart_reregisters(env) -> None:
+    kubelet, _ = env
+    kubelet.restart()
+    assert kubelet.wait_for_registration(GPU, TIMEOUT, count=2)
+    assert len(kubelet.devices(GPU)) == 8
+    assert kubelet.allocate(GPU, 1).response.envs["NVIDIA_VISIBLE_DEVICES"]
+
+
+def allocate_ids(kubelet: MockKubelet, ids: list[str]) -> api_pb2.AllocateResponse:
+    request = api_pb2.AllocateRequest(
+        container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids)]
+    )
+    return kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("ids", [["GPU-unknown"], [], [""]])
+def test_bad_allocate_is_refused_and_nothing_changes(env, ids) -> None:
+    kubelet, plugin = env
+    before = kubelet.devices(GPU)
+    with pytest.raises(grpc.RpcError) as info:
+        allocate_ids(kubelet, ids)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith('invalid allocation request for "nvidia.com/gpu"')
+    if ids == ["GPU-unknown"]:
+        assert info.value.details().endswith("unknown device: GPU-unknown")
+    assert kubelet.devices(GPU) == before
+    assert kubelet.allocate(GPU, 2).response.envs["NVIDIA_VISIBLE_DEVICES"]
+
+
+def test_duplicate_ids_are_collapsed(env) -> None:
+    kubelet, plugin = env
+    uuid = plugin.snapshot.gpus[0].uuid
+    response = allocate_ids(kubelet, [uuid, uuid])
+    assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == uuid
+
+
+def test_too_large_preferred_is_empty(env) -> None:
+    kubelet, _ = env
+    ids = [d.id for d in kubelet.devices(GPU)]
+    request = api_pb2.PreferredAllocationRequest(
+        container_requests=[
+            api_pb2.ContainerPreferredAllocationRequest(
+                available_deviceIDs=ids, allocation_size=9
+            )
+        ]
+    )
+    response = kubelet.stub(GPU).GetPreferredAllocation(request, timeout=TIMEOUT)
+    assert list(response.container_responses[0].deviceIDs) == []
+
+
+def test_client_disconnect_mid_stream_keeps_serving(env) -> None:
+    kubelet, plugin = env
+    server = plugin.manager.server(GPU)
+    stream = kubelet.stub(GPU).ListAndWatch(api_pb2.Empty())
+    next(stream)
+    assert server.wait_streams(2, TIMEOUT)  # the kubelet's own stream plus ours
+    stream.cancel()
+    assert server.wait_streams(1, TIMEOUT)
+    assert kubelet.allocate(GPU, 1).preferred
+
+
+def test_reload_recomputes_the_map(env) -> None:
+    kubelet, plugin = env
+    assert plugin.reload() is None
+    assert [s.name for s in plugin.manager.servers()] == [GPU]
+    assert len(kubelet.devices(GPU)) == 8
+
+
+def test_stop_removes_our_sockets() -> None:
+    with short_tmpdir() as directory:
+        kubelet = MockKubelet(directory)
+        kubelet.start()
+        plugin = start_plugin(e2e_config(directory))
+        try:
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+            assert os.path.exists(os.path.join(directory, "nvidia-gpu.sock"))
+        finally:
+            plugin.close()
+        assert kubelet.wait_disconnected(GPU, TIMEOUT)
+        assert not os.path.exists(os.path.join(directory, "nvidia-gpu.sock"))
+        kubelet.stop()

@@ -1,0 +1,338 @@
+"""The DevicePlugin gRPC server over a real Unix socket, with a stand-in allocator."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+
+import grpc
+import pytest
+from test_server_support import (
+    FakeAllocator,
+    default_config,
+    fake_context,
+    make_resource,
+    make_snapshot,
+    plugin_stub,
+    short_tmpdir,
+)
+
+from deviceplugin.allocate import build_allocation
+from deviceplugin.server import (
+    MAX_UNIX_PATH,
+    PluginServer,
+    ServeError,
+    ServingContext,
+    socket_name,
+)
+from gpus.model import Snapshot
+from protos.deviceplugin.v1beta1 import api_pb2
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    with short_tmpdir() as path:
+        yield path
+
+
+@pytest.fixture
+def snapshot() -> Snapshot:
+    return make_snapshot(4)
+
+
+@pytest.fixture
+def allocator() -> FakeAllocator:
+    return FakeAllocator()
+
+
+@pytest.fixture
+def server(sockdir: str, snapshot: Snapshot, allocator: FakeAllocator) -> Iterator[PluginServer]:
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def stub(server: PluginServer) -> Iterator[object]:
+    channel, stub = plugin_stub(server.socket_path)
+    yield stub
+    channel.close()
+
+
+def test_socket_names_follow_nvidia() -> None:
+    assert socket_name("nvidia.com/gpu") == "nvidia-gpu.sock"
+    assert socket_name("nvidia.com/mig-1g.10gb") == "nvidia-mig-1g.10gb.sock"
+    assert socket_name("nvidia.com/gpu.shared") == "nvidia-gpu.shared.sock"
+
+
+def test_options(stub) -> None:
+    options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=TIMEOUT)
+    assert options.get_preferred_allocation_available is True
+    assert options.pre_start_required is False
+
+
+def test_prestart_is_empty(stub) -> None:
+    response = stub.PreStartContainer(
+        api_pb2.PreStartContainerRequest(devices_ids=["x"]), timeout=TIMEOUT
+    )
+    assert response == api_pb2.PreStartContainerResponse()
+
+
+def test_list_and_watch_full_list_then_changes(server, stub, snapshot) -> None:
+    stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
+    first = next(stream)
+    assert [d.ID for d in first.devices] == [g.uuid for g in snapshot.gpus]
+    assert {d.health for d in first.devices} == {"Healthy"}
+    assert [d.topology.nodes[0].ID for d in first.devices] == [0, 0, 1, 1]
+
+    sick = snapshot.gpus[2].uuid
+    assert server.update(make_resource(snapshot, unhealthy=[sick])) is True
+    second = next(stream)
+    health = {d.ID: d.health for d in second.devices}
+    assert health[sick] == "Unhealthy"
+    assert sum(h == "Healthy" for h in health.values()) == 3
+    stream.cancel()
+
+
+def test_unchanged_update_pushes_nothing(server, snapshot) -> None:
+    assert server.update(make_resource(snapshot)) is False
+
+
+def test_no_topology_when_numa_unknown(sockdir, allocator) -> None:
+    snap = make_snapshot(2)
+    gpus = tuple(g.__class__(**{**g.__dict__, "numa_node": None}) for g in snap.gpus)
+    snap = Snapshot(system=snap.system, gpus=gpus)
+    srv = PluginServer(make_resource(snap), fake_context(snap, allocator), sockdir)
+    srv.start()
+    channel, stub = plugin_stub(srv.socket_path)
+    try:
+        stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
+        first = next(stream)
+        assert all(not d.HasField("topology") for d in first.devices)
+        stream.cancel()
+    finally:
+        channel.close()
+        srv.stop()
+
+
+def test_stream_ends_cleanly_on_stop_and_threads_go(sockdir, snapshot, allocator) -> None:
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    srv.start()
+    channel, stub = plugin_stub(srv.socket_path)
+    stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
+    next(stream)
+    assert srv.wait_streams(1, TIMEOUT)
+    srv.stop()
+    # The stream ends (OK or UNAVAILABLE/CANCELLED as the server goes), never hangs.
+    with pytest.raises((StopIteration, grpc.RpcError)):
+        next(stream)
+    channel.close()
+    assert srv.active_streams == 0
+    assert not os.path.exists(srv.socket_path)
+    leftovers = [t for t in threading.enumerate() if t.name.startswith(srv.endpoint)]
+    assert leftovers == []
+
+
+def test_client_going_away_ends_the_stream(server, stub) -> None:
+    stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
+    next(stream)
+    assert server.wait_streams(1, TIMEOUT)
+    stream.cancel()
+    assert server.wait_streams(0, TIMEOUT)
+    # And the server keeps serving new clients.
+    again = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
+    assert len(next(again).devices) == 4
+    again.cancel()
+
+
+def allocate(stub, ids: Sequence[str]) -> api_pb2.AllocateResponse:
+    request = api_pb2.AllocateRequest(
+        container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=list(ids))]
+    )
+    return stub.Allocate(request, timeout=TIMEOUT)
+
+
+def test_allocate_envvar(stub, snapshot) -> None:
+    ids = [snapshot.gpus[1].uuid, snapshot.gpus[0].uuid]
+    response = allocate(stub, ids)
+    assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(ids)
+
+
+def test_allocate_several_containers(stub, snapshot) -> None:
+    request = api_pb2.AllocateRequest(
+        container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=[snapshot.gpus[0].uuid]),
+            api_pb2.ContainerAllocateRequest(devices_ids=[snapshot.gpus[3].uuid]),
+        ]
+    )
+    response = stub.Allocate(request, timeout=TIMEOUT)
+    envs = [r.envs["NVIDIA_VISIBLE_DEVICES"] for r in response.container_responses]
+    assert envs == [snapshot.gpus[0].uuid, snapshot.gpus[3].uuid]
+
+
+def test_allocate_duplicates_are_removed(stub, snapshot) -> None:
+    uuid = snapshot.gpus[0].uuid
+    response = allocate(stub, [uuid, uuid])
+    assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == uuid
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (
+            ["GPU-nope"],
+            'invalid allocation request for "nvidia.com/gpu": '
+            "invalid request: unknown device: GPU-nope",
+        ),
+        ([], 'invalid allocation request for "nvidia.com/gpu": invalid request:'),
+        ([""], 'invalid allocation request for "nvidia.com/gpu": invalid request:'),
+    ],
+)
+def test_allocate_bad_ids_are_invalid_argument_and_change_nothing(
+    server, stub, snapshot, ids, message
+) -> None:
+    before = server.resource
+    with pytest.raises(grpc.RpcError) as info:
+        allocate(stub, ids)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(message)
+    assert server.resource == before
+    # The server keeps serving good requests.
+    assert allocate(stub, [snapshot.gpus[0].uuid]).container_responses
+
+
+def preferred(stub, available, must=(), size=1) -> list[str]:
+    request = api_pb2.PreferredAllocationRequest(
+        container_requests=[
+            api_pb2.ContainerPreferredAllocationRequest(
+                available_deviceIDs=list(available),
+                must_include_deviceIDs=list(must),
+                allocation_size=size,
+            )
+        ]
+    )
+    response = stub.GetPreferredAllocation(request, timeout=TIMEOUT)
+    return list(response.container_responses[0].deviceIDs)
+
+
+def test_preferred_uses_whole_gpu_allocator(stub, snapshot, allocator) -> None:
+    uuids = [g.uuid for g in snapshot.gpus]
+    assert preferred(stub, uuids, [uuids[3]], 2) == [uuids[3], uuids[0]]
+    assert allocator.calls == [("whole", uuids, [uuids[3]], 2)]
+
+
+@pytest.mark.parametrize(
+    ("available", "must", "size"),
+    [
+        ([0, 1], [], 3),  # larger than what is available
+        ([0, 1], [2], 1),  # must-include not available
+        ([0, 1, 2], [0, 1], 1),  # must-include larger than the size
+        ([0, 1], [], 0),
+    ],
+)
+def test_impossible_preferred_is_empty(stub, snapshot, allocator, available, must, size) -> None:
+    uuids = [g.uuid for g in snapshot.gpus]
+    result = preferred(stub, [uuids[i] for i in available], [uuids[i] for i in must], size)
+    assert result == []
+    assert allocator.calls == []
+
+
+def test_preferred_ignores_unknown_available_ids(stub, snapshot) -> None:
+    uuid = snapshot.gpus[0].uuid
+    assert preferred(stub, ["GPU-gone", uuid], [], 1) == [uuid]
+    assert preferred(stub, ["GPU-gone", uuid], [], 2) == []
+
+
+def test_bad_allocator_answer_is_empty_not_garbage(sockdir, snapshot) -> None:
+    context = ServingContext(
+        config=default_config(),
+        snapshot=snapshot,
+        allocate=build_allocation,
+        preferred_whole=lambda available, must, size: ["GPU-padding"] * size,
+        preferred_shared=lambda *a: [],
+    )
+    srv = PluginServer(make_resource(snapshot), context, sockdir)
+    srv.start()
+    channel, stub = plugin_stub(srv.socket_path)
+    try:
+        assert preferred(stub, [g.uuid for g in snapshot.gpus], [], 2) == []
+    finally:
+        channel.close()
+        srv.stop()
+
+
+def test_replicas_use_shared_policy(sockdir, snapshot, allocator) -> None:
+    resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=2)
+    srv = PluginServer(resource, fake_context(snapshot, allocator), sockdir)
+    srv.start()
+    channel, stub = plugin_stub(srv.socket_path)
+    try:
+        ids = [d.id for d in resource.devices]
+        assert preferred(stub, ids, [], 2) == ids[:2]
+        assert allocator.calls[0][0] == "distributed"
+        response = allocate(stub, [ids[0], ids[1]])
+        # Replica suffixes are stripped and duplicates removed.
+        assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == ids[0][:-3]
+    finally:
+        channel.close()
+        srv.stop()
+
+
+def test_socket_path_too_long(snapshot, allocator) -> None:
+    with short_tmpdir() as base:
+        deep = os.path.join(base, "d" * (MAX_UNIX_PATH - len(base)))
+        os.mkdir(deep)
+        srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), deep)
+        with pytest.raises(ServeError, match="AF_UNIX allows at most 107"):
+            srv.start()
+        assert not srv.serving
+        assert os.listdir(deep) == []
+
+
+def test_missing_directory(snapshot, allocator, sockdir) -> None:
+    missing = os.path.join(sockdir, "missing")
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), missing)
+    with pytest.raises(ServeError, match="does not exist"):
+        srv.start()
+
+
+def test_directory_is_a_file(snapshot, allocator, sockdir) -> None:
+    path = os.path.join(sockdir, "file")
+    open(path, "w").close()
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), path)
+    with pytest.raises(ServeError, match="is not a directory"):
+        srv.start()
+
+
+def test_non_socket_in_the_way_is_left_alone(snapshot, allocator, sockdir) -> None:
+    path = os.path.join(sockdir, "nvidia-gpu.sock")
+    with open(path, "w") as handle:
+        handle.write("keep me")
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    with pytest.raises(ServeError, match="not a socket"):
+        srv.start()
+    with open(path) as handle:
+        assert handle.read() == "keep me"
+
+
+def test_restart_after_socket_removed(server, snapshot) -> None:
+    generation = server.generation
+    os.unlink(server.socket_path)
+    assert not server.intact()
+    server.restart()
+    assert server.intact()
+    assert server.generation == generation + 1
+    channel, stub = plugin_stub(server.socket_path)
+    try:
+        assert stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=TIMEOUT)
+    finally:
+        channel.close()
+
+
+def test_update_refuses_another_resource(server, snapshot) -> None:
+    with pytest.raises(ValueError, match="cannot serve"):
+        server.update(make_resource(snapshot, name="nvidia.com/mig-1g.5gb"))

@@ -1,0 +1,278 @@
+"""Publishing labels straight onto the Node object (no node-feature-discovery needed).
+
+One JSON merge patch per change sets our labels and deletes (null) the labels we set before and
+no longer produce. Which labels are ours is recorded on the Node itself, in the annotation
+``nvidia.com/gfd.labels`` (comma-separated names without the ``nvidia.com/`` prefix, like NFD's
+``nfd.node.kubernetes.io/feature-labels``), so ownership survives restarts and no other label
+is ever touched, other ``nvidia.com/`` labels included. The patch carries the Node's
+``resourceVersion``: if someone changed the Node between our read and our write the API server
+answers 409 and we simply read again.
+
+The planning is pure (:func:`plan_patch`); :class:`NodePublisher` adds the API calls, the retry
+schedule (capped exponential backoff) and logs once per change of state, not once per failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+PREFIX = "nvidia.com/"
+OWNERSHIP_ANNOTATION = "nvidia.com/gfd.labels"
+MERGE_PATCH = "application/merge-patch+json"
+# Never written nor deleted, whatever an (edited) ownership annotation claims: the device
+# plugin's per-node config selector belongs to the cluster admin.
+PROTECTED = frozenset({"nvidia.com/device-plugin.config"})
+REQUEST_TIMEOUT = (5.0, 10.0)  # connect, read (seconds)
+
+
+# --------------------------------------------------------------------------- pure planning
+
+
+def owned_keys(annotations: Mapping[str, str] | None) -> set[str]:
+    """The full label keys our ownership annotation lists."""
+    raw = (annotations or {}).get(OWNERSHIP_ANNOTATION, "")
+    keys = set()
+    for name in raw.split(","):
+        name = name.strip()
+        if name:
+            keys.add(name if "/" in name else PREFIX + name)
+    return keys
+
+
+def ownership_value(keys: set[str] | frozenset[str]) -> str:
+    """The annotation value for ``keys``: sorted short names, comma-separated."""
+    return ",".join(sorted(k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys))
+
+
+def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str]) -> dict[str, Any] | None:
+    """The merge patch that makes ``node`` carry ``desired``, or None when nothing changes.
+
+    ``node`` is the Node as JSON (only ``metadata`` is read). Sets the desired labels whose
+    value differs, nulls labels we own but no longer produce, updates the ownership annotation
+    when the set of our keys changes, and pins the read ``resourceVersion``.
+    """
+    metadata = node.get("metadata") or {}
+    current: Mapping[str, str] = metadata.get("labels") or {}
+    annotations: Mapping[str, str] = metadata.get("annotations") or {}
+    wanted = {k: v for k, v in desired.items() if k not in PROTECTED}
+    previously = owned_keys(annotations) - PROTECTED
+
+    label_changes: dict[str, str | None] = {
+        k: v for k, v in wanted.items() if current.get(k) != v
+    }
+    for stale in sorted(previously - wanted.keys()):
+        if stale in current:
+            label_changes[stale] = None
+    new_owned = ownership_value(set(wanted))
+    annotation_changes: dict[str, str | None] = {}
+    if annotations.get(OWNERSHIP_ANNOTATION) != new_owned:
+        annotation_changes[OWNERSHIP_ANNOTATION] = new_owned if wanted else None
+        if not wanted and OWNERSHIP_ANNOTATION not in annotations:
+            annotation_changes = {}
+
+    if not label_changes and not annotation_changes:
+        return None
+    patch_meta: dict[str, Any] = {}
+    if label_changes:
+        patch_meta["labels"] = label_changes
+    if annotation_changes:
+        patch_meta["annotations"] = annotation_changes
+    if metadata.get("resourceVersion"):
+        patch_meta["resourceVersion"] = metadata["resourceVersion"]
+    return {"metadata": patch_meta}
+
+
+# --------------------------------------------------------------------------- API access
+
+
+class NodeApiError(Exception):
+    """A failed API call; ``state`` is a short stable description used for state-change logs."""
+
+    def __init__(self, state: str, detail: str) -> None:
+        """``state`` like ``HTTP 500`` or ``connection error``; ``detail`` the full message."""
+        super().__init__(f"{state}: {detail}")
+        self.state = state
+        self.detail = detail
+
+
+class KubeConfigError(Exception):
+    """No usable Kubernetes client configuration (not in a cluster, no kubeconfig)."""
+
+
+class NodeApi(Protocol):
+    """The two calls the publisher needs."""
+
+    def get_node(self, name: str) -> dict[str, Any]:
+        """The Node as JSON."""
+        ...
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Apply a JSON merge patch; returns the updated Node as JSON."""
+        ...
+
+
+class KubeNodeApi:
+    """:class:`NodeApi` over the official ``kubernetes`` client (imported only here)."""
+
+    def __init__(self, core_v1: Any) -> None:
+        """``core_v1`` is a ``kubernetes.client.CoreV1Api``."""
+        self._core = core_v1
+
+    @classmethod
+    def from_environment(cls, kubeconfig: str | None = None) -> KubeNodeApi:
+        """In-cluster config, or ``kubeconfig`` (or the default kubeconfig) outside a cluster."""
+        from kubernetes import client
+        from kubernetes import config as kube_config
+
+        configuration = client.Configuration()
+        try:
+            if kubeconfig:
+                kube_config.load_kube_config(config_file=kubeconfig,
+                                             client_configuration=configuration)
+            else:
+                try:
+                    kube_config.load_incluster_config(client_configuration=configuration)
+                except kube_config.ConfigException:
+                    kube_config.load_kube_config(client_configuration=configuration)
+        except (kube_config.ConfigException, OSError) as err:
+            raise KubeConfigError(str(err)) from err
+        # Retries are ours (backoff across passes), not urllib3's hidden ones.
+        configuration.retries = False
+        return cls(client.CoreV1Api(client.ApiClient(configuration)))
+
+    def get_node(self, name: str) -> dict[str, Any]:
+        """GET /api/v1/nodes/{name}, as plain JSON (skips the slow model deserialisation)."""
+        return self._call(lambda: self._core.read_node(
+            name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """PATCH /api/v1/nodes/{name} with ``application/merge-patch+json``."""
+        return self._call(lambda: self._core.patch_node(
+            name, patch, _content_type=MERGE_PATCH, _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT))
+
+    @staticmethod
+    def _call(request: Callable[[], Any]) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError, TimeoutError
+
+        try:
+            response = request()
+        except ApiException as err:
+            raise NodeApiError(f"HTTP {err.status}", str(err.reason or err)) from err
+        except TimeoutError as err:
+            raise NodeApiError("timeout", str(err)) from err
+        except (HTTPError, OSError) as err:
+            raise NodeApiError("connection error", str(err)) from err
+        data = response.data
+        try:
+            parsed = json.loads(data)
+        except ValueError as err:
+            raise NodeApiError("bad response", f"not JSON: {data[:80]!r}") from err
+        if not isinstance(parsed, dict):
+            raise NodeApiError("bad response", "not a JSON object")
+        return parsed
+
+
+# --------------------------------------------------------------------------- retry + publish
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff: initial, initial*factor, ... up to cap."""
+
+    initial: float = 1.0
+    factor: float = 2.0
+    cap: float = 60.0
+    _next: float = 0.0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt (grows until the cap)."""
+        delay = self._next or self.initial
+        self._next = min(delay * self.factor, self.cap)
+        return min(delay, self.cap)
+
+    def reset(self) -> None:
+        """Back to the initial delay after a success."""
+        self._next = 0.0
+
+
+class NodePublisher:
+    """Keeps a Node's GFD labels equal to the latest desired set, retrying until they converge."""
+
+    def __init__(
+        self,
+        api: NodeApi,
+        node_name: str,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` is monotonic seconds (injectable for tests)."""
+        self.api = api
+        self.node_name = node_name
+        self.backoff = backoff or Backoff()
+        self._clock = clock
+        self._desired: dict[str, str] | None = None
+        self._retry_at: float | None = None
+        self._state = "ok"
+        self.patches = 0  # successful PATCH requests, for tests and the bench
+
+    @property
+    def converged(self) -> bool:
+        """True when the last attempt succeeded."""
+        return self._retry_at is None and self._state == "ok"
+
+    def retry_in(self) -> float | None:
+        """Seconds until the next retry is due (0 when overdue), None when nothing is pending."""
+        if self._retry_at is None:
+            return None
+        return max(0.0, self._retry_at - self._clock())
+
+    def publish(self, labels: Mapping[str, str]) -> bool:
+        """Make the Node carry ``labels``; True on success, else a retry is scheduled."""
+        self._desired = dict(labels)
+        return self._attempt()
+
+    def retry(self) -> bool:
+        """Try again with the latest desired labels (no-op success when nothing is pending)."""
+        if self._desired is None:
+            return True
+        return self._attempt()
+
+    def _attempt(self) -> bool:
+        assert self._desired is not None
+        try:
+            node = self.api.get_node(self.node_name)
+            patch = plan_patch(node, self._desired)
+            if patch is not None:
+                self.api.patch_node(self.node_name, patch)
+                self.patches += 1
+                log.info("node %s: patched %d labels", self.node_name,
+                         len(patch["metadata"].get("labels", {})))
+        except NodeApiError as err:
+            self._failed(err)
+            return False
+        if self._state != "ok":
+            log.info("node %s: labels converged; API server reachable again", self.node_name)
+        self._state = "ok"
+        self._retry_at = None
+        self.backoff.reset()
+        return True
+
+    def _failed(self, err: NodeApiError) -> None:
+        delay = self.backoff.next_delay()
+        self._retry_at = self._clock() + delay
+        if err.state != self._state:
+            log.warning("node %s: cannot update labels (%s); retrying with backoff up to %.0fs",
+                        self.node_name, err, self.backoff.cap)
+        else:
+            log.debug("node %s: still failing (%s); next try in %.1fs", self.node_name, err,
+                      delay)
+        self._state = err.state

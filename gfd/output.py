@@ -1,0 +1,121 @@
+"""Where labels go: the node-feature-discovery features file, stdout, or a table.
+
+The features file is what node-feature-discovery's local source reads: one ``key=value`` per
+line. It is replaced atomically (temp file in the same directory, fsync, ``os.replace``) so NFD
+never reads half a file, and it is only rewritten when its content changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+STDOUT = "-"
+
+
+def format_features(labels: Mapping[str, str]) -> str:
+    """``key=value`` lines, sorted by key, newline-terminated (empty string for no labels)."""
+    return "".join(f"{key}={labels[key]}\n" for key in sorted(labels))
+
+
+def parse_features(text: str) -> dict[str, str]:
+    """The inverse of :func:`format_features` (lines without ``=`` are ignored)."""
+    labels: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            labels[key.strip()] = value.strip()
+    return labels
+
+
+def write_atomically(path: str, content: str) -> None:
+    """Replace ``path`` with ``content``: readers see the old file or the new one, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".gfd-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; NFD may run as another user
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Persist the rename itself (best effort: some filesystems refuse a directory fsync)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+class FeaturesFile:
+    """The features file output: writes only when the content changes, removes on request."""
+
+    def __init__(self, path: str, stream: TextIO | None = None) -> None:
+        """``path`` is a file path, or ``-`` for ``stream`` (default stdout)."""
+        self.path = path
+        self._stream = stream
+        self._last: str | None = None
+
+    @property
+    def is_stdout(self) -> bool:
+        """True when labels go to stdout rather than a file."""
+        return self.path == STDOUT
+
+    def write(self, labels: Mapping[str, str]) -> bool:
+        """Write the labels; returns True when something was written."""
+        content = format_features(labels)
+        if self.is_stdout:
+            stream = self._stream or sys.stdout
+            stream.write(content)
+            stream.flush()
+            return True
+        if content == self._last and os.path.exists(self.path):
+            return False
+        write_atomically(self.path, content)
+        self._last = content
+        log.info("wrote %d labels to %s", len(labels), self.path)
+        return True
+
+    def remove(self) -> None:
+        """Remove the file (clean exit in loop mode, so NFD drops the labels)."""
+        if self.is_stdout:
+            return
+        try:
+            os.unlink(self.path)
+            log.info("removed %s", self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("could not remove %s: %s", self.path, err)
+        self._last = None
+
+
+def render_table(labels: Mapping[str, str]) -> str:
+    """A two-column table of labels for ``--dry-run``."""
+    if not labels:
+        return "(no labels)\n"
+    width = max(len("LABEL"), *(len(k) for k in labels))
+    lines = [f"{'LABEL':<{width}}  VALUE"]
+    lines += [f"{key:<{width}}  {labels[key]}" for key in sorted(labels)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,307 @@
+"""A local Kubernetes API server stub: GET and PATCH of ``/api/v1/nodes/{name}``.
+
+Enough of the real thing for GFD's Node-label mode: JSON merge patch (RFC 7386: null deletes,
+objects merge recursively, anything else replaces), the ``application/merge-patch+json``
+content type (anything else is 415), 404 for unknown nodes, a ``resourceVersion`` bumped on
+every change and checked when a patch carries one (409 on mismatch), and fault injection:
+the next N requests answer an HTTP status, have their connection closed without an answer, or
+are delayed.
+
+Not collected by pytest (no ``test_`` prefix); tests import :class:`FakeApiServer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MERGE_PATCH = "application/merge-patch+json"
+NODE_PATH = "/api/v1/nodes/"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch of ``patch`` onto ``target`` (returns a new value)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+@dataclass
+class Fault:
+    """One injected behaviour for the next ``count`` requests."""
+
+    kind: str  # "status", "close" or "delay"
+    count: int
+    status: int = 500
+    delay: float = 0.0
+
+
+@dataclass
+class Request:
+    """A request the server received (after fault handling)."""
+
+    method: str
+    path: str
+    content_type: str
+    body: Any
+    answered: int  # the status sent, or 0 when the connection was closed
+
+
+@dataclass
+class _State:
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    version: int = 1
+
+
+class FakeApiServer:
+    """The stub server, on 127.0.0.1 and a free port, served from a thread."""
+
+    def __init__(self) -> None:
+        """Create (not start) the server."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._state = _State()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        # A short poll interval keeps shutdown (and so test teardown) fast.
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.02}, daemon=True)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeApiServer:
+        """Start serving in the background."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (also fine when never started)."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+        self._httpd.server_close()
+
+    def __enter__(self) -> FakeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def kubeconfig(self, path: str) -> str:
+        """Write a kubeconfig pointing at this server to ``path``; returns ``path``."""
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "stub",
+            "clusters": [{"name": "stub", "cluster": {"server": self.url}}],
+            "users": [{"name": "stub", "user": {"token": "stub-token"}}],
+            "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
+        }
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+        return path
+
+    # ---------------------------------------------------------------- test controls
+
+    def add_node(self, name: str, labels: Mapping[str, str] | None = None,
+                 annotations: Mapping[str, str] | None = None) -> None:
+        """Create (or replace) a Node."""
+        with self._lock:
+            self._state.version += 1
+            self._state.nodes[name] = {
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": dict(labels or {}),
+                             "annotations": dict(annotations or {}),
+                             "resourceVersion": str(self._state.version)},
+            }
+
+    def node(self, name: str) -> dict[str, Any]:
+        """A copy of the stored Node."""
+        with self._lock:
+            return copy.deepcopy(self._state.nodes[name])
+
+    def labels(self, name: str) -> dict[str, str]:
+        """The Node's labels."""
+        return dict(self.node(name)["metadata"].get("labels") or {})
+
+    def annotations(self, name: str) -> dict[str, str]:
+        """The Node's annotations."""
+        return dict(self.node(name)["metadata"].get("annotations") or {})
+
+    def set_labels(self, name: str, labels: Mapping[str, str | None]) -> None:
+        """Change labels behind GFD's back (None deletes), bumping the resourceVersion."""
+        self._apply(name, {"metadata": {"labels": dict(labels)}})
+
+    def requests(self, method: str | None = None) -> list[Request]:
+        """Requests received so far, optionally only one method."""
+        with self._lock:
+            return [r for r in self._state.requests if method is None or r.method == method]
+
+    def fail_next(self, count: int, status: int = 500) -> None:
+        """The next ``count`` requests answer ``status`` with a Status body."""
+        with self._lock:
+            self._state.faults.append(Fault("status", count, status=status))
+
+    def close_next(self, count: int) -> None:
+        """The next ``count`` requests get their connection closed without an answer."""
+        with self._lock:
+            self._state.faults.append(Fault("close", count))
+
+    def delay_next(self, count: int, seconds: float) -> None:
+        """The next ``count`` requests are answered after ``seconds``."""
+        with self._lock:
+            self._state.faults.append(Fault("delay", count, delay=seconds))
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(server)`` holds, re-checking after every request."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                seen = len(self._state.requests)
+            if predicate(self):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._changed:
+                self._changed.wait_for(self._more_requests_than(seen), remaining)
+
+    # ---------------------------------------------------------------- internals
+
+    def _more_requests_than(self, seen: int) -> Callable[[], bool]:
+        return lambda: len(self._state.requests) != seen
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            while self._state.faults:
+                fault = self._state.faults[0]
+                if fault.count <= 0:
+                    self._state.faults.pop(0)
+                    continue
+                fault.count -= 1
+                return fault
+        return None
+
+    def _record(self, request: Request) -> None:
+        with self._changed:
+            self._state.requests.append(request)
+            self._changed.notify_all()
+
+    def _apply(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            node = self._state.nodes[name]
+            merged = merge_patch(node, patch)
+            self._state.version += 1
+            merged["metadata"]["resourceVersion"] = str(self._state.version)
+            self._state.nodes[name] = merged
+            return copy.deepcopy(merged)
+
+    def _get(self, name: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            node = self._state.nodes.get(name)
+            if node is None:
+                return 404, _status(404, "NotFound", f'nodes "{name}" not found')
+            return 200, copy.deepcopy(node)
+
+    def _patch(self, name: str, content_type: str, body: Any) -> tuple[int, dict[str, Any]]:
+        if content_type.split(";")[0].strip() != MERGE_PATCH:
+            return 415, _status(415, "UnsupportedMediaType",
+                                f"the body of the request was in an unknown format - "
+                                f"accepted media types include: {MERGE_PATCH}")
+        if not isinstance(body, dict):
+            return 400, _status(400, "BadRequest", "patch body must be a JSON object")
+        with self._lock:
+            node = self._state.nodes.get(name)
+            if node is None:
+                return 404, _status(404, "NotFound", f'nodes "{name}" not found')
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != node["metadata"]["resourceVersion"]:
+                return 409, _status(409, "Conflict",
+                                    f'Operation cannot be fulfilled on nodes "{name}": the '
+                                    "object has been modified; please apply your changes to "
+                                    "the latest version and try again")
+        return 200, self._apply(name, body)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out in separate writes; without this, Nagle plus the
+                # client's delayed ACK adds ~40 ms to every keep-alive answer.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # keep test output quiet
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._serve("GET")
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._serve("PATCH")
+
+            def _serve(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                content_type = self.headers.get("Content-Type", "")
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+                fault = server._next_fault()
+                if fault is not None and fault.kind == "delay":
+                    time.sleep(fault.delay)
+                    fault = None
+                if fault is not None and fault.kind == "close":
+                    server._record(Request(method, self.path, content_type, body, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault is not None:
+                    status, payload = fault.status, _status(fault.status, "Injected",
+                                                            "injected fault")
+                elif not self.path.startswith(NODE_PATH) or "/" in self.path[len(NODE_PATH):]:
+                    status, payload = 404, _status(404, "NotFound", "the server could not "
+                                                   "find the requested resource")
+                else:
+                    name = self.path[len(NODE_PATH):].split("?")[0]
+                    if method == "GET":
+                        status, payload = server._get(name)
+                    else:
+                        status, payload = server._patch(name, content_type, body)
+                server._record(Request(method, self.path, content_type, body, status))
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+            "reason": reason, "code": code}

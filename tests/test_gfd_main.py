@@ -1,0 +1,327 @@
+"""The gpu-feature-discovery shell: oneshot, dry-run, init failures, loop mode, Node patching."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from apiserver import FakeApiServer
+
+from gfd.main import Daemon, Options, build_parser, main, read_machine_type
+from gfd.nodepatch import OWNERSHIP_ANNOTATION, Backoff, KubeNodeApi
+from gfd.output import parse_features
+from gpus.config import Config, Flags, GfdFlags, resolve
+from gpus.model import Snapshot, SystemInfo
+from gpus.nvml import NvmlError
+
+N = "nvidia.com/"
+ROOT = Path(__file__).resolve().parent.parent
+NODE = "gpu-node-1"
+
+
+@pytest.fixture
+def machine_file(tmp_path: Path) -> str:
+    path = tmp_path / "product_name"
+    path.write_text("DGX A100 920-23687-2530-000\n")
+    return str(path)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as srv:
+        srv.add_node(NODE, labels={"team": "ml", "nvidia.com/device-plugin.config": "x"})
+        yield srv
+
+
+def base_args(tmp_path: Path, machine_file: str, sysfs: str, profile: str = "dgx-a100"
+              ) -> list[str]:
+    return ["--nvml", f"fake:{profile}", "--sysfs-root", sysfs,
+            "--machine-type-file", machine_file, "-o", str(tmp_path / "features.d" / "gfd")]
+
+
+# --------------------------------------------------------------------------- oneshot, file
+
+
+def test_oneshot_file_mode_end_to_end(tmp_path: Path, machine_file: str,
+                                      sysfs_root: Callable[..., str]) -> None:
+    args = base_args(tmp_path, machine_file, sysfs_root("dgx-a100"))
+    assert main(["--oneshot", *args]) == 0
+    path = tmp_path / "features.d" / "gfd"
+    text = path.read_text()
+    assert text.splitlines() == sorted(text.splitlines())
+    labels = parse_features(text)
+    assert labels[N + "gpu.product"] == "NVIDIA-A100-SXM4-40GB"
+    assert labels[N + "gpu.count"] == "8"
+    assert labels[N + "gpu.machine"] == "DGX-A100-920-23687-2530-000"
+    assert labels[N + "gpu.mode"] == "compute"
+    assert int(labels[N + "gfd.timestamp"]) > 0
+    assert path.exists()  # oneshot keeps the file
+
+
+def test_oneshot_env_vars_and_no_timestamp(tmp_path: Path, machine_file: str,
+                                           sysfs_root: Callable[..., str]) -> None:
+    out = tmp_path / "gfd"
+    env = {"GFD_ONESHOT": "true", "GFD_NO_TIMESTAMP": "true", "GFD_OUTPUT_FILE": str(out),
+           "GFD_MIG_STRATEGY": "single", "NVML_BACKEND": "fake:a100-mig-1g",
+           "GFD_MACHINE_TYPE_FILE": machine_file, "SYSFS_ROOT": sysfs_root("a100-mig-1g")}
+    assert main([], environ=env) == 0
+    labels = parse_features(out.read_text())
+    assert N + "gfd.timestamp" not in labels
+    assert labels[N + "gpu.product"] == "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"
+    assert labels[N + "gpu.count"] == "56"
+
+
+def test_stdout_output(tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str],
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    args = base_args(tmp_path, machine_file, sysfs_root("t4"), "t4")[:-2]
+    assert main(["--oneshot", "--no-timestamp", *args, "--output-file", "-"]) == 0
+    labels = parse_features(capsys.readouterr().out)
+    assert labels[N + "gpu.family"] == "turing"
+
+
+def test_dry_run_prints_a_table_and_writes_nothing(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = base_args(tmp_path, machine_file, sysfs_root("dgx-a100"))
+    assert main(["--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["LABEL", "VALUE"]
+    assert "NVIDIA-A100-SXM4-40GB" in out
+    assert not (tmp_path / "features.d").exists()
+
+
+@pytest.mark.parametrize("argv", [["--mig-strategy", "bogus"], ["--sleep-interval", "soon"],
+                                  ["--output-mode", "node-api"], ["--nvml", "bogus"]])
+def test_bad_configuration_exits_2_and_writes_nothing(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str], argv: list[str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = base_args(tmp_path, machine_file, sysfs_root("dgx-a100"))
+    assert main(["--oneshot", *args, *argv], environ={}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu-feature-discovery: ")
+    assert not (tmp_path / "features.d").exists()
+
+
+def test_read_machine_type(tmp_path: Path) -> None:
+    assert read_machine_type(str(tmp_path / "missing")) == "unknown"
+    assert read_machine_type("") == "unknown"
+    (tmp_path / "m").write_text("  \n")
+    assert read_machine_type(str(tmp_path / "m")) == "unknown"
+
+
+# --------------------------------------------------------------------------- init failures
+
+
+def failing_reader(config: Config) -> Snapshot:
+    raise NvmlError("nvmlInit", 9, "Driver Not Loaded")
+
+
+def daemon(tmp_path: Path, reader: Callable[[Config], Snapshot], *, fail: bool = True,
+           oneshot: bool = True, mode: str = "file", **kwargs: object) -> Daemon:
+    config = Config(flags=Flags(fail_on_init_error=fail, gfd=GfdFlags(
+        oneshot=oneshot, output_file=str(tmp_path / "gfd"), sleep_interval=3600,
+        machine_type_file="")))
+    options = Options(output_mode=mode, node_name=NODE)
+    return Daemon(config, options, reader=reader, **kwargs)  # type: ignore[arg-type]
+
+
+def test_init_failure_exits_1_with_one_line(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("ERROR", logger="gfd"):
+        assert daemon(tmp_path, failing_reader).run() == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "Driver Not Loaded" in errors[0]
+    assert "\n" not in errors[0]
+    assert not (tmp_path / "gfd").exists()
+
+
+def test_init_failure_tolerated_writes_only_the_timestamp(tmp_path: Path) -> None:
+    assert daemon(tmp_path, failing_reader, fail=False).run() == 0
+    assert list(parse_features((tmp_path / "gfd").read_text())) == [N + "gfd.timestamp"]
+
+
+def test_real_backend_without_driver_fails_cleanly(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("a real NVIDIA driver is present")
+    except pynvml.NVMLError:
+        pass
+    out = tmp_path / "gfd"
+    assert main(["--oneshot", "--nvml", "real", "-o", str(out)], environ={}) == 1
+    assert not out.exists()
+    assert main(["--oneshot", "--nvml", "real", "-o", str(out), "--fail-on-init-error=false"],
+                environ={}) == 0
+    assert list(parse_features(out.read_text())) == [N + "gfd.timestamp"]
+
+
+def test_later_nvml_failure_keeps_the_last_labels(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def flaky(config: Config) -> Snapshot:
+        calls.append(1)
+        if len(calls) > 1:
+            raise NvmlError("nvmlDeviceGetCount", 15, "GPU is lost")
+        return Snapshot(system=SystemInfo("535.129.03", 12020))
+
+    d = daemon(tmp_path, flaky, oneshot=False)
+    assert d.compute_labels() is not None
+    assert d.compute_labels() is None
+
+
+# --------------------------------------------------------------------------- node-api mode
+
+
+def test_oneshot_node_api_end_to_end(tmp_path: Path, machine_file: str,
+                                     sysfs_root: Callable[..., str],
+                                     server: FakeApiServer) -> None:
+    kubeconfig = server.kubeconfig(str(tmp_path / "kubeconfig"))
+    args = base_args(tmp_path, machine_file, sysfs_root("dgx-a100"))
+    assert main(["--oneshot", "--no-timestamp", *args, "--output-mode", "both",
+                 "--kubeconfig", kubeconfig], environ={"NODE_NAME": NODE}) == 0
+    labels = server.labels(NODE)
+    file_labels = parse_features((tmp_path / "features.d" / "gfd").read_text())
+    assert {k: v for k, v in labels.items() if k in file_labels} == file_labels
+    assert labels["team"] == "ml" and labels["nvidia.com/device-plugin.config"] == "x"
+    owned = server.annotations(NODE)[OWNERSHIP_ANNOTATION].split(",")
+    assert sorted(N + k for k in owned) == sorted(file_labels)
+
+    # A second run with another MIG strategy removes what it no longer produces.
+    args = base_args(tmp_path, machine_file, sysfs_root("a100-mig-1g"), "a100-mig-1g")
+    assert main(["--oneshot", "--no-timestamp", *args, "--output-mode", "node-api",
+                 "--kubeconfig", kubeconfig, "--node-name", NODE, "--mig-strategy", "mixed"],
+                environ={}) == 0
+    labels = server.labels(NODE)
+    assert labels[N + "mig-1g.5gb.count"] == "56"
+    assert labels[N + "mig.strategy"] == "mixed"
+    assert labels["team"] == "ml"
+
+
+def test_oneshot_node_api_gives_up_with_exit_1(tmp_path: Path, server: FakeApiServer) -> None:
+    server.fail_next(100, 503)
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: Snapshot(system=SystemInfo("535.129.03", 12020)),
+               mode="both", node_api=api, backoff=Backoff(initial=0.001, cap=0.002))
+    assert d.run() == 1
+    assert (tmp_path / "gfd").exists()  # the file is written whatever the API server does
+
+
+def test_loop_retries_until_the_api_server_recovers(tmp_path: Path, fake_snapshot: Callable[
+        ..., Snapshot], server: FakeApiServer) -> None:
+    snapshot = fake_snapshot("dgx-a100")
+    server.fail_next(2, 500)
+    server.close_next(1)
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="both", node_api=api,
+               backoff=Backoff(initial=0.01, cap=0.05))
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(d.run()))
+    thread.start()
+    try:
+        assert server.wait_for(lambda s: N + "gpu.count" in s.labels(NODE), timeout=10)
+    finally:
+        d.wakeup.request_stop()
+        thread.join(timeout=10)
+    assert result == [0]
+    assert d.passes == 1  # convergence came from retries, not from new passes
+    assert server.labels(NODE)[N + "gpu.count"] == "8"
+    assert not (tmp_path / "gfd").exists()  # removed on a clean stop in loop mode
+
+
+def test_node_api_options_from_env() -> None:
+    parser = build_parser()
+    args = parser.parse_args([])
+    from gfd.main import resolve_options
+
+    options = resolve_options(args, {"GFD_OUTPUT_MODE": "node-api", "NODE_NAME": "n1",
+                                     "GFD_KUBECONFIG": "/k"})
+    assert (options.output_mode, options.node_name, options.kubeconfig) == ("node-api", "n1",
+                                                                          "/k")
+
+
+# --------------------------------------------------------------------------- signals, loop
+
+
+def spawn(args: list[str]) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "gfd", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str) -> None:
+    """Read the daemon's log until ``needle`` appears (blocking reads, no sleeping)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if needle in line:
+            return
+    raise AssertionError(f"{needle!r} never logged; exit code {proc.wait(timeout=5)}")
+
+
+def test_sigterm_in_loop_mode_exits_0_and_removes_the_file(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str]) -> None:
+    out = tmp_path / "features.d" / "gfd"
+    proc = spawn(base_args(tmp_path, machine_file, sysfs_root("dgx-a100")))
+    try:
+        wait_for_line(proc, "wrote")
+        assert out.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+    assert not out.exists()
+
+
+def test_sighup_reloads_the_config_file(tmp_path: Path, machine_file: str,
+                                        sysfs_root: Callable[..., str]) -> None:
+    out = tmp_path / "features.d" / "gfd"
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\nflags:\n  migStrategy: none\n")
+    proc = spawn([*base_args(tmp_path, machine_file, sysfs_root("dgx-a100")),
+                  "--config-file", str(config), "--no-timestamp"])
+    try:
+        wait_for_line(proc, "wrote")
+        assert parse_features(out.read_text())[N + "gpu.replicas"] == "1"
+        config.write_text("version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+                          "    - name: nvidia.com/gpu\n      replicas: 3\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_line(proc, "wrote")
+        labels = parse_features(out.read_text())
+        assert labels[N + "gpu.replicas"] == "3"
+        assert labels[N + "gpu.product"] == "NVIDIA-A100-SXM4-40GB-SHARED"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def test_parser_has_nvidia_flags() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["--oneshot", "--sleep-interval", "30s", "-o", "/x",
+                              "--mig-strategy", "mixed"])
+    config = resolve(args, {})
+    assert config.flags.gfd.oneshot and config.flags.gfd.sleep_interval == 30
+    assert config.flags.gfd.output_file == "/x" and config.flags.mig_strategy == "mixed"
+    assert isinstance(args, argparse.Namespace)
+
+
+def test_stdout_stream_injection(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    config = Config(flags=Flags(gfd=GfdFlags(oneshot=True, output_file="-", no_timestamp=True,
+                                             machine_type_file="")))
+    d = Daemon(config, Options(), reader=lambda c: Snapshot(system=SystemInfo("1.2", 0)),
+               stdout=stream)
+    assert d.run() == 0
+    assert stream.getvalue() == ""  # no GPUs: no labels at all

@@ -1,0 +1,240 @@
+"""Node-label mode against the local API server stub, through the real kubernetes client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from apiserver import FakeApiServer, merge_patch
+
+from gfd.nodepatch import (
+    OWNERSHIP_ANNOTATION,
+    Backoff,
+    KubeNodeApi,
+    NodePublisher,
+    owned_keys,
+    plan_patch,
+)
+
+NODE = "gpu-node-1"
+FOREIGN = {"kubernetes.io/hostname": NODE, "nvidia.com/device-plugin.config": "a100",
+           "nvidia.com/gpu.deploy.driver": "true", "team": "ml"}
+
+
+@pytest.fixture
+def server() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as srv:
+        srv.add_node(NODE, labels=FOREIGN)
+        yield srv
+
+
+def make_api(server: FakeApiServer, tmp_path: Path) -> KubeNodeApi:
+    return KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kubeconfig")))
+
+
+class Clock:
+    """A manual monotonic clock, so retry scheduling is tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def publisher(server: FakeApiServer, tmp_path: Path, clock: Clock | None = None
+              ) -> NodePublisher:
+    return NodePublisher(make_api(server, tmp_path), NODE, Backoff(initial=1, cap=8),
+                         clock=clock or Clock())
+
+
+# --------------------------------------------------------------------------- pure planning
+
+
+def test_merge_patch_rfc7386() -> None:
+    target = {"a": "b", "c": {"d": "e", "f": "g"}}
+    assert merge_patch(target, {"a": "z", "c": {"f": None}}) == {"a": "z", "c": {"d": "e"}}
+    assert merge_patch({"a": [1]}, {"a": [2]}) == {"a": [2]}
+    assert merge_patch({"a": "b"}, {"a": {"x": None, "y": 1}}) == {"a": {"y": 1}}
+    assert target == {"a": "b", "c": {"d": "e", "f": "g"}}  # not mutated
+
+
+def test_plan_sets_labels_and_records_ownership() -> None:
+    node = {"metadata": {"labels": dict(FOREIGN), "resourceVersion": "7"}}
+    patch = plan_patch(node, {"nvidia.com/gpu.count": "8", "nvidia.com/gpu.product": "X"})
+    assert patch == {"metadata": {
+        "labels": {"nvidia.com/gpu.count": "8", "nvidia.com/gpu.product": "X"},
+        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,gpu.product"},
+        "resourceVersion": "7"}}
+
+
+def test_plan_nothing_when_in_sync() -> None:
+    node = {"metadata": {"labels": {"nvidia.com/gpu.count": "8"},
+                         "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+    assert plan_patch(node, {"nvidia.com/gpu.count": "8"}) is None
+
+
+def test_plan_deletes_only_owned_stale_labels() -> None:
+    node = {"metadata": {
+        "labels": {"nvidia.com/gpu.count": "8", "nvidia.com/mig.strategy": "single",
+                   "nvidia.com/gpu.deploy.driver": "true"},
+        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,mig.strategy,gone.already"}}}
+    patch = plan_patch(node, {"nvidia.com/gpu.count": "8"})
+    assert patch == {"metadata": {"labels": {"nvidia.com/mig.strategy": None},
+                                  "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+
+
+def test_plan_never_touches_protected_labels_even_if_claimed() -> None:
+    node = {"metadata": {
+        "labels": {"nvidia.com/device-plugin.config": "a100"},
+        "annotations": {OWNERSHIP_ANNOTATION: "device-plugin.config"}}}
+    patch = plan_patch(node, {"nvidia.com/device-plugin.config": "other"})
+    assert patch == {"metadata": {"annotations": {OWNERSHIP_ANNOTATION: None}}}
+
+
+def test_owned_keys_parsing() -> None:
+    assert owned_keys({OWNERSHIP_ANNOTATION: " a, b ,,example.com/c"}) == {
+        "nvidia.com/a", "nvidia.com/b", "example.com/c"}
+    assert owned_keys(None) == set()
+
+
+def test_backoff_grows_to_cap_and_resets() -> None:
+    backoff = Backoff(initial=1, factor=2, cap=5)
+    assert [backoff.next_delay() for _ in range(5)] == [1, 2, 4, 5, 5]
+    backoff.reset()
+    assert backoff.next_delay() == 1
+
+
+# --------------------------------------------------------------------------- against the stub
+
+
+def test_labels_set_foreign_untouched(server: FakeApiServer, tmp_path: Path) -> None:
+    pub = publisher(server, tmp_path)
+    assert pub.publish({"nvidia.com/gpu.count": "8", "nvidia.com/gpu.product": "A100"})
+    labels = server.labels(NODE)
+    assert labels == FOREIGN | {"nvidia.com/gpu.count": "8", "nvidia.com/gpu.product": "A100"}
+    assert server.annotations(NODE)[OWNERSHIP_ANNOTATION] == "gpu.count,gpu.product"
+    patches = server.requests("PATCH")
+    assert len(patches) == 1
+    assert patches[0].content_type == "application/merge-patch+json"
+
+
+def test_stale_labels_removed_foreign_kept(server: FakeApiServer, tmp_path: Path) -> None:
+    pub = publisher(server, tmp_path)
+    pub.publish({"nvidia.com/gpu.count": "8", "nvidia.com/mig.strategy": "single",
+                 "nvidia.com/mig-1g.5gb.count": "7"})
+    pub.publish({"nvidia.com/gpu.count": "8"})
+    assert server.labels(NODE) == FOREIGN | {"nvidia.com/gpu.count": "8"}
+    assert server.annotations(NODE)[OWNERSHIP_ANNOTATION] == "gpu.count"
+
+
+def test_ownership_survives_a_restart(server: FakeApiServer, tmp_path: Path) -> None:
+    publisher(server, tmp_path).publish({"nvidia.com/gpu.count": "8",
+                                         "nvidia.com/gpu.product": "A100"})
+    # A new process knows nothing but what is on the Node.
+    restarted = publisher(server, tmp_path)
+    assert restarted.publish({"nvidia.com/gpu.count": "4"})
+    assert server.labels(NODE) == FOREIGN | {"nvidia.com/gpu.count": "4"}
+
+
+def test_no_patch_when_nothing_changed(server: FakeApiServer, tmp_path: Path) -> None:
+    pub = publisher(server, tmp_path)
+    pub.publish({"nvidia.com/gpu.count": "8"})
+    pub.publish({"nvidia.com/gpu.count": "8"})
+    publisher(server, tmp_path).publish({"nvidia.com/gpu.count": "8"})
+    assert len(server.requests("PATCH")) == 1
+    assert pub.patches == 1
+
+
+def test_label_edited_behind_our_back_is_restored(server: FakeApiServer,
+                                                   tmp_path: Path) -> None:
+    pub = publisher(server, tmp_path)
+    pub.publish({"nvidia.com/gpu.count": "8"})
+    server.set_labels(NODE, {"nvidia.com/gpu.count": None})
+    pub.publish({"nvidia.com/gpu.count": "8"})
+    assert server.labels(NODE)["nvidia.com/gpu.count"] == "8"
+
+
+@pytest.mark.parametrize("fault", ["500", "409", "403", "close"])
+def test_retries_converge_after_faults(server: FakeApiServer, tmp_path: Path,
+                                       fault: str) -> None:
+    clock = Clock()
+    pub = publisher(server, tmp_path, clock)
+    if fault == "close":
+        server.close_next(2)
+    else:
+        server.fail_next(2, int(fault))
+    want = {"nvidia.com/gpu.count": "8"}
+    assert not pub.publish(want)
+    assert pub.retry_in() == 1
+    clock.now += 1
+    assert not pub.retry()
+    assert pub.retry_in() == 2  # exponential
+    clock.now += 2
+    assert pub.retry()
+    assert pub.retry_in() is None and pub.converged
+    assert server.labels(NODE) == FOREIGN | want
+
+
+def test_conflict_from_a_concurrent_writer_rereads(server: FakeApiServer,
+                                                   tmp_path: Path) -> None:
+    api = make_api(server, tmp_path)
+    node = api.get_node(NODE)
+    server.set_labels(NODE, {"team": "infra"})  # someone else writes in between
+    patch = plan_patch(node, {"nvidia.com/gpu.count": "8"})
+    assert patch is not None
+    with pytest.raises(Exception, match="409"):
+        api.patch_node(NODE, patch)
+    pub = NodePublisher(api, NODE)
+    assert pub.publish({"nvidia.com/gpu.count": "8"})
+    assert server.labels(NODE)["team"] == "infra"
+
+
+def test_connection_refused_then_server_returns(tmp_path: Path) -> None:
+    server = FakeApiServer()
+    kubeconfig = server.kubeconfig(str(tmp_path / "kubeconfig"))
+    server.stop()  # nothing listens on the port any more
+    clock = Clock()
+    pub = NodePublisher(KubeNodeApi.from_environment(kubeconfig), NODE, Backoff(1, 2, 4),
+                        clock=clock)
+    assert not pub.publish({"nvidia.com/gpu.count": "8"})
+    assert not pub.retry()
+    assert pub.retry_in() == 2
+
+
+def test_unknown_node_is_a_retryable_404(server: FakeApiServer, tmp_path: Path) -> None:
+    pub = NodePublisher(make_api(server, tmp_path), "no-such-node", clock=Clock())
+    assert not pub.publish({"nvidia.com/gpu.count": "8"})
+    assert pub.retry_in() is not None
+
+
+def test_state_changes_logged_once(server: FakeApiServer, tmp_path: Path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    pub = publisher(server, tmp_path, clock)
+    server.fail_next(3, 500)
+    with caplog.at_level("INFO", logger="gfd.nodepatch"):
+        for _ in range(3):
+            pub.publish({"nvidia.com/gpu.count": "8"})
+            clock.now += 10
+        pub.publish({"nvidia.com/gpu.count": "8"})
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "HTTP 500" in warnings[0].getMessage()
+    assert sum("converged" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_stub_rejects_wrong_content_type(server: FakeApiServer) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{server.url}/api/v1/nodes/{NODE}", method="PATCH",
+        data=json.dumps({"metadata": {"labels": {"x": "y"}}}).encode(),
+        headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 415
+    assert "x" not in server.labels(NODE)
+

@@ -1,0 +1,92 @@
+"""The features file and the dry-run table."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gfd import output
+from gfd.output import FeaturesFile, format_features, parse_features, render_table
+
+
+def test_format_is_sorted_key_value_lines() -> None:
+    text = format_features({"nvidia.com/b": "2", "nvidia.com/a": "1"})
+    assert text == "nvidia.com/a=1\nnvidia.com/b=2\n"
+    assert parse_features(text) == {"nvidia.com/a": "1", "nvidia.com/b": "2"}
+    assert format_features({}) == ""
+
+
+def test_write_creates_directories_and_readable_file(tmp_path: Path) -> None:
+    path = tmp_path / "features.d" / "gfd"
+    features = FeaturesFile(str(path))
+    assert features.write({"nvidia.com/gpu.count": "8"})
+    assert path.read_text() == "nvidia.com/gpu.count=8\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["gfd"]  # no temp file left behind
+
+
+def test_unchanged_content_is_not_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "gfd"
+    features = FeaturesFile(str(path))
+    features.write({"a": "1"})
+    inode = path.stat().st_ino
+    assert not features.write({"a": "1"})
+    assert path.stat().st_ino == inode
+    assert features.write({"a": "2"})
+    assert path.stat().st_ino != inode  # replaced, not edited in place
+
+
+def test_rewritten_when_someone_deleted_it(tmp_path: Path) -> None:
+    path = tmp_path / "gfd"
+    features = FeaturesFile(str(path))
+    features.write({"a": "1"})
+    path.unlink()
+    assert features.write({"a": "1"})
+    assert path.exists()
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "gfd"
+    features = FeaturesFile(str(path))
+    features.write({"a": "1"})
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(output.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        features.write({"a": "2"})
+    assert path.read_text() == "a=1\n"
+    assert sorted(os.listdir(tmp_path)) == ["gfd"]
+
+
+def test_remove_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "gfd"
+    features = FeaturesFile(str(path))
+    features.write({"a": "1"})
+    features.remove()
+    features.remove()
+    assert not path.exists()
+
+
+def test_stdout_mode_writes_every_time_and_never_removes() -> None:
+    stream = io.StringIO()
+    features = FeaturesFile("-", stream=stream)
+    features.write({"a": "1"})
+    features.write({"a": "1"})
+    features.remove()
+    assert stream.getvalue() == "a=1\na=1\n"
+
+
+def test_table() -> None:
+    table = render_table({"nvidia.com/gpu.count": "8", "nvidia.com/a": "x"})
+    lines = table.splitlines()
+    assert lines[0].split() == ["LABEL", "VALUE"]
+    assert lines[1].split() == ["nvidia.com/a", "x"]
+    assert lines[2].split() == ["nvidia.com/gpu.count", "8"]
+    assert render_table({}) == "(no labels)\n"

@@ -1,0 +1,594 @@
+"""The DaemonSet manifests (daemonset/): rendering, schema validation and deployment invariants.
+
+Every kustomization that docs/deploy.md applies is rendered with daemonset/render.py (CI has no
+kubectl); where kubectl is installed its rendering must be identical. Rendered objects are
+validated offline, strictly, against the Kubernetes schemas of 1.29, 1.33 and the newest version
+kubernetes-validate ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import tomllib
+import yaml
+from kubernetes_validate.utils import latest_version
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "deploy.md"
+# The paths docs/deploy.md applies, relative to the repository root, as written there.
+KUSTOMIZATIONS = (
+    "daemonset",
+    "daemonset/overlays/mig-mixed",
+    "daemonset/overlays/time-slicing",
+    "daemonset/overlays/simulated",
+    "daemonset/overlays/runtimeclass",
+    "daemonset/overlays/nfd",
+)
+SCHEMA_VERSIONS = ("1.29", "1.33", latest_version())
+PLUGIN = "nvidia-device-plugin-ctr"
+GFD = "gpu-feature-discovery"
+SIMULATED_LABEL = "nvk8s.io/simulated-gpu"
+NFD_GPU_LABEL = "feature.node.kubernetes.io/pci-10de.present"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
+
+
+def _load_renderer() -> ModuleType:
+    # daemonset/ is not a package (it is kustomize's directory), so load the file directly.
+    spec = importlib.util.spec_from_file_location("daemonset_render", REPO / "daemonset/render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+RENDER = _load_renderer()
+
+
+@cache
+def _rendered(path: str) -> tuple[dict[str, Any], ...]:
+    return tuple(RENDER.render(REPO / path))
+
+
+def rendered(path: str) -> list[dict[str, Any]]:
+    """The objects of one kustomization (a private copy: tests may not spoil the cache)."""
+    return copy.deepcopy(list(_rendered(path)))
+
+
+def only(objects: Iterable[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The single object of ``kind``."""
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(path: str) -> dict[str, Any]:
+    """The DaemonSet's pod spec in kustomization ``path``."""
+    spec: dict[str, Any] = only(rendered(path), "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The container called ``name``."""
+    matches = [c for c in spec["containers"] if c["name"] == name]
+    assert len(matches) == 1, f"container {name!r} missing or duplicated"
+    return matches[0]
+
+
+def env_values(ctr: Mapping[str, Any], node_name: str = "node-a") -> dict[str, str]:
+    """The container's environment, with the downward-API node name filled in."""
+    result: dict[str, str] = {}
+    for item in ctr.get("env", []):
+        if "value" in item:
+            result[item["name"]] = item["value"]
+        elif item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
+            result[item["name"]] = node_name
+    return result
+
+
+def mounts(ctr: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The container's volume mounts by mount path."""
+    return {m["mountPath"]: m for m in ctr.get("volumeMounts", [])}
+
+
+def volumes(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pod's volumes by name."""
+    return {v["name"]: v for v in spec.get("volumes", [])}
+
+
+def mount_source(spec: Mapping[str, Any], ctr: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The volume mounted at ``path`` in ``ctr``."""
+    mount = mounts(ctr).get(path)
+    assert mount is not None, f"{ctr['name']}: nothing mounted at {path}"
+    return volumes(spec)[mount["name"]]
+
+
+def covering_mount(ctr: Mapping[str, Any], file_path: str) -> dict[str, Any] | None:
+    """The mount whose directory holds ``file_path``, if any."""
+    for path, mount in mounts(ctr).items():
+        if file_path.startswith(path.rstrip("/") + "/"):
+            return mount
+    return None
+
+
+def project_version() -> str:
+    """The version in pyproject.toml."""
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        return str(tomllib.load(handle)["project"]["version"])
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling: a small evaluator of node selectors, node affinity and tolerations.
+
+_GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+_SIM_TAINT = {"key": SIMULATED_LABEL, "value": "dgx-a100", "effect": "NoSchedule"}
+
+
+def _expression_matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    key, operator = expression["key"], expression["operator"]
+    values = expression.get("values", [])
+    if operator == "In":
+        return key in labels and labels[key] in values
+    if operator == "NotIn":
+        return key not in labels or labels[key] not in values
+    if operator == "Exists":
+        return key in labels
+    if operator == "DoesNotExist":
+        return key not in labels
+    raise AssertionError(f"operator {operator} not modelled by this test")
+
+
+def _tolerated(taint: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    for toleration in tolerations:
+        if toleration.get("effect") not in (None, "", taint["effect"]):
+            continue
+        if toleration.get("operator") == "Exists":
+            if toleration.get("key") in (None, "", taint["key"]):
+                return True
+        elif toleration.get("key") == taint["key"] and toleration.get("value") == taint["value"]:
+            return True
+    return False
+
+
+def schedulable(spec: Mapping[str, Any], labels: Mapping[str, str],
+                taints: Iterable[Mapping[str, str]] = ()) -> bool:
+    """Would the scheduler (and the DaemonSet controller) place this pod on such a node?"""
+    if any(labels.get(k) != v for k, v in spec.get("nodeSelector", {}).items()):
+        return False
+    required = (spec.get("affinity", {}).get("nodeAffinity", {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution"))
+    if required is not None and not any(
+        all(_expression_matches(e, labels) for e in term.get("matchExpressions", []))
+        for term in required["nodeSelectorTerms"]
+    ):
+        return False
+    return all(_tolerated(taint, spec.get("tolerations", [])) for taint in taints)
+
+
+REAL_NFD_NODE = {NFD_GPU_LABEL: "true"}
+REAL_OPERATOR_NODE = {GPU_PRESENT_LABEL: "true"}
+CPU_NODE: dict[str, str] = {}
+SIM_NODE = {SIMULATED_LABEL: "dgx-a100"}
+SIM_OTHER_PROFILE_NODE = {SIMULATED_LABEL: "t4"}
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and schemas.
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_renders_the_expected_objects(path: str) -> None:
+    kinds = sorted(obj["kind"] for obj in rendered(path))
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
+                     "ServiceAccount"]
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_objects_validate_strictly(path: str, version: str) -> None:
+    for obj in rendered(path):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_schema_validation_rejects_an_unknown_field() -> None:
+    # Guards the test above: strict mode must notice a misspelt field deep in the pod spec.
+    daemonset = only(rendered("daemonset"), "DaemonSet")
+    daemonset["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, SCHEMA_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_python_renderer_matches_kubectl_kustomize(path: str) -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(REPO / path)], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+
+    def by_id(objects: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    assert by_id(rendered(path)) == by_id(yaml.safe_load_all(out))
+
+
+def test_docs_apply_exactly_the_rendered_kustomizations() -> None:
+    text = DOCS.read_text()
+    applied = {p.rstrip("/") for p in re.findall(
+        r"kubectl (?:(?:apply|delete|diff) -k|kustomize) ([\w./-]+)", text)}
+    assert applied == set(KUSTOMIZATIONS)
+
+
+def test_namespace_is_overridable_and_the_binding_follows(tmp_path: Path) -> None:
+    tree = tmp_path / "daemonset"
+    shutil.copytree(REPO / "daemonset", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    overlay = tree / "overlays" / "gpu-system"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "namespace: gpu-system\nresources:\n  - ../../base\n")
+    objects = RENDER.render(overlay)
+    assert {o["metadata"].get("namespace") for o in objects
+            if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")} == {"gpu-system"}
+    binding = only(objects, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nvidia-device-plugin",
+                                    "namespace": "gpu-system"}]
+    if shutil.which("kubectl"):
+        out = subprocess.run(["kubectl", "kustomize", str(overlay)], check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+        assert only(yaml.safe_load_all(out), "ClusterRoleBinding") == binding
+
+
+def test_renderer_refuses_unsupported_fields_and_changes_nothing(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    text = "resources: []\ncommonLabels:\n  team: gpu\n"
+    (overlay / "kustomization.yaml").write_text(text)
+    with pytest.raises(RENDER.RenderError, match="unsupported field.*commonLabels"):
+        RENDER.render(overlay)
+    assert (overlay / "kustomization.yaml").read_text() == text
+    assert sorted(p.name for p in overlay.iterdir()) == ["kustomization.yaml"]
+
+
+def test_renderer_refuses_a_patch_that_matches_nothing(tmp_path: Path) -> None:
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n  - patch: |\n      apiVersion: v1\n"
+        "      kind: ConfigMap\n      metadata:\n        name: b\n")
+    with pytest.raises(RENDER.RenderError, match="patch matches no resource"):
+        RENDER.render(tmp_path)
+
+
+def test_renderer_strategic_merge_keys_and_directives() -> None:
+    original: dict[str, Any] = {
+        "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                "tolerations": [{"key": "x"}], "keep": 1, "drop": 2}
+    patch = {"env": [{"name": "B", "value": "3"}, {"name": "A", "$patch": "delete"}],
+             "tolerations": [{"key": "y"}], "drop": None}
+    merged = RENDER.strategic_merge(original, patch)
+    assert merged == {"env": [{"name": "B", "value": "3"}], "tolerations": [{"key": "y"}],
+                      "keep": 1}
+    assert original["env"][0] == {"name": "A", "value": "1"}  # the input is not modified
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants of every kustomization.
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_pod_basics(path: str) -> None:
+    daemonset = only(rendered(path), "DaemonSet")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"]
+    assert spec["serviceAccountName"] == only(rendered(path), "ServiceAccount")["metadata"]["name"]
+    # Patches may reorder containers (kustomize puts patched ones first); the annotation keeps
+    # `kubectl logs` and `kubectl exec` on the plugin whatever the order.
+    assert {c["name"]: c["command"] for c in spec["containers"]} == {
+        PLUGIN: ["nvidia-device-plugin"], GFD: ["gpu-feature-discovery"]}
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["kubectl.kubernetes.io/default-container"] == PLUGIN
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_commands_are_console_scripts_of_the_package(path: str) -> None:
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        scripts = tomllib.load(handle)["project"]["scripts"]
+    for ctr in pod_spec(path)["containers"]:
+        assert ctr["command"][0] in scripts
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_image_is_the_project_version(path: str) -> None:
+    expected = f"nvidia-k8s-py:{project_version()}"
+    assert {c["image"] for c in pod_spec(path)["containers"]} == {expected}
+    assert expected in (REPO / "Dockerfile").read_text()
+    assert f"docker build -t {expected} ." in DOCS.read_text()
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_container_security_contexts(path: str) -> None:
+    spec = pod_spec(path)
+    for ctr in spec["containers"]:
+        context = ctr["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["readOnlyRootFilesystem"] is True
+        assert not context.get("privileged")
+        # A read-only root needs a writable /tmp.
+        assert "emptyDir" in mount_source(spec, ctr, "/tmp")
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_host_mounts(path: str) -> None:
+    spec = pod_spec(path)
+    plugin, gfd = container(spec, PLUGIN), container(spec, GFD)
+    sockets = mount_source(spec, plugin, "/var/lib/kubelet/device-plugins")
+    assert sockets["hostPath"]["path"] == "/var/lib/kubelet/device-plugins"
+    assert not mounts(plugin)["/var/lib/kubelet/device-plugins"].get("readOnly")
+    for ctr in (plugin, gfd):
+        assert mount_source(spec, ctr, "/sys")["hostPath"]["path"] == "/sys"
+        assert mounts(ctr)["/sys"]["readOnly"] is True
+    # Every other host path is mounted read-only, except the NFD features directory.
+    for ctr in (plugin, gfd):
+        for path_in, mount in mounts(ctr).items():
+            volume = volumes(spec)[mount["name"]]
+            if "hostPath" in volume and path_in not in (
+                    "/var/lib/kubelet/device-plugins",
+                    "/etc/kubernetes/node-feature-discovery/features.d"):
+                assert mount.get("readOnly") is True, path_in
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_config_map_is_mounted_into_both_containers(path: str) -> None:
+    objects = rendered(path)
+    config_map = only(objects, "ConfigMap")
+    spec = pod_spec(path)
+    for ctr, variable in ((container(spec, PLUGIN), "CONFIG_FILE"),
+                          (container(spec, GFD), "GFD_CONFIG_FILE")):
+        config_file = env_values(ctr)[variable]
+        mount = covering_mount(ctr, config_file)
+        assert mount is not None and mount.get("readOnly") is True
+        volume = volumes(spec)[mount["name"]]
+        assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+        assert config_file.rsplit("/", 1)[1] in config_map["data"]
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_gfd_gets_its_node_name_from_the_downward_api(path: str) -> None:
+    gfd = container(pod_spec(path), GFD)
+    node_name = [e for e in gfd["env"] if e["name"] == "NODE_NAME"]
+    assert node_name == [{"name": "NODE_NAME",
+                          "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_rbac_is_get_and_patch_on_nodes_only(path: str) -> None:
+    objects = rendered(path)
+    role, binding = only(objects, "ClusterRole"), only(objects, "ClusterRoleBinding")
+    account = only(objects, "ServiceAccount")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"],
+                              "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": account["metadata"]["namespace"]}]
+    assert {o["metadata"].get("namespace") for o in objects
+            if o["kind"] in ("ServiceAccount", "ConfigMap", "DaemonSet")} == {"kube-system"}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_resources_have_requests_below_limits(path: str) -> None:
+    units = {"Mi": 2**20, "Gi": 2**30, "m": 1e-3, "": 1}
+
+    def quantity(text: str) -> float:
+        number, unit = re.fullmatch(r"([0-9.]+)(Mi|Gi|m|)", str(text)).groups()  # type: ignore[union-attr]
+        return float(number) * units[unit]
+
+    for ctr in pod_spec(path)["containers"]:
+        requests, limits = ctr["resources"]["requests"], ctr["resources"]["limits"]
+        assert set(requests) == set(limits) == {"cpu", "memory"}
+        for name in requests:
+            assert quantity(requests[name]) <= quantity(limits[name])
+    plugin, gfd = (container(pod_spec(path), name) for name in (PLUGIN, GFD))
+    # The assumed steady-state RSS (50 MiB plugin, 60 MiB GFD) fits in the requests.
+    assert quantity(plugin["resources"]["requests"]["memory"]) > 50 * 2**20
+    assert quantity(gfd["resources"]["requests"]["memory"]) > 60 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Probes and the health-file contract.
+
+
+def _exec_commands(ctr: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {kind: ctr[kind]["exec"]["command"]
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_probe_files_are_configured_and_writable(path: str) -> None:
+    spec = pod_spec(path)
+    plugin, gfd = container(spec, PLUGIN), container(spec, GFD)
+    ready = env_values(plugin)["DP_READY_FILE"]
+    assert all(cmd == ["test", "-f", ready] for cmd in _exec_commands(plugin).values())
+    health = env_values(gfd)["GFD_HEALTH_FILE"]
+    for ctr, path_in in ((plugin, ready), (gfd, health)):
+        mount = covering_mount(ctr, path_in)
+        assert mount is not None and "emptyDir" in volumes(spec)[mount["name"]], path_in
+        assert not mount.get("readOnly")
+    assert int(env_values(gfd)["PROBE_MAX_AGE_SECONDS"]) >= 3 * 60  # 3 x the 60 s interval
+
+
+def _run_probe(command: list[str], environ: Mapping[str, str]) -> int:
+    return subprocess.run(command, env=dict(environ), capture_output=True,
+                          timeout=10).returncode
+
+
+def test_plugin_probe_follows_the_ready_file(tmp_path: Path) -> None:
+    plugin = container(pod_spec("daemonset"), PLUGIN)
+    command = _exec_commands(plugin)["readinessProbe"]
+    ready = tmp_path / "ready"
+    local = [ready.as_posix() if part == env_values(plugin)["DP_READY_FILE"] else part
+             for part in command]
+    assert _run_probe(local, {"PATH": "/usr/bin:/bin"}) != 0
+    ready.write_text("")
+    assert _run_probe(local, {"PATH": "/usr/bin:/bin"}) == 0
+
+
+@pytest.mark.parametrize(("content", "healthy"), [
+    (None, False),  # no pass yet
+    ("{now}\n", True),
+    ("{now}.734\n", True),  # fractional seconds are accepted
+    ("{stale}\n", False),  # older than PROBE_MAX_AGE_SECONDS: a hung GFD
+    ("", False),
+    ("garbage\n", False),
+])
+def test_gfd_probes_follow_the_health_file(tmp_path: Path, content: str | None,
+                                           healthy: bool) -> None:
+    gfd = container(pod_spec("daemonset"), GFD)
+    environ = {**env_values(gfd), "PATH": "/usr/bin:/bin"}
+    health = tmp_path / "last-pass-ok"
+    environ["GFD_HEALTH_FILE"] = health.as_posix()
+    now = int(time.time())
+    if content is not None:
+        stale = now - int(environ["PROBE_MAX_AGE_SECONDS"]) - 1
+        health.write_text(content.format(now=now, stale=stale))
+    commands = _exec_commands(gfd)
+    assert (_run_probe(commands["readinessProbe"], environ) == 0) is healthy
+    assert (_run_probe(commands["livenessProbe"], environ) == 0) is healthy
+    assert (_run_probe(commands["startupProbe"], environ) == 0) is (content is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling.
+
+
+@pytest.mark.parametrize("path", [p for p in KUSTOMIZATIONS if not p.endswith("simulated")])
+def test_real_deployments_run_on_gpu_nodes_only(path: str) -> None:
+    spec = pod_spec(path)
+    assert schedulable(spec, REAL_NFD_NODE, [_GPU_TAINT])
+    assert schedulable(spec, REAL_OPERATOR_NODE, [_GPU_TAINT])
+    assert not schedulable(spec, CPU_NODE)
+    assert not schedulable(spec, SIM_NODE)
+
+
+def test_simulated_overlay_runs_on_labelled_cpu_nodes_only() -> None:
+    spec = pod_spec("daemonset/overlays/simulated")
+    assert schedulable(spec, SIM_NODE)
+    assert schedulable(spec, SIM_NODE, [_SIM_TAINT])
+    assert not schedulable(spec, CPU_NODE)
+    assert not schedulable(spec, SIM_OTHER_PROFILE_NODE)
+    # A real GPU node never gets the fake NVML, even if it is labelled for simulation by mistake.
+    for real in (REAL_NFD_NODE, REAL_OPERATOR_NODE):
+        assert not schedulable(spec, real, [_GPU_TAINT])
+        assert not schedulable(spec, {**real, **SIM_NODE}, [_GPU_TAINT])
+        assert not schedulable(spec, {**real, SIMULATED_LABEL: "dgx-a100"})
+
+
+def test_simulated_overlay_uses_the_fake_nvml_and_a_distinct_name() -> None:
+    objects = rendered("daemonset/overlays/simulated")
+    spec = pod_spec("daemonset/overlays/simulated")
+    for ctr in spec["containers"]:
+        environ = env_values(ctr)
+        assert environ["NVML_BACKEND"] == "fake:dgx-a100"
+        assert environ["NVIDIA_VISIBLE_DEVICES"] == "void"
+    base_names = {(o["kind"], o["metadata"]["name"]) for o in rendered("daemonset")}
+    assert not base_names & {(o["kind"], o["metadata"]["name"]) for o in objects}
+    daemonset = only(objects, "DaemonSet")
+    assert daemonset["spec"]["selector"]["matchLabels"][SIMULATED_LABEL] == "dgx-a100"
+
+
+def test_simulated_profile_exists() -> None:
+    profiles = {p.stem for p in (REPO / "gpus" / "profiles").glob("*.yaml")
+                if not p.name.startswith("_")}
+    if not profiles:
+        pytest.skip("no machine profiles in gpus/profiles yet")
+    assert "dgx-a100" in profiles
+
+
+def test_only_the_runtimeclass_overlay_sets_a_runtime_class() -> None:
+    for path in KUSTOMIZATIONS:
+        expected = "nvidia" if path.endswith("runtimeclass") else None
+        assert pod_spec(path).get("runtimeClassName") == expected, path
+
+
+def test_nfd_overlay_writes_the_features_file_as_root() -> None:
+    spec = pod_spec("daemonset/overlays/nfd")
+    gfd = container(spec, GFD)
+    environ = env_values(gfd)
+    assert environ["GFD_OUTPUT_MODE"] == "file"
+    mount = covering_mount(gfd, environ["GFD_OUTPUT_FILE"])
+    assert mount is not None and not mount.get("readOnly")
+    assert volumes(spec)[mount["name"]]["hostPath"]["path"] == (
+        "/etc/kubernetes/node-feature-discovery/features.d")
+    assert gfd["securityContext"]["runAsUser"] == 0
+    # Node-API output (every other kustomization) needs neither the host directory nor root.
+    base_gfd = container(pod_spec("daemonset"), GFD)
+    assert env_values(base_gfd)["GFD_OUTPUT_MODE"] == "node-api"
+    assert base_gfd["securityContext"]["runAsNonRoot"] is True
+    assert covering_mount(base_gfd, environ["GFD_OUTPUT_FILE"]) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The daemons read what the manifests give them (the config module's own resolution).
+
+
+EXPECTED_SETTINGS = {
+    # path: (mig strategy, nvml backend, time-slicing replicas of nvidia.com/gpu)
+    "daemonset": ("none", "real", None),
+    "daemonset/overlays/mig-mixed": ("mixed", "real", None),
+    "daemonset/overlays/time-slicing": ("none", "real", 4),
+    "daemonset/overlays/simulated": ("none", "fake:dgx-a100", None),
+    "daemonset/overlays/runtimeclass": ("none", "real", None),
+    "daemonset/overlays/nfd": ("none", "real", None),
+}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_daemons_resolve_the_manifest_settings(path: str, tmp_path: Path) -> None:
+    config = pytest.importorskip("gpus.config")
+    config_map = only(rendered(path), "ConfigMap")
+    spec = pod_spec(path)
+    mig, nvml, replicas = EXPECTED_SETTINGS[path]
+    for ctr, program in ((container(spec, PLUGIN), "plugin"), (container(spec, GFD), "gfd")):
+        environ = env_values(ctr)
+        # Point the config-file variables at a copy of the ConfigMap's file.
+        for variable in ("CONFIG_FILE", "GFD_CONFIG_FILE"):
+            if variable in environ:
+                local = tmp_path / f"{program}-{Path(environ[variable]).name}"
+                local.write_text(config_map["data"][Path(environ[variable]).name])
+                environ[variable] = local.as_posix()
+        parser = argparse.ArgumentParser()
+        config.add_flags(parser, program)
+        resolved = config.resolve(parser.parse_args([]), environ)
+        assert resolved.flags.mig_strategy == mig, (path, program)
+        assert resolved.flags.nvml == nvml, (path, program)
+        shared = {r.name: r.replicas for r in resolved.sharing.time_slicing.resources}
+        assert shared.get("nvidia.com/gpu") == replicas, (path, program)
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_gfd_resolves_its_output_mode(path: str) -> None:
+    gfd_main = pytest.importorskip("gfd.main")
+    if not hasattr(gfd_main, "resolve_options"):
+        pytest.skip("gfd.main.resolve_options not available")
+    environ = env_values(container(pod_spec(path), GFD))
+    options = gfd_main.resolve_options(gfd_main.build_parser().parse_args([]), environ)
+    assert options.output_mode == environ["GFD_OUTPUT_MODE"]
+    assert options.node_name == "node-a"

@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(PY) -m deviceplugin.demo $(RUN_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -201,7 +201,7 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def bare_import() -> tuple[float, float]:
+def bare_import(env: dict[str, str]) -> tuple[float, float]:
     """(wall ms, RSS MiB) of a bare interpreter importing grpc and pynvml."""
     code = (
         "import grpc, pynvml\n"
@@ -209,17 +209,38 @@ def bare_import() -> tuple[float, float]:
         "    l.startswith('VmRSS:') and print(int(l.split()[1]) / 1024)\n"
     )
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return (time.perf_counter() - start) * 1000, float(out.stdout.strip())
 
 
-def bench_start(starts: int) -> list[str]:
-    """Process start to Register at the kubelet, and the daemon's RSS once registered."""
+def bytecode_env(pycache: str) -> dict[str, str]:
+    """The environment for timed child processes: the repo importable, and bytecode cached.
+
+    The image compiles our bytecode at install time; a source checkout run with
+    ``PYTHONDONTWRITEBYTECODE`` would instead compile every module of ours on every start
+    (~100 ms), which no deployed daemon pays. The cache goes to ``pycache``, not the checkout.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
-    )}
+    ), "PYTHONPYCACHEPREFIX": pycache}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def bench_start(starts: int) -> list[str]:
+    """Process start to Register at the kubelet, and the daemon's RSS once registered.
+
+    One untimed start first fills the bytecode cache (see :func:`bytecode_env`).
+    """
+    with short_dir() as pycache:
+        return _bench_start(starts, bytecode_env(pycache))
+
+
+def _bench_start(starts: int, env: dict[str, str]) -> list[str]:
     start_ms, rss = [], []
-    for _ in range(starts):
+    for run in range(starts + 1):
         with short_dir() as directory, MockKubelet(directory) as kubelet:
             begin = time.perf_counter()
             proc = subprocess.Popen(
@@ -230,13 +251,15 @@ def bench_start(starts: int) -> list[str]:
             try:
                 if not kubelet.wait_for_registration_request(GPU, 30):
                     raise RuntimeError("the daemon did not register within 30 s")
-                start_ms.append((time.perf_counter() - begin) * 1000)
+                elapsed_ms = (time.perf_counter() - begin) * 1000
                 kubelet.wait_for_registration(GPU, 10)
-                rss.append(rss_mib(proc.pid))
+                if run > 0:  # run 0 only fills the bytecode cache
+                    start_ms.append(elapsed_ms)
+                    rss.append(rss_mib(proc.pid))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=10)
-    floors = [bare_import() for _ in range(starts)]
+    floors = [bare_import(env) for _ in range(starts)]
     floor_ms = statistics.median(f[0] for f in floors)
     floor_rss = statistics.median(f[1] for f in floors)
     ours_ms, ours_rss = statistics.median(start_ms), statistics.median(rss)

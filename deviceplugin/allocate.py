@@ -130,6 +130,7 @@ def build_allocation(
     uuid_factory: Callable[[], str] = lambda: str(uuid.uuid4()),
     path_exists: Callable[[str], bool] = os.path.exists,
     mig_minors: Callable[[str], Mapping[str, int]] = read_mig_minors,
+    index: Mapping[str, Device] | None = None,
 ) -> ContainerAllocation:
     """Build one container's allocation for ``requested_ids`` of ``resource``.
 
@@ -146,11 +147,18 @@ def build_allocation(
       not list the device.
 
     ``mig_minors`` is called (with the driver root) only when MIG device specs are needed.
+    ``index`` is :func:`device_index` of ``resource`` when the caller keeps one (Allocate is on
+    the pod start path; :class:`IndexedAllocate` builds it once per resource version).
     """
-    devices = _requested_devices(resource, requested_ids)
+    ids = tuple(requested_ids)  # once: a protobuf repeated field makes new str objects per pass
+    devices = _requested_devices(resource, ids, device_index(resource) if index is None else index)
     plugin = config.flags.plugin
-    runtime_ids = _unique(_runtime_id(device, plugin.device_id_strategy) for device in devices)
-    strategies = set(plugin.device_list_strategy)
+    # Distinct physical devices have distinct UUIDs and indexes: no de-duplication needed.
+    if plugin.device_id_strategy == "index":
+        runtime_ids = [device.index for device in devices]
+    else:
+        runtime_ids = [device.uuid for device in devices]
+    strategies = plugin.device_list_strategy
 
     envs: dict[str, str] = {}
     mounts: tuple[Mount, ...] = ()
@@ -164,12 +172,15 @@ def build_allocation(
             for device_id in runtime_ids
         )
 
-    cdi_names = tuple(cdi_device_name(device_id) for device_id in runtime_ids)
     annotations: dict[str, str] = {}
-    if "cdi-annotations" in strategies:
-        key = f"{CDI_ANNOTATION_PREFIX}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
-        annotations[key] = ",".join(cdi_names)
-    cdi_devices = cdi_names if "cdi-cri" in strategies else ()
+    cdi_devices: tuple[str, ...] = ()
+    if "cdi-annotations" in strategies or "cdi-cri" in strategies:
+        cdi_names = tuple(cdi_device_name(device_id) for device_id in runtime_ids)
+        if "cdi-annotations" in strategies:
+            key = f"{CDI_ANNOTATION_PREFIX}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
+            annotations[key] = ",".join(cdi_names)
+        if "cdi-cri" in strategies:
+            cdi_devices = cdi_names
 
     specs: tuple[DeviceSpec, ...] = ()
     if plugin.pass_device_specs:
@@ -179,32 +190,54 @@ def build_allocation(
                                annotations=annotations, cdi_devices=cdi_devices)
 
 
-def _requested_devices(resource: Resource, requested_ids: Sequence[str]) -> list[Device]:
+def device_index(resource: Resource) -> dict[str, Device]:
+    """``resource``'s devices by kubelet device ID."""
+    return {device.id: device for device in resource.devices}
+
+
+def _requested_devices(
+    resource: Resource, requested_ids: Sequence[str], by_id: Mapping[str, Device]
+) -> list[Device]:
     """Validate the request; return the distinct physical devices in request order."""
     if not requested_ids:
         raise invalid_request(resource.name, "no devices requested")
-    by_id = {device.id: device for device in resource.devices}
+    physical: dict[str, Device] = {}
     for device_id in requested_ids:
         device = by_id.get(device_id)
         if device is None:
             raise invalid_request(resource.name, f"unknown device: {device_id}")
         if not device.healthy:
             raise invalid_request(resource.name, f"unhealthy device: {device_id}")
+        # device.uuid is the ID without its replica suffix: replicas of one GPU collapse.
+        physical.setdefault(device.uuid, device)
     if resource.shared and resource.fail_requests_greater_than_one and len(requested_ids) > 1:
         raise invalid_request(
             resource.name,
             f"maximum request size for shared resources is 1; found {len(requested_ids)}",
         )
-    physical: dict[str, Device] = {}
-    for device_id in requested_ids:
-        device = by_id[device_id]
-        physical.setdefault(strip_replica(device.id), device)
     return list(physical.values())
 
 
-def _runtime_id(device: Device, id_strategy: str) -> str:
-    """What the container runtime is told: the UUID, or NVIDIA's index ("3", "3:1")."""
-    return device.index if id_strategy == "index" else device.uuid
+class IndexedAllocate:
+    """:func:`build_allocation` with each resource's ID index built once per resource version.
+
+    The servers' resources are immutable and replaced whole on every change, so the index of
+    the last version seen per resource name (checked by identity) stays valid until the next
+    change. Safe from many threads: a race only builds the same index twice.
+    """
+
+    def __init__(self) -> None:
+        self._indexes: dict[str, tuple[Resource, Mapping[str, Device]]] = {}
+
+    def __call__(
+        self, resource: Resource, requested_ids: Sequence[str], config: Config
+    ) -> ContainerAllocation:
+        """Build one container's allocation (see :func:`build_allocation`)."""
+        entry = self._indexes.get(resource.name)
+        if entry is None or entry[0] is not resource:
+            entry = (resource, device_index(resource))
+            self._indexes[resource.name] = entry
+        return build_allocation(resource, requested_ids, config, index=entry[1])
 
 
 def _unique(items: Iterable[str]) -> list[str]:

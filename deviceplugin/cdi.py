@@ -131,12 +131,26 @@ def write_cdi_spec(
     directory = Path(config.flags.plugin.cdi_spec_dir)
     target = directory / SPEC_FILE_NAME
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_dirs(directory)
         _atomic_write(target, json.dumps(spec, indent=2) + "\n")
     except OSError as err:
         raise CdiError(f"cannot write CDI spec {target}: {err.strerror or err}") from err
     LOG.info("wrote CDI spec %s (%d device names)", target, len(spec["devices"]))
     return target
+
+
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p`` with every new level 0755 whatever the umask (Path.mkdir gives parents
+    the umask's mode): whoever can write in the spec directory can inject mounts into
+    containers."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            level.mkdir(mode=0o755)
+            os.chmod(level, 0o755)  # mkdir's mode is masked by the umask too
 
 
 def _physical_devices(resource_map: ResourceMap) -> list[Device]:

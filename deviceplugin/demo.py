@@ -6,6 +6,10 @@ the fake), registers, and the mock kubelet prints what it sees, allocates two GP
 (GetPreferredAllocation, then Allocate) and the GFD labels of the node are printed. Then it
 serves until Ctrl-C (or ``--exit-after`` seconds); inject faults meanwhile with
 ``fake-nvml inject --control <printed socket> xid 0 79`` and watch ListAndWatch change.
+
+``--mig-strategy`` and a MIG profile (``--profile a100-mig-1g``) show MIG resources;
+``--pass-device-specs`` makes the fake write a driver root (``mig-minors``) and device nodes in
+the temporary directory, so Allocate lists device nodes as on a real node.
 """
 
 from __future__ import annotations
@@ -34,22 +38,39 @@ def build_parser() -> argparse.ArgumentParser:
     """The demo's command line."""
     parser = argparse.ArgumentParser(prog="nvk8s-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="dgx-a100", help="fake machine profile")
-    parser.add_argument("--allocate", type=int, default=2, metavar="N", help="GPUs to allocate")
+    parser.add_argument("--allocate", type=int, default=2, metavar="N",
+                        help="devices to allocate (of nvidia.com/gpu, else the first resource)")
+    parser.add_argument("--mig-strategy", default="none", choices=("none", "single", "mixed"),
+                        help="MIG strategy (default none)")
+    parser.add_argument("--pass-device-specs", action="store_true",
+                        help="pass device nodes in Allocate (the fake writes a driver root)")
     parser.add_argument("--exit-after", type=float, metavar="S", help="exit after S seconds")
     parser.add_argument("--verbose", action="store_true", help="show the daemons' logs")
     return parser
 
 
-def demo_config(workdir: str, profile: str) -> Config:
-    """Defaults, pointed at the temporary directory and the fake backend."""
+def demo_config(
+    workdir: str, profile: str, mig_strategy: str = "none", pass_device_specs: bool = False
+) -> Config:
+    """Defaults, pointed at the temporary directory and the fake backend.
+
+    With ``pass_device_specs`` the driver (and dev) root is ``<workdir>/driver``, which
+    :func:`run` fills with the fake's files.
+    """
     control = os.path.join(workdir, "fake-nvml.sock")
     config = replace_flags(
-        Config(), nvml=f"fake:{profile}?control={control}", sysfs_root=os.path.join(workdir, "root")
+        Config(),
+        nvml=f"fake:{profile}?control={control}",
+        sysfs_root=os.path.join(workdir, "root"),
+        mig_strategy=mig_strategy,
     )
+    if pass_device_specs:
+        config = replace_flags(config, nvidia_driver_root=os.path.join(workdir, "driver"))
     return replace_plugin_flags(
         config,
         kubelet_socket=os.path.join(workdir, "kubelet.sock"),
         cdi_spec_dir=os.path.join(workdir, "cdi"),
+        pass_device_specs=pass_device_specs,
         health_recovery_interval=1.0,
         health_quiet_period=5.0,
     )
@@ -88,20 +109,31 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
     """The demo proper, in ``workdir``."""
     kubelet = MockKubelet(workdir, on_update=out.update)
     kubelet.start()
-    config = demo_config(workdir, args.profile)
+    config = demo_config(workdir, args.profile, args.mig_strategy, args.pass_device_specs)
     plugin = DevicePlugin(config, os.environ)
     try:
         controller = plugin.select_backend()
         if controller is not None:
             controller.write_sysfs(Path(config.flags.sysfs_root))
+            if config.flags.plugin.pass_device_specs:
+                controller.write_driver_root(config.flags.nvidia_driver_root, config.flags.dev_root)
         plugin.start()
         out(f"[demo] fake NVML profile {args.profile}; kubelet socket {kubelet.socket_path}")
-        if not kubelet.wait_for_registration(GPU_RESOURCE, REGISTER_TIMEOUT_S):
-            out(f"[demo] {GPU_RESOURCE} did not register")
-            return 1
+        for problem in plugin.resource_map.problems:
+            out(f"[demo] problem: {problem}")
+        served = sorted(n for n, r in plugin.resource_map.resources.items() if r.devices)
+        for name in served:
+            if not kubelet.wait_for_registration(name, REGISTER_TIMEOUT_S):
+                out(f"[demo] {name} did not register")
+                return 1
         for resource in kubelet.resources():
             out(format_devices(resource, kubelet.devices(resource)))
-        out(format_allocation(kubelet.allocate(GPU_RESOURCE, args.allocate)))
+        if served:
+            target = GPU_RESOURCE if GPU_RESOURCE in served else served[0]
+            count = min(args.allocate, len(plugin.resource_map.resources[target].devices))
+            out(format_allocation(kubelet.allocate(target, count)))
+        else:
+            out("[demo] nothing to allocate: no resource has devices")
         assert plugin.snapshot is not None
         print_labels(plugin.snapshot, config, out)
         control = config.flags.nvml.partition("control=")[2]

@@ -42,7 +42,9 @@ DISABLE_ENV = "DP_DISABLE_HEALTHCHECKS"
 ENABLE_ENV = "DP_ENABLE_HEALTHCHECKS"
 GPU_IS_LOST = "NVML_ERROR_GPU_IS_LOST"
 
-WAIT_TIMEOUT_MS = 500  # bounds how long stop() waits for the event thread
+# One NVML wait blocks this long at most: stop() cannot interrupt a wait in the driver, so this
+# bounds how long it takes; a wake-up ten times a second costs nothing measurable.
+WAIT_TIMEOUT_MS = 100
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
 JOIN_TIMEOUT_S = 1.0
@@ -197,11 +199,15 @@ class HealthMonitor:
         *,
         watcher_factory: WatcherFactory = nvml_watcher,
         wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+        previous: HealthMonitor | None = None,
     ) -> None:
         """Nothing runs until :meth:`start`.
 
-        ``watcher_factory`` and ``wait_timeout_ms`` (how long one NVML wait blocks, hence the
-        longest :meth:`stop` waits for the event thread) exist for tests.
+        ``previous`` is the monitor this one replaces (config reload): its unhealthy devices
+        that still exist in ``snapshot`` start Unhealthy here, with their reasons and quiet
+        periods, so a reload never turns a bad device Healthy. Stop ``previous`` first, so
+        its set is final. ``watcher_factory`` and ``wait_timeout_ms`` (how long one NVML wait
+        blocks, hence the longest :meth:`stop` waits for the event thread) exist for tests.
         """
         self._nvml = nvml
         self._snapshot = snapshot
@@ -213,13 +219,14 @@ class HealthMonitor:
         self._wait_timeout_ms = wait_timeout_ms
         self.policy = parse_health_env(environ)
         self._gpu_uuids = [gpu.uuid for gpu in snapshot.gpus]
-        self._marks: dict[str, _Mark] = {}
+        self._marks: dict[str, _Mark] = {} if previous is None else previous._carry(snapshot)
         # _lock guards _marks and is never held while calling out; _notify_lock serialises
         # on_change calls, so a listener that takes its own locks and reads .unhealthy from
         # another thread cannot deadlock with us.
         self._lock = threading.Lock()
         self._notify_lock = threading.Lock()
-        self._last_notified: frozenset[str] = frozenset()
+        # The carried-over set is what the listener already shows: only changes are news.
+        self._last_notified: frozenset[str] = frozenset(self._marks)
         self._stop = threading.Event()
         self._rewatch = threading.Event()
         self._watching = threading.Event()
@@ -230,6 +237,17 @@ class HealthMonitor:
         """GPU and MIG UUIDs currently unhealthy."""
         with self._lock:
             return frozenset(self._marks)
+
+    def _carry(self, snapshot: Snapshot) -> dict[str, _Mark]:
+        """Copies of our marks for the GPU and MIG UUIDs that ``snapshot`` still has."""
+        known = {gpu.uuid for gpu in snapshot.gpus}
+        known.update(mig.uuid for gpu in snapshot.gpus for mig in gpu.mig_devices)
+        with self._lock:
+            carried = {uuid: _Mark(mark.reason, mark.last_bad, mark.rewatch, mark.generation)
+                       for uuid, mark in self._marks.items() if uuid in known}
+        for uuid, mark in sorted(carried.items()):
+            LOG.info("device %s stays unhealthy across the reload: %s", uuid, mark.reason)
+        return carried
 
     def start(self) -> None:
         """Start the event thread and, unless recovery is disabled, the probe thread."""
@@ -258,7 +276,7 @@ class HealthMonitor:
         return self._watching.wait(timeout)
 
     def stop(self) -> None:
-        """Stop both threads; returns within about a second."""
+        """Stop both threads; returns within about one NVML wait (``wait_timeout_ms``)."""
         self._stop.set()
         self._watching.clear()
         for thread in self._threads:

@@ -174,12 +174,18 @@ class RegistrationLoop:
         poll_interval: float = POLL_INTERVAL_S,
         register_fn: Callable[[str, str, str], None] = register,
         on_registered: Callable[[str], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
+        """``on_registered(name)`` runs after each successful Register, ``on_tick()`` after
+        each tick of the thread (readiness checks); both on the watch thread."""
         self.kubelet_socket = kubelet_socket
         self._servers = servers
         self._poll = poll_interval
         self._register = register_fn
         self._on_registered = on_registered
+        self._on_tick = on_tick
+        # The kubelet socket's identity at the last tick; None while it is missing or broken.
+        self._identity: tuple[int, int, int] | None = None
         self._state: dict[str, _Registration] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -213,12 +219,38 @@ class RegistrationLoop:
         with self._lock:
             return {name: reg.identity is not None for name, reg in self._state.items()}
 
+    def all_registered(self) -> bool:
+        """True when every served resource is registered with the kubelet that is up now.
+
+        Without a kubelet socket (serve only) every server's socket must be intact. Used for
+        the readiness file: a kubelet restart makes this False until we registered again.
+        """
+        servers = list(self._servers())
+        if not all(server.intact() for server in servers):
+            return False
+        if not self.kubelet_socket:
+            return True
+        with self._lock:
+            identity = self._identity
+            if identity is None:
+                return not servers
+            for server in servers:
+                reg = self._state.get(server.name)
+                if reg is None or reg.identity != identity or reg.generation != server.generation:
+                    return False
+        return True
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:  # the watch must survive anything a tick meets
                 log.exception("kubelet watch tick failed")
+            if self._on_tick is not None:
+                try:
+                    self._on_tick()
+                except Exception:
+                    log.exception("kubelet watch tick callback failed")
             self._wake.wait(self._poll)
             self._wake.clear()
 
@@ -231,6 +263,8 @@ class RegistrationLoop:
             return
         kubelet = kubelet_socket_state(self.kubelet_socket)
         self.last_problem = kubelet.problem
+        with self._lock:
+            self._identity = kubelet.identity
         if kubelet.problem is not None:
             level = logging.INFO if "does not exist" in kubelet.problem else logging.ERROR
             self._log.set("kubelet", level, kubelet.problem + "; waiting for the kubelet")

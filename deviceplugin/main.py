@@ -3,8 +3,12 @@
 Start-up: parse flags (flag > env > config file > default), pick the NVML backend, read the
 snapshot once, build the resource map, serve one gRPC server per resource and register each with
 the kubelet, then watch health. SIGHUP re-reads the configuration and re-enumerates the GPUs
-(a bad configuration keeps the running one); SIGTERM/SIGINT stop every server, remove our
-sockets and exit 0.
+(a bad configuration keeps the running one; Unhealthy devices stay Unhealthy); SIGTERM/SIGINT
+stop every server, remove our sockets and exit 0.
+
+Readiness (``--ready-file``, env ``DP_READY_FILE``, default /run/nvidia-device-plugin/ready, ""
+disables): deleted at start, created once every resource with devices is registered (or when
+idling after an init error), deleted while a registration is lost; see deviceplugin.readiness.
 
 Exit status: 0 after a signal; 1 for an initialisation error with ``--fail-on-init-error``
 (the default), after one line on stderr; 2 for invalid flags or configuration.
@@ -24,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
+from deviceplugin.readiness import DEFAULT_READY_FILE, READY_FILE_ENV, ReadinessFile
 from gpus import config as configmod
 from gpus.config import Config, ConfigError
 from gpus.model import Snapshot
@@ -54,7 +59,12 @@ class DevicePlugin:
     """The daemon's state and lifecycle, usable in-process (demo, tests) and from :func:`main`.
 
     ``reload_config`` returns ``(config, error)`` like :func:`gpus.config.reload`; without it
-    a reload re-enumerates with the current configuration.
+    a reload re-enumerates with the current configuration. ``ready_file`` is the readiness file
+    (:mod:`deviceplugin.readiness`; "" disables it).
+
+    Locking: ``_lock`` guards the state (config, snapshot, manager, health) and is never held
+    while waiting for a thread: health callbacks take it, so joining the health monitor under it
+    would deadlock. ``_reload_lock`` serialises reloads and stops.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class DevicePlugin:
         socket_dir: str = "",
         reload_config: Callable[[Config], tuple[Config, str | None]] | None = None,
         poll_interval: float = 0.1,
+        ready_file: str = "",
     ) -> None:
         self.config = config
         self.environ = dict(environ)
@@ -72,6 +83,11 @@ class DevicePlugin:
         self._reload_config = reload_config
         self._poll_interval = poll_interval
         self._lock = threading.RLock()
+        self._reload_lock = threading.RLock()
+        # Bumped whenever the health monitor is replaced or stopped: a late callback of an old
+        # monitor (blocked on _lock meanwhile) sees a stale generation and does nothing.
+        self._health_generation = 0
+        self.readiness = ReadinessFile(ready_file)
         self.controller: Any = None  # the fake NVML controller when a fake backend is used
         self._backend_spec: str | None = None
         self.nvml: Any = None
@@ -120,7 +136,6 @@ class DevicePlugin:
             raise
 
     def _start(self) -> None:
-        from deviceplugin.health import HealthMonitor
         from deviceplugin.manager import PluginManager
         from gpus.nvml import Nvml, NvmlError
 
@@ -140,6 +155,7 @@ class DevicePlugin:
             self.config.flags.plugin.kubelet_socket,
             self._context(snapshot),
             poll_interval=self._poll_interval,
+            on_ready=self.readiness.set,
         )
         result = self.manager.apply(resource_map)
         if result.errors and not result.started:
@@ -147,15 +163,8 @@ class DevicePlugin:
         if not result.started:
             log.warning("no devices to advertise on this node (%d GPUs)", len(snapshot.gpus))
         self.manager.start()
-        plugin = self.config.flags.plugin
-        self.health = HealthMonitor(
-            nvml,
-            snapshot,
-            self._on_health_change,
-            self.environ,
-            recovery_interval=plugin.health_recovery_interval,
-            quiet_period=plugin.health_quiet_period,
-        )
+        with self._lock:
+            self.health = self._new_health(snapshot, None)
         self.health.start()
         log.info(
             "serving %s from %d GPUs in %s",
@@ -186,23 +195,47 @@ class DevicePlugin:
 
         return ServingContext.create(self.config, snapshot)
 
+    def _new_health(self, snapshot: Snapshot, previous: Any) -> Any:
+        """A health monitor for ``snapshot`` reporting to us (call with ``_lock`` held).
+
+        ``previous`` (stopped) hands over its unhealthy devices; see HealthMonitor.
+        """
+        from deviceplugin.health import HealthMonitor
+
+        self._health_generation += 1
+        generation = self._health_generation
+        plugin = self.config.flags.plugin
+        return HealthMonitor(
+            self.nvml,
+            snapshot,
+            lambda unhealthy: self._on_health_change(generation, unhealthy),
+            self.environ,
+            recovery_interval=plugin.health_recovery_interval,
+            quiet_period=plugin.health_quiet_period,
+            previous=previous,
+        )
+
     # --- changes --------------------------------------------------------------------------------
 
-    def _on_health_change(self, unhealthy: frozenset[str]) -> None:
+    def _on_health_change(self, generation: int, unhealthy: frozenset[str]) -> None:
         """Recompute the map with the new unhealthy set and push it (ListAndWatch at once)."""
         with self._lock:
-            if self.manager is None or self.snapshot is None:
-                return
+            if (
+                generation != self._health_generation
+                or self.manager is None
+                or self.snapshot is None
+            ):
+                return  # a replaced monitor's last word, or we are stopping
             self.manager.apply(build_resource_map(self.snapshot, self.config, unhealthy))
 
     def reload(self) -> str | None:
         """SIGHUP: re-read the config and re-enumerate. Returns the error, or None when applied.
 
-        On any error the running configuration, snapshot and servers stay as they were.
+        On any error the running configuration, snapshot and servers stay as they were. Devices
+        that are Unhealthy stay so (the new health monitor starts from the old one's set) until
+        they recover.
         """
-        from deviceplugin.health import HealthMonitor
-
-        with self._lock:
+        with self._reload_lock:
             new_config = self.config
             if self._reload_config is not None:
                 new_config, error = self._reload_config(self.config)
@@ -211,12 +244,7 @@ class DevicePlugin:
                     return error
             if self.manager is None:  # idle after an init error: try to start again
                 self.config = new_config
-                try:
-                    self.start()
-                except InitError as err:
-                    log.error("reload: still cannot start: %s", err)
-                    return str(err)
-                return None
+                return self._restart("reload: still cannot start")
             if socket_dir_for(new_config, self._socket_dir_override) != self.socket_dir or (
                 new_config.flags.plugin.kubelet_socket != self.config.flags.plugin.kubelet_socket
                 or new_config.flags.nvml != self.config.flags.nvml
@@ -224,56 +252,73 @@ class DevicePlugin:
                 # Where we serve or what we read changed: restart everything.
                 self.stop()
                 self.config = new_config
-                try:
-                    self.start()
-                except InitError as err:
-                    log.error("reload: cannot start with the new configuration: %s", err)
-                    return str(err)
-                return None
-            old_config = self.config
-            self.config = new_config
-            try:
-                snapshot = self._read_snapshot()
-                resource_map = build_resource_map(snapshot, new_config)
-                self._write_cdi(resource_map)
-            except InitError as err:
-                self.config = old_config
-                log.error("reload: keeping the running state: %s", err)
-                return str(err)
-            self.health.stop()
+                return self._restart("reload: cannot start with the new configuration")
+            return self._reload_in_place(new_config)
+
+    def _restart(self, what: str) -> str | None:
+        """Start after a stop or while idle; on failure stay idle (and ready: see readiness)."""
+        try:
+            self.start()
+        except InitError as err:
+            log.error("%s: %s", what, err)
+            self.readiness.set(True)
+            return str(err)
+        return None
+
+    def _reload_in_place(self, new_config: Config) -> str | None:
+        """Same sockets and backend: re-enumerate and apply the new map to the running servers."""
+        old_config = self.config
+        self.config = new_config
+        try:
+            snapshot = self._read_snapshot()
+            resource_map = build_resource_map(snapshot, new_config)
+            self._write_cdi(resource_map)
+        except InitError as err:
+            self.config = old_config
+            log.error("reload: keeping the running state: %s", err)
+            return str(err)
+        # Stop the old monitor first, without _lock (its callback may be waiting for it), so
+        # its unhealthy set is final when the new one takes it over.
+        old_health = self.health
+        if old_health is not None:
+            old_health.stop()
+        with self._lock:
+            self.health = self._new_health(snapshot, old_health)
             self.snapshot = snapshot
-            self.manager.apply(resource_map, self._context(snapshot))
-            plugin = new_config.flags.plugin
-            self.health = HealthMonitor(
-                self.nvml,
-                snapshot,
-                self._on_health_change,
-                self.environ,
-                recovery_interval=plugin.health_recovery_interval,
-                quiet_period=plugin.health_quiet_period,
+            carried = self.health.unhealthy
+            self.manager.apply(
+                build_resource_map(snapshot, new_config, carried), self._context(snapshot)
             )
-            self.health.start()
-            log.info("reloaded: serving %s", ", ".join(sorted(resource_map.resources)))
-            return None
+        self.health.start()
+        log.info("reloaded: serving %s", ", ".join(sorted(resource_map.resources)))
+        return None
 
     # --- stop -----------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop health checks and servers (removing our sockets) and shut NVML down."""
-        with self._lock:
-            if self.health is not None:
-                self.health.stop()
-                self.health = None
-            if self.manager is not None:
-                self.manager.stop()
-                self.manager = None
+        """Stop health checks and servers (removing our sockets) and shut NVML down.
+
+        The readiness file is deleted. Threads are joined outside ``_lock`` (see the class
+        docstring).
+        """
+        with self._reload_lock:
+            with self._lock:
+                health, self.health = self.health, None
+                manager, self.manager = self.manager, None
+                self._health_generation += 1  # late health callbacks become no-ops
+                self.snapshot = None
+            if health is not None:
+                health.stop()
+            if manager is not None:
+                manager.stop()
+            # After the watch thread is gone: a last tick cannot create the file again.
+            self.readiness.set(False)
             if self.nvml is not None:
                 try:
                     self.nvml.shutdown()
                 except Exception as err:  # shutting down anyway; say why it was untidy
                     log.warning("NVML shutdown failed: %s", err)
                 self.nvml = None
-            self.snapshot = None
 
     def close(self) -> None:
         """Stop, and remove the fake NVML backend if one was installed."""
@@ -296,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory for the plugin sockets (default: the kubelet socket's directory) "
         f"[env {SOCKET_DIR_ENV}]",
+    )
+    parser.add_argument(
+        "--ready-file",
+        default=None,
+        help="readiness file for the DaemonSet's probes, created once every resource is "
+        f"registered; empty disables it (default {DEFAULT_READY_FILE}) [env {READY_FILE_ENV}]",
     )
     parser.add_argument(
         "--log-level",
@@ -339,6 +390,13 @@ class _Signals:
         return self.pending.popleft()
 
 
+def ready_file_path(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The readiness file: the flag, else ``$DP_READY_FILE``, else the default ("" disables)."""
+    if flag is not None:
+        return flag
+    return environ.get(READY_FILE_ENV, DEFAULT_READY_FILE)
+
+
 def _die(message: str, status: int) -> int:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     return status
@@ -370,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         environ,
         socket_dir=args.socket_dir or environ.get(SOCKET_DIR_ENV, ""),
         reload_config=lambda current: configmod.reload(current, args, environ),
+        ready_file=ready_file_path(args.ready_file, environ),
     )
+    plugin.readiness.clear()  # a previous run's file (the emptyDir outlives the container)
     try:
         plugin.start()
     except InitError as err:
@@ -381,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(
             "initialisation failed: %s; idling (--fail-on-init-error=false), SIGHUP retries", err
         )
+        # Idle on purpose: nothing to register, and a restart by the probes would not help.
+        plugin.readiness.set(True)
     try:
         while True:
             signum = signals.next()

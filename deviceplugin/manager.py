@@ -36,6 +36,12 @@ class PluginManager:
 
     ``socket_dir`` is where plugin sockets go (the kubelet socket's directory). An empty
     ``kubelet_socket`` serves without registering.
+
+    ``on_ready(ready)`` is called from the watch thread whenever readiness changes: ready means
+    every resource with devices is served and registered with the kubelet that is up now (or
+    there is nothing to serve). The first time the node is ready with a context, the
+    context's ``warm`` (allocator tables) runs on a background daemon thread, so it never
+    delays registration.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class PluginManager:
         *,
         poll_interval: float = 0.1,
         server_factory: Callable[[Resource, ServingContext, str], PluginServer] = PluginServer,
+        on_ready: Callable[[bool], None] | None = None,
     ) -> None:
         self.socket_dir = socket_dir
         self.kubelet_socket = kubelet_socket
@@ -55,7 +62,13 @@ class PluginManager:
         self._servers: dict[str, PluginServer] = {}
         self._map = ResourceMap()
         self.errors: dict[str, str] = {}
-        self._loop = RegistrationLoop(kubelet_socket, self.servers, poll_interval=poll_interval)
+        self._on_ready = on_ready
+        self._ready: bool | None = None  # last readiness reported
+        self._warmed: ServingContext | None = None  # the last context warm() was started for
+        self.warm_thread: threading.Thread | None = None
+        self._loop = RegistrationLoop(
+            kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready
+        )
 
     @classmethod
     def for_kubelet_socket(
@@ -89,6 +102,40 @@ class PluginManager:
     def start(self) -> None:
         """Start watching the kubelet (servers start as maps are applied)."""
         self._loop.start()
+
+    def ready(self) -> bool:
+        """Every resource with devices served and registered (see the class docstring)."""
+        with self._lock:
+            if self.errors:
+                return False
+        return self._loop.all_registered()
+
+    def check_ready(self) -> None:
+        """Report a readiness change, and start warming a new context once ready.
+
+        Runs on the watch thread after every tick.
+        """
+        ready = self.ready()
+        if ready != self._ready:
+            self._ready = ready
+            log.info("readiness: %s", "ready" if ready else "not ready")
+            if self._on_ready is not None:
+                self._on_ready(ready)
+        if ready:
+            self._start_warm()
+
+    def _start_warm(self) -> None:
+        with self._lock:
+            context = self._context
+            if context is self._warmed:
+                return
+            self._warmed = context
+        if context.warm is None:
+            return
+        thread = threading.Thread(target=_warm, args=(context.warm,), name="allocator-warm",
+                                  daemon=True)
+        self.warm_thread = thread
+        thread.start()
 
     def apply(self, new_map: ResourceMap, context: ServingContext | None = None) -> ApplyResult:
         """Make the running servers match ``new_map`` (optionally with a new context)."""
@@ -140,3 +187,13 @@ class PluginManager:
             servers, self._servers = list(self._servers.values()), {}
         for server in servers:
             server.stop()
+
+
+def _warm(warm: Callable[[], None]) -> None:
+    """Run a context's warm-up, logging instead of raising (a daemon thread's body)."""
+    try:
+        warm()
+    except Exception:  # the tables are then built on first use, as without warm-up
+        log.exception("allocator warm-up failed")
+    else:
+        log.info("allocator warm-up done")

@@ -36,6 +36,22 @@ MAX_WORKERS = 16
 # A stream re-checks whether its client is still there this often even if no callback fires.
 STREAM_RECHECK_S = 1.0
 STOP_GRACE_S = 0.5
+# Nodes with more GPUs get their allocator tables built in the background after registration.
+EAGER_ALLOCATOR_GPUS = 12
+# Only the kubelet (root) talks to our sockets; nobody else on the node may even connect.
+SOCKET_MODE = 0o600
+# The kubelet's own gRPC limit (grpc-go's 4 MiB default), stated so it cannot drift: a
+# request or a device list this big is already far beyond any real node.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+# The kubelet sends one container per Allocate; the cap only bounds the work one call can ask.
+MAX_CONTAINER_REQUESTS = 64
+# Device IDs are UUIDs (40 characters) with at most a "::<replica>" suffix; a longer one is
+# garbage, and echoing it in an error would bloat the status the kubelet receives.
+MAX_DEVICE_ID_BYTES = 256
 
 
 class ServeError(RuntimeError):
@@ -80,6 +96,9 @@ class ServingContext:
     preferred_whole: PreferredWholeFn
     preferred_shared: PreferredSharedFn
     allocation_errors: tuple[type[Exception], ...] = ()
+    # Builds caches ahead of the first request; the manager runs it on a daemon thread once
+    # the node is registered. None: nothing worth warming.
+    warm: Callable[[], None] | None = None
 
     @classmethod
     def create(cls, config: Config, snapshot: Snapshot) -> ServingContext:
@@ -87,13 +106,18 @@ class ServingContext:
         from deviceplugin import allocate, allocator
 
         whole = allocator.Allocator.from_snapshot(snapshot)
+        # Up to 12 GPUs the allocator builds every table in its constructor (~0.1 s); beyond,
+        # one size takes 0.2-1.9 s on its first request (hgx-16): build them all in the
+        # background instead. allocated_counts cannot help here: the kubelet never says what
+        # is in use, so preferred_shared infers it from the free devices it is offered.
         return cls(
             config=config,
             snapshot=snapshot,
-            allocate=allocate.build_allocation,
+            allocate=allocate.IndexedAllocate(),
             preferred_whole=whole.preferred,
             preferred_shared=allocator.preferred_shared,
             allocation_errors=(allocate.AllocationError,),
+            warm=whole.warm if len(snapshot.gpus) > EAGER_ALLOCATOR_GPUS else None,
         )
 
 
@@ -170,6 +194,29 @@ def fill_allocation(
 def allocation_to_proto(allocation: AllocationLike) -> api_pb2.ContainerAllocateResponse:
     """A ContainerAllocation as a new ContainerAllocateResponse."""
     return fill_allocation(api_pb2.ContainerAllocateResponse(), allocation)
+
+
+def request_problem(resource: Resource, containers: Sequence[Sequence[str]]) -> str | None:
+    """Why a request is too big to be a kubelet's, or None; checked before any work is done.
+
+    ``containers`` holds each container request's device IDs (Allocate's ``devices_ids``,
+    GetPreferredAllocation's ``available_deviceIDs`` and ``must_include_deviceIDs``).
+    """
+    if len(containers) > MAX_CONTAINER_REQUESTS:
+        return (f"{len(containers)} container requests; at most {MAX_CONTAINER_REQUESTS} "
+                "are accepted in one call")
+    # Replicas share a physical device, and a stale list may name old IDs: allow the total
+    # twice over, which no kubelet request reaches.
+    limit = 2 * len(resource.devices)
+    for ids in containers:
+        if len(ids) > limit:
+            return (f"{len(ids)} device IDs in one container request; {resource.name} has "
+                    f"{len(resource.devices)} devices")
+        for device_id in ids:
+            if len(device_id) > MAX_DEVICE_ID_BYTES:
+                return (f"a device ID of {len(device_id)} characters; IDs are at most "
+                        f"{MAX_DEVICE_ID_BYTES}")
+    return None
 
 
 def is_whole_gpu_resource(resource: Resource) -> bool:
@@ -273,11 +320,14 @@ class PluginServer:
         check_socket_path(self.socket_path)
         self._remove_stale_socket()
         executor = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix=self.endpoint)
-        server = grpc.server(executor)
+        server = grpc.server(executor, options=GRPC_OPTIONS)
         api_pb2_grpc.add_DevicePluginServicer_to_server(_Servicer(self), server)
         try:
             server.add_insecure_port(f"unix:{self.socket_path}")
-        except RuntimeError as err:
+            # Bound but not yet listening: nobody can connect before the mode is tightened.
+            os.chmod(self.socket_path, SOCKET_MODE)
+        except (RuntimeError, OSError) as err:
+            server.stop(None)
             executor.shutdown(wait=False)
             raise ServeError(f"cannot listen on {self.socket_path}: {err}") from err
         server.start()
@@ -323,7 +373,10 @@ class PluginServer:
     def restart(self) -> None:
         """Rebind after our socket was removed (the kubelet wipes the directory on start)."""
         with self._lifecycle:
-            if self._server is None or self._closed:
+            # Not "self._server is None": a rebind that failed (the kubelet wiped the socket
+            # again between our bind and our stat) leaves no server, and must be retried on
+            # the next tick rather than leave the resource unserved for good.
+            if self._closed or self.generation == 0:
                 return
             with self._cond:
                 self._closed = True
@@ -431,6 +484,14 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
         resource, serving = self._server.state
+        problem = request_problem(
+            resource,
+            [[*r.available_deviceIDs, *r.must_include_deviceIDs]
+             for r in request.container_requests],
+        )
+        if problem is not None:
+            log.warning("GetPreferredAllocation for %s refused: %s", resource.name, problem)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         response = api_pb2.PreferredAllocationResponse()
         for req in request.container_requests:
             ids = preferred_ids(
@@ -447,14 +508,26 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
         resource, serving = self._server.state
+        # Each ID list read out of the message once: every pass over a protobuf repeated
+        # field builds new str objects, and Allocate is on the pod start path.
+        containers = [tuple(r.devices_ids) for r in request.container_requests]
+        problem = request_problem(resource, containers)
+        if problem is not None:
+            log.warning("Allocate for %s refused: %s", resource.name, problem)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f'invalid allocation request for "{resource.name}": invalid request: {problem}',
+            )
+        allocate, config = serving.allocate, serving.config
         response = api_pb2.AllocateResponse()
-        for req in request.container_requests:
+        add = response.container_responses.add
+        for ids in containers:
             try:
-                allocation = serving.allocate(resource, req.devices_ids, serving.config)
+                allocation = allocate(resource, ids, config)
             except serving.allocation_errors as err:
                 log.warning("Allocate for %s refused: %s", resource.name, err)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            fill_allocation(response.container_responses.add(), allocation)
+            fill_allocation(add(), allocation)
         return response
 
     def PreStartContainer(

@@ -27,3 +27,22 @@ def test_demo_runs_and_exits() -> None:
     assert "nvidia.com/gpu.count=8" in out
     assert "nvidia.com/gpu.product=NVIDIA-A100-SXM4-40GB" in out
     assert "[demo] stopping" in out
+
+
+def test_demo_mig_with_device_specs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "deviceplugin.demo", "--profile", "a100-mig-1g",
+         "--mig-strategy", "mixed", "--pass-device-specs", "--allocate", "1",
+         "--exit-after", "0"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[ListAndWatch] nvidia.com/mig-1g.5gb: 56 devices, 56 healthy" in out
+    assert "[Allocate] nvidia.com/mig-1g.5gb: MIG-" in out
+    assert "/driver/dev/nvidia0 -> /dev/nvidia0 (rw)" in out
+    assert out.count("-> /dev/nvidia-caps/nvidia-cap") == 2

@@ -358,3 +358,24 @@ def test_h100_answers_like_the_real_one(fake_nvml: FakeFactory) -> None:
         pci = pynvml.nvmlDeviceGetPciInfo(handle)
         assert (pci.pciDeviceId, pci.pciSubSystemId) == (0x233010DE, 0x16C110DE)
         assert pynvml.nvmlDeviceGetSupportedEventTypes(handle) == 0xFF9F
+
+
+def test_driver_root_has_mig_minors_and_device_nodes(tmp_path) -> None:
+    from deviceplugin.allocate import read_mig_minors
+    from gpus.fake import load_profile, write_driver_root
+
+    profile = load_profile("a100-mig-1g")
+    write_driver_root(profile, tmp_path / "driver", tmp_path / "dev-root")
+    minors = read_mig_minors(str(tmp_path / "driver"))
+    # The driver's numbering: config 1, monitor 2, 15 GI slots of 9 minors per GPU.
+    assert minors["config"] == 1 and minors["monitor"] == 2
+    assert minors["gpu0/gi0/access"] == 3 and minors["gpu0/gi0/ci7/access"] == 11
+    assert minors["gpu1/gi0/access"] == 138
+    assert len(minors) == 2 + 8 * 15 * 9
+    dev = tmp_path / "dev-root" / "dev"
+    assert sorted(p.name for p in dev.iterdir() if p.is_file())[:3] == [
+        "nvidia-uvm", "nvidia-uvm-tools", "nvidia0"
+    ]
+    assert (dev / "nvidiactl").is_file() and not (dev / "nvidia-modeset").exists()
+    gi = profile.gpus[0].gpu_instances[0]
+    assert (dev / "nvidia-caps" / f"nvidia-cap{minors[f'gpu0/gi{gi.id}/access']}").is_file()

@@ -493,3 +493,30 @@ def test_event_constants_match_nvml() -> None:
     assert health.EVENT_XID == nvml.EVENT_XID
     assert health.EVENT_SINGLE_BIT_ECC == nvml.EVENT_SINGLE_BIT_ECC
     assert health.EVENT_DOUBLE_BIT_ECC == nvml.EVENT_DOUBLE_BIT_ECC
+
+
+# --- reload: a new monitor takes over the old one's set ------------------------------------
+
+
+def test_successor_starts_from_the_previous_unhealthy_set() -> None:
+    old, _, prober, clock = monitor()
+    old.handle_event(Event("GPU-1", xid=79))
+    old.handle_event(Event("GPU-2", xid=79, gpu_instance_id=1, compute_instance_id=1))
+    assert old.unhealthy == {"GPU-1", "MIG-2-1-1"}
+    # The new snapshot no longer has GPU 2's MIG device 1/1 (re-partitioned).
+    gpus = (make_gpu(0), make_gpu(1), make_gpu(2, migs=((2, 0),)))
+    changes = Changes()
+    new = HealthMonitor(prober, Snapshot(system=SNAPSHOT.system, gpus=gpus), changes, {},
+                        recovery_interval=5.0, quiet_period=30.0, clock=clock,
+                        watcher_factory=WatcherFactory(), wait_timeout_ms=20, previous=old)
+    assert new.unhealthy == {"GPU-1"}
+    # The quiet period carries over too: recovery is measured from the XID, not the reload.
+    clock.now += 29.0
+    new.step()
+    assert new.unhealthy == {"GPU-1"}
+    clock.now += 2.0
+    new.step()
+    assert new.unhealthy == frozenset()
+    changes.wait_for(set())
+    # The carried set was never re-reported as news: only the recovery was.
+    assert changes.seen == [frozenset()]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
 from test_server_support import (
+    default_config,
     fake_context,
     make_map,
     make_resource,
@@ -155,3 +158,111 @@ def test_no_kubelet_socket_serves_without_registering(snapshot) -> None:
         finally:
             manager.stop()
         assert os.listdir(directory) == []
+
+
+def readiness_env(
+    snapshot: Snapshot, directory: str, kubelet: MockKubelet, context=None
+) -> tuple[PluginManager, list[bool], threading.Condition]:
+    """A manager reporting readiness changes into a list (with a condition to wait on)."""
+    reports: list[bool] = []
+    cond = threading.Condition()
+
+    def on_ready(ready: bool) -> None:
+        with cond:
+            reports.append(ready)
+            cond.notify_all()
+
+    manager = PluginManager(
+        directory, kubelet.socket_path, context or fake_context(snapshot), poll_interval=0.02,
+        on_ready=on_ready,
+    )
+    return manager, reports, cond
+
+
+def wait_report(reports: list[bool], cond: threading.Condition, ready: bool) -> bool:
+    with cond:
+        return cond.wait_for(lambda: bool(reports) and reports[-1] is ready, timeout=TIMEOUT)
+
+
+def test_ready_once_registered_lost_with_the_kubelet_and_back(snapshot) -> None:
+    with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
+        manager, reports, cond = readiness_env(snapshot, directory, kubelet)
+        try:
+            manager.apply(make_map(make_resource(snapshot)))
+            manager.start()
+            assert wait_report(reports, cond, True)
+            assert kubelet.registrations(GPU)
+            assert manager.ready()
+            kubelet.stop()  # kubelet.sock gone: registration lost
+            assert wait_report(reports, cond, False)
+            kubelet.start()
+            assert wait_report(reports, cond, True)
+            assert len(kubelet.registrations(GPU)) == 2
+            assert reports == [True, False, True]
+        finally:
+            manager.stop()
+
+
+def test_ready_with_nothing_to_serve(snapshot) -> None:
+    with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
+        manager, reports, cond = readiness_env(snapshot, directory, kubelet)
+        try:
+            manager.apply(make_map(Resource(name=MIG, devices=())))
+            manager.start()
+            assert wait_report(reports, cond, True)
+            assert kubelet.registrations() == []
+        finally:
+            manager.stop()
+
+
+def test_not_ready_before_the_kubelet_is_up(snapshot) -> None:
+    with short_tmpdir() as directory:
+        kubelet = MockKubelet(directory)  # not started: no kubelet.sock yet
+        manager, reports, cond = readiness_env(snapshot, directory, kubelet)
+        try:
+            manager.apply(make_map(make_resource(snapshot)))
+            manager.start()
+            assert wait_report(reports, cond, False)
+            kubelet.start()
+            assert wait_report(reports, cond, True)
+        finally:
+            manager.stop()
+            kubelet.stop()
+
+
+def test_warm_runs_once_per_context_after_registration(snapshot) -> None:
+    warmed: list[str] = []
+    done = threading.Event()
+
+    def warm(label: str) -> None:
+        # Registration already happened when warm-up starts: it never delays it.
+        assert kubelet.registrations(GPU)
+        warmed.append(label)
+        done.set()
+
+    with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
+        first = dataclasses.replace(fake_context(snapshot), warm=lambda: warm("first"))
+        manager, reports, cond = readiness_env(snapshot, directory, kubelet, first)
+        try:
+            manager.apply(make_map(make_resource(snapshot)))
+            manager.start()
+            assert done.wait(TIMEOUT)
+            done.clear()
+            # The same context again (a health change): no second warm-up.
+            manager.apply(make_map(make_resource(snapshot, unhealthy=[snapshot.gpus[0].uuid])))
+            second = dataclasses.replace(first, warm=lambda: warm("second"))
+            manager.apply(make_map(make_resource(snapshot)), second)  # a reload
+            assert done.wait(TIMEOUT)
+            assert manager.warm_thread is not None
+            manager.warm_thread.join(TIMEOUT)
+            assert warmed == ["first", "second"]
+        finally:
+            manager.stop()
+
+
+def test_production_context_warms_only_big_nodes(fake_snapshot) -> None:
+    from deviceplugin.server import ServingContext
+
+    assert ServingContext.create(default_config(), fake_snapshot("dgx-a100")).warm is None
+    big = ServingContext.create(default_config(), fake_snapshot("hgx-16"))
+    assert big.warm is not None

@@ -7,7 +7,9 @@ intervals so a recovered device turns Healthy within a fraction of a second.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -181,3 +183,106 @@ def test_stop_removes_our_sockets() -> None:
         assert kubelet.wait_disconnected(GPU, TIMEOUT)
         assert not os.path.exists(os.path.join(directory, "nvidia-gpu.sock"))
         kubelet.stop()
+
+
+@contextmanager
+def slow_recovery_env(ready_file: str = "") -> Iterator[tuple[MockKubelet, DevicePlugin, str]]:
+    """Like ``env`` but devices never recover during the test, and with a readiness file."""
+    with short_tmpdir() as directory:
+        kubelet = MockKubelet(directory)
+        kubelet.start()
+        config = replace_plugin_flags(e2e_config(directory), health_recovery_interval=0.0)
+        path = ready_file or os.path.join(directory, "ready")
+        plugin = DevicePlugin(config, {}, poll_interval=0.02, ready_file=path)
+        try:
+            plugin.select_backend().write_sysfs(Path(config.flags.sysfs_root))
+            plugin.start()
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+            yield kubelet, plugin, path
+        finally:
+            plugin.close()
+            kubelet.stop()
+
+
+def test_ready_file_follows_registration() -> None:
+    with slow_recovery_env() as (kubelet, plugin, path):
+        assert plugin.readiness.wait(True, TIMEOUT)
+        assert os.path.isfile(path)
+        kubelet.stop()  # a kubelet restart: registration lost until it is back
+        assert plugin.readiness.wait(False, TIMEOUT)
+        assert not os.path.exists(path)
+        kubelet.start()
+        assert plugin.readiness.wait(True, TIMEOUT)
+        assert os.path.isfile(path)
+        assert len(kubelet.registrations(GPU)) == 2
+        plugin.stop()
+        assert not os.path.exists(path)
+
+
+def test_ready_file_write_failure_keeps_serving() -> None:
+    with short_tmpdir() as directory:
+        missing = os.path.join(directory, "no-such-dir", "ready")
+        with slow_recovery_env(missing) as (kubelet, plugin, _):
+            assert plugin.readiness.wait(True, TIMEOUT)  # reported, though not written
+            assert not os.path.exists(missing)
+            assert kubelet.allocate(GPU, 1).response.envs
+
+
+def wait_unhealthy(kubelet: MockKubelet, uuid: str) -> list[DeviceInfo] | None:
+    return kubelet.wait_for_devices(GPU, lambda ds: health_of(ds)[uuid] == "Unhealthy", TIMEOUT)
+
+
+def test_reload_keeps_unhealthy_devices() -> None:
+    with slow_recovery_env() as (kubelet, plugin, _):
+        assert plugin.health.wait_watching(TIMEOUT)
+        uuid = plugin.snapshot.gpus[3].uuid
+        plugin.controller.inject_xid(3, 79)
+        assert wait_unhealthy(kubelet, uuid) is not None
+        old_monitor = plugin.health
+        assert plugin.reload() is None
+        assert plugin.health is not old_monitor
+        assert plugin.health.unhealthy == {uuid}
+        assert plugin.resource_map.resources[GPU].devices[3].healthy is False
+        # The kubelet never saw it Healthy again, and the new monitor still watches.
+        assert health_of(kubelet.devices(GPU))[uuid] == "Unhealthy"
+        assert plugin.health.wait_watching(TIMEOUT)
+        other = plugin.snapshot.gpus[5].uuid
+        plugin.controller.inject_xid(5, 79)
+        devices = wait_unhealthy(kubelet, other)
+        assert devices is not None and health_of(devices)[uuid] == "Unhealthy"
+
+
+def test_reload_stops_the_old_monitor_without_holding_the_state_lock() -> None:
+    # A health callback takes the plugin's state lock; a reload that joined the old monitor
+    # while holding it would wait on a thread that waits on the reload (the reported deadlock).
+    with slow_recovery_env() as (_, plugin, _path):
+        old = plugin.health
+        original_stop = old.stop
+        lock_free: list[bool] = []
+
+        def stop() -> None:
+            got = threading.Event()
+
+            def probe() -> None:
+                if plugin._lock.acquire(timeout=TIMEOUT):
+                    got.set()
+                    plugin._lock.release()
+
+            thread = threading.Thread(target=probe)
+            thread.start()
+            thread.join()
+            lock_free.append(got.is_set())
+            original_stop()
+
+        old.stop = stop  # type: ignore[method-assign]
+        assert plugin.reload() is None
+        assert lock_free == [True]
+
+
+def test_late_callback_of_a_replaced_monitor_is_ignored() -> None:
+    with slow_recovery_env() as (kubelet, plugin, _):
+        old_generation = plugin._health_generation
+        assert plugin.reload() is None
+        sick = frozenset({plugin.snapshot.gpus[0].uuid})
+        plugin._on_health_change(old_generation, sick)  # what a blocked old callback would do
+        assert all(d.healthy for d in plugin.resource_map.resources[GPU].devices)

@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_server_support import short_tmpdir
 
-from deviceplugin.main import main
+from deviceplugin.main import main, ready_file_path
 from deviceplugin.mockkubelet import MockKubelet
 
 TIMEOUT = 10.0
@@ -108,3 +109,39 @@ def test_idles_after_init_error_when_told_to(tmp_path) -> None:
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 0
+
+
+def test_idle_after_init_error_is_ready() -> None:
+    with short_tmpdir() as directory:
+        ready = os.path.join(directory, "ready")
+        missing = os.path.join(directory, "nope", "kubelet.sock")
+        proc = spawn(["--nvml", "fake:dgx-a100", "--kubelet-socket", missing,
+                      "--fail-on-init-error=false", "--ready-file", ready])
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if f"ready: created {ready}" in line:
+                    break
+            assert os.path.isfile(ready)
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+
+
+def test_stale_ready_file_is_deleted_at_start(capsys) -> None:
+    with short_tmpdir() as directory:
+        ready = os.path.join(directory, "ready")
+        Path(ready).write_text("left by a previous container\n")
+        status = main(["--nvml", "fake:no-such-profile", "--ready-file", ready])
+        assert status == 1
+        assert not os.path.exists(ready)
+
+
+def test_ready_file_from_the_environment_and_flag() -> None:
+    assert ready_file_path(None, {}) == "/run/nvidia-device-plugin/ready"
+    assert ready_file_path(None, {"DP_READY_FILE": "/x/ready"}) == "/x/ready"
+    assert ready_file_path("", {"DP_READY_FILE": "/x/ready"}) == ""  # the flag wins

@@ -4,7 +4,7 @@
 the returned :class:`FakeNvml` injects faults (XIDs, ECC errors, lost GPUs, failing calls).
 """
 
-from gpus.fake.controller import FakeNvml, install, write_sysfs
+from gpus.fake.controller import FakeNvml, install, write_driver_root, write_sysfs
 from gpus.fake.profile import Profile, ProfileError, list_profiles, load_profile
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "install",
     "list_profiles",
     "load_profile",
+    "write_driver_root",
     "write_sysfs",
 ]

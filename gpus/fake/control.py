@@ -117,6 +117,8 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)
+            # Owner only, before listen(): whoever can connect can fail every GPU.
+            os.chmod(self.path, 0o600)
             sock.listen(8)
         except OSError:
             sock.close()
@@ -156,14 +158,16 @@ class ControlServer:
     def _handle_connection(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         reader = conn.makefile("rb")
-        for raw in reader:
+        # readline with a limit: a peer that never sends a newline cannot grow our memory.
+        while raw := reader.readline(MAX_LINE + 1):
             if len(raw) > MAX_LINE:
-                reply: dict[str, Any] = {"ok": False, "error": "request too long"}
-            else:
-                try:
-                    reply = handle_request(self.fake, json.loads(raw))
-                except json.JSONDecodeError as exc:
-                    reply = {"ok": False, "error": f"not JSON: {exc}"}
+                conn.sendall(b'{"ok": false, "error": "request too long"}\n')
+                return  # the rest of that line is unread: drop the connection
+            reply: dict[str, Any]
+            try:
+                reply = handle_request(self.fake, json.loads(raw))
+            except json.JSONDecodeError as exc:
+                reply = {"ok": False, "error": f"not JSON: {exc}"}
             log.info("fake NVML control: %s -> %s", raw.strip()[:200], reply)
             conn.sendall(json.dumps(reply).encode() + b"\n")
 

@@ -253,6 +253,10 @@ class FakeNvml:
         """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class}`` for every GPU."""
         write_sysfs(self.profile, Path(root))
 
+    def write_driver_root(self, root: Path | str, dev_root: Path | str | None = None) -> None:
+        """Create the driver's files and device nodes for this profile (see the function)."""
+        write_driver_root(self.profile, Path(root), None if dev_root is None else Path(dev_root))
+
 
 def write_sysfs(profile: Profile, root: Path) -> None:
     """The sysfs files the reader and the device plugin read, for ``profile``'s GPUs."""
@@ -262,6 +266,65 @@ def write_sysfs(profile: Profile, root: Path) -> None:
         numa = -1 if gpu.numa_node is None else gpu.numa_node
         (directory / "numa_node").write_text(f"{numa}\n")
         (directory / "class").write_text(f"0x{gpu.pci_class:06x}\n")
+
+
+# /proc/driver/nvidia-caps/mig-minors as the driver numbers it: "config 1", "monitor 2", then
+# per GPU minor number 15 GPU instance slots of 9 minors each (the GI's own access capability,
+# then its compute instances 0..7): gpu<g>/gi<i>/access = 3 + (15 g + i) * 9 and
+# gpu<g>/gi<i>/ci<c>/access = that + 1 + c (gpu1/gi0/access is 138, as on a real node).
+MIG_MINORS_FILE = "proc/driver/nvidia-caps/mig-minors"
+MIG_GI_SLOTS = 15
+MIG_CI_SLOTS = 8
+# Control nodes the fake creates; /dev/nvidia-modeset is left out on purpose (a node without
+# the modeset driver), so "passed only when present" stays visible in Allocate responses.
+CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools")
+
+
+def mig_gi_minor(gpu_minor: int, gi: int) -> int:
+    """The nvidia-cap minor of ``gpu<gpu_minor>/gi<gi>/access``."""
+    return 3 + (gpu_minor * MIG_GI_SLOTS + gi) * (MIG_CI_SLOTS + 1)
+
+
+def mig_ci_minor(gpu_minor: int, gi: int, ci: int) -> int:
+    """The nvidia-cap minor of ``gpu<gpu_minor>/gi<gi>/ci<ci>/access``."""
+    return mig_gi_minor(gpu_minor, gi) + 1 + ci
+
+
+def mig_minors_text(profile: Profile) -> str:
+    """The mig-minors file for ``profile``'s GPUs (every GI/CI slot, as the driver lists)."""
+    lines = ["config 1", "monitor 2"]
+    for gpu in sorted(profile.gpus, key=lambda g: g.minor):
+        for gi in range(MIG_GI_SLOTS):
+            lines.append(f"gpu{gpu.minor}/gi{gi}/access {mig_gi_minor(gpu.minor, gi)}")
+            lines.extend(
+                f"gpu{gpu.minor}/gi{gi}/ci{ci}/access {mig_ci_minor(gpu.minor, gi, ci)}"
+                for ci in range(MIG_CI_SLOTS)
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_driver_root(profile: Profile, root: Path, dev_root: Path | None = None) -> None:
+    """The files ``--pass-device-specs`` reads, for ``profile``, as plain files.
+
+    Under ``root`` (the driver root): ``proc/driver/nvidia-caps/mig-minors``. Under
+    ``dev_root`` (default ``root``): ``dev/nvidiactl``, ``dev/nvidia-uvm``,
+    ``dev/nvidia-uvm-tools``, ``dev/nvidia<minor>`` per GPU and
+    ``dev/nvidia-caps/nvidia-cap<N>`` for every GPU and compute instance of the profile.
+    """
+    dev = (root if dev_root is None else dev_root) / "dev"
+    minors = root / MIG_MINORS_FILE
+    os.makedirs(minors.parent, exist_ok=True)
+    minors.write_text(mig_minors_text(profile))
+    os.makedirs(dev / "nvidia-caps", exist_ok=True)
+    for name in CONTROL_NODES:
+        (dev / name).touch()
+    for gpu in profile.gpus:
+        (dev / f"nvidia{gpu.minor}").touch()
+        for gi in gpu.gpu_instances:
+            (dev / "nvidia-caps" / f"nvidia-cap{mig_gi_minor(gpu.minor, gi.id)}").touch()
+            for ci in gi.compute_instances:
+                cap = mig_ci_minor(gpu.minor, gi.id, ci.id)
+                (dev / "nvidia-caps" / f"nvidia-cap{cap}").touch()
 
 
 def install(profile: str | Path | Profile, control_socket: str | None = None) -> FakeNvml:

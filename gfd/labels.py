@@ -20,9 +20,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from gpus.config import Config, ReplicatedResource
+from gpus.config import Config
 from gpus.model import GPU, MigDevice, Snapshot
-from gpus.resources import mig_resource_name, mig_single_problems
+from gpus.resources import build_resource_map, mig_resource_name, mig_single_problems
 
 PREFIX = "nvidia.com/"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -105,28 +105,33 @@ class Sharing:
 
 
 NO_SHARING = Sharing(replicas=0, strategy=SHARING_NONE, shared=False, renamed=False)
+UNSHARED = Sharing(replicas=1, strategy=SHARING_NONE, shared=False, renamed=False)
+
+# Unshared resource name ("nvidia.com/gpu", "nvidia.com/mig-1g.5gb") -> how it is shared.
+SharingTable = Mapping[str, Sharing]
 
 
-def _replicated(config: Config, resource: str) -> ReplicatedResource | None:
-    for entry in config.sharing.time_slicing.resources:
-        if entry.name == resource:
-            return entry
-    return None
+def sharing_table(snapshot: Snapshot, config: Config) -> dict[str, Sharing]:
+    """How each resource is shared, read from the device plugin's own resource map.
+
+    ``gpus.resources.build_resource_map`` decides which time-slicing entries apply and under
+    which name (``TimeSlicing.shared_name``); the labels take replicas and ``Resource.renamed``
+    from it, so GFD and the plugin always agree (``-SHARED`` only when shared and not renamed,
+    and an entry the plugin rejects, e.g. a rename colliding with another resource, is not
+    reported as shared). Resources absent from the table are unshared.
+    """
+    table: dict[str, Sharing] = {}
+    for resource in build_resource_map(snapshot, config).resources.values():
+        if resource.shared:
+            table[resource.unshared_name or resource.name] = Sharing(
+                replicas=resource.replicas, strategy=SHARING_TIME_SLICING, shared=True,
+                renamed=resource.renamed)
+    return table
 
 
-def sharing_for(config: Config, resource: str) -> Sharing:
+def sharing_for(table: SharingTable, resource: str) -> Sharing:
     """The sharing facts for ``resource`` (``nvidia.com/gpu``, ``nvidia.com/mig-1g.5gb``)."""
-    entry = _replicated(config, resource)
-    if entry is None or entry.replicas < 1:
-        return Sharing(replicas=1, strategy=SHARING_NONE, shared=False, renamed=False)
-    shared = entry.replicas > 1
-    renamed = bool(entry.rename) or config.sharing.time_slicing.rename_by_default
-    return Sharing(
-        replicas=entry.replicas,
-        strategy=SHARING_TIME_SLICING if shared else SHARING_NONE,
-        shared=shared,
-        renamed=renamed,
-    )
+    return table.get(resource, UNSHARED)
 
 
 def _base_labels(resource: str, product: str, count: int, sharing: Sharing) -> Labels:
@@ -249,12 +254,14 @@ def architecture_labels(resource: str, gpu: GPU) -> Labels:
     }
 
 
-def full_gpu_labels(snapshot: Snapshot, config: Config) -> Labels:
+def full_gpu_labels(snapshot: Snapshot, config: Config,
+                    sharing_by: SharingTable | None = None) -> Labels:
     """``gpu.*`` for whole GPUs, describing the dominant model.
 
     ``gpu.count`` counts every GPU of that model, MIG-enabled or not (as NVIDIA does). When at
     least one GPU of the model has MIG disabled, the sharing config applies; when all have MIG
-    enabled, sharing does not apply and ``gpu.replicas`` is 0.
+    enabled, sharing does not apply and ``gpu.replicas`` is 0. ``sharing_by`` is
+    :func:`sharing_table` (computed when not given).
     """
     name = dominant((gpu.name, gpu.index) for gpu in snapshot.gpus)
     if name is None:
@@ -262,7 +269,9 @@ def full_gpu_labels(snapshot: Snapshot, config: Config) -> Labels:
     same = sorted((g for g in snapshot.gpus if g.name == name), key=lambda g: g.index)
     whole = [g for g in same if not g.mig_enabled]
     representative = whole[0] if whole else same[0]
-    sharing = sharing_for(config, GPU_RESOURCE) if whole else NO_SHARING
+    if sharing_by is None:
+        sharing_by = sharing_table(snapshot, config)
+    sharing = sharing_for(sharing_by, GPU_RESOURCE) if whole else NO_SHARING
     product = product_value(name, shared=sharing.shared and not sharing.renamed)
     labels = _base_labels(GPU_RESOURCE, product, len(same), sharing)
     memory = mib(representative.memory_bytes)
@@ -289,12 +298,11 @@ def mig_attribute_labels(resource: str, mig: MigDevice) -> Labels:
 
 
 def _mig_profile_labels(
-    resource: str, config: Config, devices: list[tuple[GPU, MigDevice]]
+    resource: str, sharing: Sharing, devices: list[tuple[GPU, MigDevice]]
 ) -> Labels:
     """Labels for one MIG profile: the dominant parent model describes it."""
     model = dominant((gpu.name, gpu.index) for gpu, _ in devices)
     parent, mig = next((g, m) for g, m in devices if g.name == model)
-    sharing = sharing_for(config, resource)
     product = product_value(parent.name, "MIG", mig.profile,
                             shared=sharing.shared and not sharing.renamed)
     labels = _base_labels(resource, product, len(devices), sharing)
@@ -309,7 +317,8 @@ def _mig_devices(snapshot: Snapshot) -> list[tuple[GPU, MigDevice]]:
             for mig in sorted(gpu.mig_devices, key=lambda m: m.index)]
 
 
-def mig_single_labels(snapshot: Snapshot, config: Config) -> Labels:
+def mig_single_labels(snapshot: Snapshot, config: Config,
+                      sharing_by: SharingTable | None = None) -> Labels:
     """MIG ``single``: MIG devices become ``gpu.*``; a broken layout is ``<model>-MIG-INVALID``."""
     labels: Labels = {PREFIX + "mig.strategy": "single"}
     enabled = sorted((g for g in snapshot.gpus if g.mig_enabled), key=lambda g: g.index)
@@ -323,29 +332,36 @@ def mig_single_labels(snapshot: Snapshot, config: Config) -> Labels:
             GPU_RESOURCE + ".memory": "0",
         })
         return labels
-    labels.update(_mig_profile_labels(GPU_RESOURCE, config, _mig_devices(snapshot)))
+    if sharing_by is None:
+        sharing_by = sharing_table(snapshot, config)
+    labels.update(_mig_profile_labels(GPU_RESOURCE, sharing_for(sharing_by, GPU_RESOURCE),
+                                      _mig_devices(snapshot)))
     return labels
 
 
-def mig_mixed_labels(snapshot: Snapshot, config: Config) -> Labels:
+def mig_mixed_labels(snapshot: Snapshot, config: Config,
+                     sharing_by: SharingTable | None = None) -> Labels:
     """MIG ``mixed``: ``mig-<profile>.*`` per profile; MIG-enabled GPUs without devices ignored."""
     labels: Labels = {PREFIX + "mig.strategy": "mixed"}
     by_profile: dict[str, list[tuple[GPU, MigDevice]]] = {}
     for gpu, mig in _mig_devices(snapshot):
         by_profile.setdefault(mig.profile, []).append((gpu, mig))
+    if sharing_by is None:
+        sharing_by = sharing_table(snapshot, config)
     for profile, devices in by_profile.items():
         resource = mig_resource_name(profile)
-        labels.update(_mig_profile_labels(resource, config, devices))
+        labels.update(_mig_profile_labels(resource, sharing_for(sharing_by, resource), devices))
     return labels
 
 
-def mig_strategy_labels(snapshot: Snapshot, config: Config) -> Labels:
+def mig_strategy_labels(snapshot: Snapshot, config: Config,
+                        sharing_by: SharingTable | None = None) -> Labels:
     """The MIG strategy's labels; ``none`` adds nothing (not even ``mig.strategy``)."""
     strategy = config.flags.mig_strategy
     if strategy == "single":
-        return mig_single_labels(snapshot, config)
+        return mig_single_labels(snapshot, config, sharing_by)
     if strategy == "mixed":
-        return mig_mixed_labels(snapshot, config)
+        return mig_mixed_labels(snapshot, config, sharing_by)
     return {}
 
 
@@ -364,7 +380,9 @@ def resource_labels(snapshot: Snapshot, config: Config) -> Labels:
     """Full-GPU labels overlaid with the MIG strategy's (NVIDIA's "resource labeler")."""
     if not snapshot.gpus:
         return {}
-    return merge(full_gpu_labels(snapshot, config), mig_strategy_labels(snapshot, config))
+    sharing_by = sharing_table(snapshot, config)  # one resource map per pass
+    return merge(full_gpu_labels(snapshot, config, sharing_by),
+                 mig_strategy_labels(snapshot, config, sharing_by))
 
 
 def device_labels(snapshot: Snapshot, config: Config, machine: str) -> Labels:

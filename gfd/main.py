@@ -5,6 +5,10 @@ the clock, then hand the labels to the outputs (features file, stdout, the Node 
 Signals: SIGHUP reloads the configuration and relabels at once; SIGTERM/SIGINT exit 0 (in loop
 mode the features file is removed so node-feature-discovery drops the labels). Waiting is an
 interruptible ``threading.Event`` wait, never a busy loop.
+
+Health contract (the DaemonSet's probes): the health file (``--health-file``, env
+``GFD_HEALTH_FILE``) is deleted at start and rewritten with the Unix time after every
+successful pass: labels computed and every configured output (file, Node) written.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, TextIO
 
 from gfd.labels import UNKNOWN_MACHINE, label_problems, node_labels, timestamp_labels
 from gfd.nodepatch import Backoff, KubeConfigError, KubeNodeApi, NodeApi, NodePublisher
-from gfd.output import FeaturesFile, render_table
+from gfd.output import FeaturesFile, HealthFile, render_table
 from gpus.config import Config, ConfigError, add_flags, reload, resolve
 from gpus.model import Snapshot
 
@@ -32,6 +36,7 @@ log = logging.getLogger("gfd")
 PROG = "gpu-feature-discovery"
 OUTPUT_MODES = ("file", "node-api", "both")
 ONESHOT_PATCH_ATTEMPTS = 5  # oneshot + node-api: tries (with backoff) before giving up
+DEFAULT_HEALTH_FILE = "/run/gfd/last-pass-ok"  # where daemonset/base's probes look
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 SnapshotReader = Callable[[Config], Snapshot]
@@ -49,6 +54,9 @@ class Options:
     kubeconfig: str = ""
     dry_run: bool = False
     log_level: str = "INFO"
+    # "" disables. The command line defaults to DEFAULT_HEALTH_FILE (resolve_options); this
+    # dataclass does not, so programmatic and test use never writes under /run.
+    health_file: str = ""
 
     @property
     def writes_file(self) -> bool:
@@ -79,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "$KUBECONFIG or ~/.kube/config) [env GFD_KUBECONFIG]")
     ours.add_argument("--dry-run", action="store_true",
                       help="print the labels as a table and exit; write nothing")
+    ours.add_argument("--health-file", default=None,
+                      help="file rewritten with the Unix time after every successful pass, "
+                      f"for liveness probes; empty disables (default {DEFAULT_HEALTH_FILE}) "
+                      "[env GFD_HEALTH_FILE]")
     ours.add_argument("--log-level", default=None,
                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                       help="log verbosity (default INFO) [env GFD_LOG_LEVEL]")
@@ -101,11 +113,21 @@ def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Opt
         kubeconfig=(args.kubeconfig or environ.get("GFD_KUBECONFIG", "")).strip(),
         dry_run=bool(args.dry_run),
         log_level=level,
+        health_file=_health_file(args, environ),
     )
     if options.patches_node and not options.node_name and not options.dry_run:
         raise ConfigError(f"--output-mode {mode} needs the Node's name: set --node-name or "
                           "NODE_NAME (from the downward API: spec.nodeName)")
     return options
+
+
+def _health_file(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """Flag > env var > default; unlike other settings an empty value (set) disables it."""
+    if args.health_file is not None:
+        return str(args.health_file).strip()
+    if "GFD_HEALTH_FILE" in environ:
+        return environ["GFD_HEALTH_FILE"].strip()
+    return DEFAULT_HEALTH_FILE
 
 
 # --------------------------------------------------------------------------- reading
@@ -235,9 +257,15 @@ class Daemon:
         stdout: TextIO | None = None,
         wakeup: Wakeup | None = None,
     ) -> None:
-        """``reader``, ``node_api`` and ``backoff`` are injectable for tests and the bench."""
+        """``reader``, ``node_api`` and ``backoff`` are injectable for tests and the bench.
+
+        Unless this is a dry run, a health file left by an earlier run is deleted here, first,
+        so that even a failure to start leaves no stale proof of health behind.
+        """
         self.config = config
         self.options = options
+        self.health = HealthFile("" if options.dry_run else options.health_file)
+        self.health.reset()
         self._args = args
         self._environ = environ if environ is not None else os.environ
         self._reader = reader
@@ -253,6 +281,7 @@ class Daemon:
         self._nvml_state = "ok"
         self._problems: tuple[str, ...] = ()
         self._machine = ""
+        self._awaiting_patch = False  # this pass wrote its file; only the Node patch is due
         self.passes = 0
 
     # ----------------------------------------------------------------- one pass
@@ -298,15 +327,49 @@ class Daemon:
             return None  # keep the last published labels rather than flapping them away
         return timestamp_labels(self.config, now)
 
-    def publish(self, labels: Mapping[str, str]) -> None:
-        """Hand the labels to every output; a failing API server never blocks the file."""
+    def publish(self, labels: Mapping[str, str]) -> bool:
+        """Hand the labels to every output; True when all of them took the labels.
+
+        A failing API server never blocks the file. When only the Node patch failed, its
+        retries (see :meth:`retry_patch`) may still complete this pass.
+        """
+        file_ok = True
         if self.options.writes_file:
             try:
                 self.features.write(labels)
             except OSError as err:
                 log.error("cannot write %s: %s", self.features.path, err)
-        if self.publisher is not None:
-            self.publisher.publish(labels)
+                file_ok = False
+        patched = self.publisher.publish(labels) if self.publisher is not None else True
+        self._awaiting_patch = file_ok and not patched
+        return file_ok and patched
+
+    def run_pass(self) -> bool:
+        """One labelling pass; True (and the health file refreshed) when it succeeded.
+
+        Fails when NVML failed after an earlier success (the last labels are kept) or an
+        output could not be written. Raises InitError like :meth:`compute_labels`.
+        """
+        self._awaiting_patch = False
+        labels = self.compute_labels()
+        self.passes += 1
+        if labels is None or not self.publish(labels):
+            return False
+        self.health.mark()
+        return True
+
+    def retry_patch(self) -> bool:
+        """Retry a failed Node patch; True when the Node now carries the latest labels.
+
+        When that completes a pass whose file output succeeded, the pass counts as
+        successful after all and the health file is refreshed.
+        """
+        if self.publisher is None or not self.publisher.retry():
+            return False
+        if self._awaiting_patch:
+            self._awaiting_patch = False
+            self.health.mark()
+        return True
 
     # ----------------------------------------------------------------- modes
 
@@ -330,30 +393,26 @@ class Daemon:
         return EXIT_OK
 
     def _oneshot(self) -> int:
-        labels = self.compute_labels()
-        if labels is None:
-            return EXIT_FAILURE
-        self.passes += 1
-        self.publish(labels)
+        if self.run_pass():
+            return EXIT_OK
         publisher = self.publisher
+        if publisher is None or not self._awaiting_patch:
+            return EXIT_FAILURE  # no labels, or the features file could not be written
         attempts = 1
-        while publisher is not None and not publisher.converged:
+        while not publisher.converged:
             if attempts >= ONESHOT_PATCH_ATTEMPTS or self.wakeup.stop:
                 log.error("node %s: labels not applied after %d attempts", publisher.node_name,
                           attempts)
                 return EXIT_FAILURE
             self.wakeup.sleep(publisher.retry_in() or 0.0)
-            publisher.retry()
+            self.retry_patch()
             attempts += 1
         return EXIT_OK
 
     def _loop(self) -> int:
         try:
             while not self.wakeup.stop:
-                labels = self.compute_labels()
-                self.passes += 1
-                if labels is not None:
-                    self.publish(labels)
+                self.run_pass()
                 self._wait_for_next_pass(time.monotonic() + self.config.flags.gfd.sleep_interval)
         finally:
             if self.wakeup.stop and self.options.writes_file:
@@ -373,8 +432,7 @@ class Daemon:
                 return
             retry_in = self.publisher.retry_in() if self.publisher is not None else None
             if retry_in is not None and retry_in <= 0:
-                assert self.publisher is not None
-                self.publisher.retry()
+                self.retry_patch()
                 continue
             timeout = deadline - now if retry_in is None else min(deadline - now, retry_in)
             self.wakeup.sleep(timeout)

@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 PREFIX = "nvidia.com/"
 OWNERSHIP_ANNOTATION = "nvidia.com/gfd.labels"
 MERGE_PATCH = "application/merge-patch+json"
-# Never written nor deleted, whatever an (edited) ownership annotation claims: the device
-# plugin's per-node config selector belongs to the cluster admin.
-PROTECTED = frozenset({"nvidia.com/device-plugin.config"})
-REQUEST_TIMEOUT = (5.0, 10.0)  # connect, read (seconds)
+# Never written nor deleted, whatever an (edited) ownership annotation or a labeler claims:
+# the device plugin's per-node config selector belongs to the cluster admin, and gpu.present
+# (set by the admin or the GPU operator) decides where the DaemonSets, the simulated one
+# included, are scheduled: deleting it would evict GFD from its own node.
+PROTECTED = frozenset({"nvidia.com/device-plugin.config", "nvidia.com/gpu.present"})
+# (connect, read) seconds for every API call: a hung API server fails the call (retried with
+# backoff) instead of blocking the labelling loop forever.
+REQUEST_TIMEOUT = (5.0, 10.0)
 
 
 # --------------------------------------------------------------------------- pure planning
@@ -61,8 +65,11 @@ def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str]) -> dict[str,
     metadata = node.get("metadata") or {}
     current: Mapping[str, str] = metadata.get("labels") or {}
     annotations: Mapping[str, str] = metadata.get("annotations") or {}
-    wanted = {k: v for k, v in desired.items() if k not in PROTECTED}
-    previously = owned_keys(annotations) - PROTECTED
+    # Only nvidia.com/ labels are ever ours, whatever the annotation (anyone with patch rights
+    # on the Node can edit it) or a labeler claims: kubernetes.io/ and other labels stay as
+    # they are.
+    wanted = {k: v for k, v in desired.items() if k.startswith(PREFIX) and k not in PROTECTED}
+    previously = {k for k in owned_keys(annotations) if k.startswith(PREFIX)} - PROTECTED
 
     label_changes: dict[str, str | None] = {
         k: v for k, v in wanted.items() if current.get(k) != v
@@ -121,12 +128,16 @@ class NodeApi(Protocol):
 class KubeNodeApi:
     """:class:`NodeApi` over the official ``kubernetes`` client (imported only here)."""
 
-    def __init__(self, core_v1: Any) -> None:
-        """``core_v1`` is a ``kubernetes.client.CoreV1Api``."""
+    def __init__(self, core_v1: Any,
+                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
+        """``core_v1`` is a ``kubernetes.client.CoreV1Api``; ``request_timeout`` is
+        (connect, read) seconds, passed to every call."""
         self._core = core_v1
+        self.request_timeout = request_timeout
 
     @classmethod
-    def from_environment(cls, kubeconfig: str | None = None) -> KubeNodeApi:
+    def from_environment(cls, kubeconfig: str | None = None,
+                         request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> KubeNodeApi:
         """In-cluster config, or ``kubeconfig`` (or the default kubeconfig) outside a cluster."""
         from kubernetes import client
         from kubernetes import config as kube_config
@@ -145,28 +156,30 @@ class KubeNodeApi:
             raise KubeConfigError(str(err)) from err
         # Retries are ours (backoff across passes), not urllib3's hidden ones.
         configuration.retries = False
-        return cls(client.CoreV1Api(client.ApiClient(configuration)))
+        return cls(client.CoreV1Api(client.ApiClient(configuration)), request_timeout)
 
     def get_node(self, name: str) -> dict[str, Any]:
         """GET /api/v1/nodes/{name}, as plain JSON (skips the slow model deserialisation)."""
         return self._call(lambda: self._core.read_node(
-            name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+            name, _preload_content=False, _request_timeout=self.request_timeout))
 
     def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """PATCH /api/v1/nodes/{name} with ``application/merge-patch+json``."""
         return self._call(lambda: self._core.patch_node(
             name, patch, _content_type=MERGE_PATCH, _preload_content=False,
-            _request_timeout=REQUEST_TIMEOUT))
+            _request_timeout=self.request_timeout))
 
     @staticmethod
     def _call(request: Callable[[], Any]) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError, TimeoutError
+        from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
 
         try:
             response = request()
         except ApiException as err:
             raise NodeApiError(f"HTTP {err.status}", str(err.reason or err)) from err
+        except NewConnectionError as err:  # refused, unreachable: a TimeoutError in urllib3 2
+            raise NodeApiError("connection error", str(err)) from err
         except TimeoutError as err:
             raise NodeApiError("timeout", str(err)) from err
         except (HTTPError, OSError) as err:

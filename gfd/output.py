@@ -1,4 +1,5 @@
-"""Where labels go: the node-feature-discovery features file, stdout, or a table.
+"""Where labels go: the node-feature-discovery features file, stdout, or a table; and the
+health file the DaemonSet's probes read.
 
 The features file is what node-feature-discovery's local source reads: one ``key=value`` per
 line. It is replaced atomically (temp file in the same directory, fsync, ``os.replace``) so NFD
@@ -12,7 +13,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def parse_features(text: str) -> dict[str, str]:
 def write_atomically(path: str, content: str) -> None:
     """Replace ``path`` with ``content``: readers see the old file or the new one, never a mix."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    _make_dirs(directory)
     fd, tmp = tempfile.mkstemp(prefix=".gfd-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -52,6 +54,19 @@ def write_atomically(path: str, content: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _make_dirs(directory: str) -> None:
+    """``mkdir -p`` with every new level 0755 whatever the umask (os.makedirs gives parents
+    the umask's mode): whoever can write in features.d can add node labels through NFD."""
+    missing = []
+    while not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(level, 0o755)
+            os.chmod(level, 0o755)  # mkdir's mode is masked by the umask too
 
 
 def _fsync_directory(directory: str) -> None:
@@ -119,3 +134,54 @@ def render_table(labels: Mapping[str, str]) -> str:
     lines = [f"{'LABEL':<{width}}  VALUE"]
     lines += [f"{key:<{width}}  {labels[key]}" for key in sorted(labels)]
     return "\n".join(lines) + "\n"
+
+
+class HealthFile:
+    """The liveness contract with the DaemonSet's probes (``GFD_HEALTH_FILE``).
+
+    Deleted when GFD starts (the emptyDir holding it outlives a container restart, so a stale
+    file would make a fresh, not yet working GFD look healthy), then atomically replaced with
+    the Unix time in seconds after every successful labelling pass. An empty path disables it.
+    A write failure is logged once per change of state and never stops labelling: the probes
+    then see a stale file, which is the truth.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        """``path`` empty disables; ``clock`` is wall-clock seconds (injectable for tests)."""
+        self.path = path
+        self._clock = clock
+        self._error = ""
+
+    @property
+    def enabled(self) -> bool:
+        """True when a path is configured."""
+        return bool(self.path)
+
+    def reset(self) -> None:
+        """Delete the file left by an earlier run, if any."""
+        if not self.path:
+            return
+        try:
+            os.unlink(self.path)
+            log.info("removed the health file %s left by an earlier run", self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("cannot remove the health file %s: %s", self.path, err)
+
+    def mark(self) -> None:
+        """Record a successful pass: the file holds the current Unix time in seconds."""
+        if not self.path:
+            return
+        try:
+            write_atomically(self.path, f"{int(self._clock())}\n")
+        except OSError as err:
+            state = f"{type(err).__name__} {err.errno}"  # str(err) names a random temp file
+            if state != self._error:
+                log.warning("cannot write the health file %s: %s (liveness probes reading it "
+                            "will fail; --health-file '' disables it)", self.path, err)
+            self._error = state
+            return
+        if self._error:
+            log.info("health file %s written again", self.path)
+        self._error = ""

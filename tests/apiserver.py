@@ -76,6 +76,7 @@ class FakeApiServer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._state = _State()
+        self._stopping = threading.Event()  # wakes delayed requests when the server stops
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         # A short poll interval keeps shutdown (and so test teardown) fast.
@@ -97,6 +98,7 @@ class FakeApiServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket (also fine when never started)."""
+        self._stopping.set()
         if self._thread.is_alive():
             self._httpd.shutdown()
             self._thread.join(timeout=5)
@@ -167,7 +169,12 @@ class FakeApiServer:
             self._state.faults.append(Fault("close", count))
 
     def delay_next(self, count: int, seconds: float) -> None:
-        """The next ``count`` requests are answered after ``seconds``."""
+        """The next ``count`` requests are answered after ``seconds`` (like a hung server).
+
+        A delayed request is recorded, and a PATCH applied, only after the delay, as a real
+        API server may still apply a request its client gave up on. Stopping the server
+        cuts the delay short.
+        """
         with self._lock:
             self._state.faults.append(Fault("delay", count, delay=seconds))
 
@@ -272,7 +279,7 @@ class FakeApiServer:
                     body = raw.decode("utf-8", "replace")
                 fault = server._next_fault()
                 if fault is not None and fault.kind == "delay":
-                    time.sleep(fault.delay)
+                    server._stopping.wait(fault.delay)
                     fault = None
                 if fault is not None and fault.kind == "close":
                     server._record(Request(method, self.path, content_type, body, 0))
@@ -293,11 +300,15 @@ class FakeApiServer:
                         status, payload = server._patch(name, content_type, body)
                 server._record(Request(method, self.path, content_type, body, status))
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    # The client gave up (timed out) while the answer was delayed.
+                    self.close_connection = True
 
         return Handler
 

@@ -20,6 +20,7 @@ from gfd.labels import (
 )
 from gpus.config import Config, Flags, GfdFlags, ReplicatedResource, Sharing, TimeSlicing
 from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
+from gpus.resources import build_resource_map
 
 MIB = 1 << 20
 N = "nvidia.com/"
@@ -101,6 +102,53 @@ def test_renamed_shared_resource_has_no_shared_suffix(kwargs: dict[str, object])
     labels = resource_labels(snap(gpu()), cfg(replicas=4, **kwargs))  # type: ignore[arg-type]
     assert labels[N + "gpu.product"] == "MOCKMODEL"
     assert labels[N + "gpu.replicas"] == "4"
+
+
+def test_rename_to_its_own_name_is_not_renamed() -> None:
+    # The plugin advertises the replicas under nvidia.com/gpu itself (Resource.renamed is
+    # false), so the product says -SHARED, as for no rename at all.
+    labels = resource_labels(snap(gpu()), cfg(replicas=2, rename="nvidia.com/gpu"))
+    assert labels[N + "gpu.product"] == "MOCKMODEL-SHARED"
+    assert labels[N + "gpu.replicas"] == "2"
+
+
+def test_sharing_the_plugin_rejects_is_not_labelled() -> None:
+    # Renaming the GPUs' replicas onto an existing MIG resource: the plugin refuses to share
+    # (gpus.resources reports it), so the labels say unshared too.
+    gpus = [gpu(0), gpu(1, mig_enabled=True, migs=(mig(1, 0),))]
+    config = cfg("mixed", replicas=2, rename="nvidia.com/mig-1g.5gb")
+    labels = resource_labels(snap(*gpus), config)
+    assert labels[N + "gpu.replicas"] == "1"
+    assert labels[N + "gpu.sharing-strategy"] == "none"
+    assert labels[N + "gpu.product"] == "MOCKMODEL"
+    assert labels[N + "mig-1g.5gb.replicas"] == "1"
+
+
+@pytest.mark.parametrize("strategy", ["none", "single", "mixed"])
+@pytest.mark.parametrize("resource", ["nvidia.com/gpu", "nvidia.com/mig-1g.5gb"])
+@pytest.mark.parametrize("rename", ["", "nvidia.com/gpu", "nvidia.com/shared-thing",
+                                    "nvidia.com/mig-1g.5gb", "by-default"])
+def test_labels_agree_with_the_plugins_resource_map(strategy: str, resource: str,
+                                                    rename: str) -> None:
+    gpus = [gpu(0), gpu(1, mig_enabled=True, migs=(mig(1, 0), mig(1, 1))),
+            gpu(2, mig_enabled=True, migs=(mig(2, 0),))]
+    config = cfg(strategy, replicas=3, resource=resource,
+                 rename="" if rename == "by-default" else rename,
+                 rename_by_default=rename == "by-default")
+    snapshot = snap(*gpus)
+    labels = resource_labels(snapshot, config)
+    advertised = build_resource_map(snapshot, config).resources.values()
+    shared = {r.unshared_name: r for r in advertised if r.shared}
+    for key, product in labels.items():
+        if not key.endswith(".product") or product.endswith("-INVALID"):
+            continue
+        name = key[: -len(".product")]
+        if name == N + "gpu" and strategy != "single" and not any(
+                not g.mig_enabled for g in gpus):
+            continue  # every GPU in MIG mode: sharing does not apply (replicas 0)
+        found = shared.get(name)
+        assert labels[name + ".replicas"] == str(found.replicas if found else 1), key
+        assert product.endswith("-SHARED") == (found is not None and not found.renamed), key
 
 
 def test_none_strategy_mig_enabled_gpu_has_zero_replicas_and_no_sharing() -> None:

@@ -9,13 +9,22 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from apiserver import FakeApiServer
 
-from gfd.main import Daemon, Options, build_parser, main, read_machine_type
+from gfd.main import (
+    DEFAULT_HEALTH_FILE,
+    Daemon,
+    Options,
+    build_parser,
+    main,
+    read_machine_type,
+    resolve_options,
+)
 from gfd.nodepatch import OWNERSHIP_ANNOTATION, Backoff, KubeNodeApi
 from gfd.output import parse_features
 from gpus.config import Config, Flags, GfdFlags, resolve
@@ -25,6 +34,14 @@ from gpus.nvml import NvmlError
 N = "nvidia.com/"
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "gpu-node-1"
+
+
+@pytest.fixture(autouse=True)
+def _never_the_default_health_file() -> Iterator[None]:
+    """Tests run as root here: none may write the real /run/gfd/last-pass-ok."""
+    existed = os.path.exists(DEFAULT_HEALTH_FILE)
+    yield
+    assert existed or not os.path.exists(DEFAULT_HEALTH_FILE)
 
 
 @pytest.fixture
@@ -44,7 +61,8 @@ def server() -> Iterator[FakeApiServer]:
 def base_args(tmp_path: Path, machine_file: str, sysfs: str, profile: str = "dgx-a100"
               ) -> list[str]:
     return ["--nvml", f"fake:{profile}", "--sysfs-root", sysfs,
-            "--machine-type-file", machine_file, "-o", str(tmp_path / "features.d" / "gfd")]
+            "--machine-type-file", machine_file, "--health-file", str(tmp_path / "health"),
+            "-o", str(tmp_path / "features.d" / "gfd")]
 
 
 # --------------------------------------------------------------------------- oneshot, file
@@ -71,7 +89,8 @@ def test_oneshot_env_vars_and_no_timestamp(tmp_path: Path, machine_file: str,
     out = tmp_path / "gfd"
     env = {"GFD_ONESHOT": "true", "GFD_NO_TIMESTAMP": "true", "GFD_OUTPUT_FILE": str(out),
            "GFD_MIG_STRATEGY": "single", "NVML_BACKEND": "fake:a100-mig-1g",
-           "GFD_MACHINE_TYPE_FILE": machine_file, "SYSFS_ROOT": sysfs_root("a100-mig-1g")}
+           "GFD_MACHINE_TYPE_FILE": machine_file, "SYSFS_ROOT": sysfs_root("a100-mig-1g"),
+           "GFD_HEALTH_FILE": str(tmp_path / "health")}
     assert main([], environ=env) == 0
     labels = parse_features(out.read_text())
     assert N + "gfd.timestamp" not in labels
@@ -125,11 +144,13 @@ def failing_reader(config: Config) -> Snapshot:
 
 
 def daemon(tmp_path: Path, reader: Callable[[Config], Snapshot], *, fail: bool = True,
-           oneshot: bool = True, mode: str = "file", **kwargs: object) -> Daemon:
+           oneshot: bool = True, mode: str = "file", health: Path | None = None,
+           **kwargs: object) -> Daemon:
     config = Config(flags=Flags(fail_on_init_error=fail, gfd=GfdFlags(
         oneshot=oneshot, output_file=str(tmp_path / "gfd"), sleep_interval=3600,
         machine_type_file="")))
-    options = Options(output_mode=mode, node_name=NODE)
+    options = Options(output_mode=mode, node_name=NODE,
+                      health_file=str(health) if health is not None else "")
     return Daemon(config, options, reader=reader, **kwargs)  # type: ignore[arg-type]
 
 
@@ -159,10 +180,11 @@ def test_real_backend_without_driver_fails_cleanly(tmp_path: Path,
     except pynvml.NVMLError:
         pass
     out = tmp_path / "gfd"
-    assert main(["--oneshot", "--nvml", "real", "-o", str(out)], environ={}) == 1
+    no_health = {"GFD_HEALTH_FILE": ""}
+    assert main(["--oneshot", "--nvml", "real", "-o", str(out)], environ=no_health) == 1
     assert not out.exists()
     assert main(["--oneshot", "--nvml", "real", "-o", str(out), "--fail-on-init-error=false"],
-                environ={}) == 0
+                environ=no_health) == 0
     assert list(parse_features(out.read_text())) == [N + "gfd.timestamp"]
 
 
@@ -242,8 +264,6 @@ def test_loop_retries_until_the_api_server_recovers(tmp_path: Path, fake_snapsho
 def test_node_api_options_from_env() -> None:
     parser = build_parser()
     args = parser.parse_args([])
-    from gfd.main import resolve_options
-
     options = resolve_options(args, {"GFD_OUTPUT_MODE": "node-api", "NODE_NAME": "n1",
                                      "GFD_KUBECONFIG": "/k"})
     assert (options.output_mode, options.node_name, options.kubeconfig) == ("node-api", "n1",
@@ -325,3 +345,153 @@ def test_stdout_stream_injection(tmp_path: Path) -> None:
                stdout=stream)
     assert d.run() == 0
     assert stream.getvalue() == ""  # no GPUs: no labels at all
+
+
+# --------------------------------------------------------------------------- health file
+
+STALE = "1\n"  # what an earlier container left behind; any refresh replaces it
+
+
+def no_nvml_after_first(snapshot: Snapshot) -> Callable[[Config], Snapshot]:
+    """A reader that works once, then fails (the GPU fell off the bus)."""
+    calls: list[int] = []
+
+    def read(config: Config) -> Snapshot:
+        calls.append(1)
+        if len(calls) > 1:
+            raise NvmlError("nvmlDeviceGetCount", 15, "GPU is lost")
+        return snapshot
+
+    return read
+
+
+def test_health_file_holds_the_time_of_the_last_good_pass(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str]) -> None:
+    health = tmp_path / "health"
+    health.write_text(STALE)
+    before = int(time.time())
+    assert main(["--oneshot", *base_args(tmp_path, machine_file, sysfs_root("dgx-a100"))]) == 0
+    text = health.read_text()
+    assert text.endswith("\n") and before <= int(text) <= int(time.time())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".gfd-")]  # atomic: no temps
+
+
+def test_stale_health_file_is_deleted_at_start_even_if_init_fails(tmp_path: Path) -> None:
+    health = tmp_path / "health"
+    health.write_text(STALE)
+    assert daemon(tmp_path, failing_reader, health=health).run() == 1
+    assert not health.exists()
+
+
+def test_tolerated_init_failure_is_a_successful_pass(tmp_path: Path) -> None:
+    # --fail-on-init-error=false asks GFD to stay up with only the timestamp: restarting it
+    # would not help, so the probes must not fail.
+    health = tmp_path / "health"
+    assert daemon(tmp_path, failing_reader, fail=False, health=health).run() == 0
+    assert int(health.read_text()) > 1
+
+
+def test_failed_file_output_does_not_refresh_it(tmp_path: Path, fake_snapshot: Callable[
+        ..., Snapshot]) -> None:
+    snapshot = fake_snapshot("t4")
+    (tmp_path / "gfd").mkdir()  # the features file cannot replace a directory
+    health = tmp_path / "health"
+    health.write_text(STALE)
+    assert daemon(tmp_path, lambda c: snapshot, health=health).run() == 1
+    assert not health.exists()
+    assert os.listdir(tmp_path / "gfd") == []  # nothing written in its place
+
+
+def test_failed_node_patch_does_not_refresh_it_until_a_retry_succeeds(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot], server: FakeApiServer) -> None:
+    snapshot = fake_snapshot("dgx-a100")
+    health = tmp_path / "health"
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="both", node_api=api,
+               health=health)
+    assert d.run_pass()
+    assert int(health.read_text()) > 1
+    health.write_text(STALE)
+    server.fail_next(1, 500)
+    assert not d.run_pass()
+    assert health.read_text() == STALE
+    assert (tmp_path / "gfd").exists()  # the file output did its part
+    assert d.retry_patch()  # the retry completes the pass after all
+    assert int(health.read_text()) > 1
+
+
+def test_nvml_failure_after_a_pending_patch_does_not_refresh_it(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot], server: FakeApiServer) -> None:
+    snapshot = fake_snapshot("t4")
+    health = tmp_path / "health"
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, no_nvml_after_first(snapshot), oneshot=False, mode="node-api",
+               node_api=api, health=health)
+    server.fail_next(1, 500)
+    assert not d.run_pass()  # labels computed, patch failed: a retry is pending
+    assert not health.exists()
+    assert not d.run_pass()  # NVML lost: this pass has no labels
+    assert d.retry_patch()  # the older labels land, but the latest pass still failed
+    assert not health.exists()
+
+
+def test_oneshot_patch_failure_leaves_no_health_file(tmp_path: Path,
+                                                     server: FakeApiServer) -> None:
+    server.fail_next(100, 503)
+    health = tmp_path / "health"
+    health.write_text(STALE)
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: Snapshot(system=SystemInfo("535.129.03", 12020)),
+               mode="node-api", node_api=api, backoff=Backoff(initial=0.001, cap=0.002),
+               health=health)
+    assert d.run() == 1
+    assert not health.exists()
+
+
+def test_dry_run_leaves_the_health_file_alone(tmp_path: Path, machine_file: str,
+                                              sysfs_root: Callable[..., str]) -> None:
+    health = tmp_path / "health"
+    health.write_text(STALE)
+    assert main(["--dry-run", *base_args(tmp_path, machine_file, sysfs_root("t4"), "t4")]) == 0
+    assert health.read_text() == STALE
+
+
+def test_empty_health_file_setting_disables_it(tmp_path: Path, machine_file: str,
+                                               sysfs_root: Callable[..., str]) -> None:
+    args = base_args(tmp_path, machine_file, sysfs_root("t4"), "t4")
+    assert main(["--oneshot", *args, "--health-file", ""], environ={}) == 0
+    assert sorted(os.listdir(tmp_path)) == ["features.d", "product_name"]
+
+
+@pytest.mark.parametrize(("argv", "environ", "expected"), [
+    ([], {}, DEFAULT_HEALTH_FILE),
+    ([], {"GFD_HEALTH_FILE": "/e"}, "/e"),
+    ([], {"GFD_HEALTH_FILE": ""}, ""),  # set but empty: disabled
+    (["--health-file", "/f"], {"GFD_HEALTH_FILE": "/e"}, "/f"),
+    (["--health-file", ""], {"GFD_HEALTH_FILE": "/e"}, ""),
+])
+def test_health_file_option(argv: list[str], environ: dict[str, str], expected: str) -> None:
+    options = resolve_options(build_parser().parse_args(argv), environ)
+    assert options.health_file == expected
+
+
+def test_hung_api_server_cannot_block_the_loop(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot], server: FakeApiServer) -> None:
+    snapshot = fake_snapshot("t4")
+    health = tmp_path / "health"
+    server.delay_next(2, 60)  # the first two requests hang far beyond the read timeout
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")),
+                                       request_timeout=(2.0, 0.1))
+    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="node-api", node_api=api,
+               backoff=Backoff(initial=0.01, cap=0.05), health=health)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(d.run()))
+    thread.start()
+    try:
+        assert server.wait_for(lambda s: N + "gpu.count" in s.labels(NODE), timeout=10)
+    finally:
+        d.wakeup.request_stop()
+        thread.join(timeout=10)
+    assert result == [0]
+    assert d.passes == 1  # the retries converged within the first pass's sleep
+    assert int(health.read_text()) > 1

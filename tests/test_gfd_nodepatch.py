@@ -10,6 +10,7 @@ from apiserver import FakeApiServer, merge_patch
 
 from gfd.nodepatch import (
     OWNERSHIP_ANNOTATION,
+    REQUEST_TIMEOUT,
     Backoff,
     KubeNodeApi,
     NodePublisher,
@@ -91,6 +92,18 @@ def test_plan_never_touches_protected_labels_even_if_claimed() -> None:
         "annotations": {OWNERSHIP_ANNOTATION: "device-plugin.config"}}}
     patch = plan_patch(node, {"nvidia.com/device-plugin.config": "other"})
     assert patch == {"metadata": {"annotations": {OWNERSHIP_ANNOTATION: None}}}
+
+
+def test_plan_never_touches_gpu_present() -> None:
+    # The DaemonSets' node affinity (the simulated overlay's included) reads gpu.present.
+    node = {"metadata": {
+        "labels": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8"},
+        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,gpu.present"}}}
+    assert plan_patch(node, {"nvidia.com/gpu.count": "8"}) == {
+        "metadata": {"annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+    patch = plan_patch(node, {"nvidia.com/gpu.count": "4", "nvidia.com/gpu.present": "false"})
+    assert patch == {"metadata": {"labels": {"nvidia.com/gpu.count": "4"},
+                                  "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
 
 
 def test_owned_keys_parsing() -> None:
@@ -222,6 +235,66 @@ def test_state_changes_logged_once(server: FakeApiServer, tmp_path: Path,
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "HTTP 500" in warnings[0].getMessage()
     assert sum("converged" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_protected_labels_survive_on_a_real_patch(server: FakeApiServer,
+                                                  tmp_path: Path) -> None:
+    protected = {"nvidia.com/gpu.present": "true", "nvidia.com/device-plugin.config": "a100"}
+    server.add_node(NODE, labels=FOREIGN | protected, annotations={
+        OWNERSHIP_ANNOTATION: "gpu.present,device-plugin.config,gpu.count"})
+    pub = publisher(server, tmp_path)
+    assert pub.publish({"nvidia.com/gpu.count": "8", "nvidia.com/gpu.present": "false"})
+    assert pub.publish({"nvidia.com/gpu.count": "8"})
+    assert server.labels(NODE) == FOREIGN | protected | {"nvidia.com/gpu.count": "8"}
+    assert server.annotations(NODE)[OWNERSHIP_ANNOTATION] == "gpu.count"
+
+
+def test_every_call_carries_a_request_timeout() -> None:
+    class Response:
+        data = b'{"metadata": {}}'
+
+    class RecordingCore:
+        """Stands in for CoreV1Api; records the keyword arguments of each call."""
+
+        def __init__(self) -> None:
+            self.calls: list[dict[str, object]] = []
+
+        def read_node(self, name: str, **kwargs: object) -> Response:
+            self.calls.append(kwargs)
+            return Response()
+
+        def patch_node(self, name: str, body: object, **kwargs: object) -> Response:
+            self.calls.append(kwargs)
+            return Response()
+
+    core = RecordingCore()
+    KubeNodeApi(core).get_node(NODE)
+    KubeNodeApi(core).patch_node(NODE, {"metadata": {}})
+    KubeNodeApi(core, request_timeout=(1.0, 2.0)).get_node(NODE)
+    assert [c["_request_timeout"] for c in core.calls] == [REQUEST_TIMEOUT, REQUEST_TIMEOUT,
+                                                           (1.0, 2.0)]
+    assert all(c["_preload_content"] is False for c in core.calls)
+
+
+def test_slow_api_server_times_out_backs_off_and_converges(
+        server: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kubeconfig")),
+                                       request_timeout=(2.0, 0.2))
+    pub = NodePublisher(api, NODE, Backoff(initial=1, cap=8), clock=clock)
+    server.delay_next(2, 60)  # far beyond the read timeout: a hung API server
+    want = {"nvidia.com/gpu.count": "8"}
+    with caplog.at_level("WARNING", logger="gfd.nodepatch"):
+        assert not pub.publish(want)
+        assert pub.retry_in() == 1
+        clock.now += 1
+        assert not pub.retry()
+    assert pub.retry_in() == 2  # backing off
+    assert [r.getMessage() for r in caplog.records if "timeout" in r.getMessage()]
+    assert "nvidia.com/gpu.count" not in server.labels(NODE)
+    clock.now += 2  # the server is fast again
+    assert pub.retry()
+    assert pub.converged and server.labels(NODE) == FOREIGN | want
 
 
 def test_stub_rejects_wrong_content_type(server: FakeApiServer) -> None:

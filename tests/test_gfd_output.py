@@ -1,4 +1,4 @@
-"""The features file and the dry-run table."""
+"""The features file, the dry-run table and the health file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gfd import output
-from gfd.output import FeaturesFile, format_features, parse_features, render_table
+from gfd.output import FeaturesFile, HealthFile, format_features, parse_features, render_table
 
 
 def test_format_is_sorted_key_value_lines() -> None:
@@ -90,3 +90,37 @@ def test_table() -> None:
     assert lines[1].split() == ["nvidia.com/a", "x"]
     assert lines[2].split() == ["nvidia.com/gpu.count", "8"]
     assert render_table({}) == "(no labels)\n"
+
+
+# --------------------------------------------------------------------------- health file
+
+
+def test_health_file_mark_and_reset(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "last-pass-ok"
+    health = HealthFile(str(path), clock=lambda: 1700000000.9)
+    health.reset()  # nothing to delete: fine
+    health.mark()
+    assert path.read_text() == "1700000000\n"  # whole seconds
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    health.reset()
+    assert not path.exists()
+
+
+def test_disabled_health_file_does_nothing(tmp_path: Path) -> None:
+    health = HealthFile("")
+    assert not health.enabled
+    health.mark()
+    health.reset()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_health_file_is_logged_once(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    health = HealthFile(str(tmp_path / "file" / "health"))  # a file where a directory must be
+    with caplog.at_level("INFO", logger="gfd.output"):
+        health.mark()
+        health.mark()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "health" in warnings[0].getMessage()
+    assert (tmp_path / "file").read_text() == "x"

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos bench clean venv
+.PHONY: run test lint protos bench image clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The image tag follows the package version (a test keeps them equal). Needs BuildKit.
+IMAGE ?= nvidia-k8s-py:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -324,7 +324,8 @@ _SETTINGS: tuple[_Setting, ...] = (
              "flags", "mig_strategy", _choice(MIG_STRATEGIES),
              "how MIG devices are advertised: none, single or mixed (default none)"),
     _Setting("fail_on_init_error", ("--fail-on-init-error",),
-             _env(("FAIL_ON_INIT_ERROR",), ("GFD_FAIL_ON_INIT_ERROR",)),
+             # GFD: NVIDIA's GFD reads both names, its own first.
+             _env(("FAIL_ON_INIT_ERROR",), ("GFD_FAIL_ON_INIT_ERROR", "FAIL_ON_INIT_ERROR")),
              "flags", "fail_on_init_error", parse_bool,
              "exit on NVML initialisation errors; false logs and idles (default true)",
              is_bool=True),
@@ -373,8 +374,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("sleep_interval", ("--sleep-interval",), {"gfd": ("GFD_SLEEP_INTERVAL",)}, "gfd",
              "sleep_interval", _positive_seconds,
              'time between labelling passes: Go duration ("60s", "1m30s") or seconds'),
-    _Setting("output_file", ("--output-file", "-o"), {"gfd": ("GFD_OUTPUT_FILE",)}, "gfd",
-             "output_file", _text, "features file to write"),
+    _Setting("output_file", ("--output-file", "--output", "-o"), {"gfd": ("GFD_OUTPUT_FILE",)},
+             "gfd", "output_file", _text, "features file to write"),
     _Setting("machine_type_file", ("--machine-type-file",), {"gfd": ("GFD_MACHINE_TYPE_FILE",)},
              "gfd", "machine_type_file", _nonempty, "file holding the machine type"),
 )
@@ -512,22 +513,35 @@ def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
     except yaml.YAMLError as error:
         if text.lstrip().startswith(("{", "[")):
             return _parse_json(text, source), {}
-        mark = getattr(error, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML or JSON: {problem}") from None
+        raise ConfigError(f"{_yaml_where(error, source)}: not valid YAML or JSON: "
+                          f"{_yaml_problem(error)}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     if node is None:
         return None, {}
     lines: dict[str, int] = {}
-    _record_lines(node, "", lines, source)
+    _record_lines(node, "", lines, source, _Walk())
     loader = yaml.SafeLoader("")
     try:
         data = loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+        raise ConfigError(f"{_yaml_where(error, source)}: not valid YAML: "
+                          f"{_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     finally:
         loader.dispose()
     return data, lines
+
+
+def _yaml_where(error: yaml.YAMLError, source: str) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f"{source}:{mark.line + 1}" if mark is not None else source
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The one-line reason of a PyYAML error (its str() spans several lines)."""
+    return getattr(error, "problem", None) or str(error).splitlines()[0]
 
 
 def _parse_json(text: str, source: str) -> Any:
@@ -535,9 +549,36 @@ def _parse_json(text: str, source: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{source}:{error.lineno}: not valid JSON: {error.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid JSON: nested too deeply") from None
 
 
-def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], source: str) -> None:
+# Nodes walked once aliases are expanded: far above any real config, far below the billion
+# laughs (Go's yaml refuses "excessive aliasing" the same way).
+MAX_EXPANDED_NODES = 100_000
+
+
+@dataclass
+class _Walk:
+    """Bookkeeping of one :func:`_record_lines` walk: the alias expansion budget and the
+    nodes on the current path (an alias to one of them is a cycle)."""
+
+    visited: int = 0
+    ancestors: set[int] = field(default_factory=set)
+
+
+def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], source: str,
+                  walk: _Walk) -> None:
+    walk.visited += 1
+    if walk.visited > MAX_EXPANDED_NODES:
+        raise ConfigError(f"{source}: excessive aliasing: more than {MAX_EXPANDED_NODES} "
+                          "values once YAML aliases are expanded")
+    if id(node) in walk.ancestors:
+        raise ConfigError(f"{source}:{node.start_mark.line + 1}: {path or 'document'}: "
+                          "recursive YAML alias (an anchor used inside itself)")
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return
+    walk.ancestors.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -549,12 +590,13 @@ def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], source: str
                 )
             seen.add(key)
             lines[child] = key_node.start_mark.line + 1
-            _record_lines(value_node, child, lines, source)
-    elif isinstance(node, yaml.SequenceNode):
+            _record_lines(value_node, child, lines, source, walk)
+    else:
         for index, item in enumerate(node.value):
             child = f"{path}[{index}]"
             lines[child] = item.start_mark.line + 1
-            _record_lines(item, child, lines, source)
+            _record_lines(item, child, lines, source, walk)
+    walk.ancestors.discard(id(node))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -326,6 +326,26 @@ def test_gfd_flags_and_env() -> None:
     assert not cfg.flags.plugin.pass_device_specs
 
 
+def test_gfd_output_alias() -> None:
+    # NVIDIA's GFD spells it --output-file, --output or -o.
+    for flag in ("--output-file", "--output", "-o"):
+        assert run("gfd", [flag, "/tmp/x"]).flags.gfd.output_file == "/tmp/x"
+    with pytest.raises(SystemExit):
+        parse("plugin", ["--output", "/tmp/x"])
+
+
+def test_gfd_fail_on_init_error_env_names() -> None:
+    # NVIDIA's GFD reads GFD_FAIL_ON_INIT_ERROR, then FAIL_ON_INIT_ERROR.
+    assert not run("gfd", env={"FAIL_ON_INIT_ERROR": "false"}).flags.fail_on_init_error
+    both = {"GFD_FAIL_ON_INIT_ERROR": "true", "FAIL_ON_INIT_ERROR": "false"}
+    assert run("gfd", env=both).flags.fail_on_init_error
+    assert not run("plugin", env=both).flags.fail_on_init_error
+    assert run("gfd", env={"GFD_FAIL_ON_INIT_ERROR": "", "FAIL_ON_INIT_ERROR": "no"}
+               ).flags.fail_on_init_error is False
+    with pytest.raises(ConfigError, match="FAIL_ON_INIT_ERROR"):
+        run("gfd", env={"FAIL_ON_INIT_ERROR": "maybe"})
+
+
 def test_gfd_mig_strategy_env_prefers_gfd_name() -> None:
     env = {"GFD_MIG_STRATEGY": "mixed", "MIG_STRATEGY": "single"}
     assert run("gfd", env=env).flags.mig_strategy == "mixed"

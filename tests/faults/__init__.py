@@ -1,0 +1,1 @@
+"""Fault injection: kubelet restarts, NVML faults, API server faults, config reloads."""

@@ -122,7 +122,7 @@ def check_plugin(checks: Checks, workdir: str, backend: str) -> None:
         for dev in devices:
             print(f"  ListAndWatch: {dev.id} {dev.health} numa={dev.numa_nodes}")
         checks.check("devices listed and healthy",
-                     ok and all(d.health == "Healthy" for d in devices))
+                     bool(ok) and all(d.health == "Healthy" for d in devices))
         outcome = kubelet.allocate("nvidia.com/gpu", 1)
         envs = dict(outcome.response.envs)
         print(f"  preferred {outcome.preferred}, allocated {outcome.allocated}, envs {envs}")

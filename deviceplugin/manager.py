@@ -143,11 +143,15 @@ class PluginManager:
             if context is not None:
                 self._context = context
             result = self._reconcile(new_map)
+            old_problems = set(self._map.problems)
             self._map = new_map
         if result.started or result.errors:
             self._loop.wake()
+        # Health changes rebuild the map many times a minute; a layout problem is news only
+        # when it first appears, not on every rebuild.
         for problem in new_map.problems:
-            log.warning("resource map: %s", problem)
+            if problem not in old_problems:
+                log.warning("resource map: %s", problem)
         return result
 
     def _reconcile(self, new_map: ResourceMap) -> ApplyResult:

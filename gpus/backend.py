@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from gpus.fake import FakeNvml, ProfileError, install
+if TYPE_CHECKING:
+    from gpus.fake import FakeNvml
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ def select_backend(spec: str) -> FakeNvml | None:
         log.info("NVML backend: real driver (libnvidia-ml.so.1)")
         return None
     profile, control = parsed
+    # Imported here so real GPU nodes never load (or pay start-up time for) the simulator.
+    from gpus.fake import ProfileError, install
+
     try:
         fake = install(profile, control_socket=control)
     except ProfileError as exc:

@@ -36,6 +36,9 @@ MIG_STRATEGIES = ("none", "single", "mixed")
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 DEVICE_ID_STRATEGIES = ("uuid", "index")
 ALLOCATION_POLICIES = ("distributed", "packed")
+# Ours (NVIDIA has no bound): a typo such as 1000000 would otherwise build millions of devices
+# and take the plugin down; 1024 per GPU is far beyond any useful time-slicing factor.
+MAX_REPLICAS = 1024
 
 VERSION = "v1"
 RESOURCE_PREFIX = "nvidia.com"
@@ -848,6 +851,8 @@ def _parse_replicated(doc: _Doc, value: object, path: str) -> ReplicatedResource
         raise doc.error(path + ".replicas", f"must be an integer, got {replicas!r}")
     if replicas < 2:
         raise doc.error(path + ".replicas", f"must be >= 2, got {replicas}")
+    if replicas > MAX_REPLICAS:
+        raise doc.error(path + ".replicas", f"must be <= {MAX_REPLICAS}, got {replicas}")
     rename = _resource_name(doc, raw["rename"], path + ".rename") if "rename" in raw else ""
     devices = _devices(doc, raw.get("devices", "all"), path + ".devices")
     return ReplicatedResource(name=name, replicas=replicas, rename=rename, devices=devices)

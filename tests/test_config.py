@@ -182,6 +182,9 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
     ("version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n"
      "      replicas: 1\n",
      "config.yaml:6: sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1"),
+    ("version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n"
+     "      replicas: 1000000\n",
+     "config.yaml:6: sharing.timeSlicing.resources[0].replicas: must be <= 1024, got 1000000"),
     ("version: v2\n", "config.yaml:1: version: unknown version 'v2': must be v1"),
     ("version: v1\nflags:\n  migStrategie: mixed\n",
      "config.yaml:3: flags.migStrategie: unknown key 'migStrategie' (allowed: migStrategy, "

@@ -266,3 +266,19 @@ def test_production_context_warms_only_big_nodes(fake_snapshot) -> None:
     assert ServingContext.create(default_config(), fake_snapshot("dgx-a100")).warm is None
     big = ServingContext.create(default_config(), fake_snapshot("hgx-16"))
     assert big.warm is not None
+
+
+def test_a_problem_is_logged_when_it_appears_not_on_every_rebuild(env, snapshot, caplog) -> None:
+    # Health changes rebuild the map many times a minute; the same layout problem must not
+    # flood the log each time.
+    _, manager = env
+    problem = "MIG strategy single: GPU 6 has MIG enabled but no MIG devices"
+    resource = make_resource(snapshot)
+    with_problem = dataclasses.replace(make_map(resource), problems=(problem,))
+    with caplog.at_level("WARNING", logger="deviceplugin.manager"):
+        manager.apply(with_problem)
+        manager.apply(with_problem)
+        manager.apply(make_map(resource))
+        manager.apply(with_problem)
+    logged = [r.getMessage() for r in caplog.records if problem in r.getMessage()]
+    assert logged == [f"resource map: {problem}"] * 2

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from test_server_support import short_tmpdir
 
-import gpus.backend
+import gpus.fake
 from deviceplugin.main import DevicePlugin, main
 from deviceplugin.mockkubelet import DeviceInfo, MockKubelet
 from gpus.fake import FakeNvml
@@ -67,7 +67,7 @@ def wait_health(kubelet: MockKubelet, uuid: str, state: str) -> dict[str, str]:
 def failing_init(monkeypatch: pytest.MonkeyPatch) -> list[FakeNvml]:
     """Every fake the daemon installs starts with nvmlInit failing (driver not loaded)."""
     installed: list[FakeNvml] = []
-    real_install = gpus.backend.install
+    real_install = gpus.fake.install
 
     def install(profile: Any, control_socket: str | None = None) -> FakeNvml:
         fake = real_install(profile, control_socket=control_socket)
@@ -75,7 +75,7 @@ def failing_init(monkeypatch: pytest.MonkeyPatch) -> list[FakeNvml]:
         installed.append(fake)
         return fake
 
-    monkeypatch.setattr(gpus.backend, "install", install)
+    monkeypatch.setattr(gpus.fake, "install", install)
     return installed
 
 

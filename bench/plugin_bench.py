@@ -110,6 +110,8 @@ def start_plugin(config: Config, socket_dir: str) -> DevicePlugin:
     """An in-process plugin with the fake's sysfs written first."""
     plugin = DevicePlugin(config, {}, socket_dir=socket_dir)
     controller = plugin.select_backend()
+    if controller is None:
+        raise RuntimeError("the bench needs a fake NVML backend")
     controller.write_sysfs(Path(config.flags.sysfs_root))
     plugin.start()
     return plugin
@@ -156,7 +158,9 @@ def bench_rpc(calls: int) -> list[str]:
         floor.start()
         plugin = start_plugin(bench_config(directory), directory)
         try:
-            assert plugin.snapshot is not None
+            controller = plugin.controller
+            if plugin.snapshot is None or controller is None:
+                raise RuntimeError("the plugin did not start on the fake NVML")
             uuids = [g.uuid for g in plugin.snapshot.gpus]
             ours_channel = grpc.insecure_channel(f"unix:{directory}/nvidia-gpu.sock")
             floor_channel = grpc.insecure_channel(f"unix:{floor_sock}")
@@ -284,14 +288,16 @@ def bench_xid(samples: int) -> list[str]:
         try:
             if not kubelet.wait_for_registration(GPU, 30):
                 raise RuntimeError("the plugin did not register")
-            assert plugin.snapshot is not None
+            controller = plugin.controller
+            if plugin.snapshot is None or controller is None:
+                raise RuntimeError("the plugin did not start on the fake NVML")
             uuids = [g.uuid for g in plugin.snapshot.gpus]
             for n in range(samples):
                 index = n % len(uuids)
                 if kubelet.wait_for_devices(GPU, has_health(uuids[index], "Healthy"), 10) is None:
                     raise RuntimeError(f"{uuids[index]} did not recover")
                 begin = time.perf_counter_ns()
-                plugin.controller.inject_xid(index, 79)
+                controller.inject_xid(index, 79)
                 seen = kubelet.wait_for_devices(GPU, has_health(uuids[index], "Unhealthy"), 10)
                 if seen is None:
                     raise RuntimeError(f"XID on {uuids[index]} never reached the kubelet")

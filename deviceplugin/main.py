@@ -26,13 +26,20 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deviceplugin.readiness import DEFAULT_READY_FILE, READY_FILE_ENV, ReadinessFile
 from gpus import config as configmod
 from gpus.config import Config, ConfigError
 from gpus.model import Snapshot
 from gpus.resources import ResourceMap, build_resource_map
+
+if TYPE_CHECKING:  # imported lazily at run time: start-up time matters (docs/benchmarks.md)
+    from deviceplugin.health import HealthMonitor
+    from deviceplugin.manager import PluginManager
+    from deviceplugin.server import ServingContext
+    from gpus.fake import FakeNvml
+    from gpus.nvml import Nvml
 
 log = logging.getLogger("deviceplugin")
 
@@ -88,12 +95,12 @@ class DevicePlugin:
         # monitor (blocked on _lock meanwhile) sees a stale generation and does nothing.
         self._health_generation = 0
         self.readiness = ReadinessFile(ready_file)
-        self.controller: Any = None  # the fake NVML controller when a fake backend is used
+        self.controller: FakeNvml | None = None  # set when a fake backend is used
         self._backend_spec: str | None = None
-        self.nvml: Any = None
+        self.nvml: Nvml | None = None
         self.snapshot: Snapshot | None = None
-        self.manager: Any = None
-        self.health: Any = None
+        self.manager: PluginManager | None = None
+        self.health: HealthMonitor | None = None
 
     @property
     def socket_dir(self) -> str:
@@ -107,7 +114,7 @@ class DevicePlugin:
 
     # --- start ----------------------------------------------------------------------------------
 
-    def select_backend(self) -> Any:
+    def select_backend(self) -> FakeNvml | None:
         """Install the configured NVML backend (once); returns the fake's controller or None."""
         from gpus.backend import select_backend
 
@@ -176,6 +183,8 @@ class DevicePlugin:
     def _read_snapshot(self) -> Snapshot:
         from gpus.nvml import NvmlError
 
+        if self.nvml is None:
+            raise InitError("NVML is not initialised")
         try:
             snapshot: Snapshot = self.nvml.read_snapshot(self.config.flags.sysfs_root)
         except NvmlError as err:
@@ -190,18 +199,20 @@ class DevicePlugin:
         except CdiError as err:
             raise InitError(str(err)) from err
 
-    def _context(self, snapshot: Snapshot) -> Any:
+    def _context(self, snapshot: Snapshot) -> ServingContext:
         from deviceplugin.server import ServingContext
 
         return ServingContext.create(self.config, snapshot)
 
-    def _new_health(self, snapshot: Snapshot, previous: Any) -> Any:
+    def _new_health(self, snapshot: Snapshot, previous: HealthMonitor | None) -> HealthMonitor:
         """A health monitor for ``snapshot`` reporting to us (call with ``_lock`` held).
 
         ``previous`` (stopped) hands over its unhealthy devices; see HealthMonitor.
         """
         from deviceplugin.health import HealthMonitor
 
+        if self.nvml is None:
+            raise InitError("NVML is not initialised")
         self._health_generation += 1
         generation = self._health_generation
         plugin = self.config.flags.plugin
@@ -253,7 +264,7 @@ class DevicePlugin:
                 self.stop()
                 self.config = new_config
                 return self._restart("reload: cannot start with the new configuration")
-            return self._reload_in_place(new_config)
+            return self._reload_in_place(new_config, self.manager)
 
     def _restart(self, what: str) -> str | None:
         """Start after a stop or while idle; on failure stay idle (and ready: see readiness)."""
@@ -265,7 +276,7 @@ class DevicePlugin:
             return str(err)
         return None
 
-    def _reload_in_place(self, new_config: Config) -> str | None:
+    def _reload_in_place(self, new_config: Config, manager: PluginManager) -> str | None:
         """Same sockets and backend: re-enumerate and apply the new map to the running servers."""
         old_config = self.config
         self.config = new_config
@@ -286,7 +297,7 @@ class DevicePlugin:
             self.health = self._new_health(snapshot, old_health)
             self.snapshot = snapshot
             carried = self.health.unhealthy
-            self.manager.apply(
+            manager.apply(
                 build_resource_map(snapshot, new_config, carried), self._context(snapshot)
             )
         self.health.start()

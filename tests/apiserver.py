@@ -12,6 +12,7 @@ Not collected by pytest (no ``test_`` prefix); tests import :class:`FakeApiServe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import socket
@@ -77,6 +78,9 @@ class FakeApiServer:
         self._changed = threading.Condition(self._lock)
         self._state = _State()
         self._stopping = threading.Event()  # wakes delayed requests when the server stops
+        # Open keep-alive connections and their handler threads: stop() closes and joins them,
+        # so no test inherits another's threads (the fault suite counts threads for leaks).
+        self._connections: dict[socket.socket, threading.Thread] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         # A short poll interval keeps shutdown (and so test teardown) fast.
@@ -103,6 +107,12 @@ class FakeApiServer:
             self._httpd.shutdown()
             self._thread.join(timeout=5)
         self._httpd.server_close()
+        with self._lock:
+            connections = dict(self._connections)
+        for conn, thread in connections.items():
+            with contextlib.suppress(OSError):  # the client may have hung up already
+                conn.shutdown(socket.SHUT_RDWR)
+            thread.join(timeout=5)
 
     def __enter__(self) -> FakeApiServer:
         return self.start()
@@ -256,9 +266,18 @@ class FakeApiServer:
 
             def setup(self) -> None:
                 super().setup()
+                with server._lock:
+                    server._connections[self.connection] = threading.current_thread()
                 # Headers and body go out in separate writes; without this, Nagle plus the
                 # client's delayed ACK adds ~40 ms to every keep-alive answer.
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                finally:
+                    with server._lock:
+                        server._connections.pop(self.connection, None)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass  # keep test output quiet

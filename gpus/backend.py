@@ -7,6 +7,11 @@ Spec forms (flag ``--nvml``, env ``NVML_BACKEND``):
   (``fake:/etc/profiles/node.yaml``);
 - ``fake:<profile>?control=<socket>``: also serve the fault-injection control socket
   (``fake-nvml inject --control <socket> ...``).
+
+The fake must never stand in for real GPUs by accident: inside a Kubernetes pod
+(``KUBERNETES_SERVICE_HOST`` set) a fake backend is refused when sysfs shows an NVIDIA display or
+3D controller, unless ``ALLOW_FAKE_NVML_ON_GPU_NODE=true``. Outside a cluster (a developer's
+laptop with an NVIDIA GPU running ``make run``) the fake is always allowed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_VAR = "NVML_BACKEND"
+ALLOW_ON_GPU_NODE_ENV = "ALLOW_FAKE_NVML_ON_GPU_NODE"
+NVIDIA_PCI_VENDOR = "0x10de"
+PCI_DISPLAY_CLASS_PREFIX = "0x03"  # VGA (0x0300xx) and 3D controllers (0x0302xx)
 DEFAULT_BACKEND = "real"
 QUERY_KEYS = ("control",)
 USAGE = "expected 'real' or 'fake:<profile name or path to a .yaml>[?control=<socket path>]'"
@@ -60,15 +68,58 @@ def parse_backend(spec: str) -> tuple[str, str | None] | None:
     return target, control
 
 
-def select_backend(spec: str) -> FakeNvml | None:
+def nvidia_gpus_in_sysfs(sysfs_root: str = "/") -> list[str]:
+    """PCI addresses of NVIDIA display/3D controllers under ``<sysfs_root>/sys/bus/pci``."""
+    devices = os.path.join(sysfs_root, "sys", "bus", "pci", "devices")
+    try:
+        entries = sorted(os.listdir(devices))
+    except OSError:
+        return []
+    return [entry for entry in entries if _is_nvidia_gpu(os.path.join(devices, entry))]
+
+
+def _is_nvidia_gpu(device_dir: str) -> bool:
+    try:
+        with open(os.path.join(device_dir, "vendor")) as vendor_file:
+            vendor = vendor_file.read().strip().lower()
+        with open(os.path.join(device_dir, "class")) as class_file:
+            pci_class = class_file.read().strip().lower()
+    except OSError:
+        return False
+    return vendor == NVIDIA_PCI_VENDOR and pci_class.startswith(PCI_DISPLAY_CLASS_PREFIX)
+
+
+def check_fake_allowed(
+    spec: str, environ: Mapping[str, str] | None = None, sysfs_root: str = "/"
+) -> None:
+    """Raise ValueError if a fake backend would stand in for real GPUs on a cluster node."""
+    env = os.environ if environ is None else environ
+    if not env.get("KUBERNETES_SERVICE_HOST"):
+        return
+    if env.get(ALLOW_ON_GPU_NODE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return
+    gpus = nvidia_gpus_in_sysfs(sysfs_root)
+    if gpus:
+        raise ValueError(
+            f"NVML backend {spec!r} refused: this node has NVIDIA GPUs ({', '.join(gpus[:4])}"
+            f"{', ...' if len(gpus) > 4 else ''}); the simulated backend must not stand in for "
+            f"them (set {ALLOW_ON_GPU_NODE_ENV}=true to override)"
+        )
+
+
+def select_backend(
+    spec: str, *, environ: Mapping[str, str] | None = None, sysfs_root: str = "/"
+) -> FakeNvml | None:
     """Install the backend ``spec`` names: None for real, else the installed fake's controller.
 
-    Bad specs and unknown profiles raise ValueError; nothing is installed then.
+    Bad specs, unknown profiles and a fake on a real GPU node in a cluster (see the module
+    docstring) raise ValueError; nothing is installed then.
     """
     parsed = parse_backend(spec)
     if parsed is None:
         log.info("NVML backend: real driver (libnvidia-ml.so.1)")
         return None
+    check_fake_allowed(spec, environ, sysfs_root)
     profile, control = parsed
     # Imported here so real GPU nodes never load (or pay start-up time for) the simulator.
     from gpus.fake import ProfileError, install

@@ -94,3 +94,51 @@ def test_real_backend_without_driver_says_so_in_one_line(monkeypatch: pytest.Mon
     assert "libnvidia-ml.so.1" in message and "driver" in message
     assert "\n" not in message
     assert pynvml.nvmlLib is None
+
+
+def _pci_device(root, address: str, vendor: str, pci_class: str) -> None:
+    device = root / "sys" / "bus" / "pci" / "devices" / address
+    device.mkdir(parents=True)
+    (device / "vendor").write_text(vendor + "\n")
+    (device / "class").write_text(pci_class + "\n")
+
+
+@pytest.fixture
+def gpu_node_sysfs(tmp_path):
+    _pci_device(tmp_path, "0000:00:1f.0", "0x8086", "0x060100")  # an Intel bridge
+    _pci_device(tmp_path, "0000:07:00.0", "0x10de", "0x030200")  # an NVIDIA 3D controller
+    return tmp_path
+
+
+def test_fake_refused_in_a_pod_on_a_real_gpu_node(gpu_node_sysfs) -> None:
+    env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    before = pynvml.nvmlLib
+    with pytest.raises(ValueError) as err:
+        select_backend("fake:dgx-a100", environ=env, sysfs_root=str(gpu_node_sysfs))
+    message = str(err.value)
+    assert "refused" in message and "0000:07:00.0" in message
+    assert "ALLOW_FAKE_NVML_ON_GPU_NODE=true" in message
+    assert "\n" not in message
+    assert pynvml.nvmlLib is before  # nothing installed
+
+
+def test_fake_allowed_off_cluster_without_gpus_or_when_overridden(gpu_node_sysfs, tmp_path) -> None:
+    cases = [
+        ({}, str(gpu_node_sysfs)),  # a developer's laptop with an NVIDIA GPU
+        ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, str(tmp_path / "empty")),  # CPU-only node
+        ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "ALLOW_FAKE_NVML_ON_GPU_NODE": "true"},
+         str(gpu_node_sysfs)),
+    ]
+    for env, root in cases:
+        fake = select_backend("fake:t4", environ=env, sysfs_root=root)
+        assert fake is not None
+        fake.uninstall()
+
+
+def test_nvidia_bridges_and_audio_are_not_gpus(tmp_path) -> None:
+    from gpus.backend import nvidia_gpus_in_sysfs
+
+    _pci_device(tmp_path, "0000:07:00.1", "0x10de", "0x040300")  # HDMI audio function
+    _pci_device(tmp_path, "0000:08:00.0", "0x10de", "0x068000")  # NVSwitch (bridge class)
+    _pci_device(tmp_path, "0000:09:00.0", "0x10de", "0x030000")  # VGA
+    assert nvidia_gpus_in_sysfs(str(tmp_path)) == ["0000:09:00.0"]

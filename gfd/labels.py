@@ -25,6 +25,7 @@ from gpus.model import GPU, MigDevice, Snapshot
 from gpus.resources import build_resource_map, mig_resource_name, mig_single_problems
 
 PREFIX = "nvidia.com/"
+TIMESTAMP_LABEL = PREFIX + "gfd.timestamp"  # the time of the pass that wrote the labels
 GPU_RESOURCE = "nvidia.com/gpu"
 MAX_VALUE_LEN = 63
 UNKNOWN_MACHINE = "unknown"
@@ -170,7 +171,7 @@ def timestamp_labels(config: Config, timestamp: int | None) -> Labels:
     """``gfd.timestamp``, unless disabled or unknown."""
     if config.flags.gfd.no_timestamp or timestamp is None:
         return {}
-    return {PREFIX + "gfd.timestamp": str(int(timestamp))}
+    return {TIMESTAMP_LABEL: str(int(timestamp))}
 
 
 def machine_labels(machine: str) -> Labels:

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
-from gfd.labels import UNKNOWN_MACHINE, label_problems, node_labels, timestamp_labels
+from gfd.labels import (
+    TIMESTAMP_LABEL,
+    UNKNOWN_MACHINE,
+    label_problems,
+    node_labels,
+    timestamp_labels,
+)
 from gfd.nodepatch import Backoff, KubeConfigError, KubeNodeApi, NodeApi, NodePublisher
 from gfd.output import FeaturesFile, HealthFile, render_table
 from gpus.config import Config, ConfigError, add_flags, reload, resolve
@@ -37,6 +43,13 @@ PROG = "gpu-feature-discovery"
 OUTPUT_MODES = ("file", "node-api", "both")
 ONESHOT_PATCH_ATTEMPTS = 5  # oneshot + node-api: tries (with backoff) before giving up
 DEFAULT_HEALTH_FILE = "/run/gfd/last-pass-ok"  # where daemonset/base's probes look
+# Environment variables of the shell's own options (gpus.config reads NVIDIA's settings).
+OUTPUT_MODE_ENV = "GFD_OUTPUT_MODE"
+NODE_NAME_ENV = "NODE_NAME"
+KUBECONFIG_ENV = "GFD_KUBECONFIG"
+LOG_LEVEL_ENV = "GFD_LOG_LEVEL"
+HEALTH_FILE_ENV = "GFD_HEALTH_FILE"
+OPTION_ENV_VARS = (OUTPUT_MODE_ENV, NODE_NAME_ENV, KUBECONFIG_ENV, LOG_LEVEL_ENV, HEALTH_FILE_ENV)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 SnapshotReader = Callable[[Config], Snapshot]
@@ -99,18 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Options:
     """Our options: flag > env var > default. Raises ConfigError on a bad value."""
-    mode = args.output_mode or environ.get("GFD_OUTPUT_MODE", "").strip() or "file"
+    mode = args.output_mode or environ.get(OUTPUT_MODE_ENV, "").strip() or "file"
     if mode not in OUTPUT_MODES:
-        raise ConfigError(f"invalid GFD_OUTPUT_MODE {mode!r}: must be one of "
+        raise ConfigError(f"invalid {OUTPUT_MODE_ENV} {mode!r}: must be one of "
                           f"{', '.join(OUTPUT_MODES)}")
-    level = (args.log_level or environ.get("GFD_LOG_LEVEL", "") or "INFO").strip().upper()
+    level = (args.log_level or environ.get(LOG_LEVEL_ENV, "") or "INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"invalid GFD_LOG_LEVEL {level!r}: must be DEBUG, INFO, WARNING "
+        raise ConfigError(f"invalid {LOG_LEVEL_ENV} {level!r}: must be DEBUG, INFO, WARNING "
                           "or ERROR")
     options = Options(
         output_mode=mode,
-        node_name=(args.node_name or environ.get("NODE_NAME", "")).strip(),
-        kubeconfig=(args.kubeconfig or environ.get("GFD_KUBECONFIG", "")).strip(),
+        node_name=(args.node_name or environ.get(NODE_NAME_ENV, "")).strip(),
+        kubeconfig=(args.kubeconfig or environ.get(KUBECONFIG_ENV, "")).strip(),
         dry_run=bool(args.dry_run),
         log_level=level,
         health_file=_health_file(args, environ),
@@ -125,8 +138,8 @@ def _health_file(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     """Flag > env var > default; unlike other settings an empty value (set) disables it."""
     if args.health_file is not None:
         return str(args.health_file).strip()
-    if "GFD_HEALTH_FILE" in environ:
-        return environ["GFD_HEALTH_FILE"].strip()
+    if HEALTH_FILE_ENV in environ:
+        return environ[HEALTH_FILE_ENV].strip()
     return DEFAULT_HEALTH_FILE
 
 
@@ -256,8 +269,10 @@ class Daemon:
         backend: NvmlBackend | None = None,
         stdout: TextIO | None = None,
         wakeup: Wakeup | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """``reader``, ``node_api`` and ``backoff`` are injectable for tests and the bench.
+        """``reader``, ``node_api``, ``backoff`` and ``clock`` (wall-clock seconds, for the
+        timestamp label) are injectable for tests and the bench.
 
         Unless this is a dry run, a health file left by an earlier run is deleted here, first,
         so that even a failure to start leaves no stale proof of health behind.
@@ -269,6 +284,7 @@ class Daemon:
         self._args = args
         self._environ = environ if environ is not None else os.environ
         self._reader = reader
+        self._clock = clock
         self._backend = backend
         self._stdout = stdout or sys.stdout
         self.wakeup = wakeup or Wakeup()
@@ -276,7 +292,10 @@ class Daemon:
         self.publisher: NodePublisher | None = None
         if options.patches_node and not options.dry_run:
             api = node_api or KubeNodeApi.from_environment(options.kubeconfig or None)
-            self.publisher = NodePublisher(api, options.node_name, backoff)
+            # A new timestamp alone does not patch the Node: in steady state that would be
+            # one write per node per pass, for a label nothing selects on.
+            self.publisher = NodePublisher(api, options.node_name, backoff,
+                                           refresh_only={TIMESTAMP_LABEL})
         self._ever_read = False
         self._nvml_state = "ok"
         self._problems: tuple[str, ...] = ()
@@ -294,7 +313,7 @@ class Daemon:
         from gpus.nvml import NvmlError
 
         config = self.config
-        now = int(time.time())
+        now = int(self._clock())
         try:
             snapshot = self._reader(config)
         except NvmlError as err:

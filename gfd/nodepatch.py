@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,16 +55,71 @@ def ownership_value(keys: set[str] | frozenset[str]) -> str:
     return ",".join(sorted(k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys))
 
 
-def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str]) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class NodeMeta:
+    """The parts of a Node's metadata that planning reads, checked for shape."""
+
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    resource_version: str | None
+
+
+def node_meta(node: Any) -> NodeMeta:
+    """Validate what the API server sent; raises NodeApiError("bad response") on a bad shape.
+
+    A proxy, a broken API server or a faulty client can answer with something that is not a
+    Node; planning on it would crash the labelling loop. As a NodeApiError it is retried with
+    backoff like any other failed call.
+    """
+    if not isinstance(node, Mapping):
+        raise _bad_response("the Node is not a JSON object", node)
+    metadata = node.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping):
+        raise _bad_response("metadata is not an object", metadata)
+    labels = _string_map(metadata.get("labels"), "metadata.labels")
+    annotations = metadata.get("annotations")
+    if annotations is None:
+        annotations = {}
+    if not isinstance(annotations, Mapping):
+        raise _bad_response("metadata.annotations is not an object", annotations)
+    owned = annotations.get(OWNERSHIP_ANNOTATION)
+    if owned is not None and not isinstance(owned, str):
+        raise _bad_response(f"annotation {OWNERSHIP_ANNOTATION} is not a string", owned)
+    version = metadata.get("resourceVersion")
+    if version is not None and not isinstance(version, str):
+        raise _bad_response("metadata.resourceVersion is not a string", version)
+    return NodeMeta(labels, annotations, version or None)
+
+
+def _string_map(value: Any, what: str) -> Mapping[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _bad_response(f"{what} is not an object", value)
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise _bad_response(f"{what} holds a value that is not a string", {key: item})
+    return value
+
+
+def _bad_response(problem: str, value: Any) -> NodeApiError:
+    return NodeApiError("bad response", f"{problem}: {repr(value)[:80]}")
+
+
+def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str],
+               refresh_only: Collection[str] = ()) -> dict[str, Any] | None:
     """The merge patch that makes ``node`` carry ``desired``, or None when nothing changes.
 
-    ``node`` is the Node as JSON (only ``metadata`` is read). Sets the desired labels whose
-    value differs, nulls labels we own but no longer produce, updates the ownership annotation
-    when the set of our keys changes, and pins the read ``resourceVersion``.
+    ``node`` is the Node as JSON (only ``metadata`` is read; a bad shape raises NodeApiError).
+    Sets the desired labels whose value differs, nulls labels we own but no longer produce,
+    updates the ownership annotation when the set of our keys changes, and pins the read
+    ``resourceVersion``. A label in ``refresh_only`` (the pass timestamp) is only refreshed
+    along with another change: a new value alone is no reason to patch, a missing label is.
     """
-    metadata = node.get("metadata") or {}
-    current: Mapping[str, str] = metadata.get("labels") or {}
-    annotations: Mapping[str, str] = metadata.get("annotations") or {}
+    meta = node_meta(node)
+    current, annotations = meta.labels, meta.annotations
     # Only nvidia.com/ labels are ever ours, whatever the annotation (anyone with patch rights
     # on the Node can edit it) or a labeler claims: kubernetes.io/ and other labels stay as
     # they are.
@@ -84,15 +139,16 @@ def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str]) -> dict[str,
         if not wanted and OWNERSHIP_ANNOTATION not in annotations:
             annotation_changes = {}
 
-    if not label_changes and not annotation_changes:
+    if not annotation_changes and all(
+            k in refresh_only and k in current for k in label_changes):
         return None
     patch_meta: dict[str, Any] = {}
     if label_changes:
         patch_meta["labels"] = label_changes
     if annotation_changes:
         patch_meta["annotations"] = annotation_changes
-    if metadata.get("resourceVersion"):
-        patch_meta["resourceVersion"] = metadata["resourceVersion"]
+    if meta.resource_version:
+        patch_meta["resourceVersion"] = meta.resource_version
     return {"metadata": patch_meta}
 
 
@@ -152,11 +208,14 @@ class KubeNodeApi:
                     kube_config.load_incluster_config(client_configuration=configuration)
                 except kube_config.ConfigException:
                     kube_config.load_kube_config(client_configuration=configuration)
-        except (kube_config.ConfigException, OSError) as err:
-            raise KubeConfigError(str(err)) from err
-        # Retries are ours (backoff across passes), not urllib3's hidden ones.
-        configuration.retries = False
-        return cls(client.CoreV1Api(client.ApiClient(configuration)), request_timeout)
+            # Retries are ours (backoff across passes), not urllib3's hidden ones.
+            configuration.retries = False
+            core = client.CoreV1Api(client.ApiClient(configuration))
+        except Exception as err:
+            # Whatever the file holds (bad YAML, a list, missing keys, a bad certificate), the
+            # client raises its own mix of exceptions: all mean "no usable configuration".
+            raise KubeConfigError(_kubeconfig_problem(err, kubeconfig)) from err
+        return cls(core, request_timeout)
 
     def get_node(self, name: str) -> dict[str, Any]:
         """GET /api/v1/nodes/{name}, as plain JSON (skips the slow model deserialisation)."""
@@ -194,6 +253,27 @@ class KubeNodeApi:
         return parsed
 
 
+def _kubeconfig_problem(err: Exception, path: str | None) -> str:
+    """One line about a kubeconfig that cannot be used, naming the file but never quoting it
+    (it holds credentials): the client's own messages for a missing file or missing entries,
+    the position of a YAML error, only the exception's type for anything else."""
+    import yaml
+    from kubernetes.config import ConfigException
+
+    where = path or "the kubeconfig ($KUBECONFIG or ~/.kube/config)"
+    if isinstance(err, (ConfigException, OSError)):
+        detail = " ".join(str(err).split())
+        if path and path not in detail:
+            detail = f"{path}: {detail}"
+    elif isinstance(err, yaml.YAMLError):
+        mark = getattr(err, "problem_mark", None)
+        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        detail = f"{where}: not valid YAML{position}"
+    else:
+        detail = f"{where}: not a usable kubeconfig ({type(err).__name__})"
+    return detail or f"{where}: {type(err).__name__}"
+
+
 # --------------------------------------------------------------------------- retry + publish
 
 
@@ -226,12 +306,15 @@ class NodePublisher:
         node_name: str,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refresh_only: Collection[str] = (),
     ) -> None:
-        """``clock`` is monotonic seconds (injectable for tests)."""
+        """``clock`` is monotonic seconds (injectable for tests); ``refresh_only`` are labels
+        whose new value alone does not warrant a patch (see :func:`plan_patch`)."""
         self.api = api
         self.node_name = node_name
         self.backoff = backoff or Backoff()
         self._clock = clock
+        self.refresh_only = frozenset(refresh_only)
         self._desired: dict[str, str] | None = None
         self._retry_at: float | None = None
         self._state = "ok"
@@ -263,7 +346,7 @@ class NodePublisher:
         assert self._desired is not None
         try:
             node = self.api.get_node(self.node_name)
-            patch = plan_patch(node, self._desired)
+            patch = plan_patch(node, self._desired, self.refresh_only)
             if patch is not None:
                 self.api.patch_node(self.node_name, patch)
                 self.patches += 1

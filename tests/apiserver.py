@@ -4,7 +4,8 @@ Enough of the real thing for GFD's Node-label mode: JSON merge patch (RFC 7386: 
 objects merge recursively, anything else replaces), the ``application/merge-patch+json``
 content type (anything else is 415), 404 for unknown nodes, a ``resourceVersion`` bumped on
 every change and checked when a patch carries one (409 on mismatch), and fault injection:
-the next N requests answer an HTTP status, have their connection closed without an answer, or
+the next N requests answer an HTTP status, answer a body of the test's choosing (malformed
+JSON, a list, a Node of the wrong shape), have their connection closed without an answer, or
 are delayed.
 
 Not collected by pytest (no ``test_`` prefix); tests import :class:`FakeApiServer`.
@@ -44,10 +45,11 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class Fault:
     """One injected behaviour for the next ``count`` requests."""
 
-    kind: str  # "status", "close" or "delay"
+    kind: str  # "status", "body", "close" or "delay"
     count: int
     status: int = 500
     delay: float = 0.0
+    body: bytes = b""  # what a "body" fault answers, verbatim
 
 
 @dataclass
@@ -172,6 +174,14 @@ class FakeApiServer:
         """The next ``count`` requests answer ``status`` with a Status body."""
         with self._lock:
             self._state.faults.append(Fault("status", count, status=status))
+
+    def answer_next(self, count: int, body: bytes, status: int = 200) -> None:
+        """The next ``count`` requests answer ``status`` with ``body`` as is (nothing applied).
+
+        For a proxy or a broken server that answers something other than a Node.
+        """
+        with self._lock:
+            self._state.faults.append(Fault("body", count, status=status, body=body))
 
     def close_next(self, count: int) -> None:
         """The next ``count`` requests get their connection closed without an answer."""
@@ -305,7 +315,11 @@ class FakeApiServer:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if fault is not None:
+                data: bytes | None = None  # set: sent verbatim instead of ``payload``
+                payload: dict[str, Any] = {}
+                if fault is not None and fault.kind == "body":
+                    status, data = fault.status, fault.body
+                elif fault is not None:
                     status, payload = fault.status, _status(fault.status, "Injected",
                                                             "injected fault")
                 elif not self.path.startswith(NODE_PATH) or "/" in self.path[len(NODE_PATH):]:
@@ -318,7 +332,8 @@ class FakeApiServer:
                     else:
                         status, payload = server._patch(name, content_type, body)
                 server._record(Request(method, self.path, content_type, body, status))
-                data = json.dumps(payload).encode()
+                if data is None:
+                    data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -261,6 +262,121 @@ def test_loop_retries_until_the_api_server_recovers(tmp_path: Path, fake_snapsho
     assert not (tmp_path / "gfd").exists()  # removed on a clean stop in loop mode
 
 
+@pytest.mark.parametrize("content", [
+    None,  # missing
+    "::: [not yaml\n",
+    "- a\n- list\n",
+    "apiVersion: v1\nkind: Config\n",  # no cluster, no context
+    "\x00\x01\x02 binary",
+    "apiVersion: v1\nclusters: 7\ncontexts: x\ncurrent-context: [1]\n",
+    "users:\n- name: x\n  user: {token: s3cret-token\n",
+    "users: [{name: u, user: {token: s3cret}}]\ncontexts: [{name: x, context: 5}]\n"
+    "current-context: x\n",
+], ids=["missing", "bad-yaml", "a-list", "empty-config", "binary", "wrong-types",
+        "cut-token", "bad-context"])
+def test_unusable_kubeconfig_exits_1_with_one_line(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str], content: str | None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    if content is not None:
+        kubeconfig.write_text(content)
+    args = base_args(tmp_path, machine_file, sysfs_root("t4"), "t4")
+    assert main(["--oneshot", *args, "--output-mode", "both", "--node-name", NODE,
+                 "--kubeconfig", str(kubeconfig)], environ={}) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("gpu-feature-discovery: cannot configure the Kubernetes client: ")
+    assert str(kubeconfig) in err[0] and "s3cret" not in err[0]  # credentials never quoted
+    assert not (tmp_path / "features.d").exists()  # nothing written
+
+
+def test_malformed_api_answers_are_retried_by_the_loop(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot], server: FakeApiServer) -> None:
+    snapshot = fake_snapshot("t4")
+    health = tmp_path / "health"
+    server.answer_next(1, b"<html>bad gateway</html>")
+    server.answer_next(1, b'{"metadata": []}')
+    server.answer_next(1, b'{"metadata": {"labels": ["x"]}}')
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="node-api", node_api=api,
+               backoff=Backoff(initial=0.01, cap=0.05), health=health)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(d.run()))
+    thread.start()
+    try:
+        assert server.wait_for(lambda s: N + "gpu.count" in s.labels(NODE), timeout=10)
+    finally:
+        d.wakeup.request_stop()
+        thread.join(timeout=10)
+    assert result == [0]
+    assert d.passes == 1  # the retries converged within the first pass's sleep
+    assert len(server.requests("GET")) >= 4
+    assert int(health.read_text()) > 1
+
+
+def test_oneshot_gives_up_on_malformed_answers_with_exit_1(
+        tmp_path: Path, server: FakeApiServer) -> None:
+    server.answer_next(100, b'{"metadata": "not an object"}')
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: Snapshot(system=SystemInfo("535.129.03", 12020)),
+               mode="node-api", node_api=api, backoff=Backoff(initial=0.001, cap=0.002))
+    assert d.run() == 1
+    assert server.requests("PATCH") == []
+
+
+class StepClock:
+    """Wall-clock seconds that advance by ``step`` on every read."""
+
+    def __init__(self, start: float, step: float) -> None:
+        self.now, self.step = start - step, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_new_timestamp_alone_does_not_patch_the_node(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot], server: FakeApiServer) -> None:
+    snapshots = [fake_snapshot("t4")]
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    config = Config(flags=Flags(gfd=GfdFlags(oneshot=False, sleep_interval=60,
+                                             machine_type_file="")))
+    d = Daemon(config, Options(output_mode="node-api", node_name=NODE), node_api=api,
+               reader=lambda c: snapshots[-1], clock=StepClock(1000, 60))
+    assert d.run_pass() and d.run_pass()  # t=1000, t=1060: nothing but the time changed
+    assert len(server.requests("PATCH")) == 1
+    assert len(server.requests("GET")) == 2  # each pass still reads the Node
+    assert server.labels(NODE)[N + "gfd.timestamp"] == "1000"
+    # Any other change refreshes the timestamp with it.
+    snapshots.append(fake_snapshot("dgx-a100"))
+    assert d.run_pass()
+    labels = server.labels(NODE)
+    assert (labels[N + "gpu.count"], labels[N + "gfd.timestamp"]) == ("8", "1120")
+    assert len(server.requests("PATCH")) == 2
+
+
+def test_file_mode_keeps_a_timestamp_per_pass(tmp_path: Path, fake_snapshot: Callable[
+        ..., Snapshot]) -> None:
+    # NFD's features file is local and cheap to rewrite: it keeps NVIDIA's semantics.
+    snapshot = fake_snapshot("t4")
+    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, clock=StepClock(1000, 60))
+    assert d.run_pass() and d.run_pass()
+    assert parse_features((tmp_path / "gfd").read_text())[N + "gfd.timestamp"] == "1060"
+
+
+def test_oneshot_file_mode_never_imports_kubernetes(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str]) -> None:
+    args = ["--oneshot", *base_args(tmp_path, machine_file, sysfs_root("t4"), "t4")]
+    code = ("import sys\nfrom gfd.main import main\n"
+            f"rc = main({args!r}, environ={{}})\n"
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+    assert out.strip() == "0 []"
+    assert (tmp_path / "features.d" / "gfd").exists()
+
+
 def test_node_api_options_from_env() -> None:
     parser = build_parser()
     args = parser.parse_args([])
@@ -273,33 +389,81 @@ def test_node_api_options_from_env() -> None:
 # --------------------------------------------------------------------------- signals, loop
 
 
-def spawn(args: list[str]) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "gfd", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+LOG_DEADLINE = 30.0  # seconds a spawned GFD may take to log an expected line
 
 
-def wait_for_line(proc: subprocess.Popen[str], needle: str) -> None:
-    """Read the daemon's log until ``needle`` appears (blocking reads, no sleeping)."""
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if needle in line:
-            return
-    raise AssertionError(f"{needle!r} never logged; exit code {proc.wait(timeout=5)}")
+class Spawned:
+    """A process (GFD) whose stderr a reader thread queues line by line.
+
+    Waiting for a log line has a deadline, so a hung or silent GFD fails the test instead of
+    hanging CI on a blocking read.
+    """
+
+    def __init__(self, command: list[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)  # end of output: the process exited
+
+    def wait_for_line(self, needle: str, timeout: float = LOG_DEADLINE) -> str:
+        """The next log line containing ``needle``; AssertionError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(0.0, remaining))
+            except queue.Empty:
+                raise AssertionError(f"{needle!r} not logged within {timeout}s; "
+                                     f"log so far: {self.seen[-10:]}") from None
+            if line is None:
+                raise AssertionError(f"{needle!r} never logged; exit code "
+                                     f"{self.proc.wait(timeout=5)}; log: {self.seen[-10:]}")
+            self.seen.append(line)
+            if needle in line:
+                return line
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and reap it and the reader."""
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+
+
+def spawn(args: list[str]) -> Spawned:
+    """``python -m gfd`` with ``args``."""
+    return Spawned([sys.executable, "-m", "gfd", *args])
+
+
+def test_wait_for_line_has_a_deadline() -> None:
+    # Stands in for a GFD that hangs before logging anything.
+    spawned = Spawned([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(AssertionError, match="not logged within"):
+            spawned.wait_for_line("wrote", timeout=0.2)
+    finally:
+        spawned.close()
 
 
 def test_sigterm_in_loop_mode_exits_0_and_removes_the_file(
         tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str]) -> None:
     out = tmp_path / "features.d" / "gfd"
-    proc = spawn(base_args(tmp_path, machine_file, sysfs_root("dgx-a100")))
+    gfd = spawn(base_args(tmp_path, machine_file, sysfs_root("dgx-a100")))
     try:
-        wait_for_line(proc, "wrote")
+        gfd.wait_for_line("wrote")
         assert out.exists()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        gfd.proc.send_signal(signal.SIGTERM)
+        assert gfd.proc.wait(timeout=10) == 0
     finally:
-        proc.kill()
-        proc.wait(timeout=5)
+        gfd.close()
     assert not out.exists()
 
 
@@ -308,23 +472,58 @@ def test_sighup_reloads_the_config_file(tmp_path: Path, machine_file: str,
     out = tmp_path / "features.d" / "gfd"
     config = tmp_path / "config.yaml"
     config.write_text("version: v1\nflags:\n  migStrategy: none\n")
-    proc = spawn([*base_args(tmp_path, machine_file, sysfs_root("dgx-a100")),
-                  "--config-file", str(config), "--no-timestamp"])
+    gfd = spawn([*base_args(tmp_path, machine_file, sysfs_root("dgx-a100")),
+                 "--config-file", str(config), "--no-timestamp"])
     try:
-        wait_for_line(proc, "wrote")
+        gfd.wait_for_line("wrote")
         assert parse_features(out.read_text())[N + "gpu.replicas"] == "1"
-        config.write_text("version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
-                          "    - name: nvidia.com/gpu\n      replicas: 3\n")
-        proc.send_signal(signal.SIGHUP)
-        wait_for_line(proc, "wrote")
+        config.write_text(SHARED_CONFIG)
+        gfd.proc.send_signal(signal.SIGHUP)
+        gfd.wait_for_line("wrote")
         labels = parse_features(out.read_text())
         assert labels[N + "gpu.replicas"] == "3"
         assert labels[N + "gpu.product"] == "NVIDIA-A100-SXM4-40GB-SHARED"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        gfd.proc.send_signal(signal.SIGINT)
+        assert gfd.proc.wait(timeout=10) == 0
     finally:
-        proc.kill()
-        proc.wait(timeout=5)
+        gfd.close()
+
+
+SHARED_CONFIG = ("version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+                 "    - name: nvidia.com/gpu\n      replicas: 3\n")
+
+
+def test_sighup_with_a_bad_then_vanished_config_keeps_the_labels(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str]) -> None:
+    out = tmp_path / "features.d" / "gfd"
+    health = tmp_path / "health"
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\nflags:\n  migStrategy: none\n")
+    gfd = spawn([*base_args(tmp_path, machine_file, sysfs_root("dgx-a100")),
+                 "--config-file", str(config), "--no-timestamp"])
+    try:
+        gfd.wait_for_line("wrote")
+        written = out.read_text()
+        config.write_text("version: v1\nflags:\n  migStrategy: bogus\n")
+        gfd.proc.send_signal(signal.SIGHUP)
+        assert "migStrategy" in gfd.wait_for_line("config reload failed")
+        config.unlink()
+        gfd.proc.send_signal(signal.SIGHUP)
+        assert str(config) in gfd.wait_for_line("config reload failed")
+        assert out.read_text() == written  # the old configuration's labels stay
+        assert gfd.proc.poll() is None
+        # Still looping, and still reloading: a good file is picked up.
+        health.unlink()
+        config.write_text(SHARED_CONFIG)
+        gfd.proc.send_signal(signal.SIGHUP)
+        gfd.wait_for_line("wrote")
+        assert parse_features(out.read_text())[N + "gpu.replicas"] == "3"
+        gfd.proc.send_signal(signal.SIGTERM)
+        assert gfd.proc.wait(timeout=10) == 0
+    finally:
+        gfd.close()
+    assert not out.exists()
+    assert health.exists()  # the pass after the good reload succeeded
 
 
 def test_parser_has_nvidia_flags() -> None:

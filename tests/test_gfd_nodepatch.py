@@ -13,6 +13,7 @@ from gfd.nodepatch import (
     REQUEST_TIMEOUT,
     Backoff,
     KubeNodeApi,
+    NodeApiError,
     NodePublisher,
     owned_keys,
     plan_patch,
@@ -311,3 +312,107 @@ def test_stub_rejects_wrong_content_type(server: FakeApiServer) -> None:
     assert info.value.code == 415
     assert "x" not in server.labels(NODE)
 
+
+
+# --------------------------------------------------------------------------- malformed answers
+
+BAD_BODIES = {
+    "not JSON": b"<html>502 Bad Gateway</html>",
+    "a JSON list": b"[1, 2]",
+    "metadata a list": b'{"metadata": []}',
+    "labels a list": b'{"metadata": {"labels": ["nvidia.com/gpu.count"]}}',
+    "a label not a string": b'{"metadata": {"labels": {"nvidia.com/gpu.count": 8}}}',
+    "annotations a string": b'{"metadata": {"annotations": "x"}}',
+    "ownership not a string": b'{"metadata": {"annotations": {"nvidia.com/gfd.labels": 5}}}',
+    "resourceVersion a number": b'{"metadata": {"resourceVersion": 7}}',
+}
+
+
+@pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_malformed_node_is_a_retried_bad_response(server: FakeApiServer, tmp_path: Path,
+                                                  body: bytes,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    pub = publisher(server, tmp_path, clock)
+    server.answer_next(2, body)
+    want = {"nvidia.com/gpu.count": "8"}
+    with caplog.at_level("WARNING", logger="gfd.nodepatch"):
+        assert not pub.publish(want)
+        clock.now += 1
+        assert not pub.retry()
+    assert pub.retry_in() == 2  # backing off like any other failure
+    assert [r.getMessage() for r in caplog.records if "bad response" in r.getMessage()]
+    assert server.requests("PATCH") == []  # nothing planned on a bad answer
+    assert server.labels(NODE) == FOREIGN
+    clock.now += 2
+    assert pub.retry() and pub.converged
+    assert server.labels(NODE) == FOREIGN | want
+
+
+@pytest.mark.parametrize("node", [
+    None, [], {"metadata": "x"}, {"metadata": {"labels": {"a": None}}},
+    {"metadata": {"labels": {1: "a"}}}, {"metadata": {"annotations": []}},
+])
+def test_plan_refuses_a_malformed_node(node: object) -> None:
+    with pytest.raises(NodeApiError, match="bad response"):
+        plan_patch(node, {"nvidia.com/gpu.count": "8"})  # type: ignore[arg-type]
+
+
+def test_plan_accepts_missing_or_null_metadata_parts() -> None:
+    want = {"nvidia.com/gpu.count": "8"}
+    expected = {"metadata": {"labels": want,
+                             "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+    for node in ({}, {"metadata": None},
+                 {"metadata": {"labels": None, "annotations": None}}):
+        assert plan_patch(node, want) == expected
+
+
+class ScriptedApi:
+    """A NodeApi answering GETs from a list (the last one repeats); PATCHes are recorded."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+        self.patches: list[dict[str, object]] = []
+
+    def get_node(self, name: str) -> dict[str, object]:
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return answer  # type: ignore[return-value]
+
+    def patch_node(self, name: str, patch: dict[str, object]) -> dict[str, object]:
+        self.patches.append(patch)
+        return {}
+
+
+def test_a_malformed_node_from_any_api_does_not_escape_the_publisher() -> None:
+    api = ScriptedApi({"metadata": {"labels": "oops"}}, {"metadata": {}})
+    clock = Clock()
+    pub = NodePublisher(api, NODE, Backoff(initial=1, cap=8), clock=clock)
+    assert not pub.publish({"nvidia.com/gpu.count": "8"})
+    assert api.patches == [] and pub.retry_in() == 1
+    clock.now += 1
+    assert pub.retry() and len(api.patches) == 1
+
+
+# --------------------------------------------------------------------------- the timestamp
+
+TS = "nvidia.com/gfd.timestamp"
+
+
+def test_plan_a_new_timestamp_alone_is_no_change() -> None:
+    node = {"metadata": {"labels": {"nvidia.com/gpu.count": "8", TS: "1000"},
+                         "annotations": {OWNERSHIP_ANNOTATION: "gfd.timestamp,gpu.count"}}}
+    desired = {"nvidia.com/gpu.count": "8", TS: "1060"}
+    assert plan_patch(node, desired, refresh_only={TS}) is None
+    assert plan_patch(node, desired) is not None  # without the option every pass patches
+    # Refreshed along with any other change...
+    patch = plan_patch(node, {"nvidia.com/gpu.count": "4", TS: "1060"}, refresh_only={TS})
+    assert patch is not None
+    assert patch["metadata"]["labels"] == {"nvidia.com/gpu.count": "4", TS: "1060"}
+    # ... and written when missing (first pass, or deleted by someone).
+    del node["metadata"]["labels"][TS]
+    assert plan_patch(node, desired, refresh_only={TS}) == {
+        "metadata": {"labels": {TS: "1060"}}}
+    # Turning the timestamp off still removes it.
+    node["metadata"]["labels"][TS] = "1000"
+    assert plan_patch(node, {"nvidia.com/gpu.count": "8"}, refresh_only={TS}) == {
+        "metadata": {"labels": {TS: None}, "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}

@@ -3,7 +3,8 @@
 Every kustomization that docs/deploy.md applies is rendered with daemonset/render.py (CI has no
 kubectl); where kubectl is installed its rendering must be identical. Rendered objects are
 validated offline, strictly, against the Kubernetes schemas of 1.29, 1.33 and the newest version
-kubernetes-validate ships.
+kubernetes-validate ships. The commands docs/deploy.md gives (names, namespaces, label selectors,
+node labels and taints, render.py itself) are checked against the rendered objects.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import copy
 import importlib.util
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,13 @@ import pytest
 import tomllib
 import yaml
 from kubernetes_validate.utils import latest_version
+
+import deviceplugin.main as plugin_main
+import gfd.main as gfd_main
+from deviceplugin.readiness import READY_FILE_ENV
+from gfd.labels import node_labels
+from gfd.output import HealthFile
+from gpus import config as gpus_config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "deploy.md"
@@ -439,7 +448,6 @@ def test_probe_files_are_configured_and_writable(path: str) -> None:
         mount = covering_mount(ctr, path_in)
         assert mount is not None and "emptyDir" in volumes(spec)[mount["name"]], path_in
         assert not mount.get("readOnly")
-    assert int(env_values(gfd)["PROBE_MAX_AGE_SECONDS"]) >= 3 * 60  # 3 x the 60 s interval
 
 
 def _run_probe(command: list[str], environ: Mapping[str, str]) -> int:
@@ -484,12 +492,11 @@ def test_gfd_probes_follow_the_health_file(tmp_path: Path, content: str | None,
 
 def test_gfd_probes_accept_what_gfd_writes(tmp_path: Path) -> None:
     """The contract end to end: the file gfd.output.HealthFile writes passes the probes."""
-    output = pytest.importorskip("gfd.output")
     gfd = container(pod_spec("daemonset"), GFD)
     health = tmp_path / "last-pass-ok"
     environ = {**env_values(gfd), "PATH": "/usr/bin:/bin", "GFD_HEALTH_FILE": health.as_posix()}
     assert env_values(gfd)["GFD_HEALTH_FILE"] == "/run/gfd/last-pass-ok"  # GFD's default too
-    writer = output.HealthFile(health.as_posix())
+    writer = HealthFile(health.as_posix())
     writer.mark()
     for command in _exec_commands(gfd).values():
         assert _run_probe(command, environ) == 0
@@ -540,8 +547,6 @@ def test_simulated_overlay_uses_the_fake_nvml_and_a_distinct_name() -> None:
 def test_simulated_profile_exists() -> None:
     profiles = {p.stem for p in (REPO / "gpus" / "profiles").glob("*.yaml")
                 if not p.name.startswith("_")}
-    if not profiles:
-        pytest.skip("no machine profiles in gpus/profiles yet")
     assert "dgx-a100" in profiles
 
 
@@ -583,23 +588,31 @@ EXPECTED_SETTINGS = {
 }
 
 
+PROGRAMS: tuple[gpus_config.Program, ...] = ("plugin", "gfd")
+
+
+def daemon_config(path: str, program: gpus_config.Program,
+                  tmp_path: Path) -> gpus_config.Config:
+    """The configuration ``program`` ("plugin" or "gfd") resolves in kustomization ``path``:
+    its container's environment, with the config-file variables pointed at a copy of the
+    ConfigMap's file."""
+    config_map = only(rendered(path), "ConfigMap")
+    environ = env_values(container(pod_spec(path), PLUGIN if program == "plugin" else GFD))
+    for variable in ("CONFIG_FILE", "GFD_CONFIG_FILE"):
+        if variable in environ:
+            local = tmp_path / f"{program}-{Path(environ[variable]).name}"
+            local.write_text(config_map["data"][Path(environ[variable]).name])
+            environ[variable] = local.as_posix()
+    parser = argparse.ArgumentParser()
+    gpus_config.add_flags(parser, program)
+    return gpus_config.resolve(parser.parse_args([]), environ)
+
+
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_daemons_resolve_the_manifest_settings(path: str, tmp_path: Path) -> None:
-    config = pytest.importorskip("gpus.config")
-    config_map = only(rendered(path), "ConfigMap")
-    spec = pod_spec(path)
     mig, nvml, replicas = EXPECTED_SETTINGS[path]
-    for ctr, program in ((container(spec, PLUGIN), "plugin"), (container(spec, GFD), "gfd")):
-        environ = env_values(ctr)
-        # Point the config-file variables at a copy of the ConfigMap's file.
-        for variable in ("CONFIG_FILE", "GFD_CONFIG_FILE"):
-            if variable in environ:
-                local = tmp_path / f"{program}-{Path(environ[variable]).name}"
-                local.write_text(config_map["data"][Path(environ[variable]).name])
-                environ[variable] = local.as_posix()
-        parser = argparse.ArgumentParser()
-        config.add_flags(parser, program)
-        resolved = config.resolve(parser.parse_args([]), environ)
+    for program in PROGRAMS:
+        resolved = daemon_config(path, program, tmp_path)
         assert resolved.flags.mig_strategy == mig, (path, program)
         assert resolved.flags.nvml == nvml, (path, program)
         shared = {r.name: r.replicas for r in resolved.sharing.time_slicing.resources}
@@ -607,11 +620,344 @@ def test_daemons_resolve_the_manifest_settings(path: str, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_probe_age_covers_three_sleep_intervals(path: str, tmp_path: Path) -> None:
+    # GFD refreshes its health file once per pass; the probes call a file older than
+    # PROBE_MAX_AGE_SECONDS a hung GFD. Three missed passes, not one late one, must be needed.
+    gfd = daemon_config(path, "gfd", tmp_path)
+    assert not gfd.flags.gfd.oneshot  # a oneshot GFD would exit and never refresh it
+    max_age = int(env_values(container(pod_spec(path), GFD))["PROBE_MAX_AGE_SECONDS"])
+    assert 3 * gfd.flags.gfd.sleep_interval <= max_age, path
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_gfd_resolves_its_output_mode(path: str) -> None:
-    gfd_main = pytest.importorskip("gfd.main")
-    if not hasattr(gfd_main, "resolve_options"):
-        pytest.skip("gfd.main.resolve_options not available")
     environ = env_values(container(pod_spec(path), GFD))
     options = gfd_main.resolve_options(gfd_main.build_parser().parse_args([]), environ)
     assert options.output_mode == environ["GFD_OUTPUT_MODE"]
     assert options.node_name == "node-a"
+
+
+# --------------------------------------------------------------------------------------------
+# Every env var a manifest sets is one a daemon reads (a misspelt name is silently ignored).
+
+# Set for someone other than the daemon: the probes' shell and the NVIDIA container runtime.
+PROBE_ENV = {GFD: frozenset({"PROBE_MAX_AGE_SECONDS"}), PLUGIN: frozenset()}
+RUNTIME_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"})
+
+
+def _documented_env(parser: argparse.ArgumentParser) -> set[str]:
+    """The names in the ``[env A/B]`` of every option's help: gpus.config writes them from
+    its settings table, the one resolve() reads."""
+    names: set[str] = set()
+    for action in parser._actions:
+        for group in re.findall(r"\[env ([A-Z0-9_/]+)\]", action.help or ""):
+            names.update(group.split("/"))
+    return names
+
+
+def env_read_by(name: str) -> frozenset[str]:
+    """The environment variables the daemon in container ``name`` reads."""
+    if name == PLUGIN:
+        names = _documented_env(plugin_main.build_parser())
+        names |= {READY_FILE_ENV, plugin_main.SOCKET_DIR_ENV}
+    else:
+        names = _documented_env(gfd_main.build_parser()) | set(gfd_main.OPTION_ENV_VARS)
+    return frozenset(names)
+
+
+def unread_env(ctr: Mapping[str, Any]) -> list[str]:
+    """Env var names the container sets that nothing reads."""
+    allowed = env_read_by(ctr["name"]) | PROBE_ENV[ctr["name"]] | RUNTIME_ENV
+    return [e["name"] for e in ctr.get("env", []) if e["name"] not in allowed]
+
+
+def test_env_tables_hold_what_the_daemons_read() -> None:
+    # Guards the tests below: the tables come from the code, not from this file.
+    assert {"MIG_STRATEGY", "NVML_BACKEND", "CONFIG_FILE", "DP_READY_FILE",
+            "FAIL_ON_INIT_ERROR", "PLUGIN_SOCKET_DIR"} <= env_read_by(PLUGIN)
+    assert {"GFD_MIG_STRATEGY", "GFD_CONFIG_FILE", "GFD_SLEEP_INTERVAL", "GFD_OUTPUT_MODE",
+            "NODE_NAME", "GFD_HEALTH_FILE", "GFD_KUBECONFIG"} <= env_read_by(GFD)
+    assert "GFD_OUTPUT_MODE" not in env_read_by(PLUGIN)
+    misspelt = {"name": GFD, "env": [{"name": "GFD_MIGSTRATEGY", "value": "mixed"},
+                                     {"name": "NODE_NAME", "value": "n"}]}
+    assert unread_env(misspelt) == ["GFD_MIGSTRATEGY"]
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_manifest_env_var_is_read(path: str) -> None:
+    for ctr in pod_spec(path)["containers"]:
+        assert unread_env(ctr) == [], (path, ctr["name"])
+
+
+# --------------------------------------------------------------------------------------------
+# DaemonSets that may share a cluster never select each other's pods.
+
+
+def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Does a LabelSelector (matchLabels and matchExpressions) match ``labels``?"""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    return all(_expression_matches(e, labels) for e in selector.get("matchExpressions", []))
+
+
+def _daemonsets(objects: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == "DaemonSet"}
+
+
+def another_profile(tmp_path: Path, profile: str) -> Path:
+    """The simulated overlay copied for ``profile`` as docs/deploy.md says: "dgx-a100"
+    replaced in its nameSuffix and simulated.yaml."""
+    tree = tmp_path / "daemonset"
+    shutil.copytree(REPO / "daemonset", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_dir = tree / "overlays" / f"simulated-{profile}"
+    shutil.copytree(tree / "overlays" / "simulated", copy_dir)
+    for name in ("kustomization.yaml", "simulated.yaml"):
+        text = (copy_dir / name).read_text()
+        if name == "kustomization.yaml":
+            text = text.replace("nameSuffix: -sim-dgx-a100", f"nameSuffix: -sim-{profile}")
+        else:
+            text = text.replace("dgx-a100", profile)
+        (copy_dir / name).write_text(text)
+    return copy_dir
+
+
+def coexisting_daemonsets(tmp_path: Path) -> list[list[dict[str, Any]]]:
+    """Sets of DaemonSets one cluster may run together: each real kustomization with the
+    simulated overlay and a copy of it for another profile."""
+    simulated = list(_daemonsets(rendered("daemonset/overlays/simulated")).values())
+    t4 = list(_daemonsets(RENDER.render(another_profile(tmp_path, "t4"))).values())
+    return [list(_daemonsets(rendered(path)).values()) + simulated + t4
+            for path in KUSTOMIZATIONS if not path.endswith("simulated")]
+
+
+def test_no_daemonset_selects_another_ones_pods(tmp_path: Path) -> None:
+    for group in coexisting_daemonsets(tmp_path):
+        names = [d["metadata"]["name"] for d in group]
+        assert len(set(names)) == len(names) == 3, names
+        for owner in group:
+            selector = owner["spec"]["selector"]
+            assert selects(selector, owner["spec"]["template"]["metadata"]["labels"])
+            for other in group:
+                if other is not owner:
+                    other_labels = other["spec"]["template"]["metadata"]["labels"]
+                    assert not selects(selector, other_labels), (
+                        owner["metadata"]["name"], other["metadata"]["name"])
+
+
+def test_selector_overlap_check_notices_an_overlap() -> None:
+    # Guards the test above: the base's selector would take the simulated pods if they kept
+    # the base's name label.
+    base = only(rendered("daemonset"), "DaemonSet")
+    simulated = only(rendered("daemonset/overlays/simulated"), "DaemonSet")
+    labels = dict(simulated["spec"]["template"]["metadata"]["labels"])
+    assert not selects(base["spec"]["selector"], labels)
+    labels["app.kubernetes.io/name"] = "nvidia-device-plugin"
+    assert selects(base["spec"]["selector"], labels)
+
+
+# --------------------------------------------------------------------------------------------
+# The commands docs/deploy.md gives are checked against what the manifests render.
+
+COMMANDS = ("kubectl", "python", "docker", "kind", "kustomize", "make")
+PLACEHOLDER = re.compile(r"<[a-z-]+>")
+
+
+def deploy_doc_commands(text: str) -> list[list[str]]:
+    """Every command in docs/deploy.md (lines of ``sh`` blocks, and inline code spans that start
+    with a command), as argv lists; ``&&`` and ``|`` separate commands."""
+    lines = [line.strip() for block in re.findall(r"^```sh\n(.*?)^```", text, re.M | re.S)
+             for line in block.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    lines += [span for span in re.findall(r"`([^`\n]+)`", prose)
+              if span.split()[0] in COMMANDS and len(span.split()) > 1]
+    commands: list[list[str]] = []
+    for line in lines:
+        lexer = shlex.shlex(line, posix=True, punctuation_chars="|&")
+        lexer.whitespace_split = True
+        current: list[str] = []
+        for token in [*lexer, "&&"]:
+            if token in ("&&", "|"):
+                commands.append(current)
+                current = []
+            else:
+                current.append(token)
+    return commands
+
+
+class DeployDocChecker:
+    """Checks one command from docs/deploy.md; unknown commands fail (add a check for them)."""
+
+    def __init__(self, gfd_labels: Iterable[str]) -> None:
+        self.gfd_labels = set(gfd_labels)
+        self.daemonsets = [d for path in KUSTOMIZATIONS
+                           for d in _daemonsets(rendered(path)).values()]
+        self.seen: set[str] = set()
+
+    def check(self, argv: list[str]) -> None:
+        """AssertionError when ``argv`` names something the manifests do not have."""
+        handler = getattr(self, "_" + argv[0], None)
+        assert handler is not None, f"no test checks {shlex.join(argv)!r}"
+        handler(argv[1:])
+
+    # ---------------------------------------------------------------- commands
+
+    def _cd(self, args: list[str]) -> None:
+        pass  # into the reader's own overlay (for kustomize edit)
+
+    def _grep(self, args: list[str]) -> None:
+        pass  # filters output
+
+    def _make(self, args: list[str]) -> None:
+        assert args == ["image"], args
+        recipe = re.search(r"^image:.*\n\t(.*)", (REPO / "Makefile").read_text(), re.M)
+        assert recipe is not None and recipe.group(1).startswith("docker build -t ")
+        self.seen.add("make image")
+
+    def _docker(self, args: list[str]) -> None:
+        assert args[:2] == ["build", "-t"] and args[3:] == ["."], args
+        self._image(args[2], tags=(project_version(), "<version>"))
+        self.seen.add("docker build")
+
+    def _kind(self, args: list[str]) -> None:
+        assert args[:2] == ["load", "docker-image"], args
+        self._image(args[2], tags=(project_version(),))
+
+    def _kustomize(self, args: list[str]) -> None:
+        assert args[:3] == ["edit", "set", "image"], args
+        base = yaml.safe_load((REPO / "daemonset/base/kustomization.yaml").read_text())
+        assert args[3].split("=", 1)[0] in {i["name"] for i in base["images"]}, args
+
+    def _python(self, args: list[str]) -> None:
+        if args[0].startswith("bench/"):  # a benchmark: too slow to run here; it exists
+            assert (REPO / args[0]).is_file(), args
+            return
+        assert args[0] == "daemonset/render.py" and len(args) == 2, args
+        out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        assert list(yaml.safe_load_all(out)) == rendered(args[1].rstrip("/"))
+        self.seen.add("render.py")
+
+    def _kubectl(self, args: list[str]) -> None:
+        namespace, rest = None, list(args)
+        if rest[0] in ("-n", "--namespace"):
+            namespace, rest = rest[1], rest[2:]
+        verb, operands = rest[0], rest[1:]
+        if verb in ("apply", "delete", "diff") and operands[0] == "-k":
+            assert operands[1].rstrip("/") in KUSTOMIZATIONS, operands
+        elif verb == "kustomize":
+            assert operands[0].rstrip("/") in KUSTOMIZATIONS, operands
+        elif verb == "rollout":
+            assert operands[0] in ("status", "restart") and operands[1].startswith("daemonset/")
+            self._daemonset(namespace, operands[1].split("/", 1)[1])
+        elif verb == "get" and operands[0] == "pods":
+            self._pod_selector(namespace, operands)
+        elif verb == "get" and operands[0] == "nodes":
+            assert operands[1] == "-L" and len(operands) == 3, operands
+            assert set(operands[2].split(",")) <= self.gfd_labels, operands
+        elif verb == "label" and operands[0] == "node":
+            self._node_labels(operands[1:])
+        elif verb == "taint" and operands[0] == "node":
+            self._taint(operands[1:])
+        elif verb in ("logs", "exec"):
+            self._container(namespace, operands)
+        elif verb in ("describe", "delete") and operands[0] in ("node", "pod"):
+            assert PLACEHOLDER.fullmatch(operands[1]), operands
+            if operands[0] == "pod":
+                self._namespace(namespace)
+        else:
+            raise AssertionError(f"no test checks kubectl {shlex.join(args)!r}")
+        self.seen.add(f"kubectl {verb}")
+
+    # ---------------------------------------------------------------- checks
+
+    def _image(self, image: str, tags: tuple[str, ...]) -> None:
+        name, _, tag = image.rpartition(":")
+        deployed = {c["image"].rpartition(":")[0] for d in self.daemonsets
+                    for c in d["spec"]["template"]["spec"]["containers"]}
+        assert deployed == {name} and tag in tags, image
+
+    def _namespace(self, namespace: str | None) -> None:
+        assert namespace in {d["metadata"]["namespace"] for d in self.daemonsets}, namespace
+
+    def _daemonset(self, namespace: str | None, name: str) -> dict[str, Any]:
+        self._namespace(namespace)
+        found = [d for d in self.daemonsets if d["metadata"]["name"] == name
+                 and d["metadata"]["namespace"] == namespace]
+        assert found, f"no DaemonSet {namespace}/{name}"
+        return found[0]
+
+    def _pod_selector(self, namespace: str | None, operands: list[str]) -> None:
+        self._namespace(namespace)
+        assert operands[1] == "-l", operands
+        wanted = dict(item.split("=", 1) for item in operands[2].split(","))
+        owners = {d["metadata"]["name"] for d in self.daemonsets
+                  if selects({"matchLabels": wanted}, d["spec"]["template"]["metadata"]["labels"])}
+        assert len(owners) == 1, f"-l {operands[2]} lists the pods of {sorted(owners)}"
+
+    def _node_labels(self, operands: list[str]) -> None:
+        assert PLACEHOLDER.fullmatch(operands[0]), operands
+        for item in operands[1:]:
+            if item.endswith("-"):  # removing a label: one GFD writes
+                assert item[:-1] in self.gfd_labels, item
+                continue
+            key, value = item.split("=", 1)
+            assert any(schedulable(d["spec"]["template"]["spec"], {key: value})
+                       for d in self.daemonsets), f"no DaemonSet runs on a node labelled {item}"
+
+    def _taint(self, operands: list[str]) -> None:
+        assert PLACEHOLDER.fullmatch(operands[0]) and len(operands) == 2, operands
+        key_value, effect = operands[1].rsplit(":", 1)
+        key, value = key_value.split("=", 1)
+        taint = {"key": key, "value": value, "effect": effect}
+        # The DaemonSets for nodes labelled key=value (the label command before) tolerate it.
+        specs = [d["spec"]["template"]["spec"] for d in self.daemonsets]
+        running = [spec for spec in specs if schedulable(spec, {key: value})]
+        assert running, f"no DaemonSet runs on a node labelled {key_value}"
+        assert all(schedulable(spec, {key: value}, [taint]) for spec in running), (
+            f"the DaemonSet for {key_value} does not tolerate the taint {operands[1]}")
+
+    def _container(self, namespace: str | None, operands: list[str]) -> None:
+        self._namespace(namespace)
+        assert PLACEHOLDER.fullmatch(operands[0]) and operands[1] == "-c", operands
+        names = {c["name"] for d in self.daemonsets
+                 for c in d["spec"]["template"]["spec"]["containers"]}
+        assert operands[2] in names, operands
+
+
+@pytest.fixture
+def deploy_doc_checker(fake_snapshot: Any) -> DeployDocChecker:
+    labels = node_labels(fake_snapshot("dgx-a100"), gpus_config.Config(), timestamp=1)
+    return DeployDocChecker(labels)
+
+
+def test_deploy_doc_commands_match_the_manifests(deploy_doc_checker: DeployDocChecker) -> None:
+    commands = deploy_doc_commands(DOCS.read_text())
+    for argv in commands:
+        deploy_doc_checker.check(argv)
+    # Guards the parsing: the commands that matter were found and checked.
+    assert {"render.py", "docker build", "make image", "kubectl rollout", "kubectl get",
+            "kubectl label", "kubectl taint", "kubectl exec", "kubectl apply"} <= (
+        deploy_doc_checker.seen)
+
+
+@pytest.mark.parametrize(("command", "problem"), [
+    ("kubectl -n default rollout status daemonset/nvidia-device-plugin-daemonset", "default"),
+    ("kubectl -n kube-system rollout status daemonset/nvidia-device-plugin", "no DaemonSet"),
+    ("kubectl -n kube-system get pods -l app.kubernetes.io/part-of=nvidia-k8s-py",
+     "lists the pods of"),
+    ("kubectl label node <n> nvk8s.io/simulated-gpu=dgx-a10", "no DaemonSet runs"),
+    ("kubectl taint node <n> nvk8s.io/simulated=dgx-a100:NoSchedule", "no DaemonSet runs"),
+    ("kubectl taint node <n> nvk8s.io/simulated-gpu=dgx-a100:NoExecute", "does not tolerate"),
+    ("kubectl -n kube-system logs <pod> -c gfd", "gfd"),
+    ("kubectl get nodes -L nvidia.com/gpu.model", "gpu.model"),
+    ("python daemonset/render.py daemonset/overlays/mig", "CalledProcessError"),
+    ("kubectl scale daemonset x", "no test checks"),
+    ("helm install x", "no test checks"),
+])
+def test_deploy_doc_checker_catches_mistakes(deploy_doc_checker: DeployDocChecker,
+                                             command: str, problem: str) -> None:
+    (argv,) = deploy_doc_commands(f"```sh\n{command}\n```\n")
+    with pytest.raises((AssertionError, subprocess.CalledProcessError)) as info:
+        deploy_doc_checker.check(argv)
+    assert problem in f"{info.typename}: {info.value}"

@@ -408,14 +408,17 @@ def preferred_shared(
     """Preferred replicas / MIG devices: must-include first, then by ``policy``.
 
     ``distributed`` picks, one device at a time, from the physical GPU with the fewest devices
-    in use (ties: GPU index); ``packed`` from the GPU with the most in use (ties: fewest free,
-    then GPU index), which fills one GPU before touching the next. Within a GPU the lowest MIG
-    index / replica number goes first, and every pick counts as in use for the next one.
+    in use (ties: GPU index); ``packed`` from the GPU with the most in use (ties: GPU index),
+    which fills one GPU before touching the next. Within a GPU the lowest MIG index / replica
+    number goes first, and every pick counts as in use for the next one. (Not "fewest free"
+    as the tie-break: on a fresh MIG node that sends a request to every GPU's lone slice in
+    turn instead of filling one GPU.)
 
-    In use: ``allocated_counts[gpu uuid]`` when given; otherwise inferred from what is free,
-    since the kubelet passes only free devices: a GPU's devices number at least its highest
-    free replica + 1, and the same for every GPU of a resource, so in use = that total minus
-    free. Impossible requests return [] and log a warning.
+    In use: ``allocated_counts[gpu uuid]`` when given (the server counts it from the
+    resource's full device list); otherwise a guess from what is free: a GPU's devices number
+    at least its highest free replica + 1, and the same for every GPU of a resource, so in
+    use = that total minus free. The guess is wrong for MIG layouts that differ per GPU.
+    Impossible requests return [] and log a warning.
     """
     if policy not in POLICIES:
         log.warning("unknown allocation policy %r; using distributed", policy)
@@ -444,7 +447,7 @@ def preferred_shared(
     while len(chosen) < size:
         candidates = [uuid for uuid, group in free.items() if group]
         if policy == "packed":
-            uuid = min(candidates, key=lambda u: (-in_use[u], len(free[u]), gpu_index[u], u))
+            uuid = min(candidates, key=lambda u: (-in_use[u], gpu_index[u], u))
         else:
             uuid = min(candidates, key=lambda u: (in_use[u], gpu_index[u], u))
         chosen.append(free[uuid].pop(0).id)
@@ -476,7 +479,7 @@ def _device_order(device: Device) -> tuple[int, int, int, str]:
 def _in_use(
     free: Mapping[str, Sequence[Device]], allocated_counts: Mapping[str, int] | None
 ) -> dict[str, int]:
-    """Devices in use per physical GPU (see preferred_shared)."""
+    """Devices in use per physical GPU: the given counts, else the guess (see preferred_shared)."""
     if allocated_counts is not None:
         return {uuid: int(allocated_counts.get(uuid, 0)) for uuid in free}
     per_gpu = max(

@@ -56,27 +56,39 @@ def build_cdi_spec(
     *,
     path_exists: Callable[[str], bool] = os.path.exists,
     mig_minors: Callable[[str], Mapping[str, int]] = read_mig_minors,
+    problems: list[str] | None = None,
 ) -> dict[str, Any]:
     """The CDI spec as a JSON-ready dict (pure apart from the injected look-ups).
 
     Devices are ordered by GPU index, then MIG index; each appears once even when several
-    resources (replicas, renames) advertise it. Raises CdiError when MIG devices are present and
-    their capability minors cannot be read.
+    resources (replicas, renames) advertise it. A MIG device whose capability minors cannot
+    be read (the mig-minors file unreadable or without it) is left out, so whole GPUs stay
+    usable: why is appended to ``problems`` (once per cause) and logged as an error. Allocate
+    refuses those MIG devices with the same reason.
     """
     dev_root = config.flags.dev_root
     driver_root = config.flags.nvidia_driver_root
-    cache: dict[str, Mapping[str, int]] = {}
+    minors_path = host_path(driver_root, MIG_MINORS_FILE)
+    cache: dict[str, Mapping[str, int] | CdiError] = {}
+    found: list[str] = [] if problems is None else problems
+
+    def report(problem: str) -> None:
+        if problem not in found:
+            found.append(problem)
+            LOG.error("%s", problem)
 
     def minors() -> Mapping[str, int]:
-        if "table" not in cache:
+        if "table" not in cache:  # read once, and a failure once: it is the same for all
             try:
                 cache["table"] = mig_minors(driver_root)
             except (OSError, ValueError) as err:
-                raise CdiError(
-                    f"cannot describe MIG devices in the CDI spec: reading "
-                    f"{host_path(driver_root, MIG_MINORS_FILE)} failed: {err}"
-                ) from err
-        return cache["table"]
+                cache["table"] = CdiError(
+                    f"MIG devices left out of the CDI spec: reading {minors_path} failed: {err}"
+                )
+        table = cache["table"]
+        if isinstance(table, CdiError):
+            raise table
+        return table
 
     def node(path: str) -> dict[str, str]:
         entry = {"path": path}
@@ -89,11 +101,13 @@ def build_cdi_spec(
     for device in _physical_devices(resource_map):
         try:
             paths = device_node_paths(device, minors)
+        except CdiError as err:
+            report(str(err))
+            continue
         except KeyError as err:
-            raise CdiError(
-                f"cannot describe MIG device {device.uuid} in the CDI spec: {err.args[0]} is "
-                f"not listed in {host_path(driver_root, MIG_MINORS_FILE)}"
-            ) from err
+            report(f"MIG device {device.uuid} left out of the CDI spec: {err.args[0]} is not "
+                   f"listed in {minors_path}")
+            continue
         edits = {"deviceNodes": [node(path) for path in paths]}
         for name in dict.fromkeys((device.uuid, device.index)):
             cdi_devices.append({"name": name, "containerEdits": edits})
@@ -117,17 +131,20 @@ def write_cdi_spec(
     *,
     path_exists: Callable[[str], bool] = os.path.exists,
     mig_minors: Callable[[str], Mapping[str, int]] = read_mig_minors,
+    problems: list[str] | None = None,
 ) -> Path | None:
     """Write the spec into ``flags.plugin.cdiSpecDir`` atomically; None when CDI is not in use.
 
     The file (``k8s.device-plugin.nvidia.com-gpu.json``) is replaced in one step (temporary file
     in the same directory, then ``os.replace``), so a runtime never reads half a spec. Raises
-    CdiError when the directory cannot be created or written, or the spec cannot be built; the
-    previous file, if any, is then left as it was.
+    CdiError when the directory cannot be created or written; the previous file, if any, is
+    then left as it was. MIG devices that cannot be described are left out and reported in
+    ``problems`` (see :func:`build_cdi_spec`).
     """
     if not cdi_enabled(config):
         return None
-    spec = build_cdi_spec(resource_map, config, path_exists=path_exists, mig_minors=mig_minors)
+    spec = build_cdi_spec(resource_map, config, path_exists=path_exists, mig_minors=mig_minors,
+                          problems=problems)
     directory = Path(config.flags.plugin.cdi_spec_dir)
     target = directory / SPEC_FILE_NAME
     try:

@@ -8,7 +8,14 @@ stop every server, remove our sockets and exit 0.
 
 Readiness (``--ready-file``, env ``DP_READY_FILE``, default /run/nvidia-device-plugin/ready, ""
 disables): deleted at start, created once every resource with devices is registered (or when
-idling after an init error), deleted while a registration is lost; see deviceplugin.readiness.
+idling after an init error), deleted while a registration is lost; its content is the status
+(JSON: readiness, device counts, problems such as invalid MIG layouts). ``--status-file`` (env
+``DP_STATUS_FILE``, default "" = none) holds the same JSON and is always present. See
+deviceplugin.readiness.
+
+Sockets go to the kubelet socket's directory. ``--socket-dir`` (env ``PLUGIN_SOCKET_DIR``) may
+name another only when registration is off (``--kubelet-socket ""``); otherwise it is refused at
+start: the kubelet resolves the endpoint we register, a base name, in its own directory.
 
 Exit status: 0 after a signal; 1 for an initialisation error with ``--fail-on-init-error``
 (the default), after one line on stderr; 2 for invalid flags or configuration.
@@ -28,7 +35,13 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from deviceplugin.readiness import DEFAULT_READY_FILE, READY_FILE_ENV, ReadinessFile
+from deviceplugin.readiness import (
+    DEFAULT_READY_FILE,
+    READY_FILE_ENV,
+    STATUS_FILE_ENV,
+    ReadinessFile,
+    ResourceStatus,
+)
 from gpus import config as configmod
 from gpus.config import Config, ConfigError
 from gpus.model import Snapshot
@@ -62,12 +75,30 @@ def socket_dir_for(config: Config, override: str = "") -> str:
     return os.path.dirname(configmod.PluginFlags().kubelet_socket)
 
 
+def socket_dir_problem(config: Config, override: str) -> str | None:
+    """Why ``override`` (--socket-dir) cannot be used with ``config``'s kubelet socket, or None.
+
+    Register sends only the socket's base name and the kubelet looks for it in its own
+    directory, so plugin sockets anywhere else would register and never be reached.
+    """
+    kubelet_socket = config.flags.plugin.kubelet_socket
+    if not override or not kubelet_socket:
+        return None
+    kubelet_dir = os.path.dirname(kubelet_socket) or "."
+    if os.path.realpath(override) == os.path.realpath(kubelet_dir):
+        return None
+    return (f"--socket-dir {override!r} differs from the kubelet socket's directory "
+            f"{kubelet_dir!r}: the kubelet could not reach our sockets; drop --socket-dir "
+            "or set --kubelet-socket \"\" (no registration)")
+
+
 class DevicePlugin:
     """The daemon's state and lifecycle, usable in-process (demo, tests) and from :func:`main`.
 
     ``reload_config`` returns ``(config, error)`` like :func:`gpus.config.reload`; without it
     a reload re-enumerates with the current configuration. ``ready_file`` is the readiness file
-    (:mod:`deviceplugin.readiness`; "" disables it).
+    and ``status_file`` the always-present status file (:mod:`deviceplugin.readiness`; ""
+    disables either).
 
     Locking: ``_lock`` guards the state (config, snapshot, manager, health) and is never held
     while waiting for a thread: health callbacks take it, so joining the health monitor under it
@@ -83,6 +114,7 @@ class DevicePlugin:
         reload_config: Callable[[Config], tuple[Config, str | None]] | None = None,
         poll_interval: float = 0.1,
         ready_file: str = "",
+        status_file: str = "",
     ) -> None:
         self.config = config
         self.environ = dict(environ)
@@ -94,7 +126,11 @@ class DevicePlugin:
         # Bumped whenever the health monitor is replaced or stopped: a late callback of an old
         # monitor (blocked on _lock meanwhile) sees a stale generation and does nothing.
         self._health_generation = 0
-        self.readiness = ReadinessFile(ready_file)
+        self.readiness = ReadinessFile(ready_file, status_file)
+        # Problems outside the resource map, for the status: MIG devices left out of the CDI
+        # spec, or why we idle after an initialisation error.
+        self._cdi_problems: tuple[str, ...] = ()
+        self._init_problem = ""
         self.controller: FakeNvml | None = None  # set when a fake backend is used
         self._backend_spec: str | None = None
         self.nvml: Nvml | None = None
@@ -136,16 +172,27 @@ class DevicePlugin:
         Raises InitError (one clear line) when NVML cannot start, no resource can be served,
         or the CDI spec cannot be written. Nothing is left running after an error.
         """
+        self._init_problem = ""
         try:
             self._start()
         except BaseException:
             self.stop()
             raise
 
+    def idle(self, error: InitError) -> None:
+        """Idle after an initialisation error (--fail-on-init-error=false): ready, since a
+        restart by the probes would not help, with the error as the status's problem."""
+        self._init_problem = f"initialisation failed: {error}"
+        self.publish_status()
+        self.readiness.set(True)
+
     def _start(self) -> None:
         from deviceplugin.manager import PluginManager
         from gpus.nvml import Nvml, NvmlError
 
+        problem = socket_dir_problem(self.config, self._socket_dir_override)
+        if problem is not None:
+            raise InitError(problem)
         self.select_backend()
         nvml = Nvml()
         try:
@@ -155,7 +202,7 @@ class DevicePlugin:
         self.nvml = nvml
         snapshot = self._read_snapshot()
         resource_map = build_resource_map(snapshot, self.config)
-        self._write_cdi(resource_map)
+        self._cdi_problems = self._write_cdi(resource_map)
         self.snapshot = snapshot
         self.manager = PluginManager(
             self.socket_dir,
@@ -166,7 +213,9 @@ class DevicePlugin:
         )
         result = self.manager.apply(resource_map)
         if result.errors and not result.started:
-            raise InitError(next(iter(result.errors.values())))
+            name, error = next(iter(result.errors.items()))
+            raise InitError(f"cannot serve {name}: {error}")
+        self.publish_status()
         if not result.started:
             log.warning("no devices to advertise on this node (%d GPUs)", len(snapshot.gpus))
         self.manager.start()
@@ -191,13 +240,34 @@ class DevicePlugin:
             raise InitError(f"failed to enumerate GPUs: {err}") from err
         return snapshot
 
-    def _write_cdi(self, resource_map: ResourceMap) -> None:
+    def _write_cdi(self, resource_map: ResourceMap) -> tuple[str, ...]:
+        """Write the CDI spec; returns its problems (MIG devices left out of it)."""
         from deviceplugin.cdi import CdiError, write_cdi_spec
 
+        problems: list[str] = []
         try:
-            write_cdi_spec(resource_map, self.config)
+            write_cdi_spec(resource_map, self.config, problems=problems)
         except CdiError as err:
             raise InitError(str(err)) from err
+        return tuple(problems)
+
+    def publish_status(self) -> None:
+        """Report the served resources and every known problem to the readiness files."""
+        manager = self.manager
+        resources: dict[str, ResourceStatus] = {}
+        problems: list[str] = []
+        if manager is not None:
+            served = manager.resource_map
+            for name, resource in served.resources.items():
+                healthy = sum(1 for d in resource.devices if d.healthy)
+                resources[name] = ResourceStatus(len(resource.devices), healthy)
+            problems += served.problems
+            problems += (f"cannot serve {name}: {error}"
+                         for name, error in sorted(manager.errors.items()))
+            problems += self._cdi_problems
+        if self._init_problem:
+            problems.append(self._init_problem)
+        self.readiness.report(resources, problems)
 
     def _context(self, snapshot: Snapshot) -> ServingContext:
         from deviceplugin.server import ServingContext
@@ -238,6 +308,7 @@ class DevicePlugin:
             ):
                 return  # a replaced monitor's last word, or we are stopping
             self.manager.apply(build_resource_map(self.snapshot, self.config, unhealthy))
+            self.publish_status()
 
     def reload(self) -> str | None:
         """SIGHUP: re-read the config and re-enumerate. Returns the error, or None when applied.
@@ -272,7 +343,7 @@ class DevicePlugin:
             self.start()
         except InitError as err:
             log.error("%s: %s", what, err)
-            self.readiness.set(True)
+            self.idle(err)
             return str(err)
         return None
 
@@ -283,7 +354,7 @@ class DevicePlugin:
         try:
             snapshot = self._read_snapshot()
             resource_map = build_resource_map(snapshot, new_config)
-            self._write_cdi(resource_map)
+            cdi_problems = self._write_cdi(resource_map)
         except InitError as err:
             self.config = old_config
             log.error("reload: keeping the running state: %s", err)
@@ -297,9 +368,11 @@ class DevicePlugin:
             self.health = self._new_health(snapshot, old_health)
             self.snapshot = snapshot
             carried = self.health.unhealthy
+            self._cdi_problems = cdi_problems
             manager.apply(
                 build_resource_map(snapshot, new_config, carried), self._context(snapshot)
             )
+            self.publish_status()
         self.health.start()
         log.info("reloaded: serving %s", ", ".join(sorted(resource_map.resources)))
         return None
@@ -324,6 +397,8 @@ class DevicePlugin:
                 manager.stop()
             # After the watch thread is gone: a last tick cannot create the file again.
             self.readiness.set(False)
+            self._cdi_problems = ()
+            self.publish_status()
             if self.nvml is not None:
                 try:
                     self.nvml.shutdown()
@@ -350,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket-dir",
         default=None,
-        help="directory for the plugin sockets (default: the kubelet socket's directory) "
+        help="directory for the plugin sockets (default: the kubelet socket's directory); "
+        "another directory only with --kubelet-socket \"\" (no registration) "
         f"[env {SOCKET_DIR_ENV}]",
     )
     parser.add_argument(
@@ -358,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="readiness file for the DaemonSet's probes, created once every resource is "
         f"registered; empty disables it (default {DEFAULT_READY_FILE}) [env {READY_FILE_ENV}]",
+    )
+    parser.add_argument(
+        "--status-file",
+        default=None,
+        help="status file, always present: JSON with readiness, device counts and problems "
+        f"(invalid MIG layouts...); empty disables it (default empty) [env {STATUS_FILE_ENV}]",
     )
     parser.add_argument(
         "--log-level",
@@ -408,6 +490,13 @@ def ready_file_path(flag: str | None, environ: Mapping[str, str]) -> str:
     return environ.get(READY_FILE_ENV, DEFAULT_READY_FILE)
 
 
+def status_file_path(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The status file: the flag, else ``$DP_STATUS_FILE``, else "" (none)."""
+    if flag is not None:
+        return flag
+    return environ.get(STATUS_FILE_ENV, "")
+
+
 def _die(message: str, status: int) -> int:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     return status
@@ -432,14 +521,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: --nvml {spec!r} is not valid: use real or fake:<profile name or .yaml path>",
             EXIT_USAGE,
         )
+    socket_dir = args.socket_dir or environ.get(SOCKET_DIR_ENV, "")
+    problem = socket_dir_problem(config, socket_dir)
+    if problem is not None:
+        return _die(f"error: {problem}", EXIT_USAGE)
     signals = _Signals()
     signals.install()
     plugin = DevicePlugin(
         config,
         environ,
-        socket_dir=args.socket_dir or environ.get(SOCKET_DIR_ENV, ""),
+        socket_dir=socket_dir,
         reload_config=lambda current: configmod.reload(current, args, environ),
         ready_file=ready_file_path(args.ready_file, environ),
+        status_file=status_file_path(args.status_file, environ),
     )
     plugin.readiness.clear()  # a previous run's file (the emptyDir outlives the container)
     try:
@@ -453,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "initialisation failed: %s; idling (--fail-on-init-error=false), SIGHUP retries", err
         )
         # Idle on purpose: nothing to register, and a restart by the probes would not help.
-        plugin.readiness.set(True)
+        plugin.idle(err)
     try:
         while True:
             signum = signals.next()

@@ -148,10 +148,11 @@ class PluginManager:
         if result.started or result.errors:
             self._loop.wake()
         # Health changes rebuild the map many times a minute; a layout problem is news only
-        # when it first appears, not on every rebuild.
+        # when it first appears, not on every rebuild. ERROR: devices are missing until an
+        # operator fixes the layout (the status file lists the problems while they last).
         for problem in new_map.problems:
             if problem not in old_problems:
-                log.warning("resource map: %s", problem)
+                log.error("resource map: %s", problem)
         return result
 
     def _reconcile(self, new_map: ResourceMap) -> ApplyResult:

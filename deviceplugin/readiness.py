@@ -1,58 +1,121 @@
-"""The readiness file the DaemonSet's probes test (``test -f $DP_READY_FILE``).
+"""The readiness file the DaemonSet's probes test (``test -f $DP_READY_FILE``), and the status.
 
 Contract (daemonset/base/daemonset.yaml, docs/deploy.md): the plugin deletes the file when it
 starts (the emptyDir holding it outlives a container restart), creates it once every resource
 with devices is served and registered with the kubelet (also when there is nothing to register,
 e.g. idle after an initialisation error with ``--fail-on-init-error=false``), deletes it while
 any registration is lost (a kubelet restart) and creates it again once re-registered. It is
-deleted when the plugin stops.
+deleted when the plugin stops. Probes test only that it exists.
 
-The file is created atomically (written beside it, then renamed), so a probe never sees a
-half-written file; its content is informational (the Unix time it was created).
+Its content is the plugin's status, a small JSON document for people and metric exporters::
+
+    {"ready": true, "resources": {"nvidia.com/gpu": {"devices": 8, "healthy": 7}},
+     "problems": ["MIG strategy single: GPU 6 has MIG enabled but no MIG devices"]}
+
+``problems`` lists what an operator must fix (invalid MIG layouts, resources that cannot be
+served, MIG devices left out of the CDI spec, an initialisation error while idling). Because
+the readiness file is absent while not ready, the same document can also go to a status file
+(``--status-file``, env ``DP_STATUS_FILE``, default "" = none) that is always present.
+
+Both files are rewritten atomically (written beside, then renamed) whenever their content
+changes, so a reader never sees half a document.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
 import threading
-import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 READY_FILE_ENV = "DP_READY_FILE"
 DEFAULT_READY_FILE = "/run/nvidia-device-plugin/ready"
+STATUS_FILE_ENV = "DP_STATUS_FILE"
+
+
+@dataclass(frozen=True)
+class ResourceStatus:
+    """One resource's device counts, as the status reports them."""
+
+    devices: int
+    healthy: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the readiness and status files say."""
+
+    ready: bool = False
+    resources: Mapping[str, ResourceStatus] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """The JSON document (one line, keys sorted, newline-terminated)."""
+        document = {
+            "ready": self.ready,
+            "resources": {
+                name: {"devices": r.devices, "healthy": r.healthy}
+                for name, r in sorted(self.resources.items())
+            },
+            "problems": list(self.problems),
+        }
+        return json.dumps(document, sort_keys=True) + "\n"
 
 
 class ReadinessFile:
-    """Creates or deletes one file as readiness changes; ``path == ""`` disables it.
+    """Keeps the readiness file (present exactly when ready) and the status file up to date.
 
+    ``path == ""`` disables the readiness file, ``status_path == ""`` the status file.
     Failures (a missing or read-only directory) are logged once per kind and never raised:
-    readiness is advisory, and the plugin must keep serving the kubelet without it.
+    both files are advisory, and the plugin must keep serving the kubelet without them.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, status_path: str = "") -> None:
         self.path = path
+        self.status_path = status_path
         self._lock = threading.Condition()
-        self._ready: bool | None = None  # what the file says now; None: unknown (an error)
-        self._wanted: bool | None = None  # the last state asked for, even when disabled
+        self._wanted: bool | None = None  # the last readiness asked for, even when disabled
+        self._resources: Mapping[str, ResourceStatus] = {}
+        self._problems: tuple[str, ...] = ()
+        # What each file holds now: its content, "" for absent, None for unknown (an error).
+        self._ready_content: str | None = None
+        self._status_content: str | None = None
         self._warned: set[str] = set()
 
     @property
     def enabled(self) -> bool:
-        """True when a path is configured."""
+        """True when a readiness path is configured."""
         return bool(self.path)
 
+    @property
+    def status(self) -> Status:
+        """The status as last reported."""
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> Status:
+        return Status(bool(self._wanted), self._resources, self._problems)
+
     def set(self, ready: bool) -> None:
-        """Create the file when ``ready``, else delete it (both idempotent, thread-safe)."""
+        """Create the readiness file when ``ready``, else delete it (idempotent, thread-safe)."""
         with self._lock:
             self._wanted = ready
             self._lock.notify_all()
-            if not self.path or ready == self._ready:
-                return
-            done = self._create() if ready else self._delete()
-            self._ready = ready if done else None
+            self._sync()
+
+    def report(self, resources: Mapping[str, ResourceStatus], problems: Sequence[str]) -> None:
+        """Record what is served and what is wrong; the files are rewritten if that changed."""
+        with self._lock:
+            self._resources = dict(resources)
+            self._problems = tuple(problems)
+            self._lock.notify_all()
+            self._sync()
 
     @property
     def ready(self) -> bool:
@@ -65,37 +128,73 @@ class ReadinessFile:
         with self._lock:
             return self._lock.wait_for(lambda: self._wanted is ready, timeout=timeout)
 
+    def wait_status(self, predicate: Callable[[Status], bool], timeout: float) -> bool:
+        """Wait until the status satisfies ``predicate`` (files written); False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: predicate(self._status()), timeout=timeout)
+
     def clear(self) -> None:
-        """Delete the file whatever we last did (start-up: it may be a previous run's)."""
+        """Delete the readiness file whatever we last did (start-up: it may be a previous
+        run's) and write the status file afresh."""
         with self._lock:
             self._wanted = False
-            if self.path:
-                self._ready = False if self._delete() else None
+            self._ready_content = None  # unknown: a previous run may have left one
+            self._status_content = None
+            self._sync()
 
-    def _create(self) -> bool:
-        directory = os.path.dirname(self.path) or "."
-        temporary = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}")
+    def _sync(self) -> None:
+        """Make both files say the current status (call with ``_lock`` held)."""
+        content = self._status().to_json()
+        if self.path:
+            wanted = content if self._wanted else ""
+            if wanted != self._ready_content:
+                self._ready_content = self._put(self.path, wanted, "readiness", self._wanted)
+        if self.status_path and content != self._status_content:
+            self._status_content = self._put(self.status_path, content, "status", None)
+
+    def _put(self, path: str, content: str, what: str, ready: bool | None) -> str | None:
+        """Write ``content`` to ``path`` atomically, or delete it for ""; the new state."""
+        if not content:
+            return "" if self._delete(path, what) else None
+        created = not os.path.exists(path)
+        if not self._write(path, content, what):
+            return None
+        if ready and created:
+            log.info("ready: created %s", path)
+        else:
+            log.debug("%s file %s updated", what, path)
+        return content
+
+    def _write(self, path: str, content: str, what: str) -> bool:
+        directory = os.path.dirname(path) or "."
         try:
-            with open(temporary, "w", encoding="ascii") as handle:
-                handle.write(f"{int(time.time())}\n")
-            os.replace(temporary, self.path)
+            fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                                             dir=directory)
+        except OSError as err:
+            self._warn(f"{what} write", f"cannot write {what} file {path}: {err.strerror}")
+            return False
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(content)
+            os.chmod(temporary, 0o644)  # monitoring agents may read it as another user
+            os.replace(temporary, path)
         except OSError as err:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
-            self._warn("create", f"cannot create readiness file {self.path}: {err.strerror}")
+            self._warn(f"{what} write", f"cannot write {what} file {path}: {err.strerror}")
             return False
-        log.info("ready: created %s", self.path)
         return True
 
-    def _delete(self) -> bool:
+    def _delete(self, path: str, what: str) -> bool:
         try:
-            os.unlink(self.path)
+            os.unlink(path)
         except FileNotFoundError:
             return True
         except OSError as err:
-            self._warn("delete", f"cannot delete readiness file {self.path}: {err.strerror}")
+            self._warn(f"{what} delete", f"cannot delete {what} file {path}: {err.strerror}")
             return False
-        log.info("not ready: deleted %s", self.path)
+        if what == "readiness":
+            log.info("not ready: deleted %s", path)
         return True
 
     def _warn(self, kind: str, message: str) -> None:

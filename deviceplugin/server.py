@@ -79,7 +79,10 @@ class AllocationLike(Protocol):
 
 AllocateFn = Callable[[Resource, Sequence[str], Config], AllocationLike]
 PreferredWholeFn = Callable[[Sequence[str], Sequence[str], int], list[str]]
-PreferredSharedFn = Callable[[Sequence[Device], Sequence[str], int, str], list[str]]
+# (free devices, must include, size, policy, devices in use per physical GPU UUID)
+PreferredSharedFn = Callable[
+    [Sequence[Device], Sequence[str], int, str, Mapping[str, int]], list[str]
+]
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,7 @@ class ServingContext:
         whole = allocator.Allocator.from_snapshot(snapshot)
         # Up to 12 GPUs the allocator builds every table in its constructor (~0.1 s); beyond,
         # one size takes 0.2-1.9 s on its first request (hgx-16): build them all in the
-        # background instead. allocated_counts cannot help here: the kubelet never says what
-        # is in use, so preferred_shared infers it from the free devices it is offered.
+        # background instead.
         return cls(
             config=config,
             snapshot=snapshot,
@@ -224,6 +226,39 @@ def is_whole_gpu_resource(resource: Resource) -> bool:
     return not resource.shared and all(d.mig is None for d in resource.devices)
 
 
+def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
+    """Devices of ``resource`` in use per physical GPU UUID: Healthy ones not ``available``.
+
+    The kubelet offers only free, Healthy devices, so a Healthy device it leaves out is
+    allocated. Unhealthy devices are never offered whether or not a pod holds one, so they do
+    not count: counting them would make ``packed`` prefer a GPU because it is failing. Only
+    this resource's devices count (the kubelet says nothing about other resources).
+    """
+    counts: dict[str, int] = {}
+    for device in resource.devices:
+        uuid = device.gpu.uuid
+        busy = device.healthy and device.id not in available
+        counts[uuid] = counts.get(uuid, 0) + int(busy)
+    return counts
+
+
+def impossible_request(
+    available: Sequence[str], must_include: Sequence[str], size: int
+) -> str | None:
+    """Why no preferred set exists for the request (deduplicated, known IDs), or None."""
+    if size <= 0:
+        return f"allocation size {size} is not positive"
+    if size > len(available):
+        return f"allocation size {size} exceeds the {len(available)} available devices"
+    offered = set(available)
+    missing = [i for i in must_include if i not in offered]
+    if missing:
+        return f"must-include devices not available: {', '.join(missing)}"
+    if len(must_include) > size:
+        return f"{len(must_include)} must-include devices exceed allocation size {size}"
+    return None
+
+
 def preferred_ids(
     resource: Resource,
     context: ServingContext,
@@ -231,18 +266,20 @@ def preferred_ids(
     must_include: Sequence[str],
     size: int,
 ) -> list[str]:
-    """The preferred allocation for one container, or [] when the request is impossible."""
+    """The preferred allocation for one container, or [] when the request is impossible.
+
+    An impossible request (NVIDIA answers it with an empty list too) is logged as a warning
+    naming the resource and why: the kubelet then falls back to its own choice.
+    """
     known = {d.id: d for d in resource.devices}
     # A stale id (the map changed since the kubelet's last list) is simply not available.
     available = [i for i in dict.fromkeys(available) if i in known]
     must_include = list(dict.fromkeys(must_include))
     available_set = set(available)
-    if (
-        size <= 0
-        or size > len(available)
-        or len(must_include) > size
-        or not set(must_include) <= available_set
-    ):
+    problem = impossible_request(available, must_include, size)
+    if problem is not None:
+        log.warning("GetPreferredAllocation for %s: no preferred set: %s",
+                    resource.name, problem)
         return []
     try:
         if is_whole_gpu_resource(resource):
@@ -250,7 +287,8 @@ def preferred_ids(
         else:
             policy = context.config.flags.plugin.shared_devices_allocation_policy
             devices = [known[i] for i in available]
-            chosen = context.preferred_shared(devices, must_include, size, policy)
+            counts = in_use_counts(resource, available_set)
+            chosen = context.preferred_shared(devices, must_include, size, policy, counts)
     except Exception:  # the kubelet falls back to its own choice; never fail the pod
         log.exception("preferred allocation failed for %s", resource.name)
         return []

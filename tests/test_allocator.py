@@ -242,8 +242,8 @@ def brute_force(
 
 
 @st.composite
-def topologies(draw: st.DrawFn, max_gpus: int = 12) -> list[list[int]]:
-    n = draw(st.integers(2, max_gpus))
+def topologies(draw: st.DrawFn, max_gpus: int = 12, min_gpus: int = 2) -> list[list[int]]:
+    n = draw(st.integers(min_gpus, max_gpus))
     # Half the topologies use two levels and no NVLink, so ties (and their rule) are common.
     levels = LEVELS if draw(st.booleans()) else LEVELS[-2:]
     max_nvlinks = draw(st.sampled_from([0, 3]))
@@ -255,12 +255,26 @@ def topologies(draw: st.DrawFn, max_gpus: int = 12) -> list[list[int]]:
     return w
 
 
+Request = tuple[list[list[int]], list[int], list[int], int]
+
+
 @st.composite
-def requests(draw: st.DrawFn) -> tuple[list[list[int]], list[int], list[int], int]:
-    w = draw(topologies())
+def requests(draw: st.DrawFn, min_available: int = 1, max_available: int = 10) -> Request:
+    """A topology of up to 12 GPUs and a request over ``min_available..max_available`` of them.
+
+    The brute force grows fast with the available count (about 0.3 s per request at 12), so
+    the large cases get their own test with fewer examples.
+    """
+    w = draw(topologies(min_gpus=min_available))
     n = len(w)
-    # Keep the brute force small: at most 10 available devices.
-    available = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=min(n, 10), unique=True))
+    available = draw(
+        st.lists(
+            st.integers(0, n - 1),
+            min_size=min_available,
+            max_size=min(n, max_available),
+            unique=True,
+        )
+    )
     size = draw(st.integers(1, len(available)))
     must = draw(st.lists(st.sampled_from(available), max_size=min(size, 3), unique=True))
     return w, available, must, size
@@ -268,7 +282,18 @@ def requests(draw: st.DrawFn) -> tuple[list[list[int]], list[int], list[int], in
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
-def test_matches_brute_force(request: tuple[list[list[int]], list[int], list[int], int]) -> None:
+def test_matches_brute_force(request: Request) -> None:
+    check_against_brute_force(request)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(min_available=11, max_available=12))
+def test_matches_brute_force_up_to_12_available(request: Request) -> None:
+    check_against_brute_force(request)
+
+
+def check_against_brute_force(request: Request) -> None:
+    """The allocator's answer is the brute force's: same objective, same set (tie rule)."""
     w, available, must, size = request
     ids = [f"g{i}" for i in range(len(w))]
     alloc = Allocator(ids, w)

@@ -135,18 +135,32 @@ def test_directory_path_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     assert blocker.read_text() == "x"
 
 
-def test_missing_mig_minors_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+def test_missing_mig_minors_leaves_mig_devices_out_and_reports_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Whole GPUs need no capability minors: the spec still serves them, and the MIG devices'
+    # absence is a reported problem (Allocate refuses them with the same cause).
     cfg = Config(flags=Flags(nvidia_driver_root=str(tmp_path), plugin=PluginFlags(
         device_list_strategy=("cdi-cri",), cdi_spec_dir=str(tmp_path / "cdi"))))
-    with pytest.raises(CdiError, match="mig-minors failed"):
-        write_cdi_spec(RESOURCES, cfg, path_exists=only(set()))
-    assert not (tmp_path / "cdi").exists()
+    problems: list[str] = []
+    with caplog.at_level("ERROR", logger="deviceplugin.cdi"):
+        path = write_cdi_spec(RESOURCES, cfg, path_exists=only(set()), problems=problems)
+    assert path is not None
+    names = [d["name"] for d in json.loads(path.read_text())["devices"]]
+    assert names == ["GPU-0", "0"]
+    (problem,) = problems
+    assert problem.startswith("MIG devices left out of the CDI spec: reading ")
+    assert "mig-minors failed" in problem
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [problem]
 
 
-def test_mig_device_missing_from_minors(tmp_path: Path) -> None:
-    with pytest.raises(CdiError, match="MIG device MIG-1-0 .*gpu1/gi3/access is not listed"):
-        build_cdi_spec(RESOURCES, config(tmp_path), path_exists=only(set()),
-                       mig_minors=lambda _: {})
+def test_mig_device_missing_from_minors_is_left_out(tmp_path: Path) -> None:
+    problems: list[str] = []
+    spec = build_cdi_spec(RESOURCES, config(tmp_path), path_exists=only(set()),
+                          mig_minors=lambda _: {}, problems=problems)
+    assert [d["name"] for d in spec["devices"]] == ["GPU-0", "0"]
+    (problem,) = problems
+    assert problem.startswith("MIG device MIG-1-0 left out of the CDI spec: gpu1/gi3/access")
+    assert problem.endswith("is not listed in /proc/driver/nvidia-caps/mig-minors")
 
 
 def test_permission_denied_reported_even_as_root(tmp_path: Path,

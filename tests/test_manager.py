@@ -280,5 +280,5 @@ def test_a_problem_is_logged_when_it_appears_not_on_every_rebuild(env, snapshot,
         manager.apply(with_problem)
         manager.apply(make_map(resource))
         manager.apply(with_problem)
-    logged = [r.getMessage() for r in caplog.records if problem in r.getMessage()]
-    assert logged == [f"resource map: {problem}"] * 2
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if problem in r.getMessage()]
+    assert logged == [("ERROR", f"resource map: {problem}")] * 2

@@ -16,7 +16,6 @@ import grpc
 import pytest
 from test_server_support import short_tmpdir
 
-from deviceplugin.allocator import Allocator
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags
 from deviceplugin.mockkubelet import DeviceInfo, MockKubelet
 from gpus.config import Config
@@ -82,17 +81,21 @@ def test_allocate_two_gets_the_preferred_nvlinked_pair(env) -> None:
     kubelet, plugin = env
     outcome = kubelet.allocate(GPU, 2)
     snapshot = plugin.snapshot
-    uuids = [g.uuid for g in snapshot.gpus]
-    expected = Allocator.from_snapshot(snapshot).preferred(uuids, [], 2)
-    assert list(outcome.preferred) == expected
-    i, j = (uuids.index(u) for u in outcome.preferred)
-    assert snapshot.link(i, j).nvlinks > 0
+    # The fake DGX A100: every pair has 12 NVLinks (NVSwitch), so PCIe decides. GPUs 0-1,
+    # 2-3, 4-5 and 6-7 share a PCIe switch tree (score 40 + 1200), every other pair crosses
+    # NUMA nodes (10 + 1200). Taking one of those four pairs leaves the other three for the
+    # next requests (the best packing of the rest), and among equal answers the lowest
+    # positions win: GPUs 0 and 1.
+    assert list(outcome.preferred) == [snapshot.gpus[0].uuid, snapshot.gpus[1].uuid]
+    assert snapshot.link(0, 1).nvlinks == 12
     assert outcome.response.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(outcome.preferred)
 
 
 def test_xid_marks_unhealthy_then_recovers(env) -> None:
     kubelet, plugin = env
     uuid = plugin.snapshot.gpus[3].uuid
+    # NVML only queues events for a registered event set: inject once the monitor watches.
+    assert plugin.health.wait_watching(TIMEOUT)
     plugin.controller.inject_xid(3, 79)
     devices = kubelet.wait_for_devices(GPU, lambda ds: health_of(ds)[uuid] == "Unhealthy", TIMEOUT)
     assert devices is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -226,19 +227,25 @@ def test_preferred_uses_whole_gpu_allocator(stub, snapshot, allocator) -> None:
 
 
 @pytest.mark.parametrize(
-    ("available", "must", "size"),
+    ("available", "must", "size", "why"),
     [
-        ([0, 1], [], 3),  # larger than what is available
-        ([0, 1], [2], 1),  # must-include not available
-        ([0, 1, 2], [0, 1], 1),  # must-include larger than the size
-        ([0, 1], [], 0),
+        ([0, 1], [], 3, "allocation size 3 exceeds the 2 available devices"),
+        ([0, 1], [2], 1, "must-include devices not available: GPU-00000002"),
+        ([0, 1, 2], [0, 1], 1, "2 must-include devices exceed allocation size 1"),
+        ([0, 1], [], 0, "allocation size 0 is not positive"),
     ],
 )
-def test_impossible_preferred_is_empty(stub, snapshot, allocator, available, must, size) -> None:
+def test_impossible_preferred_is_empty_and_logged(
+    stub, snapshot, allocator, available, must, size, why, caplog
+) -> None:
     uuids = [g.uuid for g in snapshot.gpus]
-    result = preferred(stub, [uuids[i] for i in available], [uuids[i] for i in must], size)
+    with caplog.at_level(logging.WARNING, logger="deviceplugin.server"):
+        result = preferred(stub, [uuids[i] for i in available], [uuids[i] for i in must], size)
     assert result == []
     assert allocator.calls == []
+    (record,) = [r for r in caplog.records if r.name == "deviceplugin.server"]
+    assert record.levelno == logging.WARNING
+    assert "nvidia.com/gpu" in record.getMessage() and why in record.getMessage()
 
 
 def test_preferred_ignores_unknown_available_ids(stub, snapshot) -> None:
@@ -277,6 +284,25 @@ def test_replicas_use_shared_policy(sockdir, snapshot, allocator) -> None:
         response = allocate(stub, [ids[0], ids[1]])
         # Replica suffixes are stripped and duplicates removed.
         assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == ids[0][:-3]
+    finally:
+        channel.close()
+        srv.stop()
+
+
+def test_shared_policy_gets_in_use_counts_from_the_full_list(sockdir, snapshot, allocator) -> None:
+    # GPU 1 is Unhealthy: its replicas are neither offered nor counted as in use. GPU 0's
+    # replica 0 is allocated (Healthy and not offered); GPUs 2 and 3 are untouched.
+    sick = snapshot.gpus[1].uuid
+    resource = make_resource(snapshot, name="nvidia.com/gpu.shared", unhealthy=[sick],
+                             replicas=2)
+    srv = PluginServer(resource, fake_context(snapshot, allocator), sockdir)
+    srv.start()
+    channel, stub = plugin_stub(srv.socket_path)
+    try:
+        offered = [d.id for d in resource.devices if d.healthy][1:]
+        assert preferred(stub, offered, [], 1) == offered[:1]
+        gpus = [g.uuid for g in snapshot.gpus]
+        assert allocator.counts == [{gpus[0]: 1, gpus[1]: 0, gpus[2]: 0, gpus[3]: 0}]
     finally:
         channel.close()
         srv.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -95,15 +95,22 @@ class FakeAllocator:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[str], int]] = []
+        self.counts: list[dict[str, int]] = []  # allocated_counts of each shared call
 
     def whole(self, available: Sequence[str], must: Sequence[str], size: int) -> list[str]:
         self.calls.append(("whole", list(available), list(must), size))
         return list(dict.fromkeys([*must, *available]))[:size]
 
     def shared(
-        self, available: Sequence[Device], must: Sequence[str], size: int, policy: str
+        self,
+        available: Sequence[Device],
+        must: Sequence[str],
+        size: int,
+        policy: str,
+        allocated_counts: Mapping[str, int] | None = None,
     ) -> list[str]:
         self.calls.append((policy, [d.id for d in available], list(must), size))
+        self.counts.append(dict(allocated_counts or {}))
         return list(dict.fromkeys([*must, *(d.id for d in available)]))[:size]
 
 

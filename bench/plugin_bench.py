@@ -2,11 +2,16 @@
 
 - Allocate / GetPreferredAllocation p50/p99 through a gRPC client on the plugin's Unix socket
   (fake dgx-a100), vs a bare grpcio server with an empty handler on the same kind of socket.
+- GetPreferredAllocation through gRPC for every size 1..N on fake dgx-a100 (8 GPUs), hgx-16
+  and hgx-16-pcie (16 GPUs): random available subsets and must-include sets, p50/p99/max per
+  size once the background warm-up has finished, and separately the cold first call per size
+  (tables not yet built: what a request meets during the warm-up window).
 - Process start to Register at the (mock) kubelet, vs ``python -c "import grpc, pynvml"``.
 - XID injected (fake NVML, in-process) to Unhealthy seen by the kubelet's ListAndWatch.
 - The daemon's RSS, vs a bare interpreter that imported grpc and pynvml.
 
-Run: ``python bench/plugin_bench.py [--calls N] [--xids N] [--starts N]`` (about a minute).
+Run: ``python bench/plugin_bench.py [--calls N] [--preferred-calls N] [--xids N] [--starts N]
+[--sections rpc,preferred,xid,start]`` (under two minutes).
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +39,12 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 
+from deviceplugin.allocator import pair_score  # noqa: E402
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags  # noqa: E402
 from deviceplugin.mockkubelet import DeviceInfo, MockKubelet  # noqa: E402
+from deviceplugin.server import EAGER_ALLOCATOR_GPUS  # noqa: E402
 from gpus.config import Config  # noqa: E402
+from gpus.model import Snapshot  # noqa: E402
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc  # noqa: E402
 
 GPU = "nvidia.com/gpu"
@@ -42,6 +52,11 @@ TARGET_START_MS = 200.0
 TARGET_ALLOCATE_RATIO = 1.1
 TARGET_XID_P99_MS = 50.0
 TARGET_RSS_MIB = 50.0
+# GetPreferredAllocation p99 per request size, by GPU count on the node.
+TARGET_PREFERRED_P99_MS = {8: 1.0, 16: 5.0}
+PREFERRED_PROFILES = ("dgx-a100", "hgx-16", "hgx-16-pcie")
+WARM_TIMEOUT_S = 120.0
+SECTIONS = ("rpc", "preferred", "xid", "start")
 
 
 @dataclass(frozen=True)
@@ -92,10 +107,10 @@ def time_pair(
     return Stats.of(ours_ns), Stats.of(floor_ns)
 
 
-def bench_config(directory: str, kubelet_socket: str = "") -> Config:
-    """The fake DGX A100 with sockets in ``directory`` and fast health recovery."""
+def bench_config(directory: str, kubelet_socket: str = "", profile: str = "dgx-a100") -> Config:
+    """A fake node (DGX A100 unless told) with sockets in ``directory``, fast health recovery."""
     config = replace_flags(
-        Config(), nvml="fake:dgx-a100", sysfs_root=os.path.join(directory, "root")
+        Config(), nvml=f"fake:{profile}", sysfs_root=os.path.join(directory, "root")
     )
     return replace_plugin_flags(
         config,
@@ -123,11 +138,15 @@ def allocate_request(ids: list[str]) -> api_pb2.AllocateRequest:
     )
 
 
-def preferred_request(ids: list[str], size: int) -> api_pb2.PreferredAllocationRequest:
+def preferred_request(
+    ids: list[str], size: int, must_include: list[str] | None = None
+) -> api_pb2.PreferredAllocationRequest:
     return api_pb2.PreferredAllocationRequest(
         container_requests=[
             api_pb2.ContainerPreferredAllocationRequest(
-                available_deviceIDs=ids, allocation_size=size
+                available_deviceIDs=ids,
+                must_include_deviceIDs=must_include or [],
+                allocation_size=size,
             )
         ]
     )
@@ -193,6 +212,231 @@ def bench_rpc(calls: int) -> list[str]:
         finally:
             plugin.close()
             floor.stop(None)
+    return lines
+
+
+@dataclass(frozen=True)
+class SizeStats:
+    """GetPreferredAllocation latency of one request size, in milliseconds."""
+
+    size: int
+    requests: int
+    p50: float
+    p99: float
+    worst: float
+
+
+def topology_summary(snapshot: Snapshot) -> str:
+    """Whether every GPU pair is linked alike (then only PCIe proximity separates sets)."""
+    n = len(snapshot.gpus)
+    pairs = [snapshot.link(i, j) for i in range(n) for j in range(i + 1, n)]
+    nvlinks = sorted({link.nvlinks for link in pairs})
+    scores = sorted({pair_score(link) for link in pairs})
+    if len(nvlinks) == 1:
+        kind = f"NVLink-uniform (every pair {nvlinks[0]} links), sets differ only by PCIe"
+    else:
+        kind = f"non-uniform (NVLinks per pair {nvlinks})"
+    return f"{kind}; pair scores {scores}"
+
+
+def random_requests(
+    uuids: list[str], size: int, count: int, rng: random.Random
+) -> list[tuple[list[str], list[str]]]:
+    """Up to ``count`` distinct (available, must-include) requests of ``size`` devices.
+
+    The first is the heaviest (everything available, nothing required). Distinct requests
+    keep the allocator's answer cache out of the figures; small nodes have fewer than
+    ``count`` distinct requests at the largest sizes.
+    """
+    n = len(uuids)
+    requests: list[tuple[list[str], list[str]]] = [(list(uuids), [])]
+    seen = {(frozenset(uuids), frozenset[str](), size)}
+    for _ in range(count * 20):
+        if len(requests) >= count:
+            break
+        available = rng.sample(uuids, rng.randint(size, n))
+        # Half without must-include devices; otherwise 1..size of the available ones.
+        must = rng.sample(available, rng.randint(1, size)) if rng.random() < 0.5 else []
+        key = (frozenset(available), frozenset(must), size)
+        if key not in seen:
+            seen.add(key)
+            requests.append((available, must))
+    return requests
+
+
+def wait_for_warm_up(plugin: DevicePlugin, deadline_s: float) -> float:
+    """Join the manager's background warm-up thread; seconds waited.
+
+    The thread starts on the watch tick after the node is ready, so it may not exist yet when
+    registration is seen: poll for it, then join it.
+    """
+    begin = time.perf_counter()
+    manager = plugin.manager
+    if manager is None:
+        raise RuntimeError("the plugin has no manager")
+    wake = threading.Event()  # never set: a bounded pause between polls
+    while manager.warm_thread is None:
+        if time.perf_counter() - begin > deadline_s:
+            raise RuntimeError("the allocator warm-up never started")
+        wake.wait(0.005)
+    manager.warm_thread.join(max(0.0, deadline_s - (time.perf_counter() - begin)))
+    if manager.warm_thread.is_alive():
+        raise RuntimeError(f"the allocator warm-up took over {deadline_s:.0f} s")
+    return time.perf_counter() - begin
+
+
+def time_preferred(
+    stub: api_pb2_grpc.DevicePluginStub, request: api_pb2.PreferredAllocationRequest
+) -> int:
+    """Nanoseconds of one GetPreferredAllocation call; the answer must be a full set."""
+    begin = time.perf_counter_ns()
+    response = stub.GetPreferredAllocation(request)
+    elapsed = time.perf_counter_ns() - begin
+    size = request.container_requests[0].allocation_size
+    if len(response.container_responses[0].deviceIDs) != size:
+        raise RuntimeError(f"GetPreferredAllocation answered {response} for size {size}")
+    return elapsed
+
+
+def cold_first_calls(profile: str) -> tuple[int, list[float]]:
+    """First call per size (all available, nothing required) on a plugin never warmed, in ms.
+
+    The kubelet socket does not exist, so the node never becomes ready and the manager never
+    starts the warm-up: each size builds its packing table on its first request, as it does
+    for a request that reaches the plugin before the warm-up has built that size.
+    """
+    with short_dir() as directory:
+        config = bench_config(directory, os.path.join(directory, "absent.sock"), profile)
+        plugin = start_plugin(config, directory)
+        try:
+            if plugin.snapshot is None or plugin.manager is None:
+                raise RuntimeError("the plugin did not start on the fake NVML")
+            uuids = [g.uuid for g in plugin.snapshot.gpus]
+            channel = grpc.insecure_channel(f"unix:{directory}/nvidia-gpu.sock")
+            stub = api_pb2_grpc.DevicePluginStub(channel)
+            # Connect first; size 1 never needs a table.
+            stub.GetPreferredAllocation(preferred_request(uuids[:1], 1))
+            firsts = [
+                time_preferred(stub, preferred_request(uuids, size)) / 1e6
+                for size in range(1, len(uuids) + 1)
+            ]
+            if plugin.manager.warm_thread is not None:
+                raise RuntimeError("the warm-up ran: the cold figures are not cold")
+            channel.close()
+        finally:
+            plugin.close()
+    return len(uuids), firsts
+
+
+def warm_sizes(
+    profile: str, calls: int, rng: random.Random
+) -> tuple[Snapshot, float, list[SizeStats]]:
+    """(snapshot, warm-up seconds after registration, per-size stats) once warm-up is done."""
+    with short_dir() as directory, MockKubelet(directory) as kubelet:
+        plugin = start_plugin(bench_config(directory, kubelet.socket_path, profile), directory)
+        try:
+            snapshot = plugin.snapshot
+            if snapshot is None:
+                raise RuntimeError("the plugin did not start on the fake NVML")
+            if not kubelet.wait_for_registration(GPU, 30):
+                raise RuntimeError("the plugin did not register")
+            uuids = [g.uuid for g in snapshot.gpus]
+            warm_s = (
+                wait_for_warm_up(plugin, WARM_TIMEOUT_S)
+                if len(uuids) > EAGER_ALLOCATOR_GPUS else 0.0
+            )
+            channel = grpc.insecure_channel(f"unix:{directory}/nvidia-gpu.sock")
+            stub = api_pb2_grpc.DevicePluginStub(channel)
+            stub.GetPreferredAllocation(preferred_request(uuids[:1], 1))  # connect
+            stats = []
+            for size in range(1, len(uuids) + 1):
+                requests = [
+                    preferred_request(available, size, must)
+                    for available, must in random_requests(uuids, size, calls, rng)
+                ]
+                samples = [time_preferred(stub, request) for request in requests]
+                summary = Stats.of(samples)
+                stats.append(
+                    SizeStats(size, len(samples), summary.p50, summary.p99, max(samples) / 1e6)
+                )
+            channel.close()
+        finally:
+            plugin.close()
+    return snapshot, warm_s, stats
+
+
+def preferred_floor(calls: int, rng: random.Random) -> Stats:
+    """The empty-handler gRPC server answering GetPreferredAllocation of 4 out of 1..16 ids."""
+    with short_dir() as directory:
+        sock = os.path.join(directory, "floor.sock")
+        floor = grpc.server(ThreadPoolExecutor(max_workers=16))
+        api_pb2_grpc.add_DevicePluginServicer_to_server(_EmptyPlugin(), floor)
+        floor.add_insecure_port(f"unix:{sock}")
+        floor.start()
+        try:
+            channel = grpc.insecure_channel(f"unix:{sock}")
+            stub = api_pb2_grpc.DevicePluginStub(channel)
+            ids = [f"GPU-{i:02d}" for i in range(16)]
+            requests = [preferred_request(rng.sample(ids, rng.randint(4, 16)), 4)
+                        for _ in range(calls)]
+            stub.GetPreferredAllocation(requests[0])  # connect
+            samples = []
+            for request in requests:
+                begin = time.perf_counter_ns()
+                stub.GetPreferredAllocation(request)
+                samples.append(time.perf_counter_ns() - begin)
+            channel.close()
+        finally:
+            floor.stop(None)
+    return Stats.of(samples)
+
+
+def bench_preferred(calls: int, seed: int) -> list[str]:
+    """GetPreferredAllocation for every size on 8- and 16-GPU nodes, warm and cold."""
+    rng = random.Random(seed)
+    floor = preferred_floor(calls, rng)
+    lines = [
+        f"GetPreferredAllocation floor (empty handler, same socket kind, n={calls}): p50 "
+        f"{floor.p50:.3f} ms  p99 {floor.p99:.3f} ms"
+    ]
+    for profile in PREFERRED_PROFILES:
+        snapshot, warm_s, stats = warm_sizes(profile, calls, rng)
+        n, cold = cold_first_calls(profile)
+        lines += preferred_lines(profile, topology_summary(snapshot), warm_s, stats, cold)
+    return lines
+
+
+def preferred_lines(
+    profile: str, topology: str, warm_s: float, stats: list[SizeStats], cold: list[float]
+) -> list[str]:
+    """The report of one node: verdict, one line per size, the cold first calls."""
+    n = len(stats)
+    target = TARGET_PREFERRED_P99_MS[n]
+    worst = max(stats, key=lambda s: s.p99)
+    verdict = "met" if worst.p99 <= target else "MISSED"
+    lines = [
+        f"GetPreferredAllocation {profile} ({n} GPUs): {topology}",
+        f"  after warm-up, distinct random requests per size (the first: all available, none "
+        f"required): target p99 <= {target:g} ms for every size: {verdict} (worst p99 "
+        f"{worst.p99:.3f} ms at size {worst.size})",
+    ]
+    lines += [
+        f"  size {s.size:2d}: p50 {s.p50:7.3f} ms  p99 {s.p99:7.3f} ms  max {s.worst:7.3f} ms "
+        f"(n={s.requests})"
+        for s in stats
+    ]
+    lines.append(
+        "  cold first call per size, tables not built yet (ms): "
+        + " ".join(f"{size}:{ms:.1f}" for size, ms in enumerate(cold, start=1))
+    )
+    if n > EAGER_ALLOCATOR_GPUS:
+        lines.append(
+            f"  warm-up window: the tables were all built {warm_s:.2f} s after registration "
+            "(background thread); a request in that window for a size not yet built takes "
+            "about its cold figure above, plus the rest of any build in progress"
+        )
+    else:
+        lines.append("  warm-up window: none (every table is built at start, before serving)")
     return lines
 
 
@@ -315,15 +559,31 @@ def main(argv: list[str] | None = None) -> int:
     """Run every measurement and print one line each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=4000, help="RPCs per latency case")
+    parser.add_argument("--preferred-calls", type=int, default=300,
+                        help="GetPreferredAllocation requests per size and node")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the random requests")
     parser.add_argument("--xids", type=int, default=200, help="XID samples")
     parser.add_argument("--starts", type=int, default=5, help="daemon starts")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma list of {', '.join(SECTIONS)} (default all)")
     args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}: choose from {', '.join(SECTIONS)}")
     # The XID samples mark devices unhealthy on purpose: keep their warnings out of the table.
     logging.basicConfig(level=logging.ERROR)
     print(f"device plugin bench (python {sys.version.split()[0]}, grpcio {grpc.__version__})")
-    for section in (bench_rpc(args.calls), bench_xid(args.xids), bench_start(args.starts)):
-        for line in section:
-            print(line, flush=True)
+    runs: dict[str, Callable[[], list[str]]] = {
+        "rpc": lambda: bench_rpc(args.calls),
+        "preferred": lambda: bench_preferred(args.preferred_calls, args.seed),
+        "xid": lambda: bench_xid(args.xids),
+        "start": lambda: bench_start(args.starts),
+    }
+    for name in SECTIONS:
+        if name in sections:
+            for line in runs[name]():
+                print(line, flush=True)
     return 0
 
 

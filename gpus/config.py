@@ -286,6 +286,8 @@ class _Setting:
     help: str
     is_bool: bool = False
     multi: bool = False  # may repeat (device-list-strategy)
+    # A variable set to "" is a value, not unset (KUBELET_SOCKET="" skips registration).
+    empty_is_value: bool = False
 
 
 def _choice(choices: Sequence[str]) -> Callable[[Any, str], object]:
@@ -353,34 +355,43 @@ _SETTINGS: tuple[_Setting, ...] = (
              + " (default envvar)", multi=True),
     _Setting("device_id_strategy", ("--device-id-strategy",),
              {"plugin": ("DEVICE_ID_STRATEGY",)}, "plugin", "device_id_strategy",
-             _choice(DEVICE_ID_STRATEGIES), "device ids handed to the runtime: uuid or index"),
+             _choice(DEVICE_ID_STRATEGIES),
+             f"device ids handed to the runtime: uuid or index (default "
+             f"{PluginFlags.device_id_strategy})"),
     _Setting("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
              {"plugin": ("SHARED_DEVICES_ALLOCATION_POLICY",)}, "plugin",
              "shared_devices_allocation_policy", _choice(ALLOCATION_POLICIES),
-             "preferred allocation of replicas and MIG devices: distributed or packed"),
+             "preferred allocation of replicas and MIG devices: distributed or packed (default "
+             f"{PluginFlags.shared_devices_allocation_policy})"),
     _Setting("kubelet_socket", ("--kubelet-socket",), {"plugin": ("KUBELET_SOCKET",)},
              "plugin", "kubelet_socket", _text,
-             "kubelet registration socket; empty skips registration"),
+             "kubelet registration socket; empty skips registration (default "
+             f"{PluginFlags.kubelet_socket})", empty_is_value=True),
     _Setting("cdi_spec_dir", ("--cdi-spec-dir",), {"plugin": ("CDI_SPEC_DIR",)}, "plugin",
              "cdi_spec_dir", _nonempty, "where the CDI spec is written (default /var/run/cdi)"),
     _Setting("health_recovery_interval", ("--health-recovery-interval",),
              {"plugin": ("HEALTH_RECOVERY_INTERVAL",)}, "plugin", "health_recovery_interval",
-             _seconds, "seconds between probes of unhealthy devices; 0 disables recovery"),
+             _seconds, "seconds between probes of unhealthy devices; 0 disables recovery (default "
+             f"{PluginFlags.health_recovery_interval:g}s)"),
     _Setting("health_quiet_period", ("--health-quiet-period",),
              {"plugin": ("HEALTH_QUIET_PERIOD",)}, "plugin", "health_quiet_period", _seconds,
-             "seconds without a critical XID before a device is Healthy again"),
+             "seconds without a critical XID before a device is Healthy again (default "
+             f"{PluginFlags.health_quiet_period:g}s)"),
     # GFD only.
     _Setting("oneshot", ("--oneshot",), {"gfd": ("GFD_ONESHOT",)}, "gfd", "oneshot",
-             parse_bool, "label once and exit", is_bool=True),
+             parse_bool, "label once and exit (default false)", is_bool=True),
     _Setting("no_timestamp", ("--no-timestamp",), {"gfd": ("GFD_NO_TIMESTAMP",)}, "gfd",
-             "no_timestamp", parse_bool, "omit the timestamp label", is_bool=True),
+             "no_timestamp", parse_bool, "omit the timestamp label (default false)", is_bool=True),
     _Setting("sleep_interval", ("--sleep-interval",), {"gfd": ("GFD_SLEEP_INTERVAL",)}, "gfd",
              "sleep_interval", _positive_seconds,
-             'time between labelling passes: Go duration ("60s", "1m30s") or seconds'),
+             'time between labelling passes: Go duration ("60s", "1m30s") or seconds (default '
+             f"{GfdFlags.sleep_interval:g}s)"),
     _Setting("output_file", ("--output-file", "--output", "-o"), {"gfd": ("GFD_OUTPUT_FILE",)},
-             "gfd", "output_file", _text, "features file to write"),
+             "gfd", "output_file", _text,
+             f"features file to write (default {GfdFlags.output_file})"),
     _Setting("machine_type_file", ("--machine-type-file",), {"gfd": ("GFD_MACHINE_TYPE_FILE",)},
-             "gfd", "machine_type_file", _nonempty, "file holding the machine type"),
+             "gfd", "machine_type_file", _nonempty,
+             f"file holding the machine type (default {GfdFlags.machine_type_file})"),
 )
 
 _CONFIG_FILE_ENV: Mapping[str, tuple[str, ...]] = {
@@ -416,16 +427,20 @@ def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
         else:
             group.add_argument(*setting.flags, dest=setting.dest, default=None, help=help_text)
     group.add_argument("--config-file", dest="config_file", default=None,
-                       help="v1 config file, YAML or JSON "
+                       help="v1 config file, YAML or JSON (default: none, built-in defaults) "
                        f"[env {'/'.join(_CONFIG_FILE_ENV[program])}]")
 
 
-def _from_env(environ: Mapping[str, str], names: Sequence[str]) -> tuple[str, str] | None:
-    """The first non-empty variable among ``names`` as (name, value); empty counts as unset."""
+def _from_env(environ: Mapping[str, str], names: Sequence[str],
+              empty_is_value: bool = False) -> tuple[str, str] | None:
+    """The first non-empty variable among ``names`` as (name, value); empty counts as unset,
+    unless ``empty_is_value``: then the first variable set at all, blank meaning ""."""
     for name in names:
         value = environ.get(name, "")
         if value.strip():
             return name, value
+        if empty_is_value and name in environ:
+            return name, ""
     return None
 
 
@@ -453,7 +468,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         if raw is not None:
             value = setting.parse(raw, setting.flags[0])
         else:
-            found = _from_env(environ, setting.env[program])
+            found = _from_env(environ, setting.env[program], setting.empty_is_value)
             if found is None:
                 continue
             value = setting.parse(found[1], found[0])

@@ -25,6 +25,20 @@ class TopologyLevel(IntEnum):
     SYSTEM = 50  # across CPUs (SMP interconnect)
 
 
+def sysfs_bus_id(bus_id: str) -> str:
+    """NVML's "00000000:07:00.0" as sysfs spells it: "0000:07:00.0".
+
+    sysfs prints the domain with at least four hex digits, so a domain above 0xffff (as on some
+    multi-segment hosts: NVML "00010000:06:00.0") keeps its digits ("10000:06:00.0") instead of
+    being cut to four and colliding with domain 0.
+    """
+    domain, _, rest = bus_id.strip().lower().partition(":")
+    try:
+        return f"{int(domain, 16):04x}:{rest}"
+    except ValueError:
+        return f"{domain}:{rest}"  # not a bus id NVML would give: leave it for the caller's error
+
+
 @dataclass(frozen=True)
 class Link:
     """How two GPUs are connected: their PCIe common ancestor and NVLink count."""
@@ -86,12 +100,8 @@ class GPU:
 
     @property
     def sysfs_bus_id(self) -> str:
-        """The bus id as sysfs spells it: lower case, 4-digit domain ("0000:07:00.0")."""
-        bus = self.pci_bus_id.lower()
-        domain, _, rest = bus.partition(":")
-        if len(domain) > 4:
-            domain = domain[-4:]
-        return f"{domain}:{rest}"
+        """The bus id as sysfs spells it ("0000:07:00.0"); see :func:`sysfs_bus_id`."""
+        return sysfs_bus_id(self.pci_bus_id)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from gpus.model import GPU, Link, MigDevice, Snapshot, SystemInfo, TopologyLevel
+from gpus.model import GPU, Link, MigDevice, Snapshot, SystemInfo, TopologyLevel, sysfs_bus_id
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +141,15 @@ def normalize_bus_id(bus_id: str | bytes) -> str:
     return f"{int(domain, 16):08X}:{rest}" if rest else domain
 
 
-def sysfs_bus_id(bus_id: str) -> str:
-    """A bus id as sysfs spells it: "0000:07:00.0"."""
-    domain, _, rest = bus_id.lower().partition(":")
-    return f"{domain[-4:]}:{rest}"
-
-
 def mig_memory_gb(total_mib: int, mig_mib: int) -> int:
-    """The memory figure in a MIG profile name (NVIDIA's rule, as in go-nvlib)."""
+    """The memory figure in a MIG profile name (NVIDIA's rule, as in go-nvlib).
+
+    The product is rounded like Go's ``math.Round``, halves away from zero: Python's
+    ``round()`` rounds halves to even and would name a 4.5 GB profile ``4gb`` where NVIDIA
+    says ``5gb``. Both factors are positive, so ``floor(x + 0.5)`` is that rule.
+    """
     fraction = math.ceil(mig_mib / total_mib * 8) / 8
-    return round(fraction * math.ceil(total_mib / 1024))
+    return math.floor(fraction * math.ceil(total_mib / 1024) + 0.5)
 
 
 def mig_profile_name(

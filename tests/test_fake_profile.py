@@ -205,3 +205,29 @@ def test_bad_profile_installs_nothing(tmp_path: Path) -> None:
     with pytest.raises(ProfileError):
         install(write(tmp_path, "gpus: []\n"))
     assert pynvml.nvmlLib is before
+
+
+def test_h100_mig_profiles_load() -> None:
+    """The shipped H100 MIG layouts: every GPU gets the layout, with the H100 table's figures."""
+    want = {
+        "h100-mig-mixed": [("3g.40gb", 40448), ("2g.20gb", 20096), ("1g.10gb", 9984)],
+        "h100-mig-7g": [("7g.80gb", 81152)],
+        "h100-mig-me": [("1g.10gb+me", 9984)],
+    }
+    for name, layout in want.items():
+        profile = load_profile(name)
+        assert len(profile.gpus) == 8, name
+        for gpu in profile.gpus:
+            assert gpu.model.name == "NVIDIA H100 80GB HBM3"
+            got = [(gi.profile.name, gi.profile.memory_mib) for gi in gpu.gpu_instances]
+            assert got == layout, (name, gpu.index)
+
+
+def test_h100_layout_that_does_not_fit(tmp_path: Path) -> None:
+    """Two 3g.40gb take all eight H100 memory slices: a 1g.10gb more is refused, by name."""
+    path = tmp_path / "full.yaml"
+    path.write_text("name: full\nextends: dgx-h100\nmig: {all: [3g.40gb, 3g.40gb, 1g.10gb]}\n")
+    before = pynvml.nvmlLib
+    with pytest.raises(ProfileError, match=r"full\.yaml: .*1g\.10gb does not fit"):
+        install(path)
+    assert pynvml.nvmlLib is before

@@ -7,10 +7,12 @@ from collections.abc import Callable
 import pynvml
 import pytest
 
+from gpus.config import Config, Flags
 from gpus.fake import list_profiles, load_profile
 from gpus.fake.profile import Profile
 from gpus.model import Snapshot, TopologyLevel
 from gpus.nvml import Nvml, mig_memory_gb, mig_profile_name
+from gpus.resources import GPU_RESOURCE, build_resource_map
 
 SnapshotFactory = Callable[..., Snapshot]
 PROFILES = list_profiles()
@@ -49,6 +51,10 @@ def test_shipped_profiles_are_all_there() -> None:
         "a100-mig-empty",
         "a100-mig-partial",
         "h100-mig",
+        "h100-mig-mixed",
+        "h100-mig-7g",
+        "h100-mig-me",
+        "hgx-16-pcie",
     ):
         assert name in PROFILES
 
@@ -183,6 +189,76 @@ def test_h100_mig_names(fake_snapshot: SnapshotFactory) -> None:
     assert [m.profile for m in snap.gpus[0].mig_devices] == ["1g.10gb"] * 7
 
 
+# The H100 MIG profiles and what the reader must name their devices (NVIDIA's H100 80GB names).
+H100_LAYOUTS = {
+    "h100-mig-mixed": ["3g.40gb", "2g.20gb", "1g.10gb"],
+    "h100-mig-7g": ["7g.80gb"],
+    "h100-mig-me": ["1g.10gb+me"],
+}
+
+
+@pytest.mark.parametrize(("name", "layout"), sorted(H100_LAYOUTS.items()), ids=sorted(H100_LAYOUTS))
+def test_h100_mig_profiles_read_back_with_nvidia_names(
+    name: str, layout: list[str], fake_snapshot: SnapshotFactory
+) -> None:
+    snap = fake_snapshot(name)
+    assert len(snap.gpus) == 8
+    for gpu in snap.gpus:
+        assert gpu.name == "NVIDIA H100 80GB HBM3" and gpu.mig_enabled
+        assert [m.profile for m in gpu.mig_devices] == layout
+        assert all(m.parent_uuid == gpu.uuid for m in gpu.mig_devices)
+
+
+@pytest.mark.parametrize(
+    ("name", "mixed", "single"),
+    [
+        pytest.param(
+            "h100-mig-mixed",
+            {"nvidia.com/mig-3g.40gb": 8, "nvidia.com/mig-2g.20gb": 8, "nvidia.com/mig-1g.10gb": 8},
+            {},  # three profiles on the node: the single strategy refuses them
+            id="h100-mig-mixed",
+        ),
+        pytest.param(
+            "h100-mig-7g", {"nvidia.com/mig-7g.80gb": 8}, {GPU_RESOURCE: 8}, id="h100-mig-7g"
+        ),
+        pytest.param(
+            "h100-mig-me", {"nvidia.com/mig-1g.10gb.me": 8}, {GPU_RESOURCE: 8}, id="h100-mig-me"
+        ),
+    ],
+)
+def test_h100_mig_profiles_resource_map(
+    name: str, mixed: dict[str, int], single: dict[str, int], fake_snapshot: SnapshotFactory
+) -> None:
+    snap = fake_snapshot(name)
+
+    def counts(strategy: str) -> dict[str, int]:
+        result = build_resource_map(snap, Config(flags=Flags(mig_strategy=strategy)))
+        return {resource: len(r.devices) for resource, r in result.resources.items()}
+
+    assert counts("mixed") == mixed
+    assert counts("single") == single
+    assert counts("none") == {GPU_RESOURCE: 8}
+
+
+def test_hgx_16_pcie_is_two_cube_meshes(fake_snapshot: SnapshotFactory) -> None:
+    """Two DGX-1 cube-meshes, one per socket: no NVLink between the halves."""
+    snap = fake_snapshot("hgx-16-pcie")
+    dgx1 = fake_snapshot("dgx1-v100")
+    assert len(snap.gpus) == 16
+    for i in range(16):
+        for j in range(16):
+            if i == j:
+                continue
+            link = snap.link(i, j)
+            if (i < 8) == (j < 8):
+                want = dgx1.link(i % 8, j % 8)
+                # The DGX-1 puts its quads on two sockets; here a whole half shares one.
+                level = TopologyLevel.NODE if want.level == TopologyLevel.SYSTEM else want.level
+                assert (link.level, link.nvlinks) == (level, want.nvlinks), (i, j)
+            else:
+                assert (link.level, link.nvlinks) == (TopologyLevel.SYSTEM, 0), (i, j)
+
+
 @pytest.mark.parametrize(
     ("total", "mig", "gb"),
     [
@@ -194,10 +270,49 @@ def test_h100_mig_names(fake_snapshot: SnapshotFactory) -> None:
         (81559, 40448, 40),
         (81559, 81152, 80),
         (81920, 9728, 10),
+        (81559, 20096, 20),
+        (81920, 19968, 20),
+        (81920, 40192, 40),
+        (81920, 80640, 80),
+        # Exactly n.5 GB: Go's math.Round goes away from zero, Python's round() to even.
+        (12288, 4608, 5),  # 3/8 of 12 GB = 4.5 (round() would say 4)
+        (20480, 2560, 3),  # 1/8 of 20 GB = 2.5 (round() would say 2)
+        (12288, 1536, 2),  # 1/8 of 12 GB = 1.5
+        (4096, 512, 1),  # 1/8 of 4 GB = 0.5 (round() would say 0)
     ],
 )
 def test_mig_memory_rule(total: int, mig: int, gb: int) -> None:
     assert mig_memory_gb(total, mig) == gb
+
+
+def test_mig_names_of_a_real_h100_80gb() -> None:
+    """NVIDIA's names for every H100 80GB HBM3 GPU instance profile (81559 MiB total)."""
+    profiles = [
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE, 1, 9984, "1g.10gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 1, 9984, "1g.10gb+me"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 1, 20096, "1g.20gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE, 2, 20096, "2g.20gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE, 3, 40448, "3g.40gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE, 4, 40448, "4g.40gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE, 7, 81152, "7g.80gb"),
+    ]
+    for constant, slices, mig_mib, name in profiles:
+        assert mig_profile_name(constant, slices, slices, 81559, mig_mib) == name
+
+
+def test_mig_names_of_a_real_a100_40gb() -> None:
+    """NVIDIA's names for every A100-SXM4-40GB GPU instance profile (40960 MiB total)."""
+    profiles = [
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE, 1, 4864, "1g.5gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 1, 4864, "1g.5gb+me"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 1, 9856, "1g.10gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE, 2, 9856, "2g.10gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE, 3, 19968, "3g.20gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE, 4, 19968, "4g.20gb"),
+        (pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE, 7, 40192, "7g.40gb"),
+    ]
+    for constant, slices, mig_mib, name in profiles:
+        assert mig_profile_name(constant, slices, slices, 40960, mig_mib) == name
 
 
 def test_mig_profile_name_suffixes() -> None:
@@ -264,3 +379,14 @@ def test_probe(fake_nvml: Callable[..., object]) -> None:
     with Nvml() as nvml:
         nvml.probe(fake.uuids()[0])
         nvml.probe(fake.mig_uuids(0)[0])
+
+
+def test_sysfs_bus_id_keeps_domains_above_ffff() -> None:
+    from gpus.model import sysfs_bus_id
+
+    assert sysfs_bus_id("00000000:07:00.0") == "0000:07:00.0"
+    assert sysfs_bus_id("00000001:B7:00.0") == "0001:b7:00.0"
+    # A second PCI segment beyond 0xffff must not collide with domain 0 (it did: NVLinks were
+    # credited to the wrong GPU and NUMA was read from the wrong device).
+    assert sysfs_bus_id("00010000:06:00.0") == "10000:06:00.0"
+    assert sysfs_bus_id("00010000:06:00.0") != sysfs_bus_id("00000000:06:00.0")

@@ -143,11 +143,20 @@ EXPECTED: dict[tuple[str, str], dict[str, int]] = {
     ("a100-mig-partial", "mixed"): {GPU: 4, "nvidia.com/mig-1g.5gb": 28},
     ("h100-mig", "single"): {GPU: 56},
     ("h100-mig", "mixed"): {"nvidia.com/mig-1g.10gb": 56},
+    ("h100-mig-mixed", "single"): {},
+    ("h100-mig-mixed", "mixed"): {
+        "nvidia.com/mig-3g.40gb": 8, "nvidia.com/mig-2g.20gb": 8, "nvidia.com/mig-1g.10gb": 8,
+    },
+    ("h100-mig-7g", "single"): {GPU: 8},
+    ("h100-mig-7g", "mixed"): {"nvidia.com/mig-7g.80gb": 8},
+    ("h100-mig-me", "single"): {GPU: 8},
+    ("h100-mig-me", "mixed"): {"nvidia.com/mig-1g.10gb.me": 8},
 }
 # Strategy none: MIG ignored, every GPU whole.
 EXPECTED.update({(profile, "none"): {GPU: 8} for profile, _ in list(EXPECTED)})
 # How many problems each layout reports (the wording is tested in test_resources*).
-PROBLEMS = {("a100-mig-mixed", "single"): 1, ("dgx-a100-mig", "single"): 2,
+PROBLEMS = {("a100-mig-mixed", "single"): 1, ("h100-mig-mixed", "single"): 1,
+            ("dgx-a100-mig", "single"): 2,
             ("dgx-a100-mig", "mixed"): 1, ("a100-mig-empty", "single"): 8,
             ("a100-mig-empty", "mixed"): 8, ("a100-mig-partial", "single"): 1}
 
@@ -259,3 +268,65 @@ def test_xid_on_a_whole_gpu_marks_all_its_mig_devices() -> None:
         with pytest.raises(grpc.RpcError) as info:
             env.kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
         assert "unhealthy device" in info.value.details()
+
+
+MIG_1G = "nvidia.com/mig-1g.5gb"
+
+
+def preferred(env: Env, resource: str, available: list[str], size: int) -> list[str]:
+    """GetPreferredAllocation as the kubelet sends it: only the free devices are offered."""
+    request = api_pb2.PreferredAllocationRequest(container_requests=[
+        api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=available,
+                                                    allocation_size=size)
+    ])
+    response = env.kubelet.stub(resource).GetPreferredAllocation(request, timeout=TIMEOUT)
+    return list(response.container_responses[0].deviceIDs)
+
+
+def parents(env: Env, ids: list[str]) -> list[int]:
+    """The parent GPU index of each MIG device."""
+    by_uuid = {m.uuid: g.index for g in env.plugin.snapshot.gpus for m in g.mig_devices}
+    return [by_uuid[i] for i in ids]
+
+
+def test_packed_fills_one_gpu_first_on_uneven_mig_layouts() -> None:
+    # dgx-a100-mig, mixed: mig-1g.5gb has seven slices on GPU 0 and one each on GPUs 1 and 3.
+    # Guessing "in use" from the free devices (as if every GPU had seven) made GPUs 1 and 3
+    # look busiest, so packed took their lone slices and split a request over three GPUs.
+    with mig_env("dgx-a100-mig", "mixed", shared_devices_allocation_policy="packed") as env:
+        ids = [d.id for d in env.kubelet.devices(MIG_1G)]
+        assert sorted(parents(env, ids)) == [0] * 7 + [1, 3]
+        assert parents(env, preferred(env, MIG_1G, ids, 3)) == [0, 0, 0]
+        # Two of GPU 0's slices in use: GPU 0 is the busiest, so it is filled first.
+        first_two = [i for i in ids if parents(env, [i]) == [0]][:2]
+        free = [i for i in ids if i not in first_two]
+        assert parents(env, preferred(env, MIG_1G, free, 6)) == [0, 0, 0, 0, 0, 1]
+        # GPU 3's slice in use: GPU 3 has nothing free, GPU 0 (index) goes first again.
+        rest = [i for i in ids if parents(env, [i]) != [3]]
+        assert parents(env, preferred(env, MIG_1G, rest, 2)) == [0, 0]
+
+
+def test_distributed_spreads_over_uneven_mig_layouts() -> None:
+    with mig_env("dgx-a100-mig", "mixed", shared_devices_allocation_policy="distributed") as env:
+        ids = [d.id for d in env.kubelet.devices(MIG_1G)]
+        assert parents(env, preferred(env, MIG_1G, ids, 3)) == [0, 1, 3]
+        # One of GPU 0's slices in use: GPUs 1 and 3 (none in use) come first.
+        gpu0 = [i for i in ids if parents(env, [i]) == [0]]
+        free = [i for i in ids if i != gpu0[0]]
+        assert parents(env, preferred(env, MIG_1G, free, 2)) == [1, 3]
+
+
+def test_unhealthy_mig_devices_do_not_count_as_in_use() -> None:
+    # An XID on one of GPU 0's slices: that slice is not offered, but nobody holds it, so
+    # GPU 0 is as idle as GPUs 1 and 3 and distributed still starts there (index order).
+    # Counted as in use, GPU 0 would go last.
+    with mig_env("dgx-a100-mig", "mixed") as env:
+        assert env.plugin.health.wait_watching(TIMEOUT)
+        sick = env.plugin.snapshot.gpus[0].mig_devices[2].uuid
+        env.plugin.controller.inject_xid(sick, 79)
+        devices = env.kubelet.wait_for_devices(
+            MIG_1G, lambda ds: health_of(ds)[sick] == "Unhealthy", TIMEOUT
+        )
+        assert devices is not None
+        healthy = [d.id for d in devices if d.health == "Healthy"]
+        assert parents(env, preferred(env, MIG_1G, healthy, 3)) == [0, 1, 3]

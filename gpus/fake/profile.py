@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gpus.model import sysfs_bus_id
+
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 MODELS_FILE = PROFILES_DIR / "_models.yaml"
 MIB = 1 << 20
@@ -215,12 +217,6 @@ class Profile:
     nvml_version: str
     gpus: tuple[GpuSpec, ...]
     topology: Topology
-
-
-def sysfs_bus_id(bus_id: str) -> str:
-    """NVML's "00000000:07:00.0" as sysfs spells it: "0000:07:00.0"."""
-    domain, _, rest = bus_id.lower().partition(":")
-    return f"{domain[-4:]}:{rest}"
 
 
 def list_profiles() -> list[str]:

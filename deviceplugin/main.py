@@ -152,7 +152,7 @@ class DevicePlugin:
 
     def select_backend(self) -> FakeNvml | None:
         """Install the configured NVML backend (once); returns the fake's controller or None."""
-        from gpus.backend import select_backend
+        from gpus.backend import effective_config, select_backend
 
         spec = self.config.flags.nvml
         if self._backend_spec != spec:
@@ -160,10 +160,12 @@ class DevicePlugin:
                 self.controller.uninstall()
                 self.controller = None
             try:
-                self.controller = select_backend(spec)
+                self.controller = select_backend(spec, sysfs_root=self.config.flags.sysfs_root)
             except Exception as err:  # bad profile, unreadable file, control socket: one line
                 raise InitError(f"--nvml {spec!r}: {err}") from err
             self._backend_spec = spec
+        # A fake's profile answers sysfs too (PCI class, NUMA): read where it wrote them.
+        self.config = effective_config(self.config, self.controller)
         return self.controller
 
     def start(self) -> None:
@@ -324,6 +326,10 @@ class DevicePlugin:
                 if error is not None:
                     log.error("reload: keeping the running configuration: %s", error)
                     return error
+                if new_config.flags.nvml == self.config.flags.nvml:
+                    from gpus.backend import effective_config
+
+                    new_config = effective_config(new_config, self.controller)
             if self.manager is None:  # idle after an init error: try to start again
                 self.config = new_config
                 return self._restart("reload: still cannot start")

@@ -179,18 +179,27 @@ class NvmlBackend:
         self._spec: str | None = None
         self._fake: Any = None
 
-    def select(self, spec: str) -> None:
-        """Install ``spec`` ("real" or "fake:<profile>"); raises ConfigError on a bad spec."""
+    def select(self, spec: str, sysfs_root: str = "/") -> None:
+        """Install ``spec`` ("real" or "fake:<profile>"); raises ConfigError on a bad spec.
+
+        A fake writes its profile's sysfs files under ``sysfs_root`` unless that is "/".
+        """
         if spec == self._spec:
             return
         from gpus.backend import select_backend
 
         self.close()
         try:
-            self._fake = select_backend(spec)
+            self._fake = select_backend(spec, sysfs_root=sysfs_root)
         except (ValueError, OSError) as err:
             raise ConfigError(f"invalid --nvml {spec!r}: {err}") from err
         self._spec = spec
+
+    def effective(self, config: Config) -> Config:
+        """``config`` reading sysfs where a fake backend wrote its profile's files."""
+        from gpus.backend import effective_config
+
+        return effective_config(config, self._fake)
 
     def close(self) -> None:
         """Uninstall a fake backend, if one is installed."""
@@ -466,10 +475,11 @@ class Daemon:
             return  # gpus.config logged it; keep running with the old configuration
         if self._backend is not None:
             try:
-                self._backend.select(new.flags.nvml)
+                self._backend.select(new.flags.nvml, new.flags.sysfs_root)
             except ConfigError as err:
                 log.error("%s; keeping the previous NVML backend", err)
                 new = _with_nvml(new, self.config.flags.nvml)
+            new = self._backend.effective(new)
         if new.flags.gfd.output_file != self.features.path and self.options.writes_file:
             self.features.remove()
             self.features = FeaturesFile(new.flags.gfd.output_file, stream=self._stdout)
@@ -509,7 +519,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     wakeup = Wakeup()
     previous = install_signal_handlers(wakeup)
     try:
-        backend.select(config.flags.nvml)
+        backend.select(config.flags.nvml, config.flags.sysfs_root)
+        config = backend.effective(config)
         daemon = Daemon(config, options, args=args, environ=env, backend=backend,
                         wakeup=wakeup)
         return daemon.run()

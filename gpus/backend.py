@@ -9,20 +9,28 @@ Spec forms (flag ``--nvml``, env ``NVML_BACKEND``):
   (``fake-nvml inject --control <socket> ...``).
 
 The fake must never stand in for real GPUs by accident: inside a Kubernetes pod
-(``KUBERNETES_SERVICE_HOST`` set) a fake backend is refused when sysfs shows an NVIDIA display or
-3D controller, unless ``ALLOW_FAKE_NVML_ON_GPU_NODE=true``. Outside a cluster (a developer's
-laptop with an NVIDIA GPU running ``make run``) the fake is always allowed.
+(``KUBERNETES_SERVICE_HOST`` set) a fake backend is refused when the host's sysfs shows an NVIDIA
+display or 3D controller, unless ``ALLOW_FAKE_NVML_ON_GPU_NODE=true``. Outside a cluster (a
+developer's laptop with an NVIDIA GPU running ``make run``) the fake is always allowed.
+
+The reader takes each GPU's PCI class and NUMA node from sysfs. A fake backend writes its
+profile's sysfs files (into ``--sysfs-root`` when that is not ``/``, else into a private scratch
+directory) and :func:`effective_config` points the reader there, so a simulated node reports the
+profile's values rather than whatever the host's ``/sys`` holds at those bus ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 if TYPE_CHECKING:
+    from gpus.config import Config
     from gpus.fake import FakeNvml
 
 log = logging.getLogger(__name__)
@@ -90,7 +98,7 @@ def _is_nvidia_gpu(device_dir: str) -> bool:
 
 
 def check_fake_allowed(
-    spec: str, environ: Mapping[str, str] | None = None, sysfs_root: str = "/"
+    spec: str, environ: Mapping[str, str] | None = None, host_sysfs: str = "/"
 ) -> None:
     """Raise ValueError if a fake backend would stand in for real GPUs on a cluster node."""
     env = os.environ if environ is None else environ
@@ -98,7 +106,7 @@ def check_fake_allowed(
         return
     if env.get(ALLOW_ON_GPU_NODE_ENV, "").strip().lower() in ("1", "true", "yes"):
         return
-    gpus = nvidia_gpus_in_sysfs(sysfs_root)
+    gpus = nvidia_gpus_in_sysfs(host_sysfs)
     if gpus:
         raise ValueError(
             f"NVML backend {spec!r} refused: this node has NVIDIA GPUs ({', '.join(gpus[:4])}"
@@ -108,18 +116,23 @@ def check_fake_allowed(
 
 
 def select_backend(
-    spec: str, *, environ: Mapping[str, str] | None = None, sysfs_root: str = "/"
+    spec: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    host_sysfs: str = "/",
+    sysfs_root: str = "/",
 ) -> FakeNvml | None:
     """Install the backend ``spec`` names: None for real, else the installed fake's controller.
 
-    Bad specs, unknown profiles and a fake on a real GPU node in a cluster (see the module
-    docstring) raise ValueError; nothing is installed then.
+    Bad specs, unknown profiles and a fake on a real GPU node in a cluster (checked in
+    ``host_sysfs``; see the module docstring) raise ValueError; nothing is installed then. For a
+    fake, a ``sysfs_root`` other than "/" receives the profile's sysfs files.
     """
     parsed = parse_backend(spec)
     if parsed is None:
         log.info("NVML backend: real driver (libnvidia-ml.so.1)")
         return None
-    check_fake_allowed(spec, environ, sysfs_root)
+    check_fake_allowed(spec, environ, host_sysfs)
     profile, control = parsed
     # Imported here so real GPU nodes never load (or pay start-up time for) the simulator.
     from gpus.fake import ProfileError, install
@@ -135,4 +148,26 @@ def select_backend(
         fake.profile.name,
         f", control socket {control}" if control else "",
     )
+    _prepare_sysfs(fake, sysfs_root)
     return fake
+
+
+def _prepare_sysfs(fake: FakeNvml, sysfs_root: str) -> None:
+    try:
+        if os.path.realpath(sysfs_root) == "/":
+            # Never write into the host's /sys: a private scratch tree instead, which the
+            # daemons read through effective_config().
+            fake.use_scratch_sysfs()
+        else:
+            fake.write_sysfs(Path(sysfs_root))
+    except OSError as exc:
+        fake.uninstall()
+        raise ValueError(f"cannot write the fake sysfs tree under {sysfs_root!r}: {exc}") from exc
+
+
+def effective_config(config: Config, fake: FakeNvml | None) -> Config:
+    """``config`` with ``sysfs_root`` pointing at the fake's sysfs files, if it wrote any."""
+    if fake is None or fake.sysfs_root is None or fake.sysfs_root == config.flags.sysfs_root:
+        return config
+    flags = dataclasses.replace(config.flags, sysfs_root=fake.sysfs_root)
+    return dataclasses.replace(config, flags=flags)

@@ -694,3 +694,14 @@ def test_hung_api_server_cannot_block_the_loop(
     assert result == [0]
     assert d.passes == 1  # the retries converged within the first pass's sleep
     assert int(health.read_text()) > 1
+
+
+def test_fake_backend_labels_come_from_the_profile_not_the_host_sysfs(capsys) -> None:
+    # gpu.mode comes from the PCI class in sysfs: a simulated DGX A100 must say "compute"
+    # whatever this host's /sys holds at the profile's bus ids.
+    from gfd.main import main
+
+    code = main(["--nvml", "fake:dgx-a100", "--dry-run", "--health-file", ""], environ={})
+    assert code == 0
+    out = capsys.readouterr().out
+    assert any(line.split() == ["nvidia.com/gpu.mode", "compute"] for line in out.splitlines())

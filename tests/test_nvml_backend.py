@@ -114,7 +114,7 @@ def test_fake_refused_in_a_pod_on_a_real_gpu_node(gpu_node_sysfs) -> None:
     env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
     before = pynvml.nvmlLib
     with pytest.raises(ValueError) as err:
-        select_backend("fake:dgx-a100", environ=env, sysfs_root=str(gpu_node_sysfs))
+        select_backend("fake:dgx-a100", environ=env, host_sysfs=str(gpu_node_sysfs))
     message = str(err.value)
     assert "refused" in message and "0000:07:00.0" in message
     assert "ALLOW_FAKE_NVML_ON_GPU_NODE=true" in message
@@ -130,7 +130,7 @@ def test_fake_allowed_off_cluster_without_gpus_or_when_overridden(gpu_node_sysfs
          str(gpu_node_sysfs)),
     ]
     for env, root in cases:
-        fake = select_backend("fake:t4", environ=env, sysfs_root=root)
+        fake = select_backend("fake:t4", environ=env, host_sysfs=root)
         assert fake is not None
         fake.uninstall()
 
@@ -142,3 +142,46 @@ def test_nvidia_bridges_and_audio_are_not_gpus(tmp_path) -> None:
     _pci_device(tmp_path, "0000:08:00.0", "0x10de", "0x068000")  # NVSwitch (bridge class)
     _pci_device(tmp_path, "0000:09:00.0", "0x10de", "0x030000")  # VGA
     assert nvidia_gpus_in_sysfs(str(tmp_path)) == ["0000:09:00.0"]
+
+
+def test_fake_writes_the_profiles_sysfs_under_a_scratch_root(tmp_path) -> None:
+    root = tmp_path / "sysfs"
+    fake = select_backend("fake:dgx-a100", sysfs_root=str(root))
+    assert fake is not None
+    try:
+        with Nvml() as nvml:
+            gpus = nvml.read_snapshot(str(root)).gpus
+        assert [g.pci_class for g in gpus] == [0x0302] * 8
+        assert [g.numa_node for g in gpus] == [3, 3, 1, 1, 7, 7, 5, 5]
+    finally:
+        fake.uninstall()
+
+
+def test_fake_with_the_default_root_uses_a_private_scratch_tree() -> None:
+    import os
+
+    from gpus.backend import effective_config
+    from gpus.config import Config
+
+    fake = select_backend("fake:dgx-a100")  # --sysfs-root left at "/": never write the host's
+    assert fake is not None
+    try:
+        config = effective_config(Config(), fake)
+        root = config.flags.sysfs_root
+        assert root != "/" and root == fake.sysfs_root
+        with Nvml() as nvml:
+            gpus = nvml.read_snapshot(root).gpus
+        assert [g.numa_node for g in gpus] == [3, 3, 1, 1, 7, 7, 5, 5]
+        assert effective_config(Config(), None) == Config()
+    finally:
+        fake.uninstall()
+    assert not os.path.exists(root)  # the scratch tree goes with the fake
+
+
+def test_unwritable_sysfs_root_is_a_clear_error_and_installs_nothing(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    before = pynvml.nvmlLib
+    with pytest.raises(ValueError, match="cannot write the fake sysfs tree"):
+        select_backend("fake:t4", sysfs_root=str(blocker / "sysfs"))
+    assert pynvml.nvmlLib is before

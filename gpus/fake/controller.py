@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,10 @@ class FakeNvml:
         self.lib = FakeNvmlLib(self._state)
         self._saved: dict[str, Any] | None = None
         self._control: ControlServer | None = None
+        # Where this profile's sysfs files were written for the reader, if anywhere; a scratch
+        # directory made by use_scratch_sysfs() is removed again at uninstall.
+        self.sysfs_root: str | None = None
+        self._scratch: str | None = None
 
     # -- installation ---------------------------------------------------------------------------
 
@@ -75,6 +81,9 @@ class FakeNvml:
     def uninstall(self) -> None:
         """Restore pynvml's previous library and caches; wake and fail any waiter."""
         self.stop_control()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = self.sysfs_root = None
         with self._state.lock:
             self._state.closed = True
             self._state.notify_all_event_sets()
@@ -252,6 +261,16 @@ class FakeNvml:
     def write_sysfs(self, root: Path | str) -> None:
         """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class}`` for every GPU."""
         write_sysfs(self.profile, Path(root))
+        self.sysfs_root = str(root)
+
+    def use_scratch_sysfs(self) -> str:
+        """Write the sysfs files into a new temporary directory (removed at uninstall)."""
+        if self._scratch is None:
+            scratch = tempfile.mkdtemp(prefix="fake-nvml-sysfs-")
+            write_sysfs(self.profile, Path(scratch))
+            self._scratch = scratch
+        self.sysfs_root = self._scratch
+        return self._scratch
 
     def write_driver_root(self, root: Path | str, dev_root: Path | str | None = None) -> None:
         """Create the driver's files and device nodes for this profile (see the function)."""

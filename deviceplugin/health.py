@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gpus.backoff import Backoff
 from gpus.model import Snapshot
 
 LOG = logging.getLogger(__name__)
@@ -290,23 +291,21 @@ class HealthMonitor:
 
     def _event_loop(self) -> None:
         watcher: Watcher | None = None
-        backoff = BACKOFF_INITIAL_S
+        backoff = Backoff(initial=BACKOFF_INITIAL_S, cap=BACKOFF_MAX_S)
         try:
             while not self._stop.is_set():
                 if watcher is None or self._rewatch.is_set():
                     watcher = self._new_watcher(watcher)
                     if watcher is None:
-                        self._stop.wait(backoff)
-                        backoff = min(backoff * 2, BACKOFF_MAX_S)
+                        self._stop.wait(backoff.next_delay())
                         continue
                 try:
                     event = watcher.wait(self._wait_timeout_ms)
                 except Exception as err:  # any wait failure is reported, not fatal
                     self.handle_wait_error(err)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    self._stop.wait(backoff.next_delay())
                     continue
-                backoff = BACKOFF_INITIAL_S
+                backoff.reset()
                 if event is not None:
                     self.handle_event(event)
         finally:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import grpc
 
+from gpus.backoff import Backoff
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -98,24 +99,6 @@ def kubelet_socket_state(path: str) -> SocketState:
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
         return SocketState(problem=f"kubelet socket {path} is {kind}")
     return SocketState(problem=None, identity=(st.st_dev, st.st_ino, st.st_ctime_ns))
-
-
-class Backoff:
-    """Capped exponential backoff: initial, 2x, 4x ... up to cap."""
-
-    def __init__(self, initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S) -> None:
-        self._initial, self._cap = initial, cap
-        self._next = initial
-
-    def next_delay(self) -> float:
-        """The delay before the next try; doubles each call up to the cap."""
-        delay = self._next
-        self._next = min(self._next * 2, self._cap)
-        return delay
-
-    def reset(self) -> None:
-        """Start over from the initial delay (after a success)."""
-        self._next = self._initial
 
 
 class StateLog:
@@ -303,7 +286,7 @@ class RegistrationLoop:
             self._register(self.kubelet_socket, server.endpoint, server.name)
         except Exception as err:
             with self._lock:
-                reg.backoff = reg.backoff or Backoff()
+                reg.backoff = reg.backoff or Backoff(initial=BACKOFF_INITIAL_S, cap=BACKOFF_CAP_S)
                 reg.next_try = now + reg.backoff.next_delay()
             self._log.set(server.name, logging.WARNING, f"{err}; retrying with backoff")
             return

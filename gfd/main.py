@@ -32,8 +32,9 @@ from gfd.labels import (
     node_labels,
     timestamp_labels,
 )
-from gfd.nodepatch import Backoff, KubeConfigError, KubeNodeApi, NodeApi, NodePublisher
+from gfd.nodepatch import KubeConfigError, KubeNodeApi, NodeApi, NodePublisher
 from gfd.output import FeaturesFile, HealthFile, render_table
+from gpus.backoff import Backoff
 from gpus.config import Config, ConfigError, add_flags, reload, resolve
 from gpus.model import Snapshot
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gpus.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 PREFIX = "nvidia.com/"
@@ -275,26 +277,6 @@ def _kubeconfig_problem(err: Exception, path: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- retry + publish
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff: initial, initial*factor, ... up to cap."""
-
-    initial: float = 1.0
-    factor: float = 2.0
-    cap: float = 60.0
-    _next: float = 0.0
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt (grows until the cap)."""
-        delay = self._next or self.initial
-        self._next = min(delay * self.factor, self.cap)
-        return min(delay, self.cap)
-
-    def reset(self) -> None:
-        """Back to the initial delay after a success."""
-        self._next = 0.0
 
 
 class NodePublisher:

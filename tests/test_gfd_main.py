@@ -26,8 +26,9 @@ from gfd.main import (
     read_machine_type,
     resolve_options,
 )
-from gfd.nodepatch import OWNERSHIP_ANNOTATION, Backoff, KubeNodeApi
+from gfd.nodepatch import OWNERSHIP_ANNOTATION, KubeNodeApi
 from gfd.output import parse_features
+from gpus.backoff import Backoff
 from gpus.config import Config, Flags, GfdFlags, resolve
 from gpus.model import Snapshot, SystemInfo
 from gpus.nvml import NvmlError

@@ -11,13 +11,13 @@ from apiserver import FakeApiServer, merge_patch
 from gfd.nodepatch import (
     OWNERSHIP_ANNOTATION,
     REQUEST_TIMEOUT,
-    Backoff,
     KubeNodeApi,
     NodeApiError,
     NodePublisher,
     owned_keys,
     plan_patch,
 )
+from gpus.backoff import Backoff
 
 NODE = "gpu-node-1"
 FOREIGN = {"kubernetes.io/hostname": NODE, "nvidia.com/device-plugin.config": "a100",
@@ -210,8 +210,8 @@ def test_connection_refused_then_server_returns(tmp_path: Path) -> None:
     kubeconfig = server.kubeconfig(str(tmp_path / "kubeconfig"))
     server.stop()  # nothing listens on the port any more
     clock = Clock()
-    pub = NodePublisher(KubeNodeApi.from_environment(kubeconfig), NODE, Backoff(1, 2, 4),
-                        clock=clock)
+    pub = NodePublisher(KubeNodeApi.from_environment(kubeconfig), NODE,
+                        Backoff(initial=1, factor=2, cap=4), clock=clock)
     assert not pub.publish({"nvidia.com/gpu.count": "8"})
     assert not pub.retry()
     assert pub.retry_in() == 2

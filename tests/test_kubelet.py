@@ -12,7 +12,6 @@ from test_server_support import short_tmpdir
 
 from deviceplugin.kubelet import (
     API_VERSION,
-    Backoff,
     RegistrationError,
     RegistrationLoop,
     StateLog,
@@ -20,6 +19,7 @@ from deviceplugin.kubelet import (
     register,
 )
 from deviceplugin.mockkubelet import MockKubelet
+from gpus.backoff import Backoff
 
 TIMEOUT = 10.0
 
@@ -90,7 +90,7 @@ def test_socket_state_kinds(sockdir: str) -> None:
 
 
 def test_backoff_doubles_up_to_cap() -> None:
-    backoff = Backoff(0.1, 0.5)
+    backoff = Backoff(initial=0.1, cap=0.5)
     assert [backoff.next_delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
     backoff.reset()
     assert backoff.next_delay() == 0.1

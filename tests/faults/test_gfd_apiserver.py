@@ -17,8 +17,9 @@ import pytest
 from apiserver import FakeApiServer
 
 from gfd.main import Daemon, Options
-from gfd.nodepatch import OWNERSHIP_ANNOTATION, Backoff, KubeNodeApi, NodeApiError
+from gfd.nodepatch import OWNERSHIP_ANNOTATION, KubeNodeApi, NodeApiError
 from gfd.output import FeaturesFile, format_features, parse_features
+from gpus.backoff import Backoff
 from gpus.config import Config, Flags, GfdFlags
 from gpus.model import Snapshot
 

@@ -1,8 +1,11 @@
 """Latency of the whole-GPU preferred allocation (Allocator.preferred) per request size.
 
 Topologies: a DGX A100 (8 GPUs, NVLink all-to-all through NVSwitch: every set scores alike,
-the easy case), a DGX-1 (8 GPUs, hybrid cube-mesh, the case NVIDIA's tests use), and 16 GPUs
-made of two DGX-1 cube meshes joined across CPUs (non-uniform links, the largest exact case).
+the easy case), a DGX-1 (8 GPUs, hybrid cube-mesh, the case NVIDIA's tests use), 16 GPUs made
+of two DGX-1 cube meshes joined across CPUs (non-uniform links, the largest exact case), the
+fake ``hgx-16-pcie`` profile's matrix (the same, but NODE rather than SYS between the quads of
+a half), and 16 GPUs all NVLinked alike (``hgx-16``-like: sets differ only by PCIe, so the
+best-first walk meets many near-ties).
 
 For every size 1..N: the first call (which builds that size's packing table when the node is
 too large for the constructor to build them all), then CALLS more calls with random available
@@ -80,6 +83,29 @@ def two_dgx1() -> Scores:
     ]
 
 
+def hgx_16_pcie() -> Scores:
+    """The fake hgx-16-pcie profile: two DGX-1 halves, NODE between a half's quads."""
+    mesh = dgx1()
+
+    def pair(i: int, j: int) -> int:
+        if i // 8 != j // 8:
+            return score(TopologyLevel.SYSTEM)
+        level = pcie_level(i % 8, j % 8)
+        nvlinks = (mesh[i % 8][j % 8] - score(level)) // NVLINK_SCORE
+        return score(TopologyLevel.NODE if level is TopologyLevel.SYSTEM else level, nvlinks)
+
+    return [[0 if i == j else pair(i, j) for j in range(16)] for i in range(16)]
+
+
+def nvswitch_16() -> Scores:
+    """16 GPUs, 12 NVLinks between every pair; PCIe as two DGX-style halves."""
+    return [
+        [0 if i == j else score(pcie_level(i % 8, j % 8) if i // 8 == j // 8
+                                else TopologyLevel.SYSTEM, 12) for j in range(16)]
+        for i in range(16)
+    ]
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -152,7 +178,13 @@ def main() -> int:
     """Run every topology and print its table."""
     rng = random.Random(SEED)
     started = time.perf_counter()
-    for name, make in (("DGX A100", dgx_a100), ("DGX-1", dgx1), ("2 x DGX-1", two_dgx1)):
+    for name, make in (
+        ("DGX A100", dgx_a100),
+        ("DGX-1", dgx1),
+        ("2 x DGX-1", two_dgx1),
+        ("hgx-16-pcie", hgx_16_pcie),
+        ("16 x NVSwitch", nvswitch_16),
+    ):
         bench_topology(name, make, rng)
     print(
         f"\ntotal {time.perf_counter() - started:.1f} s, Python {platform.python_version()}, "

@@ -26,9 +26,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
+if TYPE_CHECKING:  # imported where a config file is parsed: most starts read none (start-up time)
+    import yaml
 
 LOG = logging.getLogger(__name__)
 
@@ -522,6 +523,8 @@ class _Doc:
 
 def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
     """YAML (or JSON) text -> (data, {field path: line}); duplicate keys are errors."""
+    import yaml
+
     if text.lstrip().startswith(("{", "[")):
         # JSON may indent with tabs, which YAML forbids; JSON strings cannot hold a raw tab,
         # so turning them into spaces changes nothing but keeps the line numbers.
@@ -587,6 +590,8 @@ class _Walk:
 
 def _record_lines(node: yaml.Node, path: str, lines: dict[str, int], source: str,
                   walk: _Walk) -> None:
+    import yaml  # already loaded by _compose: a dictionary look-up
+
     walk.visited += 1
     if walk.visited > MAX_EXPANDED_NODES:
         raise ConfigError(f"{source}: excessive aliasing: more than {MAX_EXPANDED_NODES} "

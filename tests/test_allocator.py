@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from itertools import combinations
+from math import comb
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deviceplugin import allocator
 from deviceplugin.allocator import (
     MAX_EXACT_GPUS,
     Allocator,
@@ -180,7 +182,8 @@ def test_lazy_tables_are_built_once_and_reported() -> None:
     alloc.warm([2])
     stats = alloc.stats()
     assert stats.sizes_built == (2, 3)
-    assert stats.exact and stats.table_bytes == 3 * 4 * (1 << n)
+    # Subset scores and two packing tables, plus each size's best-first order of its k-sets.
+    assert stats.exact and stats.table_bytes == 3 * 4 * (1 << n) + 4 * (comb(n, 2) + comb(n, 3))
 
 
 def test_beyond_exact_limit_stays_valid(caplog) -> None:
@@ -290,6 +293,19 @@ def test_matches_brute_force(request: Request) -> None:
 @given(requests(min_available=11, max_available=12))
 def test_matches_brute_force_up_to_12_available(request: Request) -> None:
     check_against_brute_force(request)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(min_available=5, max_available=10))
+def test_walk_and_scan_both_match_brute_force(request: Request) -> None:
+    """Both query paths (best-first walk, full scan) are exact whichever the request picks."""
+    original = allocator.SCAN_RATIO
+    try:
+        for ratio in (0, 10**9):  # 0: always scan; huge: always walk
+            allocator.SCAN_RATIO = ratio
+            check_against_brute_force(request)
+    finally:
+        allocator.SCAN_RATIO = original
 
 
 def check_against_brute_force(request: Request) -> None:

@@ -20,17 +20,14 @@ import argparse
 import logging
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+from benchutil import short_dir  # noqa: E402
 
 from deviceplugin.allocator import pair_score  # noqa: E402
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags  # noqa: E402
@@ -75,16 +73,6 @@ class Stats:
             return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
 
         return cls(pick(0.50), pick(0.99))
-
-
-@contextmanager
-def short_dir() -> Iterator[str]:
-    """A short /tmp directory for sockets."""
-    path = tempfile.mkdtemp(prefix="nvkb", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def time_pair(
@@ -169,7 +157,7 @@ class _EmptyPlugin(api_pb2_grpc.DevicePluginServicer):
 def bench_rpc(calls: int) -> list[str]:
     """Allocate and GetPreferredAllocation vs the empty-handler floor."""
     lines = []
-    with short_dir() as directory:
+    with short_dir("nvkb") as directory:
         floor_sock = os.path.join(directory, "floor.sock")
         floor = grpc.server(ThreadPoolExecutor(max_workers=16))
         api_pb2_grpc.add_DevicePluginServicer_to_server(_EmptyPlugin(), floor)
@@ -305,7 +293,7 @@ def cold_first_calls(profile: str) -> tuple[int, list[float]]:
     starts the warm-up: each size builds its packing table on its first request, as it does
     for a request that reaches the plugin before the warm-up has built that size.
     """
-    with short_dir() as directory:
+    with short_dir("nvkb") as directory:
         config = bench_config(directory, os.path.join(directory, "absent.sock"), profile)
         plugin = start_plugin(config, directory)
         try:
@@ -332,7 +320,7 @@ def warm_sizes(
     profile: str, calls: int, rng: random.Random
 ) -> tuple[Snapshot, float, list[SizeStats]]:
     """(snapshot, warm-up seconds after registration, per-size stats) once warm-up is done."""
-    with short_dir() as directory, MockKubelet(directory) as kubelet:
+    with short_dir("nvkb") as directory, MockKubelet(directory) as kubelet:
         plugin = start_plugin(bench_config(directory, kubelet.socket_path, profile), directory)
         try:
             snapshot = plugin.snapshot
@@ -367,7 +355,7 @@ def warm_sizes(
 
 def preferred_floor(calls: int, rng: random.Random) -> Stats:
     """The empty-handler gRPC server answering GetPreferredAllocation of 4 out of 1..16 ids."""
-    with short_dir() as directory:
+    with short_dir("nvkb") as directory:
         sock = os.path.join(directory, "floor.sock")
         floor = grpc.server(ThreadPoolExecutor(max_workers=16))
         api_pb2_grpc.add_DevicePluginServicer_to_server(_EmptyPlugin(), floor)
@@ -482,14 +470,14 @@ def bench_start(starts: int) -> list[str]:
 
     One untimed start first fills the bytecode cache (see :func:`bytecode_env`).
     """
-    with short_dir() as pycache:
+    with short_dir("nvkb") as pycache:
         return _bench_start(starts, bytecode_env(pycache))
 
 
 def _bench_start(starts: int, env: dict[str, str]) -> list[str]:
     start_ms, rss = [], []
     for run in range(starts + 1):
-        with short_dir() as directory, MockKubelet(directory) as kubelet:
+        with short_dir("nvkb") as directory, MockKubelet(directory) as kubelet:
             begin = time.perf_counter()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "deviceplugin.main", "--nvml", "fake:dgx-a100",
@@ -527,7 +515,7 @@ def has_health(device_id: str, health: str) -> Callable[[list[DeviceInfo]], bool
 def bench_xid(samples: int) -> list[str]:
     """Fake XID injected -> Unhealthy in the kubelet's ListAndWatch."""
     latencies = []
-    with short_dir() as directory, MockKubelet(directory) as kubelet:
+    with short_dir("nvkb") as directory, MockKubelet(directory) as kubelet:
         plugin = start_plugin(bench_config(directory, kubelet.socket_path), directory)
         try:
             if not kubelet.wait_for_registration(GPU, 30):

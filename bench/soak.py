@@ -30,14 +30,11 @@ import argparse
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+from benchutil import short_dir  # noqa: E402
 
 from deviceplugin.mockkubelet import MockKubelet  # noqa: E402
 from gpus.fake.control import ControlError, send  # noqa: E402
@@ -136,16 +134,6 @@ class ProcStatus:
 # --- the plugin process -----------------------------------------------------------------------
 
 
-@contextmanager
-def private_dir() -> Iterator[str]:
-    """A short, private /tmp directory for the sockets (AF_UNIX paths are short)."""
-    path = tempfile.mkdtemp(prefix="nvks", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def control_socket(directory: str) -> str:
     """The fake's control socket: outside the kubelet's directory, which a restart wipes."""
     return os.path.join(directory, "ctl", "control.sock")
@@ -181,7 +169,7 @@ def expected_resources() -> list[str]:
     from gpus.resources import build_resource_map
 
     config = replace_flags(Config(), mig_strategy="mixed")
-    with private_dir() as root, install(PROFILE) as fake:
+    with short_dir("nvks") as root, install(PROFILE) as fake:
         fake.write_sysfs(root)
         with Nvml() as nvml:
             snapshot = nvml.read_snapshot(root)
@@ -318,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     resources = [r for r in expected_resources() if r.startswith(MIG_PREFIX)]
     duration = args.minutes * 60
     failures: list[str] = []
-    with private_dir() as directory, MockKubelet(directory) as kubelet:
+    with short_dir("nvks") as directory, MockKubelet(directory) as kubelet:
         proc = spawn_plugin(directory, args)
         try:
             for resource in resources:

@@ -6,6 +6,7 @@
   {numa_node,class}`` for the profile's GPUs under a fresh temporary directory and returns it.
 - ``fake_snapshot(profile="dgx-a100") -> Snapshot``: installs the fake, writes sysfs, reads a
   Snapshot through ``gpus.nvml`` (the fake stays installed for the test).
+- ``sockdir -> str``: a short, fresh /tmp directory for Unix sockets, removed at teardown.
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_server_support import short_tmpdir
 
 from gpus.fake import FakeNvml, Profile, install, load_profile, write_sysfs
 from gpus.model import Snapshot
 from gpus.nvml import Nvml
 
 FakeFactory = Callable[..., FakeNvml]
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short temporary directory for Unix sockets (AF_UNIX paths are limited to 107 bytes)."""
+    with short_tmpdir() as path:
+        yield path
 
 
 @pytest.fixture

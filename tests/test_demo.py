@@ -9,9 +9,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_runs_and_exits() -> None:
+def run_demo(*args: str) -> str:
+    """Run the demo with ``args``; assert it exited 0 and return what it printed."""
     result = subprocess.run(
-        [sys.executable, "-m", "deviceplugin.demo", "--exit-after", "2"],
+        [sys.executable, "-m", "deviceplugin.demo", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO},
         capture_output=True,
@@ -19,7 +20,11 @@ def test_demo_runs_and_exits() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    return result.stdout
+
+
+def test_demo_runs_and_exits() -> None:
+    out = run_demo("--exit-after", "2")
     assert "[ListAndWatch] nvidia.com/gpu: 8 devices, 8 healthy" in out
     assert "[GetPreferredAllocation] nvidia.com/gpu: GPU-" in out
     assert "[Allocate] nvidia.com/gpu: GPU-" in out
@@ -30,18 +35,8 @@ def test_demo_runs_and_exits() -> None:
 
 
 def test_demo_mig_with_device_specs() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "deviceplugin.demo", "--profile", "a100-mig-1g",
-         "--mig-strategy", "mixed", "--pass-device-specs", "--allocate", "1",
-         "--exit-after", "0"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_demo("--profile", "a100-mig-1g", "--mig-strategy", "mixed", "--pass-device-specs",
+                   "--allocate", "1", "--exit-after", "0")
     assert "[ListAndWatch] nvidia.com/mig-1g.5gb: 56 devices, 56 healthy" in out
     assert "[Allocate] nvidia.com/mig-1g.5gb: MIG-" in out
     assert "/driver/dev/nvidia0 -> /dev/nvidia0 (rw)" in out

@@ -236,22 +236,28 @@ def test_lost_gpu_reports_xid_79_and_fails_registration(fake_nvml: FakeFactory) 
             assert len(watcher.watched) == 3
 
 
+def start_blocked_waiter(watcher: EventWatcher, errors: list[NvmlError]) -> threading.Thread:
+    """A started thread blocked in ``watcher.wait``; the NvmlError it ends with joins ``errors``."""
+    ready = threading.Event()
+
+    def waiter() -> None:
+        ready.set()
+        try:
+            watcher.wait(10_000)
+        except NvmlError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    ready.wait(5)
+    return thread
+
+
 def test_event_wait_failure_wakes_a_blocked_waiter(fake_nvml: FakeFactory) -> None:
     fake = fake_nvml("t4")
     errors: list[NvmlError] = []
-    ready = threading.Event()
     with Nvml() as nvml, EventWatcher(nvml, fake.uuids()) as watcher:
-
-        def waiter() -> None:
-            ready.set()
-            try:
-                watcher.wait(10_000)
-            except NvmlError as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=waiter)
-        thread.start()
-        ready.wait(5)
+        thread = start_blocked_waiter(watcher, errors)
         fake.fail_event_wait("NVML_ERROR_UNKNOWN")
         thread.join(10)
         assert not thread.is_alive()
@@ -287,21 +293,10 @@ def test_nested_install_restores_outer(fake_nvml: FakeFactory) -> None:
 def test_uninstall_wakes_waiters() -> None:
     fake = install("t4")
     errors: list[NvmlError] = []
-    ready = threading.Event()
     nvml = Nvml()
     nvml.init()
     watcher = EventWatcher(nvml, fake.uuids())
-
-    def waiter() -> None:
-        ready.set()
-        try:
-            watcher.wait(10_000)
-        except NvmlError as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    ready.wait(5)
+    thread = start_blocked_waiter(watcher, errors)
     fake.uninstall()
     thread.join(10)
     assert not thread.is_alive()

@@ -241,14 +241,8 @@ def test_oneshot_node_api_gives_up_with_exit_1(tmp_path: Path, server: FakeApiSe
     assert (tmp_path / "gfd").exists()  # the file is written whatever the API server does
 
 
-def test_loop_retries_until_the_api_server_recovers(tmp_path: Path, fake_snapshot: Callable[
-        ..., Snapshot], server: FakeApiServer) -> None:
-    snapshot = fake_snapshot("dgx-a100")
-    server.fail_next(2, 500)
-    server.close_next(1)
-    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
-    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="both", node_api=api,
-               backoff=Backoff(initial=0.01, cap=0.05))
+def run_until_labelled(d: Daemon, server: FakeApiServer) -> list[int]:
+    """Run the daemon's loop in a thread until the node has labels, stop it; its exit codes."""
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(d.run()))
     thread.start()
@@ -257,7 +251,18 @@ def test_loop_retries_until_the_api_server_recovers(tmp_path: Path, fake_snapsho
     finally:
         d.wakeup.request_stop()
         thread.join(timeout=10)
-    assert result == [0]
+    return result
+
+
+def test_loop_retries_until_the_api_server_recovers(tmp_path: Path, fake_snapshot: Callable[
+        ..., Snapshot], server: FakeApiServer) -> None:
+    snapshot = fake_snapshot("dgx-a100")
+    server.fail_next(2, 500)
+    server.close_next(1)
+    api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
+    d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="both", node_api=api,
+               backoff=Backoff(initial=0.01, cap=0.05))
+    assert run_until_labelled(d, server) == [0]
     assert d.passes == 1  # convergence came from retries, not from new passes
     assert server.labels(NODE)[N + "gpu.count"] == "8"
     assert not (tmp_path / "gfd").exists()  # removed on a clean stop in loop mode
@@ -301,15 +306,7 @@ def test_malformed_api_answers_are_retried_by_the_loop(
     api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
     d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="node-api", node_api=api,
                backoff=Backoff(initial=0.01, cap=0.05), health=health)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(d.run()))
-    thread.start()
-    try:
-        assert server.wait_for(lambda s: N + "gpu.count" in s.labels(NODE), timeout=10)
-    finally:
-        d.wakeup.request_stop()
-        thread.join(timeout=10)
-    assert result == [0]
+    assert run_until_labelled(d, server) == [0]
     assert d.passes == 1  # the retries converged within the first pass's sleep
     assert len(server.requests("GET")) >= 4
     assert int(health.read_text()) > 1
@@ -684,15 +681,7 @@ def test_hung_api_server_cannot_block_the_loop(
                                        request_timeout=(2.0, 0.1))
     d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="node-api", node_api=api,
                backoff=Backoff(initial=0.01, cap=0.05), health=health)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(d.run()))
-    thread.start()
-    try:
-        assert server.wait_for(lambda s: N + "gpu.count" in s.labels(NODE), timeout=10)
-    finally:
-        d.wakeup.request_stop()
-        thread.join(timeout=10)
-    assert result == [0]
+    assert run_until_labelled(d, server) == [0]
     assert d.passes == 1  # the retries converged within the first pass's sleep
     assert int(health.read_text()) > 1
 

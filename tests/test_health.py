@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pytest
+from health_support import WAIT_S, Changes, Clock
 
 from deviceplugin.health import (
     EVENT_DOUBLE_BIT_ECC,
@@ -17,9 +18,6 @@ from deviceplugin.health import (
     parse_health_env,
 )
 from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
-
-WAIT_S = 5.0  # generous upper bound for event waits; tests never sleep
-
 
 # --- fixtures ------------------------------------------------------------------------------------
 
@@ -119,37 +117,11 @@ class WatcherFactory:
             return self.made[count - 1]
 
 
-class Changes:
-    """Records on_change calls; lets a test wait for a given set."""
-
-    def __init__(self) -> None:
-        self.seen: list[frozenset[str]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, unhealthy: frozenset[str]) -> None:
-        with self.cond:
-            self.seen.append(unhealthy)
-            self.cond.notify_all()
-
-    def wait_for(self, expected: set[str]) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: bool(self.seen) and self.seen[-1] == expected, WAIT_S)
-        assert ok, f"never saw {expected}; saw {self.seen}"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def monitor(prober: Prober | None = None, environ: Mapping[str, str] | None = None,
             factory: Callable[[object, list[str]], Watcher] | None = None,
             recovery_interval: float = 5.0, clock: Clock | None = None
             ) -> tuple[HealthMonitor, Changes, Prober, Clock]:
-    changes, prober, clock = Changes(), prober or Prober(), clock or Clock()
+    changes, prober, clock = Changes(), prober or Prober(), clock or Clock(1000.0)
     mon = HealthMonitor(prober, SNAPSHOT, changes, environ or {},
                         recovery_interval=recovery_interval, quiet_period=30.0, clock=clock,
                         watcher_factory=factory or WatcherFactory(), wait_timeout_ms=20)
@@ -341,7 +313,7 @@ def test_failing_listener_does_not_break_the_monitor() -> None:
     def explode(_: frozenset[str]) -> None:
         raise RuntimeError("listener bug")
 
-    mon = HealthMonitor(Prober(), SNAPSHOT, explode, {}, clock=Clock())
+    mon = HealthMonitor(Prober(), SNAPSHOT, explode, {}, clock=Clock(1000.0))
     mon.handle_event(Event("GPU-0"))
     assert mon.unhealthy == {"GPU-0"}
 
@@ -402,7 +374,7 @@ def test_recovered_registration_failure_rebuilds_the_watcher() -> None:
 
 
 def test_probe_thread_recovers_devices() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     mon, changes, _, _ = monitor(recovery_interval=0.001, clock=clock)
     mon.handle_event(Event("GPU-1"))
     clock.now += 31
@@ -473,7 +445,7 @@ def test_listener_may_read_state_from_another_thread() -> None:
         reader.start()
         reader.join(WAIT_S)
 
-    mon = HealthMonitor(Prober(), SNAPSHOT, listener, {}, clock=Clock())
+    mon = HealthMonitor(Prober(), SNAPSHOT, listener, {}, clock=Clock(1000.0))
     mon.handle_event(Event("GPU-0"))
     assert seen == [frozenset({"GPU-0"})]
 

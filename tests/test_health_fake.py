@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from health_support import WAIT_S, Changes, Clock
 
 from deviceplugin.health import HealthMonitor
 from gpus.model import Snapshot
 from gpus.nvml import Nvml
-
-WAIT_S = 5.0
-
-
-class Changes:
-    """Records on_change calls; lets a test wait for a given set."""
-
-    def __init__(self) -> None:
-        self.seen: list[frozenset[str]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, unhealthy: frozenset[str]) -> None:
-        with self.cond:
-            self.seen.append(unhealthy)
-            self.cond.notify_all()
-
-    def wait_for(self, expected: set[str]) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: bool(self.seen) and self.seen[-1] == expected, WAIT_S)
-        assert ok, f"never saw {expected}; saw {self.seen}"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
-from test_server_support import short_tmpdir
 
 from deviceplugin.kubelet import (
     API_VERSION,
@@ -22,12 +20,6 @@ from deviceplugin.mockkubelet import MockKubelet
 from gpus.backoff import Backoff
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    with short_tmpdir() as path:
-        yield path
 
 
 class FakeServer:

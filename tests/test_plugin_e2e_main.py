@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,18 +75,33 @@ def spawn(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
+@contextmanager
+def spawned(args: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """The plugin as a child process; killed on the way out if the test left it running."""
+    proc = spawn(args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def read_until(proc: subprocess.Popen[str], text: str) -> None:
+    """Read the child's stderr up to the first line containing ``text`` (or its end)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if text in line:
+            break
+
+
 def test_sigterm_exits_zero_and_removes_sockets() -> None:
     with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
-        proc = spawn(["--nvml", "fake:dgx-a100", "--kubelet-socket", kubelet.socket_path])
-        try:
+        with spawned(["--nvml", "fake:dgx-a100", "--kubelet-socket", kubelet.socket_path]) as proc:
             assert kubelet.wait_for_registration(GPU, 30), proc.stderr
             assert os.path.exists(os.path.join(directory, "nvidia-gpu.sock"))
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.returncode == 0, err
         assert sorted(os.listdir(directory)) == ["kubelet.sock"]
 
@@ -92,22 +109,13 @@ def test_sigterm_exits_zero_and_removes_sockets() -> None:
 def test_idles_after_init_error_when_told_to(tmp_path) -> None:
     with short_tmpdir() as directory:
         missing = os.path.join(directory, "nope", "kubelet.sock")
-        proc = spawn(
-            ["--nvml", "fake:dgx-a100", "--kubelet-socket", missing, "--fail-on-init-error=false"]
-        )
-        try:
+        with spawned(["--nvml", "fake:dgx-a100", "--kubelet-socket", missing,
+                      "--fail-on-init-error=false"]) as proc:
             # Wait for the error line, then make sure it is still running and stops cleanly.
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                if "initialisation failed" in line:
-                    break
+            read_until(proc, "initialisation failed")
             assert proc.poll() is None
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.returncode == 0
 
 
@@ -115,20 +123,12 @@ def test_idle_after_init_error_is_ready() -> None:
     with short_tmpdir() as directory:
         ready = os.path.join(directory, "ready")
         missing = os.path.join(directory, "nope", "kubelet.sock")
-        proc = spawn(["--nvml", "fake:dgx-a100", "--kubelet-socket", missing,
-                      "--fail-on-init-error=false", "--ready-file", ready])
-        try:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                if f"ready: created {ready}" in line:
-                    break
+        with spawned(["--nvml", "fake:dgx-a100", "--kubelet-socket", missing,
+                      "--fail-on-init-error=false", "--ready-file", ready]) as proc:
+            read_until(proc, f"ready: created {ready}")
             assert os.path.isfile(ready)
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.returncode == 0
 
 

@@ -24,7 +24,6 @@ from test_server_support import (
     make_resource,
     make_snapshot,
     plugin_stub,
-    short_tmpdir,
 )
 
 from deviceplugin.cdi import write_cdi_spec
@@ -67,12 +66,6 @@ def mode(path: str | Path) -> int:
 
 
 # --- sockets -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    with short_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -34,12 +34,6 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture
-def sockdir() -> Iterator[str]:
-    with short_tmpdir() as path:
-        yield path
-
-
-@pytest.fixture
 def snapshot() -> Snapshot:
     return make_snapshot(4)
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -58,6 +59,27 @@ def start_plugin(config: Config, *, socket_dir: str = "", poll_interval: float =
         plugin.close()
         raise
     return plugin
+
+
+def run_main_while(run_main: Callable[[], int], operate: Callable[[], None],
+                   outcome: dict[str, Any]) -> int:
+    """Run ``run_main`` here (signals reach only the main thread) while ``operate`` drives it
+    from another thread; SIGTERM then ends it. What ``operate`` raises goes to
+    ``outcome["error"]``, for the test thread to report. Returns ``run_main``'s exit status."""
+
+    def operator() -> None:
+        try:
+            operate()
+        except BaseException as err:  # reported by the test thread
+            outcome["error"] = err
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    code = run_main()
+    thread.join(TIMEOUT)
+    return code
 
 
 def served_state(plugin: DevicePlugin) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from deviceplugin.mockkubelet import DeviceInfo, MockKubelet
 from gpus.fake import FakeNvml
 from protos.deviceplugin.v1beta1 import api_pb2
 
-from .support import GPU, TIMEOUT, plugin_config, start_plugin, watching_logs
+from .support import GPU, TIMEOUT, plugin_config, run_main_while, start_plugin, watching_logs
 
 PROG = "nvidia-device-plugin:"
 
@@ -108,24 +107,17 @@ def test_init_failure_tolerated_idles_then_sighup_starts(failing_init) -> None:
         root = Path(directory, "root")
 
         def operator() -> None:
-            try:
-                assert logs.wait_for("initialisation failed"), "no init error logged"
-                outcome["idle_files"] = sorted(set(os.listdir(directory)) - {"root"})
-                fake = failing_init[0]
-                fake.write_sysfs(root)
-                fake.clear_faults()  # the driver is loaded now
-                os.kill(os.getpid(), signal.SIGHUP)
-                outcome["registered"] = kubelet.wait_for_registration(GPU, TIMEOUT)
-                outcome["devices"] = len(kubelet.devices(GPU))
-            except BaseException as err:  # reported by the test thread
-                outcome["error"] = err
-            finally:
-                os.kill(os.getpid(), signal.SIGTERM)
+            assert logs.wait_for("initialisation failed"), "no init error logged"
+            outcome["idle_files"] = sorted(set(os.listdir(directory)) - {"root"})
+            fake = failing_init[0]
+            fake.write_sysfs(root)
+            fake.clear_faults()  # the driver is loaded now
+            os.kill(os.getpid(), signal.SIGHUP)
+            outcome["registered"] = kubelet.wait_for_registration(GPU, TIMEOUT)
+            outcome["devices"] = len(kubelet.devices(GPU))
 
-        thread = threading.Thread(target=operator)
-        thread.start()
-        code = main(daemon_args(directory, "--fail-on-init-error=false"))
-        thread.join(TIMEOUT)
+        code = run_main_while(lambda: main(daemon_args(directory, "--fail-on-init-error=false")),
+                              operator, outcome)
     assert "error" not in outcome, outcome.get("error")
     assert code == 0
     assert outcome["idle_files"] == ["kubelet.sock"]

@@ -20,7 +20,7 @@ from deviceplugin.mockkubelet import MockKubelet
 from gpus import config as configmod
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
-from .support import GPU, TIMEOUT, start_plugin, watching_logs
+from .support import GPU, TIMEOUT, run_main_while, start_plugin, watching_logs
 
 VALID = "version: v1\nflags:\n  plugin:\n    deviceListStrategy: {strategy}\n"
 INVALID = "version: v1\nflags:\n  plugin:\n    deviceListStrategy: nfs\n"
@@ -148,38 +148,30 @@ def test_sighup_with_bad_vanished_then_changed_config(tmp_path: Path) -> None:
         os.makedirs(os.path.join(directory, "root"))
 
         def operator() -> None:
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+            allocator = Allocator(os.path.join(directory, "nvidia-gpu.sock"),
+                                  [d.id for d in kubelet.devices(GPU)])
+            allocator.start()
             try:
-                assert kubelet.wait_for_registration(GPU, TIMEOUT)
-                allocator = Allocator(os.path.join(directory, "nvidia-gpu.sock"),
-                                      [d.id for d in kubelet.devices(GPU)])
-                allocator.start()
-                try:
-                    assert allocator.wait_more()
-                    for count, change in enumerate((lambda: config_file.write_text(INVALID),
-                                                    config_file.unlink), start=1):
-                        change()
-                        os.kill(os.getpid(), signal.SIGHUP)
-                        assert logs.wait_for("keeping the running configuration", count=count)
-                        assert allocator.wait_more()
-                    outcome["failures_before_change"] = list(allocator.failures)
-                    config_file.write_text(SHARED)
+                assert allocator.wait_more()
+                for count, change in enumerate((lambda: config_file.write_text(INVALID),
+                                                config_file.unlink), start=1):
+                    change()
                     os.kill(os.getpid(), signal.SIGHUP)
-                    shared = kubelet.wait_for_devices(
-                        GPU, lambda ds: len(ds) == 16 and all("::" in d.id for d in ds), TIMEOUT)
-                    outcome["shared"] = shared is not None
-                    outcome["allocated"] = kubelet.allocate(GPU, 1).allocated
-                finally:
-                    allocator.finish()
-                outcome["failures"] = allocator.failures
-            except BaseException as err:  # reported by the test thread
-                outcome["error"] = err
+                    assert logs.wait_for("keeping the running configuration", count=count)
+                    assert allocator.wait_more()
+                outcome["failures_before_change"] = list(allocator.failures)
+                config_file.write_text(SHARED)
+                os.kill(os.getpid(), signal.SIGHUP)
+                shared = kubelet.wait_for_devices(
+                    GPU, lambda ds: len(ds) == 16 and all("::" in d.id for d in ds), TIMEOUT)
+                outcome["shared"] = shared is not None
+                outcome["allocated"] = kubelet.allocate(GPU, 1).allocated
             finally:
-                os.kill(os.getpid(), signal.SIGTERM)
+                allocator.finish()
+            outcome["failures"] = allocator.failures
 
-        thread = threading.Thread(target=operator)
-        thread.start()
-        code = main(plugin_args(directory, config_file))
-        thread.join(TIMEOUT)
+        code = run_main_while(lambda: main(plugin_args(directory, config_file)), operator, outcome)
     assert "error" not in outcome, outcome.get("error")
     assert code == 0
     assert outcome["failures_before_change"] == []

@@ -195,7 +195,10 @@ class MockKubelet:
         self._follow(plugin)
 
     def _follow(self, plugin: _Plugin) -> None:
-        stream = plugin.stub.ListAndWatch(api_pb2.Empty())
+        try:
+            stream = plugin.stub.ListAndWatch(api_pb2.Empty())
+        except ValueError:  # stop() or restart() closed the channel after the dial-back
+            return
         plugin.stream = stream
         with self._cond:
             plugin.connected = True

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from deviceplugin.allocate import (
     host_path,
     read_mig_minors,
 )
+from gpus.atomicfile import replace_file
 from gpus.config import Config
 from gpus.resources import Device, ResourceMap
 
@@ -181,18 +181,6 @@ def _physical_devices(resource_map: ResourceMap) -> list[Device]:
 
 
 def _atomic_write(target: Path, text: str) -> None:
-    """Write ``text`` to ``target`` via a temporary file in the same directory + os.replace."""
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                     dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o644)  # runtimes run as other users; mkstemp makes it 0600
-        os.replace(temp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
+    """Write ``text`` to ``target`` atomically (see :func:`gpus.atomicfile.replace_file`)."""
+    replace_file(target, text)
 

@@ -23,14 +23,14 @@ changes, so a reader never sees half a document.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from gpus.atomicfile import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -166,21 +166,9 @@ class ReadinessFile:
         return content
 
     def _write(self, path: str, content: str, what: str) -> bool:
-        directory = os.path.dirname(path) or "."
         try:
-            fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                             dir=directory)
+            replace_file(path, content)  # monitoring agents may read it as another user
         except OSError as err:
-            self._warn(f"{what} write", f"cannot write {what} file {path}: {err.strerror}")
-            return False
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(content)
-            os.chmod(temporary, 0o644)  # monitoring agents may read it as another user
-            os.replace(temporary, path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
             self._warn(f"{what} write", f"cannot write {what} file {path}: {err.strerror}")
             return False
         return True

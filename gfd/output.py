@@ -12,10 +12,11 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import TextIO
+
+from gpus.atomicfile import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,7 @@ def write_atomically(path: str, content: str) -> None:
     """Replace ``path`` with ``content``: readers see the old file or the new one, never a mix."""
     directory = os.path.dirname(os.path.abspath(path))
     _make_dirs(directory)
-    fd, tmp = tempfile.mkstemp(prefix=".gfd-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; NFD may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, content)
     _fsync_directory(directory)
 
 

@@ -168,7 +168,7 @@ def test_permission_denied_reported_even_as_root(tmp_path: Path,
     def denied(*_: object, **__: object) -> tuple[int, str]:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("deviceplugin.cdi.tempfile.mkstemp", denied)
+    monkeypatch.setattr("gpus.atomicfile.tempfile.mkstemp", denied)
     with pytest.raises(CdiError, match="cannot write CDI spec .*: Permission denied"):
         write_cdi_spec(RESOURCES, config(tmp_path), path_exists=only(set()), mig_minors=minors)
     assert list(tmp_path.iterdir()) == []

@@ -570,7 +570,7 @@ def test_health_file_holds_the_time_of_the_last_good_pass(
     assert main(["--oneshot", *base_args(tmp_path, machine_file, sysfs_root("dgx-a100"))]) == 0
     text = health.read_text()
     assert text.endswith("\n") and before <= int(text) <= int(time.time())
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".gfd-")]  # atomic: no temps
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # atomic: no temps
 
 
 def test_stale_health_file_is_deleted_at_start_even_if_init_fails(tmp_path: Path) -> None:

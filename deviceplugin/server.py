@@ -9,9 +9,11 @@ Allocate and GetPreferredAllocation are pure functions of the current resource a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import stat
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,13 +139,78 @@ def check_socket_path(path: str) -> None:
             f"socket path {path!r} is {size} bytes; AF_UNIX allows at most {MAX_UNIX_PATH}: "
             "use a shorter kubelet socket directory"
         )
-    directory = os.path.dirname(path) or "."
+    check_socket_dir(os.path.dirname(path) or ".")
+
+
+def socket_dir_problem(directory: str) -> str | None:
+    """Why plugin sockets cannot be created in ``directory`` (missing, not a directory, not
+    writable), or None."""
     if not os.path.exists(directory):
-        raise ServeError(f"plugin socket directory {directory!r} does not exist")
+        return f"plugin socket directory {directory!r} does not exist"
     if not os.path.isdir(directory):
-        raise ServeError(f"plugin socket directory {directory!r} is not a directory")
+        return f"plugin socket directory {directory!r} is not a directory"
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ServeError(f"plugin socket directory {directory!r} is not writable")
+        return f"plugin socket directory {directory!r} is not writable"
+    return None
+
+
+def check_socket_dir(directory: str) -> None:
+    """Raise ServeError when sockets cannot be created in ``directory``; warn (once per
+    directory) when others than its owner may write there."""
+    problem = socket_dir_problem(directory)
+    if problem is not None:
+        raise ServeError(problem)
+    warn_if_shared(os.path.realpath(directory))
+
+
+@functools.cache
+def warn_if_shared(directory: str) -> None:
+    """Log a WARNING, once per directory per process, when group or others may write in it.
+
+    Whoever can write in the directory can delete our socket and put their own in its place,
+    which the kubelet would then dial as us. The kubelet's directory is root-owned 0755.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+    except OSError:
+        return
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        log.warning(
+            "plugin socket directory %s is writable by %s (mode %04o): another user could "
+            "replace our sockets; the kubelet's device-plugins directory is normally 0755 root",
+            directory,
+            "others" if mode & stat.S_IWOTH else "its group",
+            mode,
+        )
+
+
+def bind_privately(server: grpc.Server, path: str) -> None:
+    """Make ``server`` listen on the Unix socket ``path``, never reachable with a looser mode
+    than SOCKET_MODE.
+
+    gRPC binds and listens inside ``add_insecure_port``, so a chmod afterwards leaves a window
+    in which, under a permissive umask, anyone could connect. The umask is process-wide (other
+    threads create files too), so instead the socket is created in a fresh 0700 directory
+    beside ``path`` (same filesystem; only we can reach anything inside), chmod-ed there and
+    renamed into place: the rename is atomic, so ``path`` only ever holds the 0600 socket.
+    Raises OSError or RuntimeError (gRPC's bind failure); nothing is left behind then.
+    """
+    directory = os.path.dirname(path) or "."
+    # ".b" + 8 random characters + "/s" keeps the temporary path shorter than any
+    # "nvidia-<name>.sock" target, so it never exceeds AF_UNIX's limit when the target fits.
+    private = tempfile.mkdtemp(prefix=".b", dir=directory)
+    try:
+        os.chmod(private, 0o700)  # mkdtemp asks for 0700; a default ACL must not widen it
+        temporary = os.path.join(private, "s")
+        server.add_insecure_port(f"unix:{temporary}")
+        os.chmod(temporary, SOCKET_MODE)
+        os.rename(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            for leftover in os.listdir(private):  # only after a failure
+                os.unlink(os.path.join(private, leftover))
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
 
 
 def device_to_proto(device: Device) -> api_pb2.Device:
@@ -361,9 +428,7 @@ class PluginServer:
         server = grpc.server(executor, options=GRPC_OPTIONS)
         api_pb2_grpc.add_DevicePluginServicer_to_server(_Servicer(self), server)
         try:
-            server.add_insecure_port(f"unix:{self.socket_path}")
-            # Bound but not yet listening: nobody can connect before the mode is tightened.
-            os.chmod(self.socket_path, SOCKET_MODE)
+            bind_privately(server, self.socket_path)
         except (RuntimeError, OSError) as err:
             server.stop(None)
             executor.shutdown(wait=False)

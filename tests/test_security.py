@@ -7,7 +7,9 @@ whatever umask the container runtime hands the daemons.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import socket
 import stat
@@ -35,6 +37,7 @@ from deviceplugin.server import (
     SOCKET_MODE,
     PluginServer,
     ServeError,
+    warn_if_shared,
 )
 from gfd.nodepatch import OWNERSHIP_ANNOTATION, plan_patch
 from gfd.output import write_atomically
@@ -89,6 +92,148 @@ def test_plugin_socket_is_owner_only_whatever_the_umask(umask: int, sockdir: str
         assert mode(srv.socket_path) == 0o600
     finally:
         srv.stop()
+
+
+class SocketWatch:
+    """Checks every Unix socket gRPC binds, the moment it listens, and every rename of one.
+
+    A socket is reachable by others when its mode allows more than SOCKET_MODE and every
+    directory above it (up to the socket directory) lets others through; the target path must
+    never hold such a socket, not even between listen and a later chmod.
+    """
+
+    def __init__(self, sockdir: str) -> None:
+        self.sockdir = sockdir
+        self.bound: list[str] = []
+        self.problems: list[str] = []
+
+    def reachable_loosely(self, path: str) -> bool:
+        if mode(path) & ~SOCKET_MODE:
+            parent = os.path.dirname(path)
+            while len(parent) >= len(self.sockdir):
+                if not mode(parent) & (stat.S_IXGRP | stat.S_IXOTH):
+                    return False
+                parent = os.path.dirname(parent)
+            return True
+        return False
+
+    def listening(self, address: str) -> None:
+        path = address.removeprefix("unix:")
+        self.bound.append(path)
+        if self.reachable_loosely(path):
+            self.problems.append(f"{path} listens with mode {mode(path):04o}, reachable")
+        for name in os.listdir(self.sockdir):
+            target = os.path.join(self.sockdir, name)
+            if stat.S_ISSOCK(os.lstat(target).st_mode) and mode(target) & ~SOCKET_MODE:
+                self.problems.append(f"{target} exists with mode {mode(target):04o}")
+
+    def renaming(self, source: str, target: str) -> None:
+        if stat.S_ISSOCK(os.lstat(source).st_mode) and mode(source) & ~SOCKET_MODE:
+            self.problems.append(f"{source} moved to {target} with mode {mode(source):04o}")
+
+
+@pytest.fixture
+def socket_watch(sockdir: str, monkeypatch: pytest.MonkeyPatch) -> SocketWatch:
+    watch = SocketWatch(sockdir)
+    real_server, real_rename = grpc.server, os.rename
+
+    class WatchedServer:
+        def __init__(self, inner: grpc.Server) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._inner, name)
+
+        def add_insecure_port(self, address: str) -> int:
+            port = self._inner.add_insecure_port(address)
+            watch.listening(address)  # gRPC listens inside add_insecure_port
+            return port
+
+    def server(*args: object, **kwargs: object) -> WatchedServer:
+        return WatchedServer(real_server(*args, **kwargs))
+
+    def rename(source: str, target: str, **kwargs: object) -> None:
+        watch.renaming(source, target)
+        real_rename(source, target, **kwargs)
+
+    monkeypatch.setattr("deviceplugin.server.grpc.server", server)
+    monkeypatch.setattr("deviceplugin.server.os.rename", rename)
+    return watch
+
+
+def test_plugin_socket_is_never_reachable_with_a_looser_mode(
+    umask: int, sockdir: str, socket_watch: SocketWatch
+) -> None:
+    os.chmod(sockdir, 0o755)  # like the kubelet's directory: anyone may look inside
+    snapshot = make_snapshot(2)
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv.start()
+    try:
+        os.unlink(srv.socket_path)  # what a kubelet restart does
+        srv.restart()
+        assert len(socket_watch.bound) == 2
+        assert socket_watch.problems == []
+        # Bound elsewhere, in a private directory that is gone once the socket is in place.
+        assert srv.socket_path not in socket_watch.bound
+        assert os.listdir(sockdir) == [os.path.basename(srv.socket_path)]
+        assert mode(srv.socket_path) == 0o600
+    finally:
+        srv.stop()
+
+
+def test_private_bind_directory_is_owner_only_and_removed_after_a_failure(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.umask(old := os.umask(0))
+    seen: list[int] = []
+
+    def failing_rename(source: str, target: str, **kwargs: object) -> None:
+        seen.append(mode(os.path.dirname(source)))
+        raise OSError(errno.EBUSY, "planted rename failure")
+
+    monkeypatch.setattr("deviceplugin.server.os.rename", failing_rename)
+    snapshot = make_snapshot(1)
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    try:
+        with pytest.raises(ServeError, match="planted rename failure"):
+            srv.start()
+    finally:
+        os.umask(old)
+    assert seen == [0o700]
+    assert os.listdir(sockdir) == []  # neither the temporary socket nor its directory
+
+
+def test_group_or_world_writable_socket_dir_is_warned_once(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    warn_if_shared.cache_clear()
+    os.chmod(sockdir, 0o777)
+    snapshot = make_snapshot(1)
+    servers = [PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+               for _ in range(2)]
+    try:
+        for srv in servers:
+            srv.start()
+            srv.stop()
+    finally:
+        warn_if_shared.cache_clear()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                and "writable by others" in r.getMessage()]
+    assert len(warnings) == 1
+    assert os.path.realpath(sockdir) in warnings[0].getMessage()
+
+
+def test_owner_only_socket_dir_is_not_warned(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    warn_if_shared.cache_clear()
+    os.chmod(sockdir, 0o755)
+    snapshot = make_snapshot(1)
+    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv.start()
+    srv.stop()
+    warn_if_shared.cache_clear()
+    assert not [r for r in caplog.records if "writable by" in r.getMessage()]
 
 
 def test_stale_socket_path_that_is_a_symlink_is_never_followed_nor_removed(sockdir: str) -> None:

@@ -5,6 +5,11 @@ and recreates ``kubelet.sock``, and the plugin must notice, rebind and register 
 has no inotify, so :class:`RegistrationLoop` polls ``os.stat`` of the kubelet socket and of our
 own sockets every ``poll_interval`` (100 ms by default, well inside the 1 s we must react in);
 a stat per socket per tick costs microseconds.
+
+Logging: states (kubelet up or missing, a failing Register) are logged when they change, not on
+every tick. A re-registration after a loss is logged at INFO every time, with its cause and how
+long recovery took, so an operator can see from our log alone that recovery worked; at most
+``RECOVERY_LOG_BURST`` such lines per resource per ``RECOVERY_LOG_WINDOW_S``, the rest counted.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +37,10 @@ REGISTER_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.1
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_CAP_S = 5.0
+# Each re-registration is news for an operator (recovery worked), but a socket deleted in a
+# loop must not flood the log: at most this many lines per resource per window.
+RECOVERY_LOG_BURST = 10
+RECOVERY_LOG_WINDOW_S = 600.0
 
 
 class RegistrationError(RuntimeError):
@@ -118,6 +128,46 @@ class StateLog:
         """Drop the state for ``key`` (so its next state is logged)."""
         self._last.pop(key, None)
 
+    def note(self, key: str, message: str) -> None:
+        """Record ``message`` as the state for ``key`` without logging it (logged elsewhere)."""
+        self._last[key] = message
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` messages per key in any ``window`` seconds.
+
+    The rest go to DEBUG, and the next message logged says how many were left out, so the
+    log stays bounded however often an event repeats and still shows that it did.
+    """
+
+    def __init__(self, logger: logging.Logger, burst: int, window: float) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._window = window
+        self._times: dict[str, deque[float]] = {}
+        self._dropped: dict[str, int] = {}
+
+    def log(self, key: str, level: int, message: str, now: float) -> bool:
+        """Log ``message`` unless ``key`` used up its burst; True when it was logged."""
+        times = self._times.setdefault(key, deque())
+        while times and now - times[0] >= self._window:
+            times.popleft()
+        if len(times) >= self._burst:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            self._logger.debug("%s", message)
+            return False
+        times.append(now)
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            message += f" ({dropped} similar messages not logged before this one)"
+        self._logger.log(level, "%s", message)
+        return True
+
+    def forget(self, key: str) -> None:
+        """Drop the history of ``key``."""
+        self._times.pop(key, None)
+        self._dropped.pop(key, None)
+
 
 class Endpoint(Protocol):
     """What the loop needs of a plugin server (deviceplugin.server.PluginServer)."""
@@ -139,6 +189,15 @@ class _Registration:
     generation: int = -1
     next_try: float = 0.0
     backoff: Backoff | None = None
+    # When (time.monotonic()) and why a registration we had was lost; None while registered
+    # or before the first registration. Reported with the re-registration.
+    lost_at: float | None = None
+    lost_why: str = ""
+
+    def lose(self, why: str) -> None:
+        """Note that this registration no longer holds (the first cause counts)."""
+        if self.lost_at is None and (self.identity is not None or self.generation >= 0):
+            self.lost_at, self.lost_why = time.monotonic(), why
 
 
 class RegistrationLoop:
@@ -160,7 +219,10 @@ class RegistrationLoop:
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         """``on_registered(name)`` runs after each successful Register, ``on_tick()`` after
-        each tick of the thread (readiness checks); both on the watch thread."""
+        each tick of the thread, and before a tick's Register calls when a registration was
+        lost (readiness checks: so that the loss is reported before a Register that may wait
+        for its timeout);
+        both on the watch thread."""
         self.kubelet_socket = kubelet_socket
         self._servers = servers
         self._poll = poll_interval
@@ -174,6 +236,7 @@ class RegistrationLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._log = StateLog(log)
+        self._recoveries = RateLimitedLog(log, RECOVERY_LOG_BURST, RECOVERY_LOG_WINDOW_S)
         self._lock = threading.Lock()
         self.last_problem: str | None = None
 
@@ -229,13 +292,17 @@ class RegistrationLoop:
                 self.tick()
             except Exception:  # the watch must survive anything a tick meets
                 log.exception("kubelet watch tick failed")
-            if self._on_tick is not None:
-                try:
-                    self._on_tick()
-                except Exception:
-                    log.exception("kubelet watch tick callback failed")
+            self._report()
             self._wake.wait(self._poll)
             self._wake.clear()
+
+    def _report(self) -> None:
+        if self._on_tick is None:
+            return
+        try:
+            self._on_tick()
+        except Exception:
+            log.exception("kubelet watch tick callback failed")
 
     def tick(self, now: float | None = None) -> None:
         """One pass of the watch; public so tests can drive it without the thread."""
@@ -248,6 +315,9 @@ class RegistrationLoop:
         self.last_problem = kubelet.problem
         with self._lock:
             self._identity = kubelet.identity
+            if kubelet.problem is not None:
+                for reg in self._state.values():
+                    reg.lose("the kubelet socket went away")
         if kubelet.problem is not None:
             level = logging.INFO if "does not exist" in kubelet.problem else logging.ERROR
             self._log.set("kubelet", level, kubelet.problem + "; waiting for the kubelet")
@@ -258,30 +328,51 @@ class RegistrationLoop:
             for gone in set(self._state) - names:
                 del self._state[gone]
                 self._log.forget(gone)
-        for server in servers:
-            self._ensure_registered(server, kubelet.identity, now)
+                self._recoveries.forget(gone)
+        due = [s for s in servers if self._due(s, kubelet.identity, now)]
+        if any(self._lost(s.name) for s in due):
+            # Readiness must turn false before we wait on a Register (up to its timeout): a
+            # re-bound socket is not registered until the kubelet says so.
+            self._report()
+        for server in due:
+            self._register_one(server, kubelet.identity, now)
 
     def _rebind_vanished(self, servers: Sequence[Endpoint]) -> None:
         for server in servers:
             if server.intact():
                 continue
+            with self._lock:
+                reg = self._state.get(server.name)
+                if reg is not None:
+                    reg.lose("our socket was removed")
             try:
                 server.restart()
             except Exception as err:  # keep serving the others; retry next tick
                 self._log.set(server.name, logging.ERROR, f"cannot rebind {server.name}: {err}")
 
-    def _ensure_registered(
+    def _due(self, server: Endpoint, identity: tuple[int, int, int] | None, now: float) -> bool:
+        """True when ``server`` must (and may, backoff permitting) Register now."""
+        with self._lock:
+            reg = self._state.setdefault(server.name, _Registration())
+            if reg.identity == identity and reg.generation == server.generation:
+                return False
+            if reg.identity is not None:
+                # Registered with an older kubelet or an older bind of our socket: start over.
+                reg.lose("the kubelet restarted" if reg.identity != identity
+                         else "our socket was rebound")
+                reg.identity, reg.next_try, reg.backoff = None, 0.0, None
+            return now >= reg.next_try
+
+    def _lost(self, name: str) -> bool:
+        with self._lock:
+            reg = self._state.get(name)
+            return reg is not None and reg.lost_at is not None
+
+    def _register_one(
         self, server: Endpoint, identity: tuple[int, int, int] | None, now: float
     ) -> None:
         with self._lock:
             reg = self._state.setdefault(server.name, _Registration())
-            if reg.identity == identity and reg.generation == server.generation:
-                return
-            if reg.identity is not None:
-                # Registered with an older kubelet or an older bind of our socket: start over.
-                reg.identity, reg.next_try, reg.backoff = None, 0.0, None
-            if now < reg.next_try:
-                return
         try:
             self._register(self.kubelet_socket, server.endpoint, server.name)
         except Exception as err:
@@ -291,16 +382,27 @@ class RegistrationLoop:
             self._log.set(server.name, logging.WARNING, f"{err}; retrying with backoff")
             return
         with self._lock:
+            lost_at, why = reg.lost_at, reg.lost_why
             reg.identity, reg.generation, reg.backoff, reg.next_try = (
                 identity,
                 server.generation,
                 None,
                 0.0,
             )
-        self._log.set(
-            server.name,
-            logging.INFO,
-            f"registered {server.name} (endpoint {server.endpoint}) with the kubelet",
-        )
+            reg.lost_at, reg.lost_why = None, ""
+        message = f"registered {server.name} (endpoint {server.endpoint}) with the kubelet"
+        if lost_at is None:
+            self._log.set(server.name, logging.INFO, message)
+        else:
+            # StateLog would suppress this repeat; an operator needs to see recovery worked.
+            self._log.note(server.name, message)
+            finished = time.monotonic()
+            self._recoveries.log(
+                server.name,
+                logging.INFO,
+                f"re-{message} {finished - lost_at:.2f} s after the registration was lost "
+                f"({why})",
+                finished,
+            )
         if self._on_registered is not None:
             self._on_registered(server.name)

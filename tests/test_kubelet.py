@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 import pytest
 
 from deviceplugin.kubelet import (
     API_VERSION,
+    RECOVERY_LOG_BURST,
+    RateLimitedLog,
     RegistrationError,
     RegistrationLoop,
     StateLog,
@@ -210,3 +213,123 @@ def test_loop_thread_starts_and_stops(sockdir: str) -> None:
             assert kubelet.wait_for_registration_request("nvidia.com/gpu", TIMEOUT)
         finally:
             loop.stop()
+
+
+# --- re-registration: logged, and reported as not ready until it happened ----------------------
+
+
+def registration_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.INFO and "registered nvidia.com/gpu" in r.getMessage()]
+
+
+def test_every_reregistration_is_logged_with_its_cause_and_duration(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = os.path.join(sockdir, "kubelet.sock")
+    recorder, server = Recorder(), FakeServer("nvidia.com/gpu")
+    loop = RegistrationLoop(path, lambda: [server], register_fn=recorder)
+    with caplog.at_level(logging.INFO, logger="deviceplugin.kubelet"):
+        with make_socket(path):
+            loop.tick(now=0.0)
+        os.unlink(path)
+        with make_socket(path):  # a new kubelet, seen only once it is up
+            loop.tick(now=1.0)
+            server.is_intact = False  # our socket wiped under a running kubelet
+            loop.tick(now=2.0)
+        os.unlink(path)
+        loop.tick(now=3.0)  # the kubelet is away for a while ...
+        with make_socket(path):
+            recorder.failing = True  # ... and refuses the first attempt when back
+            loop.tick(now=4.0)
+            recorder.failing = False
+            loop.tick(now=5.0)
+    lines = registration_lines(caplog)
+    assert lines[0] == "registered nvidia.com/gpu (endpoint nvidia-gpu.sock) with the kubelet"
+    causes = ["the kubelet restarted", "our socket was removed", "the kubelet socket went away"]
+    assert len(lines) == 1 + len(causes)
+    for line, cause in zip(lines[1:], causes, strict=True):
+        assert line.startswith(
+            "re-registered nvidia.com/gpu (endpoint nvidia-gpu.sock) with the kubelet ")
+        assert " s after the registration was lost " in line
+        assert line.endswith(f"({cause})")
+    assert len(recorder.calls) == 5
+
+
+def test_reregistration_lines_are_bounded(sockdir: str, caplog: pytest.LogCaptureFixture) -> None:
+    path = os.path.join(sockdir, "kubelet.sock")
+    recorder, server = Recorder(), FakeServer("nvidia.com/gpu")
+    loop = RegistrationLoop(path, lambda: [server], register_fn=recorder)
+    with caplog.at_level(logging.INFO, logger="deviceplugin.kubelet"), make_socket(path):
+        loop.tick(now=0.0)
+        for step in range(RECOVERY_LOG_BURST + 20):  # a socket deleted in a loop
+            server.is_intact = False
+            loop.tick(now=1.0 + step)
+    assert len(recorder.calls) == RECOVERY_LOG_BURST + 21
+    assert len(registration_lines(caplog)) == 1 + RECOVERY_LOG_BURST
+
+
+def test_rate_limited_log_counts_what_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    limited = RateLimitedLog(logging.getLogger("test.ratelimit"), burst=2, window=10.0)
+    with caplog.at_level(logging.INFO, logger="test.ratelimit"):
+        logged = [limited.log("k", logging.INFO, f"event {t}", now=float(t)) for t in range(5)]
+        assert limited.log("other", logging.INFO, "another key", now=4.0)
+        assert limited.log("k", logging.INFO, "event 10", now=10.0)  # event 0 left the window
+    assert logged == [True, True, False, False, False]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "event 0", "event 1", "another key",
+        "event 10 (3 similar messages not logged before this one)",
+    ]
+
+
+class HeldRegister(Recorder):
+    """A register function that, once ``hold`` is set, waits for ``release`` in each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, kubelet_socket: str, endpoint: str, name: str) -> None:
+        super().__call__(kubelet_socket, endpoint, name)
+        if self.hold:
+            self.entered.set()
+            assert self.release.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("loss", ["kubelet restart", "socket removed"])
+def test_lost_registration_is_reported_before_a_register_that_hangs(
+    sockdir: str, loss: str
+) -> None:
+    # The tick registers synchronously; a kubelet slow to answer must not leave the readiness
+    # of the previous registration in place meanwhile.
+    path = os.path.join(sockdir, "kubelet.sock")
+    register, server = HeldRegister(), FakeServer("nvidia.com/gpu")
+    reports: list[bool] = []
+    loop: RegistrationLoop = RegistrationLoop(
+        path, lambda: [server], register_fn=register,
+        on_tick=lambda: reports.append(loop.all_registered()),
+    )
+    kubelet = make_socket(path)
+    loop.tick(now=0.0)
+    assert loop.all_registered()
+    assert reports == []  # nothing was lost: no report needed before the first Register
+    if loss == "kubelet restart":
+        kubelet.close()
+        os.unlink(path)
+        kubelet = make_socket(path)
+    else:
+        server.is_intact = False
+    register.hold = True
+    ticking = threading.Thread(target=loop.tick, kwargs={"now": 1.0})
+    ticking.start()
+    try:
+        assert register.entered.wait(TIMEOUT)
+        assert reports == [False]
+        assert not loop.all_registered()
+    finally:
+        register.release.set()
+        ticking.join(TIMEOUT)
+        kubelet.close()
+    assert loop.all_registered()

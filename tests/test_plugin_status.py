@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,7 @@ from deviceplugin.main import (
 from deviceplugin.mockkubelet import MockKubelet
 from deviceplugin.readiness import ReadinessFile, ResourceStatus, Status
 from gpus.config import Config
+from protos.deviceplugin.v1beta1 import api_pb2
 
 TIMEOUT = 10.0
 GPU = "nvidia.com/gpu"
@@ -212,3 +216,47 @@ def test_idle_after_an_init_error_reports_it() -> None:
             assert read_json(ready) == document
         finally:
             plugin.close()
+
+
+class HeldRegistrations:
+    """Makes a MockKubelet hold every Register call until ``release`` is set."""
+
+    def __init__(self, kubelet: MockKubelet) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._handle = kubelet.handle_register
+        kubelet.handle_register = self._held  # type: ignore[method-assign]
+
+    def _held(self, request: api_pb2.RegisterRequest) -> str | None:
+        self.entered.set()
+        if not self.release.wait(TIMEOUT):
+            return "test: registration held too long"
+        return self._handle(request)
+
+
+def test_not_ready_while_a_rebound_socket_is_not_registered(caplog) -> None:
+    with short_tmpdir() as directory, caplog.at_level(logging.INFO, "deviceplugin.kubelet"):
+        config = plugin_config(directory, "dgx-a100")
+        with running(config, directory) as (kubelet, plugin, ready, status):
+            assert plugin.readiness.wait(True, TIMEOUT)
+            assert os.path.exists(ready)
+            held = HeldRegistrations(kubelet)
+            kubelet.restart()  # every socket wiped, ours included; a new kubelet.sock
+            try:
+                assert held.entered.wait(TIMEOUT)  # re-bound, and now registering
+                server = plugin.manager.server(GPU) if plugin.manager else None
+                assert server is not None and server.intact()
+                assert plugin.readiness.ready is False
+                assert not os.path.exists(ready)
+                assert read_json(status)["ready"] is False
+            finally:
+                held.release.set()
+            assert plugin.readiness.wait(True, TIMEOUT)
+            assert read_json(ready)["ready"] is True
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+    # The operator's view: the loss and the recovery, one line each.
+    recovered = [r for r in caplog.records if r.getMessage().startswith(f"re-registered {GPU} ")]
+    assert len(recovered) == 1 and recovered[0].levelno == logging.INFO
+    assert re.search(r" [0-9.]+ s after the registration was lost \((our socket was removed|"
+                     r"the kubelet restarted|the kubelet socket went away)\)$",
+                     recovered[0].getMessage())

@@ -92,6 +92,30 @@ def socket_dir_problem(config: Config, override: str) -> str | None:
             "or set --kubelet-socket \"\" (no registration)")
 
 
+def socket_dir_unusable(config: Config, override: str) -> str | None:
+    """Why no plugin socket can be created where they go, naming the setting that chose the
+    directory, or None.
+
+    Checked once before any server starts: otherwise each resource would fail with the same
+    reason, logged by the manager and then printed again as the start-up error.
+    """
+    from deviceplugin.server import socket_dir_unusable as unusable
+
+    directory = socket_dir_for(config, override)
+    problem = unusable(directory)
+    if problem is None:
+        return None
+    if override:
+        return f"{problem} (--socket-dir, env {SOCKET_DIR_ENV})"
+    kubelet_socket = config.flags.plugin.kubelet_socket
+    if not kubelet_socket:
+        return f"{problem} (no registration: choose the directory with --socket-dir)"
+    return (f"{problem}: it is the directory of the kubelet socket {kubelet_socket!r}; set "
+            "--kubelet-socket (env KUBELET_SOCKET) to the kubelet's device-plugins socket, "
+            "or set it to \"\" and choose a directory with --socket-dir to serve without "
+            "registering")
+
+
 class DevicePlugin:
     """The daemon's state and lifecycle, usable in-process (demo, tests) and from :func:`main`.
 
@@ -206,6 +230,9 @@ class DevicePlugin:
         resource_map = build_resource_map(snapshot, self.config)
         self._cdi_problems = self._write_cdi(resource_map)
         self.snapshot = snapshot
+        problem = socket_dir_unusable(self.config, self._socket_dir_override)
+        if problem is not None:
+            raise InitError(problem)
         self.manager = PluginManager(
             self.socket_dir,
             self.config.flags.plugin.kubelet_socket,

@@ -34,6 +34,10 @@ DIAL_TIMEOUT_S = 10.0  # what the kubelet allows a plugin to answer when it dial
 RPC_TIMEOUT_S = 10.0
 
 
+class MockKubeletError(RuntimeError):
+    """The mock kubelet cannot listen; the message says where and why."""
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """One device as the kubelet saw it in ListAndWatch."""
@@ -90,17 +94,25 @@ class MockKubelet:
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen on ``<dir>/kubelet.sock``."""
+        """Listen on ``<dir>/kubelet.sock``; MockKubeletError when that cannot be done."""
         if self._server is not None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mock-kubelet")
-        server = grpc.server(self._executor)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        except OSError as err:
+            raise MockKubeletError(f"cannot replace {self.socket_path}: {err.strerror}") from err
+        executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mock-kubelet")
+        server = grpc.server(executor)
         api_pb2_grpc.add_RegistrationServicer_to_server(_Registration(self), server)
-        server.add_insecure_port(f"unix:{self.socket_path}")
+        try:
+            server.add_insecure_port(f"unix:{self.socket_path}")
+        except RuntimeError as err:  # gRPC's bind failure carries no errno
+            server.stop(None)
+            executor.shutdown(wait=False)
+            raise MockKubeletError(f"cannot listen on {self.socket_path}: {err}") from err
         server.start()
-        self._server = server
+        self._server, self._executor = server, executor
         log.info("mock kubelet listening on %s", self.socket_path)
 
     def stop(self) -> None:
@@ -414,13 +426,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(args.dir):
         print(f"mock-kubelet: --dir {args.dir!r} is not a directory", file=sys.stderr)
         return 2
+    if not os.access(args.dir, os.W_OK | os.X_OK):
+        print(f"mock-kubelet: --dir {args.dir!r} is not writable: {KUBELET_SOCKET} cannot be "
+              "created there", file=sys.stderr)
+        return 2
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     kubelet = MockKubelet(
         args.dir, on_update=lambda r, d: print(format_devices(r, d), flush=True)
     )
-    kubelet.start()
+    try:
+        kubelet.start()
+    except MockKubeletError as err:
+        print(f"mock-kubelet: {err}", file=sys.stderr)
+        return 2
     try:
         for resource, count in args.allocate:
             if not kubelet.wait_for_registration(resource, timeout=60):
@@ -434,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("[restart] deleting sockets and recreating kubelet.sock", flush=True)
             kubelet.restart()
         done.wait(args.exit_after)
+    except MockKubeletError as err:  # the restart could not listen again
+        print(f"mock-kubelet: {err}", file=sys.stderr)
+        return 2
     finally:
         kubelet.stop()
     return 0

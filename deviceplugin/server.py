@@ -142,7 +142,7 @@ def check_socket_path(path: str) -> None:
     check_socket_dir(os.path.dirname(path) or ".")
 
 
-def socket_dir_problem(directory: str) -> str | None:
+def socket_dir_unusable(directory: str) -> str | None:
     """Why plugin sockets cannot be created in ``directory`` (missing, not a directory, not
     writable), or None."""
     if not os.path.exists(directory):
@@ -157,7 +157,7 @@ def socket_dir_problem(directory: str) -> str | None:
 def check_socket_dir(directory: str) -> None:
     """Raise ServeError when sockets cannot be created in ``directory``; warn (once per
     directory) when others than its owner may write there."""
-    problem = socket_dir_problem(directory)
+    problem = socket_dir_unusable(directory)
     if problem is not None:
         raise ServeError(problem)
     warn_if_shared(os.path.realpath(directory))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from deviceplugin.main import (
     replace_flags,
     replace_plugin_flags,
     socket_dir_problem,
+    socket_dir_unusable,
 )
 from deviceplugin.mockkubelet import MockKubelet
 from gpus import config as configmod
@@ -25,6 +28,12 @@ from gpus.config import Config, PluginFlags
 TIMEOUT = 10.0
 GPU = "nvidia.com/gpu"
 PROG = "nvidia-device-plugin:"
+REPO = str(Path(__file__).resolve().parents[1])
+KUBELET_SOCKET_HINT = (
+    ": it is the directory of the kubelet socket '{directory}/kubelet.sock'; set "
+    "--kubelet-socket (env KUBELET_SOCKET) to the kubelet's device-plugins socket, or set it "
+    'to "" and choose a directory with --socket-dir to serve without registering'
+)
 
 
 def error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -52,8 +61,8 @@ def test_unwritable_socket_dir_is_one_clear_line(capsys, monkeypatch) -> None:
         assert code == 1
         assert os.listdir(directory) == []
     (line,) = error_lines(capsys)
-    assert line == (f"{PROG} initialisation failed: cannot serve nvidia.com/gpu: plugin socket "
-                    f"directory {directory!r} is not writable")
+    assert line == (f"{PROG} initialisation failed: plugin socket directory {directory!r} is not "
+                    f"writable{KUBELET_SOCKET_HINT.format(directory=directory)}")
 
 
 def test_socket_dir_that_is_a_file_is_one_clear_line(capsys) -> None:
@@ -65,7 +74,39 @@ def test_socket_dir_that_is_a_file_is_one_clear_line(capsys) -> None:
         assert code == 1
         assert Path(blocker).read_text() == "not a directory"
     (line,) = error_lines(capsys)
-    assert line.endswith(f"plugin socket directory {blocker!r} is not a directory")
+    assert line.endswith(f"plugin socket directory {blocker!r} is not a directory"
+                         + KUBELET_SOCKET_HINT.format(directory=blocker))
+
+
+def test_missing_kubelet_directory_is_one_line_naming_the_setting() -> None:
+    # In a subprocess: the whole stderr, log lines included, must carry the reason once.
+    with short_tmpdir() as directory:
+        missing = os.path.join(directory, "nope")
+        result = subprocess.run(
+            [sys.executable, "-m", "deviceplugin.main", "--nvml", "fake:dgx-a100",
+             "--kubelet-socket", os.path.join(missing, "kubelet.sock"), "--ready-file", ""],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.count("does not exist") == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith(PROG)]
+    assert line == (f"{PROG} initialisation failed: plugin socket directory {missing!r} does not "
+                    f"exist{KUBELET_SOCKET_HINT.format(directory=missing)}")
+    assert "--kubelet-socket" in line and "KUBELET_SOCKET" in line
+
+
+def test_missing_socket_dir_names_the_setting_that_chose_it() -> None:
+    missing = "/nonexistent-nvk8s/plugins"
+    registering = replace_plugin_flags(Config(), kubelet_socket=f"{missing}/kubelet.sock")
+    assert socket_dir_unusable(registering, "") == (
+        f"plugin socket directory {missing!r} does not exist"
+        + KUBELET_SOCKET_HINT.format(directory=missing))
+    serving = replace_plugin_flags(Config(), kubelet_socket="")
+    assert "--socket-dir" in (socket_dir_unusable(serving, missing) or "")
+    assert "PLUGIN_SOCKET_DIR" in (socket_dir_unusable(serving, missing) or "")
+    with short_tmpdir() as directory:
+        assert socket_dir_unusable(serving, directory) is None
 
 
 def mixed_config(directory: str) -> Config:

@@ -220,9 +220,8 @@ class RegistrationLoop:
     ) -> None:
         """``on_registered(name)`` runs after each successful Register, ``on_tick()`` after
         each tick of the thread, and before a tick's Register calls when a registration was
-        lost (readiness checks: so that the loss is reported before a Register that may wait
-        for its timeout);
-        both on the watch thread."""
+        lost (readiness checks: the loss is reported before a Register that may wait for its
+        timeout); both on the watch thread."""
         self.kubelet_socket = kubelet_socket
         self._servers = servers
         self._poll = poll_interval

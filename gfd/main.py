@@ -367,7 +367,8 @@ class Daemon:
             try:
                 self.features.write(labels)
             except OSError as err:
-                log.error("cannot write %s: %s", self.features.path, err)
+                log.error("cannot write the features file %s: %s", self.features.path,
+                          err.strerror or err)
                 file_ok = False
         patched = self.publisher.publish(labels) if self.publisher is not None else True
         self._awaiting_patch = file_ok and not patched

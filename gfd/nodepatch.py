@@ -63,36 +63,51 @@ class NodeMeta:
 
     labels: Mapping[str, str]
     annotations: Mapping[str, str]
-    resource_version: str | None
+    resource_version: str  # never empty: every patch we send is pinned to it
 
 
-def node_meta(node: Any) -> NodeMeta:
+def node_meta(node: Any, name: str | None = None) -> NodeMeta:
     """Validate what the API server sent; raises NodeApiError("bad response") on a bad shape.
 
-    A proxy, a broken API server or a faulty client can answer with something that is not a
-    Node; planning on it would crash the labelling loop. As a NodeApiError it is retried with
-    backoff like any other failed call.
+    A proxy, a broken API server or a faulty client can answer 200 with something that is not
+    a Node: a Status, a list, a Node without ``metadata`` or of another name. Planning on it
+    would crash the labelling loop or, worse, send a patch that is not pinned to a
+    ``resourceVersion`` and rewrites our ownership annotation from nothing, after which owned
+    stale labels are never deleted. As a NodeApiError it is retried with backoff like any other
+    failed call. With ``name`` (the Node we asked for), ``kind``, ``apiVersion`` and
+    ``metadata.name`` must say it is that Node.
     """
     if not isinstance(node, Mapping):
         raise _bad_response("the Node is not a JSON object", node)
+    if name is not None and (node.get("kind"), node.get("apiVersion")) != ("Node", "v1"):
+        raise _bad_response("not a v1 Node",
+                            {"kind": node.get("kind"), "apiVersion": node.get("apiVersion")})
     metadata = node.get("metadata")
-    if metadata is None:
-        metadata = {}
     if not isinstance(metadata, Mapping):
-        raise _bad_response("metadata is not an object", metadata)
+        raise _bad_response("no metadata object", metadata)
+    if name is not None and metadata.get("name") != name:
+        raise _bad_response(f"not the Node {name!r}", metadata.get("name"))
     labels = _string_map(metadata.get("labels"), "metadata.labels")
-    annotations = metadata.get("annotations")
-    if annotations is None:
-        annotations = {}
-    if not isinstance(annotations, Mapping):
-        raise _bad_response("metadata.annotations is not an object", annotations)
-    owned = annotations.get(OWNERSHIP_ANNOTATION)
-    if owned is not None and not isinstance(owned, str):
-        raise _bad_response(f"annotation {OWNERSHIP_ANNOTATION} is not a string", owned)
+    annotations = _string_map(metadata.get("annotations"), "metadata.annotations")
     version = metadata.get("resourceVersion")
-    if version is not None and not isinstance(version, str):
-        raise _bad_response("metadata.resourceVersion is not a string", version)
-    return NodeMeta(labels, annotations, version or None)
+    if not isinstance(version, str) or not version:
+        raise _bad_response("no metadata.resourceVersion string", version)
+    return NodeMeta(labels, annotations, version)
+
+
+def pinned(patch: dict[str, Any]) -> dict[str, Any]:
+    """``patch`` itself when it carries a ``metadata.resourceVersion``; raises UnpinnedPatch.
+
+    An unpinned merge patch would overwrite the ownership annotation whatever was written since
+    our read, losing track of labels we own. Checked where a patch is built and again where it
+    is sent, so no code path can send one.
+    """
+    metadata = patch.get("metadata") if isinstance(patch, Mapping) else None
+    version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
+    if not isinstance(version, str) or not version:
+        raise UnpinnedPatch("unpinned patch", "refusing to send a Node patch without "
+                            f"metadata.resourceVersion: {repr(patch)[:80]}")
+    return patch
 
 
 def _string_map(value: Any, what: str) -> Mapping[str, str]:
@@ -111,16 +126,18 @@ def _bad_response(problem: str, value: Any) -> NodeApiError:
 
 
 def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str],
-               refresh_only: Collection[str] = ()) -> dict[str, Any] | None:
+               refresh_only: Collection[str] = (), name: str | None = None
+               ) -> dict[str, Any] | None:
     """The merge patch that makes ``node`` carry ``desired``, or None when nothing changes.
 
-    ``node`` is the Node as JSON (only ``metadata`` is read; a bad shape raises NodeApiError).
+    ``node`` is the Node as JSON, checked by :func:`node_meta` (``name``: the Node asked for);
+    a bad shape raises NodeApiError.
     Sets the desired labels whose value differs, nulls labels we own but no longer produce,
     updates the ownership annotation when the set of our keys changes, and pins the read
     ``resourceVersion``. A label in ``refresh_only`` (the pass timestamp) is only refreshed
     along with another change: a new value alone is no reason to patch, a missing label is.
     """
-    meta = node_meta(node)
+    meta = node_meta(node, name)
     current, annotations = meta.labels, meta.annotations
     # Only nvidia.com/ labels are ever ours, whatever the annotation (anyone with patch rights
     # on the Node can edit it) or a labeler claims: kubernetes.io/ and other labels stay as
@@ -149,9 +166,8 @@ def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str],
         patch_meta["labels"] = label_changes
     if annotation_changes:
         patch_meta["annotations"] = annotation_changes
-    if meta.resource_version:
-        patch_meta["resourceVersion"] = meta.resource_version
-    return {"metadata": patch_meta}
+    patch_meta["resourceVersion"] = meta.resource_version
+    return pinned({"metadata": patch_meta})
 
 
 # --------------------------------------------------------------------------- API access
@@ -165,6 +181,10 @@ class NodeApiError(Exception):
         super().__init__(f"{state}: {detail}")
         self.state = state
         self.detail = detail
+
+
+class UnpinnedPatch(NodeApiError):
+    """A Node patch without ``metadata.resourceVersion``: a bug, never sent."""
 
 
 class KubeConfigError(Exception):
@@ -225,7 +245,9 @@ class KubeNodeApi:
             name, _preload_content=False, _request_timeout=self.request_timeout))
 
     def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """PATCH /api/v1/nodes/{name} with ``application/merge-patch+json``."""
+        """PATCH /api/v1/nodes/{name} with ``application/merge-patch+json``; only a patch
+        pinned to a ``resourceVersion`` is sent (else UnpinnedPatch)."""
+        pinned(patch)
         return self._call(lambda: self._core.patch_node(
             name, patch, _content_type=MERGE_PATCH, _preload_content=False,
             _request_timeout=self.request_timeout))
@@ -328,9 +350,9 @@ class NodePublisher:
         assert self._desired is not None
         try:
             node = self.api.get_node(self.node_name)
-            patch = plan_patch(node, self._desired, self.refresh_only)
+            patch = plan_patch(node, self._desired, self.refresh_only, name=self.node_name)
             if patch is not None:
-                self.api.patch_node(self.node_name, patch)
+                self.api.patch_node(self.node_name, pinned(patch))
                 self.patches += 1
                 log.info("node %s: patched %d labels", self.node_name,
                          len(patch["metadata"].get("labels", {})))

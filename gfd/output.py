@@ -2,8 +2,9 @@
 health file the DaemonSet's probes read.
 
 The features file is what node-feature-discovery's local source reads: one ``key=value`` per
-line. It is replaced atomically (temp file in the same directory, fsync, ``os.replace``) so NFD
-never reads half a file, and it is only rewritten when its content changes.
+line. It is replaced atomically (:func:`gpus.atomicfile.replace_file`: temp file in the same
+directory, fsync, ``os.replace``, directory fsync) so NFD never reads half a file, and it is only
+rewritten when its content changes.
 """
 
 from __future__ import annotations
@@ -39,11 +40,18 @@ def parse_features(text: str) -> dict[str, str]:
 
 
 def write_atomically(path: str, content: str) -> None:
-    """Replace ``path`` with ``content``: readers see the old file or the new one, never a mix."""
+    """Replace ``path`` with ``content``: readers see the old file or the new one, never a mix.
+
+    Missing directories are created first. Raises OSError naming ``path`` (the reason says
+    which directory could not be created, if that failed).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    _make_dirs(directory)
+    try:
+        _make_dirs(directory)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot create directory {err.filename}: {err.strerror}",
+                      path) from err
     replace_file(path, content)
-    _fsync_directory(directory)
 
 
 def _make_dirs(directory: str) -> None:
@@ -57,20 +65,6 @@ def _make_dirs(directory: str) -> None:
         with contextlib.suppress(FileExistsError):
             os.mkdir(level, 0o755)
             os.chmod(level, 0o755)  # mkdir's mode is masked by the umask too
-
-
-def _fsync_directory(directory: str) -> None:
-    """Persist the rename itself (best effort: some filesystems refuse a directory fsync)."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 class FeaturesFile:
@@ -166,10 +160,11 @@ class HealthFile:
         try:
             write_atomically(self.path, f"{int(self._clock())}\n")
         except OSError as err:
-            state = f"{type(err).__name__} {err.errno}"  # str(err) names a random temp file
+            state = f"{type(err).__name__} {err.errno}"  # one warning per kind of failure
             if state != self._error:
                 log.warning("cannot write the health file %s: %s (liveness probes reading it "
-                            "will fail; --health-file '' disables it)", self.path, err)
+                            "will fail; --health-file '' disables it)", self.path,
+                            err.strerror or err)
             self._error = state
             return
         if self._error:

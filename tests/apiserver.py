@@ -4,9 +4,11 @@ Enough of the real thing for GFD's Node-label mode: JSON merge patch (RFC 7386: 
 objects merge recursively, anything else replaces), the ``application/merge-patch+json``
 content type (anything else is 415), 404 for unknown nodes, a ``resourceVersion`` bumped on
 every change and checked when a patch carries one (409 on mismatch), and fault injection:
-the next N requests answer an HTTP status, answer a body of the test's choosing (malformed
-JSON, a list, a Node of the wrong shape), have their connection closed without an answer, or
-are delayed.
+the next N requests (of one method, if asked) answer an HTTP status, answer a body of the
+test's choosing (malformed JSON, a list, a Node of the wrong shape), answer the real answer
+altered by the test (a Node without ``metadata``, of another name or kind: what a broken
+proxy or server could send with a 200; nothing is applied), have their connection closed
+without an answer, or are delayed.
 
 Not collected by pytest (no ``test_`` prefix); tests import :class:`FakeApiServer`.
 """
@@ -45,11 +47,17 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class Fault:
     """One injected behaviour for the next ``count`` requests."""
 
-    kind: str  # "status", "body", "close" or "delay"
+    kind: str  # "status", "body", "mangle", "close" or "delay"
     count: int
     status: int = 500
     delay: float = 0.0
     body: bytes = b""  # what a "body" fault answers, verbatim
+    change: Callable[[dict[str, Any]], Any] | None = None  # what a "mangle" fault answers
+    method: str | None = None  # only requests of this method; None: any
+
+    def matches(self, method: str) -> bool:
+        """True when this fault applies to a request of ``method``."""
+        return self.count > 0 and self.method in (None, method)
 
 
 @dataclass
@@ -175,13 +183,27 @@ class FakeApiServer:
         with self._lock:
             self._state.faults.append(Fault("status", count, status=status))
 
-    def answer_next(self, count: int, body: bytes, status: int = 200) -> None:
-        """The next ``count`` requests answer ``status`` with ``body`` as is (nothing applied).
+    def answer_next(self, count: int, body: bytes, status: int = 200,
+                    method: str | None = None) -> None:
+        """The next ``count`` requests (of ``method``, if given) answer ``status`` with
+        ``body`` as is (nothing applied).
 
         For a proxy or a broken server that answers something other than a Node.
         """
         with self._lock:
-            self._state.faults.append(Fault("body", count, status=status, body=body))
+            self._state.faults.append(Fault("body", count, status=status, body=body,
+                                            method=method))
+
+    def mangle_next(self, count: int, change: Callable[[dict[str, Any]], Any],
+                    method: str = "GET") -> None:
+        """The next ``count`` ``method`` requests answer 200 with ``change(node)``, where
+        ``node`` is a copy of the stored Node the request names (nothing is applied).
+
+        For a lying server: a 200 whose body is almost the Node (no ``metadata``, another
+        name, no ``resourceVersion``, ...). A request for an unknown Node gets its 404.
+        """
+        with self._lock:
+            self._state.faults.append(Fault("mangle", count, change=change, method=method))
 
     def close_next(self, count: int) -> None:
         """The next ``count`` requests get their connection closed without an answer."""
@@ -217,15 +239,13 @@ class FakeApiServer:
     def _more_requests_than(self, seen: int) -> Callable[[], bool]:
         return lambda: len(self._state.requests) != seen
 
-    def _next_fault(self) -> Fault | None:
+    def _next_fault(self, method: str) -> Fault | None:
         with self._lock:
-            while self._state.faults:
-                fault = self._state.faults[0]
-                if fault.count <= 0:
-                    self._state.faults.pop(0)
-                    continue
-                fault.count -= 1
-                return fault
+            self._state.faults = [f for f in self._state.faults if f.count > 0]
+            for fault in self._state.faults:
+                if fault.matches(method):
+                    fault.count -= 1
+                    return fault
         return None
 
     def _record(self, request: Request) -> None:
@@ -306,7 +326,7 @@ class FakeApiServer:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
-                fault = server._next_fault()
+                fault = server._next_fault(method)
                 if fault is not None and fault.kind == "delay":
                     server._stopping.wait(fault.delay)
                     fault = None
@@ -316,9 +336,14 @@ class FakeApiServer:
                     self.connection.close()
                     return
                 data: bytes | None = None  # set: sent verbatim instead of ``payload``
-                payload: dict[str, Any] = {}
+                payload: Any = {}
                 if fault is not None and fault.kind == "body":
                     status, data = fault.status, fault.body
+                elif fault is not None and fault.kind == "mangle":
+                    assert fault.change is not None
+                    status, payload = server._get(self.path[len(NODE_PATH):].split("?")[0])
+                    if status == 200:
+                        payload = fault.change(payload)
                 elif fault is not None:
                     status, payload = fault.status, _status(fault.status, "Injected",
                                                             "injected fault")

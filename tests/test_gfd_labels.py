@@ -417,3 +417,54 @@ def test_config_is_not_mutated() -> None:
     before = dataclasses.asdict(config)
     node_labels(snap(*HETERO), config)
     assert dataclasses.asdict(config) == before
+
+
+# --------------------------------------------------------------------------- edge trimming
+
+
+@pytest.mark.parametrize("separator", ["-", "_", "."])
+def test_label_value_trims_each_separator_at_each_edge(separator: str) -> None:
+    assert label_value(f"{separator}abc") == "abc"
+    assert label_value(f"abc{separator}") == "abc"
+    assert label_value(f"{separator * 3}a{separator}b{separator * 3}") == \
+        f"a{separator}b"  # inner separators stay
+
+
+@pytest.mark.parametrize("name,shared,expected", [
+    # A product name that ends in a separator once sanitised: trimmed before the suffix, so
+    # no run of separators is glued onto "-SHARED".
+    ("NVIDIA H100 80GB HBM3 -", True, "NVIDIA-H100-80GB-HBM3-SHARED"),
+    ("NVIDIA A100 (rev. a1.)", True, "NVIDIA-A100-rev.-a1-SHARED"),
+    ("NVIDIA A100 (rev. a1.)", False, "NVIDIA-A100-rev.-a1"),
+    # Leading separators (and characters dropped by sanitising) go too.
+    ("(-- Tesla T4)", False, "Tesla-T4"),
+    ("_.A10", True, "A10-SHARED"),
+    # Nothing left of the model: the suffix alone, without its joining '-'.
+    ("(((", True, "SHARED"),
+])
+def test_product_values_are_trimmed_of_edge_separators(name: str, shared: bool,
+                                                       expected: str) -> None:
+    assert product_value(name, shared=shared) == expected
+
+
+def test_a_model_cut_at_a_separator_does_not_glue_separators_onto_the_suffix() -> None:
+    model = "A" * 51 + " " + "B" * 20  # sanitised: 72 characters, '-' at position 51
+    value = product_value(model, "MIG", "1g.5gb")  # the suffix leaves room for 52
+    assert value == "A" * 51 + "-MIG-1g.5gb"
+    model = "A" * 50 + " .." + "B" * 20  # the cut leaves "-.": both go
+    assert product_value(model, "MIG", "1g.5gb") == "A" * 50 + "-MIG-1g.5gb"
+    assert product_value("(((", "MIG", "1g.5gb") == "MIG-1g.5gb"
+
+
+def test_a_value_over_63_cut_at_a_separator_ends_alphanumeric() -> None:
+    assert label_value("Z" * 62 + " Q") == "Z" * 62
+    assert label_value("Z" * 61 + " _ Q") == "Z" * 61
+
+
+def test_node_labels_trim_edge_separators_end_to_end() -> None:
+    labels = node_labels(snap(gpu(0, name="NVIDIA L40S -"), gpu(1, name="NVIDIA L40S -"),
+                              driver="535.129.03"),
+                         cfg(replicas=2), machine=" -ProLiant XL675d Gen10 Plus (.) ",
+                         timestamp=1)
+    assert labels[N + "gpu.product"] == "NVIDIA-L40S-SHARED"
+    assert labels[N + "gpu.machine"] == "ProLiant-XL675d-Gen10-Plus"

@@ -86,6 +86,21 @@ def test_oneshot_file_mode_end_to_end(tmp_path: Path, machine_file: str,
     assert path.exists()  # oneshot keeps the file
 
 
+def test_a_bad_features_path_is_named_in_one_error_line(
+        tmp_path: Path, machine_file: str, sysfs_root: Callable[..., str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (issue 10): the error named the temporary file instead of the path given."""
+    (tmp_path / "a-file").write_text("x")
+    path = tmp_path / "a-file" / "gfd"  # its parent is a regular file
+    args = base_args(tmp_path, machine_file, sysfs_root("t4"), profile="t4")
+    with caplog.at_level("ERROR", logger="gfd"):
+        assert main(["--oneshot", *args, "-o", str(path)]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"cannot write the features file {path}: Not a directory"]
+    assert (tmp_path / "a-file").read_text() == "x"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
 def test_oneshot_env_vars_and_no_timestamp(tmp_path: Path, machine_file: str,
                                            sysfs_root: Callable[..., str]) -> None:
     out = tmp_path / "gfd"

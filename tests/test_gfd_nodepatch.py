@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apiserver import FakeApiServer, merge_patch
@@ -14,6 +15,7 @@ from gfd.nodepatch import (
     KubeNodeApi,
     NodeApiError,
     NodePublisher,
+    UnpinnedPatch,
     owned_keys,
     plan_patch,
 )
@@ -72,7 +74,7 @@ def test_plan_sets_labels_and_records_ownership() -> None:
 
 
 def test_plan_nothing_when_in_sync() -> None:
-    node = {"metadata": {"labels": {"nvidia.com/gpu.count": "8"},
+    node = {"metadata": {"labels": {"nvidia.com/gpu.count": "8"}, "resourceVersion": "7",
                          "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
     assert plan_patch(node, {"nvidia.com/gpu.count": "8"}) is None
 
@@ -81,30 +83,34 @@ def test_plan_deletes_only_owned_stale_labels() -> None:
     node = {"metadata": {
         "labels": {"nvidia.com/gpu.count": "8", "nvidia.com/mig.strategy": "single",
                    "nvidia.com/gpu.deploy.driver": "true"},
-        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,mig.strategy,gone.already"}}}
+        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,mig.strategy,gone.already"},
+        "resourceVersion": "7"}}
     patch = plan_patch(node, {"nvidia.com/gpu.count": "8"})
     assert patch == {"metadata": {"labels": {"nvidia.com/mig.strategy": None},
-                                  "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+                                  "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"},
+                                  "resourceVersion": "7"}}
 
 
 def test_plan_never_touches_protected_labels_even_if_claimed() -> None:
     node = {"metadata": {
         "labels": {"nvidia.com/device-plugin.config": "a100"},
-        "annotations": {OWNERSHIP_ANNOTATION: "device-plugin.config"}}}
+        "annotations": {OWNERSHIP_ANNOTATION: "device-plugin.config"}, "resourceVersion": "7"}}
     patch = plan_patch(node, {"nvidia.com/device-plugin.config": "other"})
-    assert patch == {"metadata": {"annotations": {OWNERSHIP_ANNOTATION: None}}}
+    assert patch == {"metadata": {"annotations": {OWNERSHIP_ANNOTATION: None},
+                                  "resourceVersion": "7"}}
 
 
 def test_plan_never_touches_gpu_present() -> None:
     # The DaemonSets' node affinity (the simulated overlay's included) reads gpu.present.
     node = {"metadata": {
         "labels": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8"},
-        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,gpu.present"}}}
+        "annotations": {OWNERSHIP_ANNOTATION: "gpu.count,gpu.present"}, "resourceVersion": "7"}}
     assert plan_patch(node, {"nvidia.com/gpu.count": "8"}) == {
-        "metadata": {"annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+        "metadata": {"annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}, "resourceVersion": "7"}}
     patch = plan_patch(node, {"nvidia.com/gpu.count": "4", "nvidia.com/gpu.present": "false"})
     assert patch == {"metadata": {"labels": {"nvidia.com/gpu.count": "4"},
-                                  "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+                                  "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"},
+                                  "resourceVersion": "7"}}
 
 
 def test_owned_keys_parsing() -> None:
@@ -270,7 +276,7 @@ def test_every_call_carries_a_request_timeout() -> None:
 
     core = RecordingCore()
     KubeNodeApi(core).get_node(NODE)
-    KubeNodeApi(core).patch_node(NODE, {"metadata": {}})
+    KubeNodeApi(core).patch_node(NODE, {"metadata": {"resourceVersion": "7"}})
     KubeNodeApi(core, request_timeout=(1.0, 2.0)).get_node(NODE)
     assert [c["_request_timeout"] for c in core.calls] == [REQUEST_TIMEOUT, REQUEST_TIMEOUT,
                                                            (1.0, 2.0)]
@@ -349,22 +355,52 @@ def test_malformed_node_is_a_retried_bad_response(server: FakeApiServer, tmp_pat
     assert server.labels(NODE) == FOREIGN | want
 
 
+RV = {"resourceVersion": "7"}
+
+
 @pytest.mark.parametrize("node", [
-    None, [], {"metadata": "x"}, {"metadata": {"labels": {"a": None}}},
-    {"metadata": {"labels": {1: "a"}}}, {"metadata": {"annotations": []}},
+    None, [], {"metadata": "x"}, {"metadata": {"labels": {"a": None}} | RV},
+    {"metadata": {"labels": {1: "a"}} | RV}, {"metadata": {"annotations": []} | RV},
+    {"metadata": {"annotations": {"a": 1}} | RV},
+    # Regression (issue 10): a Node without metadata, or without a resourceVersion, was
+    # planned on as an empty Node: an unpinned patch that forgot the labels we own.
+    {}, {"metadata": None}, {"metadata": {}}, {"metadata": {"resourceVersion": ""}},
+    {"metadata": {"resourceVersion": None}},
 ])
 def test_plan_refuses_a_malformed_node(node: object) -> None:
     with pytest.raises(NodeApiError, match="bad response"):
         plan_patch(node, {"nvidia.com/gpu.count": "8"})  # type: ignore[arg-type]
 
 
-def test_plan_accepts_missing_or_null_metadata_parts() -> None:
+def test_plan_accepts_missing_or_null_labels_and_annotations() -> None:
+    # The API server leaves empty maps out of its answer.
     want = {"nvidia.com/gpu.count": "8"}
     expected = {"metadata": {"labels": want,
-                             "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
-    for node in ({}, {"metadata": None},
-                 {"metadata": {"labels": None, "annotations": None}}):
+                             "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}} | RV}
+    for node in ({"metadata": RV}, {"metadata": {"labels": None, "annotations": None} | RV}):
         assert plan_patch(node, want) == expected
+
+
+def a_node(name: str = NODE, **metadata: object) -> dict[str, object]:
+    """A minimal well-formed v1 Node, as the API server answers a GET."""
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "resourceVersion": "7"} | metadata}
+
+
+@pytest.mark.parametrize("node", [
+    a_node("gpu-node-2"), a_node("gpu-node-1x"), {"apiVersion": "v1", "kind": "Node",
+                                                  "metadata": RV},
+    a_node() | {"kind": "Pod"}, a_node() | {"kind": None}, a_node() | {"apiVersion": "v2"},
+    {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}},
+])
+def test_plan_for_a_named_node_refuses_any_other_object(node: dict[str, object]) -> None:
+    with pytest.raises(NodeApiError, match="bad response"):
+        plan_patch(node, {"nvidia.com/gpu.count": "8"}, name=NODE)
+
+
+def test_plan_for_a_named_node() -> None:
+    patch = plan_patch(a_node(), {"nvidia.com/gpu.count": "8"}, name=NODE)
+    assert patch is not None and patch["metadata"]["resourceVersion"] == "7"
 
 
 class ScriptedApi:
@@ -384,7 +420,7 @@ class ScriptedApi:
 
 
 def test_a_malformed_node_from_any_api_does_not_escape_the_publisher() -> None:
-    api = ScriptedApi({"metadata": {"labels": "oops"}}, {"metadata": {}})
+    api = ScriptedApi({"metadata": {"labels": "oops"}}, a_node())
     clock = Clock()
     pub = NodePublisher(api, NODE, Backoff(initial=1, cap=8), clock=clock)
     assert not pub.publish({"nvidia.com/gpu.count": "8"})
@@ -400,7 +436,8 @@ TS = "nvidia.com/gfd.timestamp"
 
 def test_plan_a_new_timestamp_alone_is_no_change() -> None:
     node = {"metadata": {"labels": {"nvidia.com/gpu.count": "8", TS: "1000"},
-                         "annotations": {OWNERSHIP_ANNOTATION: "gfd.timestamp,gpu.count"}}}
+                         "annotations": {OWNERSHIP_ANNOTATION: "gfd.timestamp,gpu.count"},
+                         "resourceVersion": "7"}}
     desired = {"nvidia.com/gpu.count": "8", TS: "1060"}
     assert plan_patch(node, desired, refresh_only={TS}) is None
     assert plan_patch(node, desired) is not None  # without the option every pass patches
@@ -411,8 +448,141 @@ def test_plan_a_new_timestamp_alone_is_no_change() -> None:
     # ... and written when missing (first pass, or deleted by someone).
     del node["metadata"]["labels"][TS]
     assert plan_patch(node, desired, refresh_only={TS}) == {
-        "metadata": {"labels": {TS: "1060"}}}
+        "metadata": {"labels": {TS: "1060"}, "resourceVersion": "7"}}
     # Turning the timestamp off still removes it.
     node["metadata"]["labels"][TS] = "1000"
     assert plan_patch(node, {"nvidia.com/gpu.count": "8"}, refresh_only={TS}) == {
-        "metadata": {"labels": {TS: None}, "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"}}}
+        "metadata": {"labels": {TS: None}, "annotations": {OWNERSHIP_ANNOTATION: "gpu.count"},
+                     "resourceVersion": "7"}}
+
+
+# --------------------------------------------------------------------------- lying servers
+
+OWNED = {"nvidia.com/gpu.count": "8", "nvidia.com/mig.strategy": "single"}
+
+
+def _without(key: str) -> Callable[[dict[str, Any]], Any]:
+    def change(node: dict[str, Any]) -> Any:
+        node.pop(key)
+        return node
+    return change
+
+
+def _meta(**changes: Any) -> Callable[[dict[str, Any]], Any]:
+    """Set (or, for the value ``...``, drop) metadata fields of the real answer."""
+    def change(node: dict[str, Any]) -> Any:
+        for key, value in changes.items():
+            if value is ...:
+                node["metadata"].pop(key)
+            else:
+                node["metadata"][key] = value
+        return node
+    return change
+
+
+def _status_success(node: dict[str, Any]) -> Any:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}
+
+
+def _node_list(node: dict[str, Any]) -> Any:
+    return {"kind": "NodeList", "apiVersion": "v1", "items": [node],
+            "metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}}
+
+
+# Each is a 200 answer to GET /api/v1/nodes/gpu-node-1 that is not that Node.
+LIES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "no metadata": _without("metadata"),
+    "metadata null": lambda n: n | {"metadata": None},
+    "no resourceVersion": _meta(resourceVersion=...),
+    "empty resourceVersion": _meta(resourceVersion=""),
+    "another Node": _meta(name="gpu-node-2"),
+    "no name": _meta(name=...),
+    "no kind": _without("kind"),
+    "kind Pod": lambda n: n | {"kind": "Pod"},
+    "another apiVersion": lambda n: n | {"apiVersion": "example.com/v1"},
+    "a Status": _status_success,
+    "a NodeList": _node_list,
+    "labels a list": _meta(labels=["nvidia.com/gpu.count"]),
+    "labels a string": _meta(labels="nvidia.com/gpu.count=8"),
+    "annotations a list": _meta(annotations=[OWNERSHIP_ANNOTATION]),
+}
+
+
+@pytest.mark.parametrize("lie", LIES.values(), ids=LIES.keys())
+def test_a_lying_server_gets_no_patch_and_stale_owned_labels_still_go(
+        server: FakeApiServer, tmp_path: Path, lie: Callable[[dict[str, Any]], Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (issue 10): a 200 without ``metadata`` was planned on as an empty Node: an
+    unpinned patch rewrote the ownership annotation, and the owned stale label stayed forever.
+    Now every such answer is a bad response, retried with backoff, and nothing is sent."""
+    server.add_node(NODE, labels=FOREIGN | OWNED,
+                    annotations={OWNERSHIP_ANNOTATION: "gpu.count,mig.strategy"})
+    clock = Clock()
+    pub = publisher(server, tmp_path, clock)
+    server.mangle_next(2, lie)
+    want = {"nvidia.com/gpu.count": "8"}
+    with caplog.at_level("WARNING", logger="gfd.nodepatch"):
+        assert not pub.publish(want)
+        assert pub.retry_in() == 1
+        clock.now += 1
+        assert not pub.retry()
+    assert pub.retry_in() == 2  # backing off like any other failure
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "bad response" in warnings[0], warnings  # once per state
+    assert [r.answered for r in server.requests("GET")] == [200, 200]
+    assert server.requests("PATCH") == []
+    assert server.annotations(NODE)[OWNERSHIP_ANNOTATION] == "gpu.count,mig.strategy"
+    clock.now += 2  # the server tells the truth again
+    assert pub.retry() and pub.converged
+    assert server.labels(NODE) == FOREIGN | want  # the stale owned label is gone
+    assert server.annotations(NODE)[OWNERSHIP_ANNOTATION] == "gpu.count"
+    (patch,) = server.requests("PATCH")
+    assert patch.body["metadata"]["resourceVersion"]
+
+
+def test_the_stub_mangles_only_what_it_is_asked_to(server: FakeApiServer,
+                                                   tmp_path: Path) -> None:
+    api = make_api(server, tmp_path)
+    server.mangle_next(1, _without("metadata"))
+    assert "metadata" not in api.get_node(NODE)
+    assert api.get_node(NODE)["metadata"]["name"] == NODE  # one answer only
+    rv = api.get_node(NODE)["metadata"]["resourceVersion"]
+    server.mangle_next(1, _without("metadata"))  # GETs only: a PATCH is applied as usual
+    patched = api.patch_node(NODE, {"metadata": {"labels": {"x": "y"}, "resourceVersion": rv}})
+    assert patched["metadata"]["labels"]["x"] == "y"
+    assert "metadata" not in api.get_node(NODE)
+    server.mangle_next(1, _without("metadata"))
+    with pytest.raises(NodeApiError, match="HTTP 404"):  # an unknown Node is still a 404
+        api.get_node("no-such-node")
+
+
+def test_an_unpinned_patch_is_never_sent_by_the_client() -> None:
+    class Core:
+        def __init__(self) -> None:
+            self.patches: list[object] = []
+
+        def patch_node(self, name: str, body: object, **kwargs: object) -> object:
+            self.patches.append(body)
+            raise AssertionError("sent")
+
+    core = Core()
+    for patch in ({"metadata": {"labels": {"nvidia.com/gpu.count": "8"}}},
+                  {"metadata": {"resourceVersion": ""}}, {"metadata": None}, {}):
+        with pytest.raises(UnpinnedPatch):
+            KubeNodeApi(core).patch_node(NODE, patch)
+    assert core.patches == []
+
+
+def test_an_unpinned_plan_is_never_sent_by_the_publisher(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the planner returns and whatever NodeApi is used, the publisher refuses to
+    send a patch without a resourceVersion, and retries with backoff."""
+    def unpinned_plan(*_: object, **__: object) -> dict[str, Any]:
+        return {"metadata": {"labels": {"nvidia.com/gpu.count": "8"}}}
+
+    monkeypatch.setattr("gfd.nodepatch.plan_patch", unpinned_plan)
+    api = ScriptedApi(a_node())
+    clock = Clock()
+    pub = NodePublisher(api, NODE, Backoff(initial=1, cap=8), clock=clock)
+    assert not pub.publish({"nvidia.com/gpu.count": "8"})
+    assert api.patches == [] and pub.retry_in() == 1

@@ -65,6 +65,52 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(
     assert sorted(os.listdir(tmp_path)) == ["gfd"]
 
 
+def _denied(*_: object, **__: object) -> tuple[int, str]:
+    # What mkstemp raises in a directory we may not write (root bypasses permissions, so the
+    # suite simulates it; the temporary name is what the real error names).
+    raise PermissionError(13, "Permission denied", "/etc/features.d/.gfd.k2j4.tmp")
+
+
+# (features path below tmp_path, the reason the error must give)
+BAD_PATHS = {
+    "parent is a regular file": ("a-file/gfd", "Not a directory"),
+    "directory cannot be created": ("a-file/features.d/gfd",
+                                    "cannot create directory {tmp}/a-file/features.d: "
+                                    "Not a directory"),
+    "path is a directory": ("a-dir", "Is a directory"),
+    "directory not writable": ("gfd", "Permission denied"),
+}
+
+
+@pytest.mark.parametrize("where,reason", BAD_PATHS.values(), ids=BAD_PATHS.keys())
+def test_a_bad_features_path_error_names_it_and_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, reason: str) -> None:
+    """Regression (issue 10): the error named the temporary file, not the features file."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    if reason == "Permission denied":
+        monkeypatch.setattr("gpus.atomicfile.tempfile.mkstemp", _denied)
+    path = str(tmp_path / where)
+    with pytest.raises(OSError) as info:
+        FeaturesFile(path).write({"a": "1"})
+    err = info.value
+    assert err.filename == path and err.filename2 is None
+    assert err.strerror == reason.format(tmp=tmp_path)
+    assert ".tmp" not in str(err)
+    assert sorted(os.listdir(tmp_path)) == ["a-dir", "a-file"]  # nothing left behind
+    assert os.listdir(tmp_path / "a-dir") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses directory permissions")
+def test_an_unwritable_features_directory_is_named(tmp_path: Path) -> None:
+    directory = tmp_path / "features.d"
+    directory.mkdir(mode=0o555)
+    path = str(directory / "gfd")
+    with pytest.raises(PermissionError) as info:
+        FeaturesFile(path).write({"a": "1"})
+    assert info.value.filename == path and ".tmp" not in str(info.value)
+
+
 def test_remove_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "gfd"
     features = FeaturesFile(str(path))
@@ -123,4 +169,6 @@ def test_unwritable_health_file_is_logged_once(tmp_path: Path,
         health.mark()
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "health" in warnings[0].getMessage()
+    assert f"{tmp_path / 'file' / 'health'}: Not a directory" in warnings[0].getMessage()
+    assert ".tmp" not in warnings[0].getMessage()
     assert (tmp_path / "file").read_text() == "x"

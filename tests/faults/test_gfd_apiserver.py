@@ -1,4 +1,5 @@
-"""GFD against a faulty API server: down at start, flapping, 409/500/403, too slow.
+"""GFD against a faulty API server: down at start, flapping, 409/500/403, too slow,
+lying (200 answers that are not the Node).
 
 Labels converge once the server answers again, labels GFD does not own are never sent nor
 touched, and the features file is always a whole file: a reader thread parses it continuously
@@ -184,6 +185,41 @@ def test_labels_converge_after_faults(kind: str, tmp_path: Path, server: FakeApi
     check_foreign_untouched(server, ours)
     assert any("cannot update labels" in m for m in logs.messages()), "faults never hit"
     assert any("labels converged" in m for m in logs.messages())
+
+
+def test_a_lying_server_never_gets_an_unpinned_patch_and_stale_labels_go(
+        tmp_path: Path, server: FakeApiServer, fake_snapshot: Callable[..., Snapshot]) -> None:
+    """Regression (issue 10): 200 answers that are not our Node (no metadata, another Node, a
+    Status, no resourceVersion) are bad responses the loop retries; the labels we owned and no
+    longer produce are deleted once the server tells the truth, and no PATCH is ever unpinned."""
+    stale = {"nvidia.com/mig.strategy": "single", "nvidia.com/gpu.product": "OLD"}
+    server.add_node(NODE, labels=FOREIGN | stale,
+                    annotations={OWNERSHIP_ANNOTATION: "mig.strategy,gpu.product"})
+    lies: list[Callable[[dict[str, Any]], Any]] = [
+        lambda node: {k: v for k, v in node.items() if k != "metadata"},
+        lambda node: node | {"metadata": node["metadata"] | {"name": "gpu-node-2"}},
+        lambda node: {"kind": "Status", "apiVersion": "v1", "status": "Success"},
+        lambda node: node | {"metadata": {k: v for k, v in node["metadata"].items()
+                                          if k != "resourceVersion"}},
+    ]
+    for lie in lies:
+        server.mangle_next(1, lie)
+    daemon = make_daemon(tmp_path, fake_snapshot("dgx-a100"), api_for(server, tmp_path))
+    with watching_logs("gfd.nodepatch") as logs:
+        ours = run_until_converged(daemon, server, tmp_path / "features.d" / "gfd")
+    assert any("bad response" in m for m in logs.messages()), "the lies were never served"
+    assert [r.answered for r in server.requests("GET")][:4] == [200] * 4
+    assert "nvidia.com/mig.strategy" not in server.labels(NODE)
+    assert server.labels(NODE)["nvidia.com/gpu.product"] == ours["nvidia.com/gpu.product"]
+    labels = server.labels(NODE)
+    assert all(labels[k] == v for k, v in FOREIGN.items())
+    patches = server.requests("PATCH")
+    assert patches and all(p.body["metadata"]["resourceVersion"] for p in patches)
+    for patch in patches:  # ours set, the stale one deleted, nothing else sent
+        for key, value in patch.body["metadata"].get("labels", {}).items():
+            assert key in ours or (key in stale and value is None), (key, value)
+    owned = server.annotations(NODE)[OWNERSHIP_ANNOTATION].split(",")
+    assert sorted("nvidia.com/" + k for k in owned) == sorted(ours)
 
 
 def test_api_server_down_at_start(tmp_path: Path, server: FakeApiServer,

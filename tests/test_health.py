@@ -62,13 +62,18 @@ class FakeNvmlError(Exception):
 
 @dataclass
 class Prober:
-    """Stand-in for Nvml.probe: UUIDs in ``failing`` raise the given error name."""
+    """Stand-in for Nvml.probe: UUIDs in ``failing`` raise the given error name; a hook in
+    ``during`` runs once, inside the probe of its UUID (before it answers)."""
 
     failing: dict[str, str] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    during: dict[str, Callable[[], None]] = field(default_factory=dict)
 
     def probe(self, uuid: str) -> None:
         self.calls.append(uuid)
+        hook = self.during.pop(uuid, None)
+        if hook is not None:
+            hook()
         if uuid in self.failing:
             raise FakeNvmlError(self.failing[uuid])
 
@@ -220,6 +225,17 @@ def test_xid_on_mig_gpu_without_instance_marks_the_gpu() -> None:
     assert mon.unhealthy == {"GPU-2"}
 
 
+@pytest.mark.parametrize(("gpu", "gi", "ci"), [
+    ("GPU-1", 1, 0), ("GPU-1", 1, None), ("GPU-0", 0, 0), ("GPU-0", 7, 3)])
+def test_xid_with_instance_ids_on_a_gpu_without_mig_devices_marks_the_gpu(
+        gpu: str, gi: int, ci: int | None) -> None:
+    # The ids cannot name a MIG device there; dropping the event would hide a real fault.
+    mon, changes, _, _ = monitor()
+    mon.handle_event(Event(gpu, gpu_instance_id=gi, compute_instance_id=ci))
+    assert mon.unhealthy == {gpu}
+    assert changes.seen == [frozenset({gpu})]
+
+
 def test_xid_on_unknown_instance_or_gpu_is_ignored() -> None:
     mon, changes, _, _ = monitor()
     mon.handle_event(Event("GPU-2", gpu_instance_id=9, compute_instance_id=0))
@@ -287,6 +303,37 @@ def test_new_xid_restarts_the_quiet_period() -> None:
     clock.now += 10
     mon.step()
     assert mon.unhealthy == set()
+
+
+@pytest.mark.parametrize("tick", [0.0, 1.0], ids=["same-clock-reading", "clock-moved"])
+@pytest.mark.parametrize("device", ["GPU-0", "MIG-2-1-1"])
+def test_xid_during_the_recovery_probe_keeps_the_device_unhealthy(device: str,
+                                                                   tick: float) -> None:
+    """The XID lands while the probe is in flight (and the probe then answers): the pass must
+    not recover the device, and the quiet period restarts from that XID. ``tick`` 0 is a
+    clock too coarse to tell the XID from the pass's start."""
+    prober = Prober()
+    mon, changes, _, clock = monitor(prober)
+    parent, gi, ci = ("GPU-0", None, None) if device == "GPU-0" else ("GPU-2", 1, 1)
+    mon.handle_event(Event(parent, gpu_instance_id=gi, compute_instance_id=ci))
+    clock.now += 30
+
+    def xid_while_probing() -> None:
+        clock.now += tick
+        mon.handle_event(Event(parent, xid=48, gpu_instance_id=gi, compute_instance_id=ci))
+
+    prober.during[device] = xid_while_probing
+    mon.step()
+    assert device in prober.calls and not prober.during  # probed, and the XID came meanwhile
+    assert mon.unhealthy == {device}
+    assert changes.seen == [frozenset({device})]
+    clock.now += 29
+    mon.step()
+    assert mon.unhealthy == {device}
+    clock.now += 1
+    mon.step()
+    assert mon.unhealthy == set()
+    assert changes.seen == [frozenset({device}), frozenset()]
 
 
 def test_step_marks_a_lost_healthy_gpu_and_ignores_other_probe_errors() -> None:

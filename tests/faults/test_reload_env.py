@@ -22,7 +22,7 @@ import pytest
 from test_server_support import short_tmpdir
 
 from deviceplugin import main as mainmod
-from deviceplugin.health import parse_health_env
+from deviceplugin.health import HealthMonitor, parse_health_env
 from deviceplugin.main import DevicePlugin, main
 from deviceplugin.mockkubelet import MockKubelet
 from gpus.config import Config
@@ -128,6 +128,8 @@ class EnvCase:
     expected: object
     # What the reloaded plugin's Allocate shows of the setting, when it shows it.
     served: Callable[[api_pb2.ContainerAllocateResponse], bool] | None = None
+    # What the health monitor the reload started runs with, for the health settings.
+    monitor: Callable[[HealthMonitor], object] | None = None
 
 
 def _visible(response: api_pb2.ContainerAllocateResponse) -> str:
@@ -154,7 +156,12 @@ ENV_CASES = [
     EnvCase("SHARED_DEVICES_ALLOCATION_POLICY", "packed", "",
             lambda c: c.flags.plugin.shared_devices_allocation_policy, "packed"),
     EnvCase("HEALTH_QUIET_PERIOD", "45s", "flags:\n  plugin:\n    healthQuietPeriod: 10s\n",
-            lambda c: c.flags.plugin.health_quiet_period, 45.0),
+            lambda c: c.flags.plugin.health_quiet_period, 45.0,
+            monitor=lambda h: h.quiet_period),
+    EnvCase("HEALTH_RECOVERY_INTERVAL", "2s",
+            "flags:\n  plugin:\n    healthRecoveryInterval: 7s\n",
+            lambda c: c.flags.plugin.health_recovery_interval, 2.0,
+            monitor=lambda h: h.recovery_interval),
 ]
 
 
@@ -165,14 +172,23 @@ def test_sighup_keeps_a_setting_from_the_environment(plugin_env: pytest.MonkeyPa
     config_file.write_text("version: v1\n" + case.file)
     plugin_env.setenv(case.variable, case.value)
     served: list[api_pb2.ContainerAllocateResponse] = []
+    monitored: list[object] = []
+
+    def look(plugin: RecordingPlugin) -> None:
+        served.append(allocate_one(kubelet))
+        if case.monitor is not None and plugin.health is not None:
+            monitored.append(case.monitor(plugin.health))
+
     with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
         reloaded = run_and_reload(directory, kubelet, infrastructure_flags(directory, config_file),
-                                  lambda _: served.append(allocate_one(kubelet)))
+                                  look)
     assert case.read(reloaded.before) == case.expected  # the environment won at start...
     assert case.read(reloaded.after) == case.expected  # ...and still does after the reload
     assert reloaded.after == reloaded.before
     if case.served is not None:
         assert case.served(served[0]), served[0]
+    if case.monitor is not None:
+        assert monitored == [case.expected]
 
 
 def test_sighup_keeps_a_configuration_made_only_of_environment_variables(

@@ -234,6 +234,16 @@ class HealthMonitor:
         self._threads: list[threading.Thread] = []
 
     @property
+    def recovery_interval(self) -> float:
+        """Seconds between probe passes (0: no recovery)."""
+        return self._recovery_interval
+
+    @property
+    def quiet_period(self) -> float:
+        """Seconds without a problem before an answering device is Healthy again."""
+        return self._quiet_period
+
+    @property
     def unhealthy(self) -> frozenset[str]:
         """GPU and MIG UUIDs currently unhealthy."""
         with self._lock:

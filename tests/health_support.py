@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 WAIT_S = 5.0  # generous upper bound for event waits; tests never sleep
 
@@ -34,3 +37,40 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class LogWaiter(logging.Handler):
+    """Collects log messages; :meth:`wait_for` blocks (bounded) until one contains a text.
+
+    For events that leave no other trace, such as an XID on a device that is already unhealthy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self.cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.cond:
+            self.messages.append(record.getMessage())
+            self.cond.notify_all()
+
+    def wait_for(self, text: str) -> bool:
+        """Wait until a message contains ``text``; False after WAIT_S."""
+        with self.cond:
+            return self.cond.wait_for(lambda: any(text in m for m in self.messages), WAIT_S)
+
+
+@contextmanager
+def watching_log(name: str) -> Iterator[LogWaiter]:
+    """A LogWaiter on logger ``name``, at DEBUG, for the duration of the block."""
+    waiter = LogWaiter()
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(waiter)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield waiter
+    finally:
+        logger.removeHandler(waiter)
+        logger.setLevel(level)

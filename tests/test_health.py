@@ -62,13 +62,18 @@ class FakeNvmlError(Exception):
 
 @dataclass
 class Prober:
-    """Stand-in for Nvml.probe: UUIDs in ``failing`` raise the given error name."""
+    """Stand-in for Nvml.probe: UUIDs in ``failing`` raise the given error name; a hook in
+    ``during`` runs once, inside the probe of its UUID (before it answers)."""
 
     failing: dict[str, str] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    during: dict[str, Callable[[], None]] = field(default_factory=dict)
 
     def probe(self, uuid: str) -> None:
         self.calls.append(uuid)
+        hook = self.during.pop(uuid, None)
+        if hook is not None:
+            hook()
         if uuid in self.failing:
             raise FakeNvmlError(self.failing[uuid])
 
@@ -148,6 +153,12 @@ def test_disable_all(value: str) -> None:
     assert not policy.is_critical(79)
 
 
+def test_xid_zero_is_an_xid() -> None:
+    policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": "0", "DP_ENABLE_HEALTHCHECKS": "0"})
+    assert policy.problems == ()
+    assert policy.is_critical(0)
+
+
 def test_disable_adds_ignored_xids() -> None:
     policy = parse_health_env({"DP_DISABLE_HEALTHCHECKS": "48, 79"})
     assert not policy.is_critical(48) and not policy.is_critical(79)
@@ -220,6 +231,17 @@ def test_xid_on_mig_gpu_without_instance_marks_the_gpu() -> None:
     assert mon.unhealthy == {"GPU-2"}
 
 
+@pytest.mark.parametrize(("gpu", "gi", "ci"), [
+    ("GPU-1", 1, 0), ("GPU-1", 1, None), ("GPU-0", 0, 0), ("GPU-0", 7, 3)])
+def test_xid_with_instance_ids_on_a_gpu_without_mig_devices_marks_the_gpu(
+        gpu: str, gi: int, ci: int | None) -> None:
+    # The ids cannot name a MIG device there; dropping the event would hide a real fault.
+    mon, changes, _, _ = monitor()
+    mon.handle_event(Event(gpu, gpu_instance_id=gi, compute_instance_id=ci))
+    assert mon.unhealthy == {gpu}
+    assert changes.seen == [frozenset({gpu})]
+
+
 def test_xid_on_unknown_instance_or_gpu_is_ignored() -> None:
     mon, changes, _, _ = monitor()
     mon.handle_event(Event("GPU-2", gpu_instance_id=9, compute_instance_id=0))
@@ -287,6 +309,49 @@ def test_new_xid_restarts_the_quiet_period() -> None:
     clock.now += 10
     mon.step()
     assert mon.unhealthy == set()
+
+
+@pytest.mark.parametrize("tick", [0.0, 1.0], ids=["same-clock-reading", "clock-moved"])
+@pytest.mark.parametrize("device", ["GPU-0", "MIG-2-1-1"])
+def test_xid_during_the_recovery_probe_keeps_the_device_unhealthy(device: str,
+                                                                   tick: float) -> None:
+    """The XID lands while the probe is in flight (and the probe then answers): the pass must
+    not recover the device, and the quiet period restarts from that XID. ``tick`` 0 is a
+    clock too coarse to tell the XID from the pass's start."""
+    prober = Prober()
+    mon, changes, _, clock = monitor(prober)
+    parent, gi, ci = ("GPU-0", None, None) if device == "GPU-0" else ("GPU-2", 1, 1)
+    mon.handle_event(Event(parent, gpu_instance_id=gi, compute_instance_id=ci))
+    clock.now += 30
+
+    def xid_while_probing() -> None:
+        clock.now += tick
+        mon.handle_event(Event(parent, xid=48, gpu_instance_id=gi, compute_instance_id=ci))
+
+    prober.during[device] = xid_while_probing
+    mon.step()
+    assert device in prober.calls and not prober.during  # probed, and the XID came meanwhile
+    assert mon.unhealthy == {device}
+    assert changes.seen == [frozenset({device})]
+    clock.now += 29
+    mon.step()
+    assert mon.unhealthy == {device}
+    clock.now += 1
+    mon.step()
+    assert mon.unhealthy == set()
+    assert changes.seen == [frozenset({device}), frozenset()]
+
+
+def test_recovery_log_names_the_last_problem(caplog: pytest.LogCaptureFixture) -> None:
+    # The operator's only record of why a device was out: the latest reason, not the first.
+    mon, _, _, clock = monitor()
+    mon.handle_event(Event("GPU-0", xid=79))
+    mon.handle_event(Event("GPU-0", xid=48))
+    clock.now += 30
+    with caplog.at_level("INFO", logger="deviceplugin.health"):
+        mon.step()
+    [line] = [r.getMessage() for r in caplog.records if "healthy again" in r.getMessage()]
+    assert line.startswith("device GPU-0 healthy again") and line.endswith("(was: critical XID 48)")
 
 
 def test_step_marks_a_lost_healthy_gpu_and_ignores_other_probe_errors() -> None:
@@ -369,8 +434,57 @@ def test_recovered_registration_failure_rebuilds_the_watcher() -> None:
         assert factory.made[0].closed.wait(WAIT_S)
         second.items.put(Event("GPU-0"))
         changes.wait_for({"GPU-0"})
+        # Rebuilt once, not on every wait: the same event set still delivers.
+        second.items.put(Event("GPU-1"))
+        changes.wait_for({"GPU-0", "GPU-1"})
+        assert len(factory.made) == 2 and not second.closed.is_set()
     finally:
         mon.stop()
+
+
+def test_a_later_problem_does_not_cancel_the_rebuild_of_a_failed_registration() -> None:
+    """GPU-0's events are not registered; a failed probe then restarts its quiet period. On
+    recovery the event set must still be rebuilt, or GPU-0 would never report an XID again."""
+    factory = WatcherFactory({"GPU-0": FakeNvmlError("NVML_ERROR_UNKNOWN")})
+    prober = Prober(failing={"GPU-0": "NVML_ERROR_UNKNOWN"})
+    mon, changes, _, clock = monitor(prober, factory=factory)
+    mon.start()
+    try:
+        changes.wait_for({"GPU-0"})
+        clock.now += 30
+        mon.step()  # the probe fails: a new problem, without a registration failure
+        assert mon.unhealthy == {"GPU-0"}
+        prober.failing.clear()
+        clock.now += 30
+        mon.step()
+        changes.wait_for(set())
+        factory.wait_made(2).items.put(Event("GPU-0"))
+        changes.wait_for({"GPU-0"})
+    finally:
+        mon.stop()
+
+
+def test_probe_thread_survives_a_failing_pass() -> None:
+    class FailingOnce(Clock):
+        fail = False
+
+        def __call__(self) -> float:
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("clock broke")
+            return self.now
+
+    clock = FailingOnce(1000.0)
+    mon, changes, _, _ = monitor(recovery_interval=0.001, clock=clock)
+    mon.handle_event(Event("GPU-1"))
+    clock.now += 31
+    clock.fail = True  # only the probe thread reads the clock from here on
+    mon.start()
+    try:
+        changes.wait_for(set())
+    finally:
+        mon.stop()
+    assert not clock.fail
 
 
 def test_probe_thread_recovers_devices() -> None:
@@ -427,6 +541,38 @@ def test_zero_recovery_interval_disables_the_probe_thread() -> None:
     assert prober.calls == []
 
 
+def test_second_start_starts_no_more_threads() -> None:
+    factory = WatcherFactory()
+    mon, _, _, _ = monitor(factory=factory)
+    mon.start()
+    try:
+        factory.wait_made(1)
+        mon.start()
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("health-events") == 1 and names.count("health-probe") == 1
+    finally:
+        mon.stop()
+    assert len(factory.made) == 1
+
+
+def test_stop_ends_watching() -> None:
+    factory = WatcherFactory()
+    mon, _, _, _ = monitor(factory=factory)
+    mon.start()
+    assert mon.wait_watching(WAIT_S)
+    mon.stop()
+    assert not mon.wait_watching(0)
+
+
+def test_policy_problems_are_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    mon, _, _, _ = monitor(environ={"DP_DISABLE_HEALTHCHECKS": "48,abc"})
+    with caplog.at_level("WARNING", logger="deviceplugin.health"):
+        mon.start()
+        mon.stop()
+    assert "health checks: DP_DISABLE_HEALTHCHECKS: ignoring 'abc': not an XID number" in [
+        r.getMessage() for r in caplog.records]
+
+
 def test_stop_joins_threads() -> None:
     factory = WatcherFactory()
     mon, _, _, _ = monitor(factory=factory)
@@ -468,6 +614,19 @@ def test_event_constants_match_nvml() -> None:
 
 
 # --- reload: a new monitor takes over the old one's set ------------------------------------
+
+
+def test_successor_measures_the_quiet_period_from_the_last_problem() -> None:
+    old, _, prober, clock = monitor()
+    old.handle_event(Event("GPU-0"))
+    clock.now += 20.0  # the reload comes 20 s after the XID
+    old.stop()
+    new = HealthMonitor(prober, SNAPSHOT, Changes(), {}, recovery_interval=5.0,
+                        quiet_period=30.0, clock=clock, watcher_factory=WatcherFactory(),
+                        wait_timeout_ms=20, previous=old)
+    clock.now += 10.0
+    new.step()
+    assert new.unhealthy == frozenset()
 
 
 def test_successor_starts_from_the_previous_unhealthy_set() -> None:

@@ -14,37 +14,49 @@ Typical use by a daemon::
 
 A :class:`Config` is immutable (frozen dataclasses and tuples all the way down), so a failed
 load can never leave a half-applied configuration behind.
-Modules: ``model`` (the dataclasses), ``values`` (scalar parsers), ``fileformat`` (YAML/JSON
-text with line numbers), ``parse`` (file data -> Config), ``resolve`` (flags and env vars).
+
+Modules, one job each: ``model`` (the table: the dataclasses, one field per setting),
+``table`` (what a row holds and how the table is walked), ``values`` (value kinds: parsing a
+flag/env string or a file value), ``enums`` (typed strategies), ``sharing`` (time-slicing
+entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse`` (file data -> Config),
+``resolve`` (flags and env vars over the file).
 """
 
-from .errors import ConfigError
-from .fileformat import MAX_EXPANDED_NODES, load_config_file
-from .model import (
+from .enums import (
     ALLOCATION_POLICIES,
     DEVICE_ID_STRATEGIES,
     DEVICE_LIST_STRATEGIES,
-    MAX_REPLICAS,
-    MAX_RESOURCE_NAME_LENGTH,
     MIG_STRATEGIES,
+    AllocationPolicy,
+    DeviceIdStrategy,
+    DeviceListStrategy,
+    MigStrategy,
+)
+from .errors import ConfigError
+from .fileformat import MAX_EXPANDED_NODES, load_config_file
+from .model import (
     PROGRAM_DEST,
-    RESOURCE_PREFIX,
-    SHARED_SUFFIX,
     VERSION,
     Config,
     Flags,
     GfdFlags,
     PluginFlags,
-    Program,
-    ReplicatedResource,
     Sharing,
     TimeSlicing,
 )
 from .parse import load_config, parse_config
 from .resolve import add_flags, reload, resolve
+from .sharing import (
+    MAX_REPLICAS,
+    MAX_RESOURCE_NAME_LENGTH,
+    RESOURCE_PREFIX,
+    SHARED_SUFFIX,
+    ReplicatedResource,
+    normalize_resource_name,
+)
+from .table import Program
 from .values import (
     duration_seconds,
-    normalize_resource_name,
     parse_bool,
     parse_choice,
     parse_device_list_strategy,
@@ -63,10 +75,14 @@ __all__ = [
     "RESOURCE_PREFIX",
     "SHARED_SUFFIX",
     "VERSION",
+    "AllocationPolicy",
     "Config",
     "ConfigError",
+    "DeviceIdStrategy",
+    "DeviceListStrategy",
     "Flags",
     "GfdFlags",
+    "MigStrategy",
     "PluginFlags",
     "Program",
     "ReplicatedResource",

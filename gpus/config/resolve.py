@@ -1,161 +1,25 @@
-"""Flags and environment variables over the file: ``add_flags``, ``resolve``, ``reload``."""
+"""Flags and environment variables over the file: ``add_flags``, ``resolve``, ``reload``.
+
+Every flag and variable comes from the table (:func:`gpus.config.table.rows_for`); no setting
+is named here except ``config_file``, which is read first because it names the file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import ConfigError
-from .model import (
-    ALLOCATION_POLICIES,
-    DEVICE_ID_STRATEGIES,
-    DEVICE_LIST_STRATEGIES,
-    MIG_STRATEGIES,
-    PROGRAM_DEST,
-    Config,
-    GfdFlags,
-    PluginFlags,
-    Program,
-)
+from .model import PROGRAM_DEST, Config
 from .parse import load_config
-from .values import _invalid, parse_bool, parse_choice, parse_device_list_strategy, parse_duration
+from .table import PROGRAMS, Program, Row, rows_for
 
 LOG = logging.getLogger(__package__)
-
-
-@dataclass(frozen=True)
-class _Setting:
-    """One scalar setting reachable from a flag and environment variables."""
-
-    dest: str  # argparse dest
-    flags: tuple[str, ...]  # first is the canonical name used in messages
-    env: Mapping[str, tuple[str, ...]]  # program -> env var names, first wins
-    section: Literal["flags", "plugin", "gfd"]
-    attr: str  # dataclass field in that section
-    parse: Callable[[Any, str], object]
-    help: str
-    is_bool: bool = False
-    multi: bool = False  # may repeat (device-list-strategy)
-    # A variable set to "" is a value, not unset (KUBELET_SOCKET="" skips registration).
-    empty_is_value: bool = False
-
-
-def _choice(choices: Sequence[str]) -> Callable[[Any, str], object]:
-    return lambda raw, label: parse_choice(raw, label, choices)
-
-
-def _text(raw: Any, label: str) -> object:
-    return str(raw)
-
-
-def _nonempty(raw: Any, label: str) -> object:
-    if not str(raw).strip():
-        raise _invalid(label, raw, "must not be empty")
-    return str(raw)
-
-
-def _seconds(raw: Any, label: str) -> object:
-    return parse_duration(raw, label)
-
-
-def _positive_seconds(raw: Any, label: str) -> object:
-    return parse_duration(raw, label, allow_zero=False)
-
-
-def _device_list(raw: Any, label: str) -> object:
-    return parse_device_list_strategy([raw] if isinstance(raw, str) else list(raw), label)
-
-
-_BOTH = ("plugin", "gfd")
-
-
-def _env(plugin: tuple[str, ...], gfd: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:
-    return {"plugin": plugin, "gfd": plugin if gfd is None else gfd}
-
-
-_SETTINGS: tuple[_Setting, ...] = (
-    _Setting("mig_strategy", ("--mig-strategy",),
-             _env(("MIG_STRATEGY",), ("GFD_MIG_STRATEGY", "MIG_STRATEGY")),
-             "flags", "mig_strategy", _choice(MIG_STRATEGIES),
-             "how MIG devices are advertised: none, single or mixed (default none)"),
-    _Setting("fail_on_init_error", ("--fail-on-init-error",),
-             # GFD: NVIDIA's GFD reads both names, its own first.
-             _env(("FAIL_ON_INIT_ERROR",), ("GFD_FAIL_ON_INIT_ERROR", "FAIL_ON_INIT_ERROR")),
-             "flags", "fail_on_init_error", parse_bool,
-             "exit on NVML initialisation errors; false logs and idles (default true)",
-             is_bool=True),
-    _Setting("driver_root", ("--driver-root", "--nvidia-driver-root"),
-             _env(("NVIDIA_DRIVER_ROOT",)), "flags", "nvidia_driver_root", _text,
-             "root of the NVIDIA driver installation (default /)"),
-    _Setting("dev_root", ("--dev-root", "--nvidia-dev-root"), _env(("NVIDIA_DEV_ROOT",)),
-             "flags", "nvidia_dev_root", _text,
-             "root of the NVIDIA device nodes (default: the driver root)"),
-    _Setting("nvml", ("--nvml",), _env(("NVML_BACKEND",)), "flags", "nvml", _nonempty,
-             'NVML backend: "real" or "fake:<profile>" (default real)'),
-    _Setting("sysfs_root", ("--sysfs-root",), _env(("SYSFS_ROOT",)), "flags", "sysfs_root",
-             _nonempty, "where /sys is read from (default /)"),
-    # Device plugin only.
-    _Setting("pass_device_specs", ("--pass-device-specs",), {"plugin": ("PASS_DEVICE_SPECS",)},
-             "plugin", "pass_device_specs", parse_bool,
-             "pass device specs to the kubelet in Allocate (default false)", is_bool=True),
-    _Setting("device_list_strategy", ("--device-list-strategy",),
-             {"plugin": ("DEVICE_LIST_STRATEGY",)}, "plugin", "device_list_strategy",
-             _device_list,
-             "how Allocate passes devices: comma list of " + ", ".join(DEVICE_LIST_STRATEGIES)
-             + " (default envvar)", multi=True),
-    _Setting("device_id_strategy", ("--device-id-strategy",),
-             {"plugin": ("DEVICE_ID_STRATEGY",)}, "plugin", "device_id_strategy",
-             _choice(DEVICE_ID_STRATEGIES),
-             f"device ids handed to the runtime: uuid or index (default "
-             f"{PluginFlags.device_id_strategy})"),
-    _Setting("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
-             {"plugin": ("SHARED_DEVICES_ALLOCATION_POLICY",)}, "plugin",
-             "shared_devices_allocation_policy", _choice(ALLOCATION_POLICIES),
-             "preferred allocation of replicas and MIG devices: distributed or packed (default "
-             f"{PluginFlags.shared_devices_allocation_policy})"),
-    _Setting("kubelet_socket", ("--kubelet-socket",), {"plugin": ("KUBELET_SOCKET",)},
-             "plugin", "kubelet_socket", _text,
-             "kubelet registration socket; empty skips registration (default "
-             f"{PluginFlags.kubelet_socket})", empty_is_value=True),
-    _Setting("cdi_spec_dir", ("--cdi-spec-dir",), {"plugin": ("CDI_SPEC_DIR",)}, "plugin",
-             "cdi_spec_dir", _nonempty, "where the CDI spec is written (default /var/run/cdi)"),
-    _Setting("health_recovery_interval", ("--health-recovery-interval",),
-             {"plugin": ("HEALTH_RECOVERY_INTERVAL",)}, "plugin", "health_recovery_interval",
-             _seconds, "seconds between probes of unhealthy devices; 0 disables recovery (default "
-             f"{PluginFlags.health_recovery_interval:g}s)"),
-    _Setting("health_quiet_period", ("--health-quiet-period",),
-             {"plugin": ("HEALTH_QUIET_PERIOD",)}, "plugin", "health_quiet_period", _seconds,
-             "seconds without a critical XID before a device is Healthy again (default "
-             f"{PluginFlags.health_quiet_period:g}s)"),
-    # GFD only.
-    _Setting("oneshot", ("--oneshot",), {"gfd": ("GFD_ONESHOT",)}, "gfd", "oneshot",
-             parse_bool, "label once and exit (default false)", is_bool=True),
-    _Setting("no_timestamp", ("--no-timestamp",), {"gfd": ("GFD_NO_TIMESTAMP",)}, "gfd",
-             "no_timestamp", parse_bool, "omit the timestamp label (default false)", is_bool=True),
-    _Setting("sleep_interval", ("--sleep-interval",), {"gfd": ("GFD_SLEEP_INTERVAL",)}, "gfd",
-             "sleep_interval", _positive_seconds,
-             'time between labelling passes: Go duration ("60s", "1m30s") or seconds (default '
-             f"{GfdFlags.sleep_interval:g}s)"),
-    _Setting("output_file", ("--output-file", "--output", "-o"), {"gfd": ("GFD_OUTPUT_FILE",)},
-             "gfd", "output_file", _text,
-             f"features file to write (default {GfdFlags.output_file})"),
-    _Setting("machine_type_file", ("--machine-type-file",), {"gfd": ("GFD_MACHINE_TYPE_FILE",)},
-             "gfd", "machine_type_file", _nonempty,
-             f"file holding the machine type (default {GfdFlags.machine_type_file})"),
-)
-
-_CONFIG_FILE_ENV: Mapping[str, tuple[str, ...]] = {
-    "plugin": ("CONFIG_FILE",),
-    "gfd": ("GFD_CONFIG_FILE", "CONFIG_FILE"),
-}
-
-
-def _settings_for(program: str) -> tuple[_Setting, ...]:
-    return tuple(s for s in _SETTINGS if program in s.env)
+_CONFIG_FILE = "config_file"  # the row naming the file the others are read over
+_UNSET: Any = object()
 
 
 def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
@@ -165,24 +29,29 @@ def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
     Values are validated by :func:`resolve`, not argparse, so errors are ConfigErrors.
     Boolean flags accept ``--flag``, ``--flag=false`` and ``--flag false``.
     """
-    if program not in _BOTH:
-        raise ValueError(f"program must be one of {', '.join(_BOTH)}, got {program!r}")
+    if program not in PROGRAMS:
+        raise ValueError(f"program must be one of {', '.join(PROGRAMS)}, got {program!r}")
     parser.set_defaults(**{PROGRAM_DEST: program})
     group = parser.add_argument_group("configuration (flag > env > config file > default)")
-    for setting in _settings_for(program):
-        envs = "/".join(setting.env[program])
-        help_text = f"{setting.help} [env {envs}]"
-        if setting.is_bool:
-            group.add_argument(*setting.flags, dest=setting.dest, nargs="?", const="true",
-                               default=None, metavar="BOOL", help=help_text)
-        elif setting.multi:
-            group.add_argument(*setting.flags, dest=setting.dest, action="append",
-                               default=None, help=help_text)
-        else:
-            group.add_argument(*setting.flags, dest=setting.dest, default=None, help=help_text)
-    group.add_argument("--config-file", dest="config_file", default=None,
-                       help="v1 config file, YAML or JSON (default: none, built-in defaults) "
-                       f"[env {'/'.join(_CONFIG_FILE_ENV[program])}]")
+    for row in rows_for(Config, program):
+        if row.setting.flags:
+            _add_argument(group, row, program)
+
+
+def _add_argument(group: argparse._ArgumentGroup, row: Row, program: str) -> None:
+    names = row.setting.env[program]
+    help_text = row.help_text() + (f" [env {'/'.join(names)}]" if names else "")
+    flags = row.setting.flags
+    form = row.setting.kind.arg_form
+    if form == "bool":
+        group.add_argument(*flags, dest=row.name, nargs="?", const="true", default=None,
+                           metavar="BOOL", help=help_text)
+        return
+    # The metavar argparse would derive from the first long flag, whatever the dest.
+    metavar = flags[0].lstrip("-").replace("-", "_").upper()
+    action = "append" if form == "multi" else "store"
+    group.add_argument(*flags, dest=row.name, action=action, default=None, metavar=metavar,
+                       help=help_text)
 
 
 def _from_env(environ: Mapping[str, str], names: Sequence[str],
@@ -198,13 +67,24 @@ def _from_env(environ: Mapping[str, str], names: Sequence[str],
     return None
 
 
-def _config_file_path(args: argparse.Namespace, environ: Mapping[str, str],
-                      program: str) -> str:
-    flag = getattr(args, "config_file", None)
-    if flag is not None:
-        return str(flag)
-    found = _from_env(environ, _CONFIG_FILE_ENV[program])
-    return found[1] if found else ""
+def _given(row: Row, args: argparse.Namespace, environ: Mapping[str, str],
+           program: str) -> Any:
+    """The row's value from its flag, else its first set variable, else _UNSET."""
+    raw = getattr(args, row.name, None) if row.setting.flags else None
+    if raw is not None:
+        return row.setting.kind.from_text(raw, row.setting.flags[0])
+    found = _from_env(environ, row.setting.env[program], row.setting.empty_is_value)
+    if found is None:
+        return _UNSET
+    return row.setting.kind.from_text(found[1], found[0])
+
+
+def _replace(base: Any, attrs: tuple[str, ...], changes: Mapping[str, Any]) -> Any:
+    """``base`` with ``changes`` applied to the section at attribute path ``attrs``."""
+    if not attrs:
+        return dataclasses.replace(base, **changes)
+    inner = _replace(getattr(base, attrs[0]), attrs[1:], changes)
+    return dataclasses.replace(base, **{attrs[0]: inner})
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
@@ -214,27 +94,18 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     flag, environment variable or file field that is wrong.
     """
     program = getattr(args, PROGRAM_DEST, "plugin")
-    path = _config_file_path(args, environ, program)
-    base = load_config(path) if path else Config()
-    sections: dict[str, dict[str, object]] = {"flags": {}, "plugin": {}, "gfd": {}}
-    for setting in _settings_for(program):
-        raw = getattr(args, setting.dest, None)
-        if raw is not None:
-            value = setting.parse(raw, setting.flags[0])
-        else:
-            found = _from_env(environ, setting.env[program], setting.empty_is_value)
-            if found is None:
-                continue
-            value = setting.parse(found[1], found[0])
-        sections[setting.section][setting.attr] = value
-    flags = base.flags
-    flags = dataclasses.replace(
-        flags,
-        plugin=dataclasses.replace(flags.plugin, **sections["plugin"]),  # type: ignore[arg-type]
-        gfd=dataclasses.replace(flags.gfd, **sections["gfd"]),  # type: ignore[arg-type]
-        **sections["flags"],  # type: ignore[arg-type]
-    )
-    return dataclasses.replace(base, flags=flags)
+    table = rows_for(Config, program)
+    path = next((_given(row, args, environ, program) for row in table
+                 if row.name == _CONFIG_FILE and not row.section), _UNSET)
+    config = load_config(path) if path is not _UNSET and path else Config()
+    changes: dict[tuple[str, ...], dict[str, Any]] = {}
+    for row in table:
+        value = _given(row, args, environ, program)
+        if value is not _UNSET:
+            changes.setdefault(row.section, {})[row.name] = value
+    for attrs, section_changes in changes.items():
+        config = _replace(config, attrs, section_changes)
+    return config
 
 
 def reload(current: Config, args: argparse.Namespace,

@@ -1,14 +1,33 @@
-"""Scalar parsers shared by flags, environment variables and the file."""
+"""Value kinds: how a setting's value is read from a flag or env string and from the file.
+
+Each kind has one implementation with two entry points: ``from_text(raw, label)`` for a flag or
+environment variable (errors are ConfigErrors naming the label: ``invalid --x 'y': reason``)
+and ``from_file(value)`` for a parsed YAML/JSON value (errors are :class:`ValueProblem`, which
+the file parser turns into ``file:line: field.path: reason``).
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
-from .errors import ConfigError
-from .model import DEVICE_LIST_STRATEGIES, MAX_RESOURCE_NAME_LENGTH, RESOURCE_PREFIX
+from .enums import Choice, DeviceListStrategy, values
+from .errors import ConfigError, type_name
 
-# Each takes the raw value and a label ("--mig-strategy", "MIG_STRATEGY") for its message.
+ArgForm = Literal["value", "bool", "multi"]
+
+
+class ValueProblem(Exception):
+    """A file value that does not fit its kind: the reason, and the path below the key
+    (``"[1]"``, ``".name"``) that it is about."""
+
+    def __init__(self, reason: str, suffix: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.suffix = suffix
+
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -23,11 +42,6 @@ _GO_DURATION_UNITS = {
     "h": 3600.0,
 }
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-_DEVICE_REF = re.compile(
-    rf"\d+|\d+:\d+|GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+",
-)
 
 
 def _invalid(label: str, raw: object, reason: str) -> ConfigError:
@@ -90,38 +104,223 @@ def _parse_go_duration(text: str) -> float:
     return sign * total
 
 
-def parse_device_list_strategy(raw: Sequence[str], label: str) -> tuple[str, ...]:
-    """A comma list (or several values) of device-list strategies, duplicates dropped."""
-    items: list[str] = []
-    for chunk in raw:
-        items.extend(part.strip() for part in chunk.split(",") if part.strip())
-    if not items:
-        raise _invalid(label, ",".join(raw), "must name at least one strategy")
-    result: list[str] = []
-    for item in items:
-        if item not in DEVICE_LIST_STRATEGIES:
-            raise _invalid(label, item, f"must be one of {', '.join(DEVICE_LIST_STRATEGIES)}")
-        if item not in result:
-            result.append(item)
+def _one_of(choices: Sequence[str]) -> str:
+    return f"must be one of {', '.join(choices)}"
+
+
+class Kind:
+    """How one setting's values are read, checked and shown. Subclasses implement both forms."""
+
+    # How argparse takes the flag: a value, an optional value (booleans), or repeated values.
+    arg_form: ClassVar[ArgForm] = "value"
+
+    def from_text(self, raw: Any, label: str) -> Any:
+        """The value of a flag or environment variable ``label``; ConfigError if invalid."""
+        raise NotImplementedError
+
+    def from_file(self, value: object) -> Any:
+        """The value of a config-file key; ValueProblem if invalid."""
+        raise NotImplementedError
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The values allowed, when the kind is a choice (for help texts)."""
+        return ()
+
+    def show(self, value: Any) -> str:
+        """``value`` as the help text writes it (its default)."""
+        return str(value)
+
+    def coerce(self, value: Any) -> Any:
+        """A value set in code, in this kind's type where it is valid (else unchanged)."""
+        return value
+
+
+@dataclass(frozen=True)
+class BoolKind(Kind):
+    """true/false/1/0/yes/no from text (any case); a YAML boolean in the file."""
+
+    arg_form: ClassVar[ArgForm] = "bool"
+
+    def from_text(self, raw: Any, label: str) -> bool:
+        return parse_bool(str(raw), label)
+
+    def from_file(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise ValueProblem(f"must be a boolean (true or false), got {value!r}")
+        return value
+
+    def show(self, value: Any) -> str:
+        return "true" if value else "false"
+
+
+@dataclass(frozen=True)
+class TextKind(Kind):
+    """Any string; with ``nonempty``, not blank."""
+
+    nonempty: bool = False
+
+    def from_text(self, raw: Any, label: str) -> str:
+        if self.nonempty and not str(raw).strip():
+            raise _invalid(label, raw, "must not be empty")
+        return str(raw)
+
+    def from_file(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueProblem(f"must be a string, got {type_name(value)} {value!r}")
+        if self.nonempty and not value.strip():
+            raise ValueProblem(f"must not be empty, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class ChoiceKind(Kind):
+    """One member of a :class:`Choice` Enum, given by its value."""
+
+    choice: type[Choice]
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return values(self.choice)
+
+    def from_text(self, raw: Any, label: str) -> Choice:
+        return self.choice(parse_choice(str(raw), label, self.choices))
+
+    def from_file(self, value: object) -> Choice:
+        if not isinstance(value, str):
+            raise ValueProblem(f"must be a string, got {type_name(value)} {value!r}")
+        if value not in self.choices:
+            raise ValueProblem(f"{_one_of(self.choices)}, got {value!r}")
+        return self.choice(value)
+
+    def coerce(self, value: Any) -> Any:
+        return self.choice(value) if value in self.choices else value
+
+
+@dataclass(frozen=True)
+class DurationKind(Kind):
+    """Seconds, from a Go duration ("60s", "1m30s") or a number of seconds; ``allow_zero``
+    False requires > 0. (NVIDIA reads a bare number in the file as nanoseconds, which is never
+    what anyone meant.)"""
+
+    allow_zero: bool = True
+
+    def from_text(self, raw: Any, label: str) -> float:
+        return parse_duration(str(raw), label, self.allow_zero)
+
+    def from_file(self, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueProblem(f'must be a duration like "60s", got {type_name(value)}')
+        try:
+            return duration_seconds(str(value), allow_zero=self.allow_zero)
+        except ValueError as error:
+            raise ValueProblem(f"{error}, got {value!r}") from None
+
+    def show(self, value: Any) -> str:
+        return f"{value:g}s"
+
+
+class _UnknownItem(Exception):
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+def _unique_members(items: Sequence[str], choice: type[Choice]) -> tuple[Choice, ...]:
+    """``items`` as members of ``choice``, duplicates dropped; _UnknownItem at the first
+    unknown one. The one device-list check, shared by flags, env vars and the file."""
+    known = values(choice)
+    result: list[Choice] = []
+    for index, item in enumerate(items):
+        if item not in known:
+            raise _UnknownItem(index)
+        member = choice(item)
+        if member not in result:
+            result.append(member)
     return tuple(result)
 
 
-def normalize_resource_name(raw: str) -> str:
-    """NVIDIA's rule: prefix a bare name with ``nvidia.com/``; the name must be a DNS subdomain.
+@dataclass(frozen=True)
+class ChoiceListKind(Kind):
+    """Several members of a Choice Enum, in order, duplicates dropped: from text a comma list
+    (the flag may repeat), in the file a string or a list of strings."""
 
-    Raises ValueError with the reason.
-    """
-    name = raw if raw.startswith(RESOURCE_PREFIX + "/") else f"{RESOURCE_PREFIX}/{raw}"
-    if len(name) > MAX_RESOURCE_NAME_LENGTH:
-        raise ValueError(
-            f"fully-qualified resource name must be {MAX_RESOURCE_NAME_LENGTH} characters or "
-            f"less, got {name!r} ({len(name)})"
-        )
-    short = name.split("/", 1)[1]
-    if not short or not all(_DNS_LABEL.fullmatch(label) for label in short.split(".")):
-        raise ValueError(
-            f"resource name {name!r} must be lower-case letters, digits, '-' and '.' "
-            "(a DNS subdomain after 'nvidia.com/')"
-        )
-    return name
+    choice: type[Choice]
+    arg_form: ClassVar[ArgForm] = "multi"
 
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return values(self.choice)
+
+    def from_text(self, raw: Any, label: str) -> tuple[Choice, ...]:
+        chunks = [raw] if isinstance(raw, str) else [str(chunk) for chunk in raw]
+        items = [part.strip() for chunk in chunks for part in chunk.split(",") if part.strip()]
+        if not items:
+            raise _invalid(label, ",".join(chunks), "must name at least one strategy")
+        try:
+            return _unique_members(items, self.choice)
+        except _UnknownItem as unknown:
+            raise _invalid(label, items[unknown.index], _one_of(self.choices)) from None
+
+    def from_file(self, value: object) -> tuple[Choice, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueProblem(f"must be a string or a list of strings, got {type_name(value)}")
+        if not items:
+            raise ValueProblem("must name at least one strategy")
+        try:
+            return _unique_members(items, self.choice)
+        except _UnknownItem as unknown:
+            where = "" if isinstance(value, str) else f"[{unknown.index}]"
+            raise ValueProblem(f"{_one_of(self.choices)}, got {items[unknown.index]!r}",
+                               where) from None
+
+    def show(self, value: Any) -> str:
+        return ",".join(str(item) for item in value)
+
+    def coerce(self, value: Any) -> Any:
+        if not isinstance(value, tuple):
+            return value
+        return tuple(self.choice(item) if item in self.choices else item for item in value)
+
+
+def parse_device_list_strategy(raw: Sequence[str], label: str) -> tuple[str, ...]:
+    """A comma list (or several values) of device-list strategies, duplicates dropped."""
+    return ChoiceListKind(DeviceListStrategy).from_text(list(raw), label)
+
+
+def split_keys(value: object, known: Sequence[str], ignored: Sequence[str] = (),
+               on_ignored: Callable[[str], None] = lambda key: None) -> dict[str, Any]:
+    """A mapping's known keys (None values dropped, as absent); an ignored key is reported to
+    ``on_ignored`` and dropped; anything else, or a non-mapping, is a ValueProblem."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueProblem(f"must be a mapping, got {type_name(value)}")
+    result: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in known:
+            if item is not None:
+                result[key] = item
+        elif key in ignored:
+            on_ignored(str(key))
+        else:
+            raise ValueProblem(f"unknown key {key!r} (allowed: {', '.join(known)})", f".{key}")
+    return result
+
+
+@dataclass(frozen=True)
+class VersionKind(Kind):
+    """The file format's ``version``: exactly ``expected``."""
+
+    expected: str
+
+    def from_text(self, raw: Any, label: str) -> str:
+        if str(raw).strip() != self.expected:
+            raise _invalid(label, raw, f"must be {self.expected}")
+        return self.expected
+
+    def from_file(self, value: object) -> str:
+        if value != self.expected:
+            raise ValueProblem(f"unknown version {value!r}: must be {self.expected}")
+        return self.expected

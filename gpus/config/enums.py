@@ -11,13 +11,11 @@ import enum
 
 
 class Choice(str, enum.Enum):
-    """Base of the choice Enums: prints and formats as its value, on every Python version."""
+    """Base of the choice Enums: prints as its value. (format() follows an overridden __str__
+    on 3.10 and later, so f-strings need nothing more.)"""
 
     def __str__(self) -> str:
         return str.__str__(self)
-
-    def __format__(self, format_spec: str) -> str:
-        return str.__format__(str.__str__(self), format_spec)
 
 
 class MigStrategy(Choice):

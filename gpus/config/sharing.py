@@ -69,9 +69,10 @@ def normalize_resource_name(raw: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
 class ResourceListKind(Kind):
     """The file-only list of :class:`ReplicatedResource` entries (no flag or env var)."""
+
+    __slots__ = ()
 
     def from_text(self, raw: Any, label: str) -> Any:
         raise NotImplementedError("sharing.timeSlicing.resources is read from the file only")

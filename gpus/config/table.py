@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
 
 from .values import Kind
@@ -22,17 +22,26 @@ _SETTING = "nvk8s.setting"
 _SECTION = "nvk8s.section"
 
 
-@dataclass(frozen=True)
+# The three classes below are plain slotted classes, not dataclasses: they are built when
+# gpus.config is imported, on every daemon start, and a frozen dataclass costs about 1 ms to
+# create where a plain class costs microseconds.
+
+
 class Setting:
     """One row of the table (a dataclass field's metadata)."""
 
-    kind: Kind
-    flags: tuple[str, ...] = ()  # the first is the one messages name
-    env: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # daemon -> names
-    file: str | None = None  # key in its section of the config file; None: not in the file
-    help: str = ""  # may hold {default} and {choices}
-    # A variable set to "" is a value, not unset (KUBELET_SOCKET="" skips registration).
-    empty_is_value: bool = False
+    __slots__ = ("kind", "flags", "env", "file", "help", "empty_is_value")
+
+    def __init__(self, kind: Kind, flags: tuple[str, ...] = (),
+                 env: Mapping[str, tuple[str, ...]] | None = None, file: str | None = None,
+                 help: str = "", empty_is_value: bool = False) -> None:
+        self.kind = kind
+        self.flags = flags  # every alias; the first is the one messages name
+        self.env: Mapping[str, tuple[str, ...]] = dict(env or {})  # daemon -> names
+        self.file = file  # key in its section of the config file; None: not in the file
+        self.help = help  # may hold {default} and {choices}
+        # A variable set to "" is a value, not unset (KUBELET_SOCKET="" skips registration).
+        self.empty_is_value = empty_is_value
 
     @property
     def daemons(self) -> tuple[str, ...]:
@@ -40,15 +49,18 @@ class Setting:
         return tuple(self.env)
 
 
-@dataclass(frozen=True)
 class Section:
     """A nested section of the file (``flags``, ``flags.plugin``, ``sharing.timeSlicing``)."""
 
-    cls: type
-    file: str
-    ignored: tuple[str, ...] = ()  # NVIDIA's keys we accept but do not implement (warned)
-    # A check across the section's fields: (instance, section path) -> None or ValueProblem.
-    check: Callable[[Any, str], None] | None = None
+    __slots__ = ("cls", "file", "ignored", "check")
+
+    def __init__(self, cls: type, file: str, ignored: tuple[str, ...] = (),
+                 check: Callable[[Any, str], None] | None = None) -> None:
+        self.cls = cls
+        self.file = file
+        self.ignored = ignored  # NVIDIA's keys we accept but do not implement (warned)
+        # A check across the section's fields: (instance, section path) -> None or ValueProblem.
+        self.check = check
 
 
 def setting(default: Any, *, kind: Kind, flags: tuple[str, ...] = (),
@@ -75,15 +87,21 @@ def section_of(item: dataclasses.Field[Any]) -> Section | None:
     return item.metadata.get(_SECTION)
 
 
-@dataclass(frozen=True)
 class Row:
     """A setting where it sits: attribute path of its section from the root, and file path."""
 
-    section: tuple[str, ...]  # ("flags", "plugin")
-    name: str  # the field ("pass_device_specs"); also the flag's argparse dest
-    setting: Setting
-    default: Any
-    file_path: str | None  # "flags.plugin.passDeviceSpecs", None when not in the file
+    __slots__ = ("section", "name", "setting", "default", "file_path")
+
+    def __init__(self, section: tuple[str, ...], name: str, setting: Setting, default: Any,
+                 file_path: str | None) -> None:
+        self.section = section  # ("flags", "plugin")
+        self.name = name  # the field ("pass_device_specs"); also the flag's argparse dest
+        self.setting = setting
+        self.default = default
+        self.file_path = file_path  # "flags.plugin.passDeviceSpecs"; None when not in the file
+
+    def __repr__(self) -> str:
+        return f"Row({'.'.join((*self.section, self.name))})"
 
     def help_text(self) -> str:
         """The help with its default filled in."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from .enums import Choice, DeviceListStrategy, values
@@ -109,7 +108,12 @@ def _one_of(choices: Sequence[str]) -> str:
 
 
 class Kind:
-    """How one setting's values are read, checked and shown. Subclasses implement both forms."""
+    """How one setting's values are read, checked and shown. Subclasses implement both forms.
+
+    Plain classes rather than dataclasses: they are built at import, on every daemon start.
+    """
+
+    __slots__ = ()
 
     # How argparse takes the flag: a value, an optional value (booleans), or repeated values.
     arg_form: ClassVar[ArgForm] = "value"
@@ -136,10 +140,10 @@ class Kind:
         return value
 
 
-@dataclass(frozen=True)
 class BoolKind(Kind):
     """true/false/1/0/yes/no from text (any case); a YAML boolean in the file."""
 
+    __slots__ = ()
     arg_form: ClassVar[ArgForm] = "bool"
 
     def from_text(self, raw: Any, label: str) -> bool:
@@ -154,11 +158,13 @@ class BoolKind(Kind):
         return "true" if value else "false"
 
 
-@dataclass(frozen=True)
 class TextKind(Kind):
     """Any string; with ``nonempty``, not blank."""
 
-    nonempty: bool = False
+    __slots__ = ("nonempty",)
+
+    def __init__(self, nonempty: bool = False) -> None:
+        self.nonempty = nonempty
 
     def from_text(self, raw: Any, label: str) -> str:
         if self.nonempty and not str(raw).strip():
@@ -173,11 +179,13 @@ class TextKind(Kind):
         return value
 
 
-@dataclass(frozen=True)
 class ChoiceKind(Kind):
     """One member of a :class:`Choice` Enum, given by its value."""
 
-    choice: type[Choice]
+    __slots__ = ("choice",)
+
+    def __init__(self, choice: type[Choice]) -> None:
+        self.choice = choice
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -197,13 +205,15 @@ class ChoiceKind(Kind):
         return self.choice(value) if value in self.choices else value
 
 
-@dataclass(frozen=True)
 class DurationKind(Kind):
     """Seconds, from a Go duration ("60s", "1m30s") or a number of seconds; ``allow_zero``
     False requires > 0. (NVIDIA reads a bare number in the file as nanoseconds, which is never
     what anyone meant.)"""
 
-    allow_zero: bool = True
+    __slots__ = ("allow_zero",)
+
+    def __init__(self, allow_zero: bool = True) -> None:
+        self.allow_zero = allow_zero
 
     def from_text(self, raw: Any, label: str) -> float:
         return parse_duration(str(raw), label, self.allow_zero)
@@ -240,13 +250,15 @@ def _unique_members(items: Sequence[str], choice: type[Choice]) -> tuple[Choice,
     return tuple(result)
 
 
-@dataclass(frozen=True)
 class ChoiceListKind(Kind):
     """Several members of a Choice Enum, in order, duplicates dropped: from text a comma list
     (the flag may repeat), in the file a string or a list of strings."""
 
-    choice: type[Choice]
+    __slots__ = ("choice",)
     arg_form: ClassVar[ArgForm] = "multi"
+
+    def __init__(self, choice: type[Choice]) -> None:
+        self.choice = choice
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -309,11 +321,13 @@ def split_keys(value: object, known: Sequence[str], ignored: Sequence[str] = (),
     return result
 
 
-@dataclass(frozen=True)
 class VersionKind(Kind):
     """The file format's ``version``: exactly ``expected``."""
 
-    expected: str
+    __slots__ = ("expected",)
+
+    def __init__(self, expected: str) -> None:
+        self.expected = expected
 
     def from_text(self, raw: Any, label: str) -> str:
         if str(raw).strip() != self.expected:

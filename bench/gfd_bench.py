@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from gfd.labels import node_labels  # noqa: E402
 from gfd.nodepatch import KubeNodeApi, NodePublisher  # noqa: E402
-from gpus.config import Config, Flags  # noqa: E402
+from gpus.config import Config, Flags, MigStrategy  # noqa: E402
 from gpus.fake import install, load_profile, write_sysfs  # noqa: E402
 from gpus.nvml import Nvml  # noqa: E402
 from tests.apiserver import FakeApiServer  # noqa: E402
@@ -86,7 +86,7 @@ def bench_pass(passes: int, sysfs: str) -> None:
             snapshot = nvml.read_snapshot(sysfs)
         devices = sum(len(g.mig_devices) for g in snapshot.gpus)
         print(f"profile {PROFILE}: {len(snapshot.gpus)} GPUs, {devices} MIG devices")
-        for strategy in ("single", "mixed"):
+        for strategy in (MigStrategy.SINGLE, MigStrategy.MIXED):
             config = Config(flags=Flags(mig_strategy=strategy))
 
             def labels_only_pass(c: Config = config) -> None:
@@ -212,7 +212,7 @@ def main() -> int:
                 snapshot = nvml.read_snapshot(workdir)
         finally:
             fake.uninstall()
-        labels = node_labels(snapshot, Config(flags=Flags(mig_strategy="mixed")))
+        labels = node_labels(snapshot, Config(flags=Flags(mig_strategy=MigStrategy.MIXED)))
         bench_node_patch(args.passes, workdir, labels)
         bench_loop_rss(workdir, workdir)
     return 0

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from deviceplugin.mockkubelet import MockKubelet  # noqa: E402
 from gpus.backend import select_backend  # noqa: E402
-from gpus.config import Config  # noqa: E402
+from gpus.config import Config, MigStrategy  # noqa: E402
 from gpus.nvml import Nvml  # noqa: E402
 from gpus.resources import build_resource_map  # noqa: E402
 
@@ -91,7 +91,7 @@ def check_reader(checks: Checks, backend: str) -> None:
                      row["compute_cap"] == "{}.{}".format(*gpu.compute_capability),
                      row["compute_cap"])
         checks.check("driver version", row["driver_version"] == snapshot.system.driver_version)
-    for strategy in ("none", "single", "mixed"):
+    for strategy in MigStrategy:
         config = Config()
         config = type(config)(flags=type(config.flags)(mig_strategy=strategy))
         rmap = build_resource_map(snapshot, config)

@@ -518,3 +518,11 @@ def test_tab_indented_json_errors_have_lines(tmp_path: Path) -> None:
     text = '{\n\t"flags": {\n\t\t"plugin": {\n\t\t\t"deviceIDStrategy": "serial"\n\t\t}\n\t}\n}\n'
     assert file_error(text, tmp_path) == (
         "config.yaml:4: flags.plugin.deviceIDStrategy: must be one of uuid, index, got 'serial'")
+
+
+def test_nonempty_settings_are_nonempty_in_the_file_too() -> None:
+    # One kind per setting: --cdi-spec-dir "" was refused while cdiSpecDir: "" was accepted.
+    for section, key in (("plugin", "cdiSpecDir"), ("gfd", "machineTypeFile")):
+        with pytest.raises(ConfigError, match=rf"^cm:3: flags\.{section}\.{key}: must not be "
+                                              r"empty, got ' '$"):
+            parse_config(f"flags:\n  {section}:\n    {key}: ' '\n", "cm")

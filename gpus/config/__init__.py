@@ -1,0 +1,103 @@
+"""The v1 configuration shared by the device plugin and GFD (NVIDIA's ``api/config/v1``).
+
+Precedence: command-line flag > environment variable > config file > default.
+Field names in the file are NVIDIA's (camelCase); the dataclasses use snake_case.
+
+Typical use by a daemon::
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "plugin")
+    args = parser.parse_args()
+    config = resolve(args, os.environ)           # raises ConfigError with a one-line message
+    ...
+    config, error = reload(config, args, os.environ)   # on SIGHUP: keeps the old one on error
+
+A :class:`Config` is immutable (frozen dataclasses and tuples all the way down), so a failed
+load can never leave a half-applied configuration behind.
+
+Modules, one job each: ``model`` (the table: the dataclasses, one field per setting),
+``table`` (what a row holds and how the table is walked), ``values`` (value kinds: parsing a
+flag/env string or a file value), ``enums`` (typed strategies), ``sharing`` (time-slicing
+entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse`` (file data -> Config),
+``resolve`` (flags and env vars over the file).
+"""
+
+from .enums import (
+    ALLOCATION_POLICIES,
+    DEVICE_ID_STRATEGIES,
+    DEVICE_LIST_STRATEGIES,
+    MIG_STRATEGIES,
+    AllocationPolicy,
+    DeviceIdStrategy,
+    DeviceListStrategy,
+    MigStrategy,
+)
+from .errors import ConfigError
+from .fileformat import MAX_EXPANDED_NODES, load_config_file
+from .model import (
+    PROGRAM_DEST,
+    VERSION,
+    Config,
+    Flags,
+    GfdFlags,
+    PluginFlags,
+    Sharing,
+    TimeSlicing,
+)
+from .parse import load_config, parse_config
+from .resolve import add_flags, reload, resolve
+from .sharing import (
+    MAX_REPLICAS,
+    MAX_RESOURCE_NAME_LENGTH,
+    RESOURCE_PREFIX,
+    SHARED_SUFFIX,
+    ReplicatedResource,
+    normalize_resource_name,
+)
+from .table import Program
+from .values import (
+    duration_seconds,
+    parse_bool,
+    parse_choice,
+    parse_device_list_strategy,
+    parse_duration,
+)
+
+__all__ = [
+    "ALLOCATION_POLICIES",
+    "DEVICE_ID_STRATEGIES",
+    "DEVICE_LIST_STRATEGIES",
+    "MAX_EXPANDED_NODES",
+    "MAX_REPLICAS",
+    "MAX_RESOURCE_NAME_LENGTH",
+    "MIG_STRATEGIES",
+    "PROGRAM_DEST",
+    "RESOURCE_PREFIX",
+    "SHARED_SUFFIX",
+    "VERSION",
+    "AllocationPolicy",
+    "Config",
+    "ConfigError",
+    "DeviceIdStrategy",
+    "DeviceListStrategy",
+    "Flags",
+    "GfdFlags",
+    "MigStrategy",
+    "PluginFlags",
+    "Program",
+    "ReplicatedResource",
+    "Sharing",
+    "TimeSlicing",
+    "add_flags",
+    "duration_seconds",
+    "load_config",
+    "load_config_file",
+    "normalize_resource_name",
+    "parse_bool",
+    "parse_choice",
+    "parse_config",
+    "parse_device_list_strategy",
+    "parse_duration",
+    "reload",
+    "resolve",
+]

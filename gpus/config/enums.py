@@ -1,0 +1,60 @@
+"""The strategies and policies a setting chooses from, as str-valued Enums.
+
+Members are ``str`` subclasses, so ``flags.mig_strategy == "mixed"``, dictionary look-ups by
+the plain string and ``",".join(...)`` keep working; ``str()`` and f-strings give the value
+("mixed", never "MigStrategy.MIXED"), so labels, env values and messages are unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Choice(str, enum.Enum):
+    """Base of the choice Enums: prints as its value. (format() follows an overridden __str__
+    on 3.10 and later, so f-strings need nothing more.)"""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+
+class MigStrategy(Choice):
+    """``--mig-strategy``: how MIG devices are advertised."""
+
+    NONE = "none"
+    SINGLE = "single"
+    MIXED = "mixed"
+
+
+class DeviceListStrategy(Choice):
+    """``--device-list-strategy``: how Allocate hands devices to the runtime."""
+
+    ENVVAR = "envvar"
+    VOLUME_MOUNTS = "volume-mounts"
+    CDI_ANNOTATIONS = "cdi-annotations"
+    CDI_CRI = "cdi-cri"
+
+
+class DeviceIdStrategy(Choice):
+    """``--device-id-strategy``: the ids handed to the runtime."""
+
+    UUID = "uuid"
+    INDEX = "index"
+
+
+class AllocationPolicy(Choice):
+    """``--shared-devices-allocation-policy`` (ours): preferred allocation of shared devices."""
+
+    DISTRIBUTED = "distributed"
+    PACKED = "packed"
+
+
+def values(choice: type[Choice]) -> tuple[str, ...]:
+    """The plain strings of ``choice``'s members, in declaration order."""
+    return tuple(member.value for member in choice)
+
+
+MIG_STRATEGIES = values(MigStrategy)
+DEVICE_LIST_STRATEGIES = values(DeviceListStrategy)
+DEVICE_ID_STRATEGIES = values(DeviceIdStrategy)
+ALLOCATION_POLICIES = values(AllocationPolicy)

@@ -1,0 +1,215 @@
+"""The configuration table: NVIDIA's ``api/config/v1`` as frozen dataclasses.
+
+Every setting is one field written with :func:`~gpus.config.table.setting`: adding a setting is
+one row here plus the code that uses it (see docs/config.md, "Adding a setting").
+Field names are snake_case; the file's keys are NVIDIA's camelCase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .enums import AllocationPolicy, DeviceIdStrategy, DeviceListStrategy, MigStrategy
+from .sharing import ReplicatedResource, ResourceListKind, check_names, shared_name
+from .table import Section, coerce_settings, section, setting
+from .values import (
+    BoolKind,
+    ChoiceKind,
+    ChoiceListKind,
+    DurationKind,
+    TextKind,
+    VersionKind,
+)
+
+VERSION = "v1"
+PROGRAM_DEST = "nvk_program"  # hidden argparse default telling resolve() which daemon it serves
+
+BOOL = BoolKind()
+TEXT = TextKind()
+NONEMPTY = TextKind(nonempty=True)
+SECONDS = DurationKind()
+POSITIVE_SECONDS = DurationKind(allow_zero=False)
+
+# NVIDIA's keys that we accept but do not implement: each is a warning naming file and line.
+_TOP_IGNORED = ("resources", "imex")  # NVIDIA ignores "resources" too
+_FLAGS_IGNORED = ("mpsRoot", "gdrcopyEnabled", "gdsEnabled", "mofedEnabled", "useNodeFeatureAPI",
+                  "deviceDiscoveryStrategy", "restartOnDeviceUnhealthy")
+_PLUGIN_IGNORED = ("cdiAnnotationPrefix", "nvidiaCTKPath", "containerDriverRoot",
+                   "cdiFeatureFlags")
+_SHARING_IGNORED = ("mps",)  # MPS sharing is not implemented
+_TIME_SLICING_IGNORED = ("strategy",)  # an early NVIDIA field
+
+
+def _plugin(*names: str) -> dict[str, tuple[str, ...]]:
+    return {"plugin": names}
+
+
+def _gfd(*names: str) -> dict[str, tuple[str, ...]]:
+    return {"gfd": names}
+
+
+def _both(*names: str) -> dict[str, tuple[str, ...]]:
+    return {"plugin": names, "gfd": names}
+
+
+@dataclass(frozen=True)
+class PluginFlags:
+    """``flags.plugin``: options only the device plugin reads."""
+
+    pass_device_specs: bool = setting(
+        False, kind=BOOL, flags=("--pass-device-specs",), env=_plugin("PASS_DEVICE_SPECS"),
+        file="passDeviceSpecs", help="pass device specs to the kubelet in Allocate "
+        "(default {default})")
+    device_list_strategy: tuple[DeviceListStrategy, ...] = setting(
+        (DeviceListStrategy.ENVVAR,), kind=ChoiceListKind(DeviceListStrategy),
+        flags=("--device-list-strategy",), env=_plugin("DEVICE_LIST_STRATEGY"),
+        file="deviceListStrategy",
+        help="how Allocate passes devices: comma list of {choices} (default {default})")
+    device_id_strategy: DeviceIdStrategy = setting(
+        DeviceIdStrategy.UUID, kind=ChoiceKind(DeviceIdStrategy),
+        flags=("--device-id-strategy",), env=_plugin("DEVICE_ID_STRATEGY"),
+        file="deviceIDStrategy",
+        help="device ids handed to the runtime: uuid or index (default {default})")
+    # Ours: NVIDIA always distributes.
+    shared_devices_allocation_policy: AllocationPolicy = setting(
+        AllocationPolicy.DISTRIBUTED, kind=ChoiceKind(AllocationPolicy),
+        flags=("--shared-devices-allocation-policy",),
+        env=_plugin("SHARED_DEVICES_ALLOCATION_POLICY"), file="sharedDevicesAllocationPolicy",
+        help="preferred allocation of replicas and MIG devices: distributed or packed "
+        "(default {default})")
+    kubelet_socket: str = setting(
+        "/var/lib/kubelet/device-plugins/kubelet.sock", kind=TEXT, flags=("--kubelet-socket",),
+        env=_plugin("KUBELET_SOCKET"), file="kubeletSocket", empty_is_value=True,
+        help="kubelet registration socket; empty skips registration (default {default})")
+    cdi_spec_dir: str = setting(  # ours
+        "/var/run/cdi", kind=NONEMPTY, flags=("--cdi-spec-dir",), env=_plugin("CDI_SPEC_DIR"),
+        file="cdiSpecDir", help="where the CDI spec is written (default {default})")
+    # Ours (NVIDIA never recovers): seconds between probes of an unhealthy device, and the
+    # quiet period with no new critical XID before it is Healthy again. 0 disables recovery.
+    health_recovery_interval: float = setting(
+        5.0, kind=SECONDS, flags=("--health-recovery-interval",),
+        env=_plugin("HEALTH_RECOVERY_INTERVAL"), file="healthRecoveryInterval",
+        help="seconds between probes of unhealthy devices; 0 disables recovery "
+        "(default {default})")
+    health_quiet_period: float = setting(
+        30.0, kind=SECONDS, flags=("--health-quiet-period",),
+        env=_plugin("HEALTH_QUIET_PERIOD"), file="healthQuietPeriod",
+        help="seconds without a critical XID before a device is Healthy again "
+        "(default {default})")
+
+    def __post_init__(self) -> None:
+        coerce_settings(self)
+
+
+@dataclass(frozen=True)
+class GfdFlags:
+    """``flags.gfd``: options only GPU feature discovery reads."""
+
+    oneshot: bool = setting(
+        False, kind=BOOL, flags=("--oneshot",), env=_gfd("GFD_ONESHOT"), file="oneshot",
+        help="label once and exit (default {default})")
+    no_timestamp: bool = setting(
+        False, kind=BOOL, flags=("--no-timestamp",), env=_gfd("GFD_NO_TIMESTAMP"),
+        file="noTimestamp", help="omit the timestamp label (default {default})")
+    sleep_interval: float = setting(  # seconds; the file accepts Go durations like "60s"
+        60.0, kind=POSITIVE_SECONDS, flags=("--sleep-interval",), env=_gfd("GFD_SLEEP_INTERVAL"),
+        file="sleepInterval", help='time between labelling passes: Go duration ("60s", '
+        '"1m30s") or seconds (default {default})')
+    output_file: str = setting(
+        "/etc/kubernetes/node-feature-discovery/features.d/gfd", kind=TEXT,
+        flags=("--output-file", "--output", "-o"), env=_gfd("GFD_OUTPUT_FILE"),
+        file="outputFile", help="features file to write (default {default})")
+    machine_type_file: str = setting(
+        "/sys/class/dmi/id/product_name", kind=NONEMPTY, flags=("--machine-type-file",),
+        env=_gfd("GFD_MACHINE_TYPE_FILE"), file="machineTypeFile",
+        help="file holding the machine type (default {default})")
+
+
+@dataclass(frozen=True)
+class Flags:
+    """``flags``: options both daemons read."""
+
+    mig_strategy: MigStrategy = setting(
+        MigStrategy.NONE, kind=ChoiceKind(MigStrategy), flags=("--mig-strategy",),
+        env={"plugin": ("MIG_STRATEGY",), "gfd": ("GFD_MIG_STRATEGY", "MIG_STRATEGY")},
+        file="migStrategy",
+        help="how MIG devices are advertised: none, single or mixed (default {default})")
+    fail_on_init_error: bool = setting(
+        True, kind=BOOL, flags=("--fail-on-init-error",),
+        # GFD: NVIDIA's GFD reads both names, its own first.
+        env={"plugin": ("FAIL_ON_INIT_ERROR",),
+             "gfd": ("GFD_FAIL_ON_INIT_ERROR", "FAIL_ON_INIT_ERROR")},
+        file="failOnInitError",
+        help="exit on NVML initialisation errors; false logs and idles (default {default})")
+    nvidia_driver_root: str = setting(
+        "/", kind=TEXT, flags=("--driver-root", "--nvidia-driver-root"),
+        env=_both("NVIDIA_DRIVER_ROOT"), file="nvidiaDriverRoot",
+        help="root of the NVIDIA driver installation (default {default})")
+    nvidia_dev_root: str = setting(  # empty: same as the driver root
+        "", kind=TEXT, flags=("--dev-root", "--nvidia-dev-root"), env=_both("NVIDIA_DEV_ROOT"),
+        file="nvidiaDevRoot", help="root of the NVIDIA device nodes (default: the driver root)")
+    nvml: str = setting(  # ours: "real" or "fake:<profile name or path>"; not in the file
+        "real", kind=NONEMPTY, flags=("--nvml",), env=_both("NVML_BACKEND"),
+        help='NVML backend: "real" or "fake:<profile>" (default {default})')
+    sysfs_root: str = setting(  # ours: tests and simulation point it elsewhere; not in the file
+        "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_both("SYSFS_ROOT"),
+        help="where /sys is read from (default {default})")
+    plugin: PluginFlags = section(PluginFlags, file="plugin", ignored=_PLUGIN_IGNORED)
+    gfd: GfdFlags = section(GfdFlags, file="gfd")
+
+    def __post_init__(self) -> None:
+        coerce_settings(self)
+
+    @property
+    def dev_root(self) -> str:
+        """Where device nodes live: the dev root, else the driver root."""
+        return self.nvidia_dev_root or self.nvidia_driver_root
+
+
+@dataclass(frozen=True)
+class TimeSlicing:
+    """``sharing.timeSlicing``."""
+
+    rename_by_default: bool = setting(
+        False, kind=BOOL, file="renameByDefault",
+        help="advertise shared resources as <name>.shared unless renamed")
+    fail_requests_greater_than_one: bool = setting(
+        False, kind=BOOL, file="failRequestsGreaterThanOne",
+        help="refuse requests for more than one replica")
+    resources: tuple[ReplicatedResource, ...] = setting(
+        (), kind=ResourceListKind(), file="resources", help="the resources to time-slice")
+
+    def shared_name(self, resource: ReplicatedResource) -> str:
+        """The name ``resource``'s replicas are advertised under.
+
+        An explicit ``rename`` wins; else ``<name>.shared`` with ``renameByDefault``; else the
+        unchanged name.
+        """
+        return shared_name(resource, self.rename_by_default)
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """``sharing``."""
+
+    time_slicing: TimeSlicing = section(TimeSlicing, file="timeSlicing",
+                                        ignored=_TIME_SLICING_IGNORED, check=check_names)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration."""
+
+    version: str = setting(VERSION, kind=VersionKind(VERSION), file="version",
+                           help="the format's version; a missing one means v1")
+    flags: Flags = section(Flags, file="flags", ignored=_FLAGS_IGNORED)
+    sharing: Sharing = section(Sharing, file="sharing", ignored=_SHARING_IGNORED)
+    # The file this came from ("" when none), for logs and reloads; read before the rest.
+    config_file: str = setting(
+        "", kind=TEXT, flags=("--config-file",),
+        env={"plugin": ("CONFIG_FILE",), "gfd": ("GFD_CONFIG_FILE", "CONFIG_FILE")},
+        help="v1 config file, YAML or JSON (default: none, built-in defaults)")
+
+
+# The document itself, as a section: its keys and the NVIDIA keys it ignores.
+ROOT = Section(Config, file="", ignored=_TOP_IGNORED)

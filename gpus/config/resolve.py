@@ -1,0 +1,122 @@
+"""Flags and environment variables over the file: ``add_flags``, ``resolve``, ``reload``.
+
+Every flag and variable comes from the table (:func:`gpus.config.table.rows_for`); no setting
+is named here except ``config_file``, which is read first because it names the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError
+from .model import PROGRAM_DEST, Config
+from .parse import load_config
+from .table import PROGRAMS, Program, Row, rows_for
+
+LOG = logging.getLogger(__package__)
+_CONFIG_FILE = "config_file"  # the row naming the file the others are read over
+_UNSET: Any = object()
+
+
+def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
+    """Define the shared flags of ``program`` ("plugin" or "gfd") on ``parser``.
+
+    Every default is None so :func:`resolve` can tell an unset flag from one set to the default.
+    Values are validated by :func:`resolve`, not argparse, so errors are ConfigErrors.
+    Boolean flags accept ``--flag``, ``--flag=false`` and ``--flag false``.
+    """
+    if program not in PROGRAMS:
+        raise ValueError(f"program must be one of {', '.join(PROGRAMS)}, got {program!r}")
+    parser.set_defaults(**{PROGRAM_DEST: program})
+    group = parser.add_argument_group("configuration (flag > env > config file > default)")
+    for row in rows_for(Config, program):
+        if row.setting.flags:
+            _add_argument(group, row, program)
+
+
+def _add_argument(group: argparse._ArgumentGroup, row: Row, program: str) -> None:
+    names = row.setting.env[program]
+    help_text = row.help_text() + (f" [env {'/'.join(names)}]" if names else "")
+    flags = row.setting.flags
+    form = row.setting.kind.arg_form
+    if form == "bool":
+        group.add_argument(*flags, dest=row.name, nargs="?", const="true", default=None,
+                           metavar="BOOL", help=help_text)
+        return
+    # The metavar argparse would derive from the first long flag, whatever the dest.
+    metavar = flags[0].lstrip("-").replace("-", "_").upper()
+    action = "append" if form == "multi" else "store"
+    group.add_argument(*flags, dest=row.name, action=action, default=None, metavar=metavar,
+                       help=help_text)
+
+
+def _from_env(environ: Mapping[str, str], names: Sequence[str],
+              empty_is_value: bool = False) -> tuple[str, str] | None:
+    """The first non-empty variable among ``names`` as (name, value); empty counts as unset,
+    unless ``empty_is_value``: then the first variable set at all, blank meaning ""."""
+    for name in names:
+        value = environ.get(name, "")
+        if value.strip():
+            return name, value
+        if empty_is_value and name in environ:
+            return name, ""
+    return None
+
+
+def _given(row: Row, args: argparse.Namespace, environ: Mapping[str, str],
+           program: str) -> Any:
+    """The row's value from its flag, else its first set variable, else _UNSET."""
+    raw = getattr(args, row.name, None) if row.setting.flags else None
+    if raw is not None:
+        return row.setting.kind.from_text(raw, row.setting.flags[0])
+    found = _from_env(environ, row.setting.env[program], row.setting.empty_is_value)
+    if found is None:
+        return _UNSET
+    return row.setting.kind.from_text(found[1], found[0])
+
+
+def _replace(base: Any, attrs: tuple[str, ...], changes: Mapping[str, Any]) -> Any:
+    """``base`` with ``changes`` applied to the section at attribute path ``attrs``."""
+    if not attrs:
+        return dataclasses.replace(base, **changes)
+    inner = _replace(getattr(base, attrs[0]), attrs[1:], changes)
+    return dataclasses.replace(base, **{attrs[0]: inner})
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Build the effective Config: flag > env var > config file > default.
+
+    ``args`` comes from a parser prepared by :func:`add_flags`. Raises ConfigError naming the
+    flag, environment variable or file field that is wrong.
+    """
+    program = getattr(args, PROGRAM_DEST, "plugin")
+    table = rows_for(Config, program)
+    path = next((_given(row, args, environ, program) for row in table
+                 if row.name == _CONFIG_FILE and not row.section), _UNSET)
+    config = load_config(path) if path is not _UNSET and path else Config()
+    changes: dict[tuple[str, ...], dict[str, Any]] = {}
+    for row in table:
+        value = _given(row, args, environ, program)
+        if value is not _UNSET:
+            changes.setdefault(row.section, {})[row.name] = value
+    for attrs, section_changes in changes.items():
+        config = _replace(config, attrs, section_changes)
+    return config
+
+
+def reload(current: Config, args: argparse.Namespace,
+           environ: Mapping[str, str]) -> tuple[Config, str | None]:
+    """Resolve again (e.g. on SIGHUP); on any error keep ``current`` and return the message.
+
+    Returns ``(new_config, None)`` on success, ``(current, message)`` when the file is bad or
+    vanished, so the caller never runs with a half-applied configuration.
+    """
+    try:
+        return resolve(args, environ), None
+    except ConfigError as error:
+        LOG.error("config reload failed, keeping the running configuration: %s", error)
+        return current, str(error)

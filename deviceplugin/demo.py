@@ -24,11 +24,15 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_plugin_flags
 from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
 from gpus.config import Config
 from gpus.model import Snapshot
+
+if TYPE_CHECKING:
+    from gpus.fake import Profile
 
 GPU_RESOURCE = "nvidia.com/gpu"
 REGISTER_TIMEOUT_S = 30.0
@@ -76,14 +80,23 @@ def demo_config(
     )
 
 
-def print_labels(snapshot: Snapshot, config: Config, out: _Printer) -> None:
-    """GFD's labels for the simulated node."""
+def machine_type(profile: Profile | None) -> str:
+    """The simulated node's machine type (GFD's ``gpu.machine``): the profile's, marked so."""
+    if profile is None:
+        return "unknown"
+    return f"{profile.machine or profile.name}-simulated"
+
+
+def print_labels(
+    snapshot: Snapshot, config: Config, out: _Printer, machine: str = "unknown"
+) -> None:
+    """GFD's labels for the simulated node of machine type ``machine``."""
     try:
         from gfd.labels import node_labels
     except ImportError as err:  # GFD is optional for the plugin demo
         out(f"[GFD] labels unavailable: {err}")
         return
-    labels = node_labels(snapshot, config, machine="DGX-A100-simulated")
+    labels = node_labels(snapshot, config, machine=machine)
     out(f"[GFD] {len(labels)} node labels:")
     for key, value in sorted(labels.items()):
         out(f"    {key}={value}")
@@ -135,7 +148,8 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
         else:
             out("[demo] nothing to allocate: no resource has devices")
         assert plugin.snapshot is not None
-        print_labels(plugin.snapshot, config, out)
+        profile = controller.profile if controller is not None else None
+        print_labels(plugin.snapshot, config, out, machine_type(profile))
         control = config.flags.nvml.partition("control=")[2]
         out(f"[demo] serving; try: fake-nvml inject --control {control} xid 0 79")
         out.live = True

@@ -18,7 +18,9 @@ name another only when registration is off (``--kubelet-socket ""``); otherwise 
 start: the kubelet resolves the endpoint we register, a base name, in its own directory.
 
 Exit status: 0 after a signal; 1 for an initialisation error with ``--fail-on-init-error``
-(the default), after one line on stderr; 2 for invalid flags or configuration.
+(the default), after one line on stderr; 2 for invalid flags or configuration, including an
+``--nvml`` backend that cannot be used as given (unknown or invalid fake profile), whatever
+``--fail-on-init-error`` says.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ EXIT_OK, EXIT_INIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 class InitError(RuntimeError):
     """The plugin cannot start; the message is the one line the user sees."""
+
+
+class BackendSpecError(InitError):
+    """``--nvml`` names a backend that cannot be used as given (bad form, unknown or invalid
+    profile): a usage error, exit 2 whatever ``--fail-on-init-error`` says, as GFD does."""
 
 
 def socket_dir_for(config: Config, override: str = "") -> str:
@@ -176,7 +183,7 @@ class DevicePlugin:
 
     def select_backend(self) -> FakeNvml | None:
         """Install the configured NVML backend (once); returns the fake's controller or None."""
-        from gpus.backend import effective_config, select_backend
+        from gpus.backend import BackendError, effective_config, select_backend
 
         spec = self.config.flags.nvml
         if self._backend_spec != spec:
@@ -185,7 +192,9 @@ class DevicePlugin:
                 self.controller = None
             try:
                 self.controller = select_backend(spec, sysfs_root=self.config.flags.sysfs_root)
-            except Exception as err:  # bad profile, unreadable file, control socket: one line
+            except BackendError as err:  # bad spec or profile: a restart would not help
+                raise BackendSpecError(f"invalid --nvml: {err}") from err  # err names spec
+            except Exception as err:  # control socket, sysfs tree: one line
                 raise InitError(f"--nvml {spec!r}: {err}") from err
             self._backend_spec = spec
         # A fake's profile answers sysfs too (PCI class, NUMA): read where it wrote them.
@@ -571,6 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plugin.readiness.clear()  # a previous run's file (the emptyDir outlives the container)
     try:
         plugin.start()
+    except BackendSpecError as err:
+        plugin.close()
+        signals.restore()
+        return _die(f"error: {err}", EXIT_USAGE)
     except InitError as err:
         if plugin.config.flags.fail_on_init_error:
             plugin.close()

@@ -187,11 +187,13 @@ class NvmlBackend:
         """
         if spec == self._spec:
             return
-        from gpus.backend import select_backend
+        from gpus.backend import BackendError, select_backend
 
         self.close()
         try:
             self._fake = select_backend(spec, sysfs_root=sysfs_root)
+        except BackendError as err:  # its message names the spec already
+            raise ConfigError(f"invalid --nvml: {err}") from err
         except (ValueError, OSError) as err:
             raise ConfigError(f"invalid --nvml {spec!r}: {err}") from err
         self._spec = spec

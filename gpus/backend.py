@@ -44,6 +44,12 @@ QUERY_KEYS = ("control",)
 USAGE = "expected 'real' or 'fake:<profile name or path to a .yaml>[?control=<socket path>]'"
 
 
+class BackendError(ValueError):
+    """The ``--nvml`` spec itself is wrong: a bad form, an unknown or invalid profile, or a fake
+    refused on a GPU node. A restart cannot fix it, so both daemons exit 2 (usage) on it,
+    whatever ``--fail-on-init-error`` says."""
+
+
 def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
     """The spec in ``NVML_BACKEND``, or ``real``."""
     env = os.environ if environ is None else environ
@@ -53,26 +59,28 @@ def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
 def parse_backend(spec: str) -> tuple[str, str | None] | None:
     """Validate a spec without installing anything: None for real, else (profile, control).
 
-    Raises ValueError naming the allowed forms.
+    Raises BackendError naming the allowed forms.
     """
     text = spec.strip() if isinstance(spec, str) else ""
     if text == "real":
         return None
     if not text.startswith("fake:"):
-        raise ValueError(f"unknown NVML backend {spec!r}: {USAGE}")
+        raise BackendError(f"unknown NVML backend {spec!r}: {USAGE}")
     target, _, query = text[len("fake:") :].partition("?")
     if not target:
-        raise ValueError(f"NVML backend {spec!r} names no profile: {USAGE}")
+        raise BackendError(f"NVML backend {spec!r} names no profile: {USAGE}")
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
-        raise ValueError(f"NVML backend {spec!r}: bad query {query!r}: {USAGE}") from exc
+        raise BackendError(f"NVML backend {spec!r}: bad query {query!r}: {USAGE}") from exc
     unknown = sorted(set(params) - set(QUERY_KEYS))
     if unknown:
-        raise ValueError(f"NVML backend {spec!r}: unknown option {unknown[0]!r} (allowed: control)")
+        raise BackendError(
+            f"NVML backend {spec!r}: unknown option {unknown[0]!r} (allowed: control)"
+        )
     control = params.get("control", [""])[-1] or None
     if "control" in params and control is None:
-        raise ValueError(f"NVML backend {spec!r}: control= needs a socket path")
+        raise BackendError(f"NVML backend {spec!r}: control= needs a socket path")
     return target, control
 
 
@@ -100,7 +108,7 @@ def _is_nvidia_gpu(device_dir: str) -> bool:
 def check_fake_allowed(
     spec: str, environ: Mapping[str, str] | None = None, host_sysfs: str = "/"
 ) -> None:
-    """Raise ValueError if a fake backend would stand in for real GPUs on a cluster node."""
+    """Raise BackendError if a fake backend would stand in for real GPUs on a cluster node."""
     env = os.environ if environ is None else environ
     if not env.get("KUBERNETES_SERVICE_HOST"):
         return
@@ -108,7 +116,7 @@ def check_fake_allowed(
         return
     gpus = nvidia_gpus_in_sysfs(host_sysfs)
     if gpus:
-        raise ValueError(
+        raise BackendError(
             f"NVML backend {spec!r} refused: this node has NVIDIA GPUs ({', '.join(gpus[:4])}"
             f"{', ...' if len(gpus) > 4 else ''}); the simulated backend must not stand in for "
             f"them (set {ALLOW_ON_GPU_NODE_ENV}=true to override)"
@@ -124,9 +132,10 @@ def select_backend(
 ) -> FakeNvml | None:
     """Install the backend ``spec`` names: None for real, else the installed fake's controller.
 
-    Bad specs, unknown profiles and a fake on a real GPU node in a cluster (checked in
-    ``host_sysfs``; see the module docstring) raise ValueError; nothing is installed then. For a
-    fake, a ``sysfs_root`` other than "/" receives the profile's sysfs files.
+    Bad specs, unknown or invalid profiles and a fake on a real GPU node in a cluster (checked in
+    ``host_sysfs``; see the module docstring) raise BackendError; a control socket or sysfs tree
+    that cannot be written raises ValueError. Nothing is installed after either. For a fake, a
+    ``sysfs_root`` other than "/" receives the profile's sysfs files.
     """
     parsed = parse_backend(spec)
     if parsed is None:
@@ -140,7 +149,7 @@ def select_backend(
     try:
         fake = install(profile, control_socket=control)
     except ProfileError as exc:
-        raise ValueError(f"NVML backend {spec!r}: {exc}") from exc
+        raise BackendError(f"NVML backend {spec!r}: {exc}") from exc
     except OSError as exc:
         raise ValueError(f"NVML backend {spec!r}: cannot serve control socket: {exc}") from exc
     log.info(

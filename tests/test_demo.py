@@ -41,3 +41,20 @@ def test_demo_mig_with_device_specs() -> None:
     assert "[Allocate] nvidia.com/mig-1g.5gb: MIG-" in out
     assert "/driver/dev/nvidia0 -> /dev/nvidia0 (rw)" in out
     assert out.count("-> /dev/nvidia-caps/nvidia-cap") == 2
+
+
+def test_demo_labels_the_profiles_machine() -> None:
+    out = run_demo("--profile", "t4", "--allocate", "1", "--exit-after", "0")
+    assert "nvidia.com/gpu.machine=g4dn.12xlarge-simulated" in out
+    assert "DGX-A100" not in out
+
+
+def test_machine_type_comes_from_the_profile() -> None:
+    from deviceplugin.demo import machine_type
+    from gpus.fake import load_profile
+
+    assert machine_type(load_profile("dgx-a100")) == "DGX-A100-simulated"
+    assert machine_type(load_profile("a100-mig-1g")) == "DGX-A100-simulated"  # via extends
+    assert machine_type(load_profile("dgx-h100")) == "DGX-H100-simulated"
+    assert machine_type(load_profile("hetero")) == "hetero-simulated"  # no machine: the name
+    assert machine_type(None) == "unknown"

@@ -39,7 +39,8 @@ def test_unknown_backend_is_a_usage_error(capsys) -> None:
 
 
 def test_unknown_fake_profile_fails_init_with_one_line(capsys) -> None:
-    assert main(["--nvml", "fake:no-such-machine", "--kubelet-socket", ""]) == 1
+    # A usage error (exit 2) as in GFD, not an init failure: a restart would not fix it.
+    assert main(["--nvml", "fake:no-such-machine", "--kubelet-socket", ""]) == 2
     lines = [line for line in stderr_lines(capsys) if line.startswith("nvidia-device-plugin:")]
     assert len(lines) == 1 and "no-such-machine" in lines[0]
 
@@ -137,7 +138,7 @@ def test_stale_ready_file_is_deleted_at_start(capsys) -> None:
         ready = os.path.join(directory, "ready")
         Path(ready).write_text("left by a previous container\n")
         status = main(["--nvml", "fake:no-such-profile", "--ready-file", ready])
-        assert status == 1
+        assert status == 2
         assert not os.path.exists(ready)
 
 

@@ -5,11 +5,15 @@ fake-nvml show dgx-a100-mig [--json]
 fake-nvml inject --control /run/fake-nvml.sock xid 3 79
 fake-nvml inject --control /run/fake-nvml.sock xid MIG-... 94
 fake-nvml inject --control /run/fake-nvml.sock fail nvmlDeviceGetUUID NVML_ERROR_UNKNOWN --count 1
+
+--control (or $FAKE_NVML_CONTROL) may come before or after the fault. inject waits up to --wait
+seconds (default 5) for the socket to appear, so it can follow a daemon that is still starting.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpus.fake.control import ControlError, send
+from gpus.fake.control import CONNECT_WAIT_S, ControlError, send
 from gpus.fake.controller import install, write_sysfs
 from gpus.fake.profile import ProfileError, list_profiles, load_profile
 from gpus.model import Snapshot, TopologyLevel
@@ -54,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the Snapshot as JSON")
 
     inject = sub.add_parser("inject", help="inject a fault through a daemon's control socket")
-    inject.add_argument(
-        "--control",
-        default=os.environ.get(CONTROL_ENV),
-        help=f"control socket path (env {CONTROL_ENV})",
+    _socket_options(
+        inject, default_control=os.environ.get(CONTROL_ENV), default_wait=CONNECT_WAIT_S
     )
-    faults = inject.add_subparsers(dest="fault", required=True)
+    # The same options after the fault; SUPPRESS so that absent there they do not overwrite
+    # what was given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    _socket_options(after, default_control=argparse.SUPPRESS, default_wait=argparse.SUPPRESS)
+    faults = _FaultParsers(inject.add_subparsers(dest="fault", required=True), after)
     xid = faults.add_parser("xid", help="deliver a critical XID event")
     xid.add_argument("gpu", type=_gpu_arg, help="GPU index, GPU UUID or MIG UUID")
     xid.add_argument("xid", type=int)
@@ -79,6 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_parser("clear", help="remove all injected faults, restore lost GPUs")
     faults.add_parser("status", help="print the active faults")
     return parser
+
+
+def _socket_options(
+    parser: argparse.ArgumentParser, default_control: Any, default_wait: Any
+) -> None:
+    parser.add_argument(
+        "--control", default=default_control, help=f"control socket path (env {CONTROL_ENV})"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=default_wait,
+        metavar="S",
+        help=f"wait up to S seconds for the socket to appear (default {CONNECT_WAIT_S:g})",
+    )
+
+
+class _FaultParsers:
+    """The fault subcommands, each also accepting the socket options."""
+
+    def __init__(self, actions: Any, parent: argparse.ArgumentParser) -> None:
+        self._actions = actions
+        self._parent = parent
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._actions.add_parser(
+            name, parents=[self._parent], **kwargs
+        )
+        return parser
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,6 +180,18 @@ def _show(profile_ref: str, as_json: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (fake-nvml list | head): stop quietly, as the Python docs
+        # advise: point stdout at /dev/null so the flush at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -156,12 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.control:
                 print(f"fake-nvml: --control (or {CONTROL_ENV}) is required", file=sys.stderr)
                 return 2
-            reply = send(args.control, _request(args))
+            reply = send(args.control, _request(args), wait=max(args.wait, 0.0))
             reply.pop("ok", None)
             print(json.dumps(reply) if reply else "ok")
     except (ProfileError, ControlError, NvmlError) as exc:
         print(f"fake-nvml: {exc}", file=sys.stderr)
         return 1
+    sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
     return 0
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
+# How long ``fake-nvml inject`` waits for a daemon that is still starting to create its socket.
+CONNECT_WAIT_S = 5.0
+_POLL_S = 0.05
 
 
 class ControlError(Exception):
@@ -172,12 +176,49 @@ class ControlServer:
             conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def send(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send one request to a control socket and return the reply (ControlError if not ok)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
+def _pause(seconds: float) -> None:
+    """Sleep between connection attempts (a seam: tests observe the wait through it)."""
+    time.sleep(seconds)
+
+
+def connect(path: str, timeout: float = 5.0, wait: float = 0.0) -> socket.socket:
+    """A connection to the control socket at ``path``.
+
+    While the socket file does not exist yet, or exists but nobody listens on it yet (a daemon
+    between bind and listen, or a stale file of a stopped one), retry every 50 ms for up to
+    ``wait`` seconds; then ControlError naming the path and how to serve one.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
             sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                raise ControlError(
+                    f"cannot reach the fake NVML control socket {path}{waited}: {exc.strerror} "
+                    f"(is a daemon running with --nvml 'fake:<profile>?control={path}'?)"
+                ) from exc
+            _pause(min(_POLL_S, left))
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"cannot reach the fake NVML control socket {path}: {exc}") from exc
+
+
+def send(
+    path: str, request: dict[str, Any], timeout: float = 5.0, wait: float = 0.0
+) -> dict[str, Any]:
+    """Send one request to a control socket and return the reply (ControlError if not ok).
+
+    ``wait``: seconds to wait for the socket to appear (see :func:`connect`).
+    """
+    try:
+        with connect(path, timeout, wait) as sock:
             sock.sendall(json.dumps(request).encode() + b"\n")
             line = sock.makefile("rb").readline()
     except OSError as exc:

@@ -91,10 +91,24 @@ _ARCH_CODES = {name: getattr(pynvml, f"NVML_DEVICE_ARCH_{name.upper()}") for nam
 _BRAND_CODES = {name: getattr(pynvml, f"NVML_BRAND_{name.upper()}") for name in BRANDS}
 
 
+def _fits(ctype: Any, value: int) -> int:
+    """``value`` if the C integer type holds it; ctypes would silently wrap it otherwise.
+
+    The loader bounds every profile value; this catches a value it missed (or a Profile built
+    in code) as NVML_ERROR_UNKNOWN instead of a wrong answer such as 2^70 bytes read as 0.
+    """
+    if ctype(value).value != value:
+        log.error("fake NVML: %d does not fit the C type %s", value, ctype.__name__)
+        raise NvmlReturn(pynvml.NVML_ERROR_UNKNOWN)
+    return value
+
+
 def _out(pointer: int | None, ctype: Any, value: Any) -> None:
     """Write ``value`` through an output pointer of C type ``ctype``."""
     if not pointer:
         raise NvmlReturn(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+    if ctype is not c_void_p:
+        value = _fits(ctype, value)
     ctypes.cast(pointer, POINTER(ctype))[0] = value
 
 
@@ -316,8 +330,8 @@ class NvmlFunctions:
     def _memory_bytes(self, handle: int) -> int:
         dev = self.s.device(handle)
         if isinstance(dev, FakeMig):
-            return dev.gpu_instance.spec.profile.memory_mib * MIB
-        return dev.spec.model.memory_bytes
+            return _fits(c_ulonglong, dev.gpu_instance.spec.profile.memory_mib * MIB)
+        return _fits(c_ulonglong, dev.spec.model.memory_bytes)
 
     def _gpu_of(self, handle: int) -> FakeGpu:
         dev = self.s.device(handle)

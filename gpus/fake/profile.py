@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,31 @@ from gpus.model import sysfs_bus_id
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 MODELS_FILE = PROFILES_DIR / "_models.yaml"
 MIB = 1 << 20
+# Limits: a profile is data from outside (a ConfigMap, a path on the command line), and the
+# fake turns it into NVML answers and O(GPUs^2) topology matrices, so everything is bounded.
+# The shipped profiles are at most a few KiB.
+MAX_PROFILE_BYTES = 1 << 20
+# Real nodes have at most a few dozen GPUs (16 on an HGX-16, 72 per NVL72 rack across 18 nodes).
+MAX_GPUS = 64
+# GPU instance profiles go up to 8 slices (NVML_GPU_INSTANCE_PROFILE_8_SLICE): at most 8 compute
+# slices, so at most 8 MIG devices per GPU.
+MAX_MIG_SLICES = 8
+# GPU instance ids the driver's mig-minors file has slots for (gpu<g>/gi0..gi14).
+MAX_GPU_INSTANCE_ID = 14
+# /dev/nvidia<minor>: the driver numbers GPUs 0..254; minor 255 is /dev/nvidiactl.
+MAX_MINOR = 254
+MAX_NUMA_NODE = 1023  # Linux's MAX_NUMNODES at its largest (CONFIG_NODES_SHIFT=10)
+MAX_EXTENDS_DEPTH = 8
+# The C types NVML reports values in.
+C_INT_MAX = (1 << 31) - 1
+C_UINT_MAX = (1 << 32) - 1
+C_ULLONG_MAX = (1 << 64) - 1
+# Buffer sizes of the string calls (NUL included), as pynvml allocates them.
+DRIVER_VERSION_BUFFER = 80  # NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE (NVML version too)
+NAME_BUFFER = 96  # NVML_DEVICE_NAME_V2_BUFFER_SIZE (GPU instance profile names too)
+UUID_BUFFER = 96  # NVML_DEVICE_UUID_V2_BUFFER_SIZE
+NVLINK_MAX_LINKS = 18  # NVML_NVLINK_MAX_LINKS of the NVML the shipped driver versions carry
+_UUID = re.compile(r"^GPU-[A-Za-z0-9._-]+$")
 # libyaml's loader when PyYAML was built with it: parsing is ~7x faster, which is most of the
 # fake backend's start-up cost; same safe constructors, same results.
 _SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -217,6 +243,8 @@ class Profile:
     nvml_version: str
     gpus: tuple[GpuSpec, ...]
     topology: Topology
+    # The machine type GFD would read from the DMI product name; defaults to the profile name.
+    machine: str = ""
 
 
 def list_profiles() -> list[str]:
@@ -224,10 +252,13 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if not p.name.startswith("_"))
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
-    """Load and validate a shipped profile by name, or any profile file by path."""
+def load_profile(name_or_path: str | Path, *, max_bytes: int = MAX_PROFILE_BYTES) -> Profile:
+    """Load and validate a shipped profile by name, or any profile file by path.
+
+    A file (or a file it ``extends``) larger than ``max_bytes`` is refused before it is read.
+    """
     path = _resolve(name_or_path)
-    raw = _load_raw(path, ())
+    raw = _load_raw(path, (), max_bytes)
     return _Builder(str(path), raw).build()
 
 
@@ -240,15 +271,33 @@ def _resolve(name_or_path: str | Path) -> Path:
         return path
     path = PROFILES_DIR / f"{text}.yaml"
     if text.startswith("_") or not path.is_file():
-        raise ProfileError(f"{text}: unknown profile (shipped: {', '.join(list_profiles())})")
+        raise ProfileError(
+            f"{text}: unknown profile (shipped: {', '.join(list_profiles())}; "
+            "'fake-nvml list' describes them; or give a path to a .yaml file)"
+        )
     return path
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_text(path: Path, max_bytes: int) -> str:
+    """The file's text; ProfileError for a file over ``max_bytes``, checked before reading."""
+    too_big = f"{path}: larger than the {max_bytes} bytes a profile may have"
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > max_bytes:
+            raise ProfileError(f"{too_big} ({size} bytes)")
+        # The size can lie (a file still growing, /proc): never read more than the limit.
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ProfileError(too_big)
+    return data.decode()
+
+
+def _read_yaml(path: Path, max_bytes: int = MAX_PROFILE_BYTES) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(), Loader=_SAFE_LOADER)
-    # Not UTF-8, or nested deeper than the parser recurses: still the profile's fault.
-    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
+        data = yaml.load(_read_text(path, max_bytes), Loader=_SAFE_LOADER)
+    # Not UTF-8, nested deeper than the parser recurses, or too big even within the size limit:
+    # still the profile's fault.
+    except (OSError, UnicodeDecodeError, RecursionError, MemoryError, yaml.YAMLError) as exc:
         raise ProfileError(f"{path}: cannot read: {exc}") from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: top level must be a mapping")
@@ -271,11 +320,13 @@ def _parse_models(path: Path, mtime_ns: int) -> Mapping[str, Any]:
     return models
 
 
-def _load_raw(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _load_raw(path: Path, seen: tuple[Path, ...], max_bytes: int) -> dict[str, Any]:
     """Read a profile, resolving ``extends`` (the child's top-level keys win)."""
     if path.resolve() in seen:
         raise ProfileError(f"{path}: extends: cycle through {', '.join(map(str, seen))}")
-    data = _read_yaml(path)
+    if len(seen) >= MAX_EXTENDS_DEPTH:
+        raise ProfileError(f"{path}: extends: more than {MAX_EXTENDS_DEPTH} levels")
+    data = _read_yaml(path, max_bytes)
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data
@@ -285,7 +336,7 @@ def _load_raw(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         parent_path = _resolve(parent_ref)
     except ProfileError as exc:
         raise ProfileError(f"{path}: extends: {exc}") from exc
-    merged = _load_raw(parent_path, (*seen, path.resolve()))
+    merged = _load_raw(parent_path, (*seen, path.resolve()), max_bytes)
     merged.pop("name", None)
     merged.pop("description", None)
     merged.update(data)
@@ -324,6 +375,35 @@ class _Builder:
             raise self.fail(field, f"expected {_kind_names(kinds)}, got {value!r}")
         return value
 
+    def get_int(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        field: str,
+        bounds: tuple[int, int, str],
+        default: Any = ...,
+    ) -> Any:
+        """An integer ``data[key]`` within ``bounds`` = (low, high, what NVML reports it as)."""
+        value = self.get(data, key, field, int, default)
+        low, high, ctype = bounds
+        if isinstance(value, int) and not low <= value <= high:
+            raise self.fail(field, f"{value} is out of range {low}..{high} ({ctype})")
+        return value
+
+    def get_str(
+        self, data: Mapping[str, Any], key: str, field: str, buffer: int, default: Any = ...
+    ) -> Any:
+        """A string ``data[key]`` that fits, NUL included, in NVML's ``buffer`` bytes."""
+        value = self.get(data, key, field, str, default)
+        if isinstance(value, str):
+            self.check_length(value, field, buffer)
+        return value
+
+    def check_length(self, text: str, field: str, buffer: int) -> None:
+        """Refuse a string NVML could not return in a ``buffer``-byte buffer."""
+        if len(text.encode()) >= buffer:
+            raise self.fail(field, f"longer than the {buffer - 1} bytes NVML can return")
+
     def check_keys(self, data: Mapping[str, Any], allowed: Iterable[str], field: str) -> None:
         """Reject unknown keys (typos would otherwise be silently ignored)."""
         unknown = sorted(set(map(str, data)) - set(allowed))
@@ -344,6 +424,7 @@ class _Builder:
                 "driver_version",
                 "cuda_driver_version",
                 "nvml_version",
+                "machine",
                 "models",
                 "defaults",
                 "gpus",
@@ -353,7 +434,13 @@ class _Builder:
             "",
         )
         name = self.get(raw, "name", "name", str)
-        driver = self.get(raw, "driver_version", "driver_version", str)
+        driver = self.get_str(raw, "driver_version", "driver_version", DRIVER_VERSION_BUFFER)
+        # Bounded before the models: a huge gpus list must not cost anything.
+        self.get(raw, "gpus", "gpus", list)
+        if len(raw["gpus"]) > MAX_GPUS:
+            raise self.fail(
+                "gpus", f"{len(raw['gpus'])} GPUs, more than the {MAX_GPUS} a node can have"
+            )
         models = self.models()
         gpus = self.gpus(name, models)
         return Profile(
@@ -361,8 +448,13 @@ class _Builder:
             description=self.get(raw, "description", "description", str, ""),
             source=self.source,
             driver_version=driver,
-            cuda_driver_version=self.get(raw, "cuda_driver_version", "cuda_driver_version", int),
-            nvml_version=self.get(raw, "nvml_version", "nvml_version", str, f"12.{driver}"),
+            cuda_driver_version=self.get_int(
+                raw, "cuda_driver_version", "cuda_driver_version", _C_INT
+            ),
+            nvml_version=self.get_str(
+                raw, "nvml_version", "nvml_version", DRIVER_VERSION_BUFFER, f"12.{driver}"
+            ),
+            machine=self.get(raw, "machine", "machine", str, name),
             gpus=gpus,
             topology=self.topology(gpus),
         )
@@ -404,8 +496,12 @@ class _Builder:
             field,
         )
         cc = self.get(data, "compute_capability", f"{field}.compute_capability", list)
-        if len(cc) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in cc):
-            raise self.fail(f"{field}.compute_capability", "expected [major, minor]")
+        if len(cc) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= C_INT_MAX for v in cc
+        ):
+            raise self.fail(
+                f"{field}.compute_capability", f"expected [major, minor], each 0..{C_INT_MAX}"
+            )
         arch = self.get(data, "architecture", f"{field}.architecture", str)
         if arch not in (*ARCHITECTURES, "unknown"):
             raise self.fail(
@@ -415,8 +511,12 @@ class _Builder:
         if brand not in BRANDS:
             raise self.fail(f"{field}.brand", f"unknown {brand!r} (one of {', '.join(BRANDS)})")
         memory = self.get(data, "memory_bytes", f"{field}.memory_bytes", int)
-        if memory <= 0 or memory % MIB:
-            raise self.fail(f"{field}.memory_bytes", "must be a positive whole number of MiB")
+        if memory <= 0 or memory % MIB or memory > C_ULLONG_MAX:
+            raise self.fail(
+                f"{field}.memory_bytes",
+                f"must be a positive whole number of MiB up to {C_ULLONG_MAX} "
+                "(NVML reports it as an unsigned long long)",
+            )
         mig_raw = data.get("mig")
         mig_field = f"{field}.mig"
         table_ref = data.get("mig_table")
@@ -425,23 +525,28 @@ class _Builder:
                 raise self.fail(f"{field}.mig_table", f"unknown model {table_ref!r}")
             mig_raw = raw_models[table_ref].get("mig")
             mig_field = f"models.{table_ref}.mig"
+        name = self.get_str(data, "name", f"{field}.name", NAME_BUFFER)
+        mig_profiles = self.mig_table(mig_raw or [], mig_field)
+        for mig in mig_profiles:
+            # A MIG device's name is "<GPU name> MIG <c>c.<profile>".
+            self.check_length(f"{name} MIG 8c.{mig.name}", f"{field}.name", NAME_BUFFER)
         return Model(
             key=key,
-            name=self.get(data, "name", f"{field}.name", str),
+            name=name,
             memory_bytes=memory,
             compute_capability=(cc[0], cc[1]),
             architecture=arch,
             brand=brand,
-            pci_device_id=self.get(data, "pci_device_id", f"{field}.pci_device_id", int),
-            pci_subsystem_id=self.get(
-                data, "pci_subsystem_id", f"{field}.pci_subsystem_id", int, 0
+            pci_device_id=self.get_int(data, "pci_device_id", f"{field}.pci_device_id", _C_UINT),
+            pci_subsystem_id=self.get_int(
+                data, "pci_subsystem_id", f"{field}.pci_subsystem_id", _C_UINT, 0
             ),
-            pci_class=self.get(data, "pci_class", f"{field}.pci_class", int, 0x030200),
-            nvlinks=self.get(data, "nvlinks", f"{field}.nvlinks", int, 0),
-            mig_slices=self.get(
-                data, "mig_slices", f"{field}.mig_slices", int, 7 if mig_raw else 0
+            pci_class=self.get_int(data, "pci_class", f"{field}.pci_class", _PCI_CLASS, 0x030200),
+            nvlinks=self.get_int(data, "nvlinks", f"{field}.nvlinks", _NVLINKS, 0),
+            mig_slices=self.get_int(
+                data, "mig_slices", f"{field}.mig_slices", _MIG_SLICES, 7 if mig_raw else 0
             ),
-            mig_profiles=self.mig_table(mig_raw or [], mig_field),
+            mig_profiles=mig_profiles,
         )
 
     def mig_table(self, rows: Any, field: str) -> tuple[MigProfile, ...]:
@@ -460,19 +565,13 @@ class _Builder:
                     f"{f}.profile", f"unknown {profile!r} (one of {', '.join(GI_PROFILES)})"
                 )
             ints = {
-                k: self.get(row, k, f"{f}.{k}", int, 0 if k in _ENGINE_FIELDS else ...)
-                for k in (
-                    "id",
-                    "slices",
-                    "instances",
-                    "memory_mib",
-                    "multiprocessors",
-                    *_ENGINE_FIELDS,
-                )
+                k: self.get_int(row, k, f"{f}.{k}", bounds, 0 if k in _ENGINE_FIELDS else ...)
+                for k, bounds in _MIG_PROFILE_BOUNDS.items()
             }
-            out.append(
-                MigProfile(profile=profile, name=self.get(row, "name", f"{f}.name", str), **ints)
-            )
+            # nvmlGpuInstanceProfileInfo_v2_t.name is "MIG <name>".
+            name = self.get(row, "name", f"{f}.name", str)
+            self.check_length(f"MIG {name}", f"{f}.name", NAME_BUFFER)
+            out.append(MigProfile(profile=profile, name=name, **ints))
         return tuple(out)
 
     # -- GPUs -----------------------------------------------------------------------------------
@@ -489,7 +588,7 @@ class _Builder:
                 raise self.fail(
                     f"mig.{key}", f"expected 'all' or a GPU index 0..{len(entries) - 1}"
                 )
-        out = []
+        out: list[GpuSpec] = []
         bus_ids: set[str] = set()
         for index, entry in enumerate(entries):
             field = f"gpus[{index}]"
@@ -512,18 +611,20 @@ class _Builder:
             if bus_id in bus_ids:
                 raise self.fail(f"{field}.bus_id", f"duplicate bus id {bus_id}")
             bus_ids.add(bus_id)
-            numa = self.get(data, "numa_node", f"{field}.numa_node", int, None)
+            numa = self.get_int(data, "numa_node", f"{field}.numa_node", _NUMA, None)
             mig_field, mig_value = f"{field}.mig", data.get("mig")
             for key in ("all", index):
                 if key in mig_overrides:
                     mig_field, mig_value = f"mig.{key}", mig_overrides[key]
-            uuid = self.get(
-                data,
-                "uuid",
-                f"{field}.uuid",
-                str,
-                f"GPU-{uuidlib.uuid5(uuidlib.NAMESPACE_URL, f'fake-nvml/{profile_name}/{index}')}",
-            )
+            uuid = self.uuid(data, field, profile_name, index)
+            minor = self.get_int(data, "minor", f"{field}.minor", _MINOR, index)
+            for other in out:
+                if other.uuid == uuid:
+                    raise self.fail(f"{field}.uuid", f"duplicate UUID {uuid} (GPU {other.index})")
+                if other.minor == minor:
+                    raise self.fail(
+                        f"{field}.minor", f"duplicate minor number {minor} (GPU {other.index})"
+                    )
             enabled, instances = self.mig_layout(model, mig_value, mig_field)
             out.append(
                 GpuSpec(
@@ -531,16 +632,31 @@ class _Builder:
                     uuid=uuid,
                     model=model,
                     bus_id=bus_id,
-                    minor=self.get(data, "minor", f"{field}.minor", int, index),
+                    minor=minor,
                     numa_node=numa if numa is None or numa >= 0 else None,
-                    pci_class=self.get(
-                        data, "pci_class", f"{field}.pci_class", int, model.pci_class
+                    pci_class=self.get_int(
+                        data, "pci_class", f"{field}.pci_class", _PCI_CLASS, model.pci_class
                     ),
                     mig_enabled=enabled,
                     gpu_instances=instances,
                 )
             )
         return tuple(out)
+
+    def uuid(self, data: Mapping[str, Any], field: str, profile_name: str, index: int) -> str:
+        """A GPU's UUID: given ("GPU-" and characters a UUID list can carry) or derived."""
+        seed = f"fake-nvml/{profile_name}/{index}"
+        uuid: str = self.get_str(
+            data,
+            "uuid",
+            f"{field}.uuid",
+            UUID_BUFFER,
+            f"GPU-{uuidlib.uuid5(uuidlib.NAMESPACE_URL, seed)}",
+        )
+        # NVIDIA_VISIBLE_DEVICES and device IDs are comma-separated lists of these.
+        if not _UUID.match(uuid):
+            raise self.fail(f"{field}.uuid", f"{uuid!r} is not like GPU-<letters, digits, -._>")
+        return uuid
 
     def bus_id(self, text: str, field: str) -> str:
         """Normalise a bus id to NVML's form ("00000000:07:00.0"); the domain defaults to 0."""
@@ -585,9 +701,11 @@ class _Builder:
         )
         count = self.get(item, "count", f"{field}.count", int, 1)
         compute = self.get(item, "compute", f"{field}.compute", list, [profile.slices])
-        gi = self.get(item, "gi", f"{field}.gi", int, None)
-        if count < 1 or (gi is not None and count != 1):
-            raise self.fail(f"{field}.count", "must be >= 1 (and 1 when gi is given)")
+        gi = self.get_int(item, "gi", f"{field}.gi", _GI_ID, None)
+        if not 1 <= count <= MAX_MIG_SLICES or (gi is not None and count != 1):
+            raise self.fail(
+                f"{field}.count", f"must be 1..{MAX_MIG_SLICES} (and 1 when gi is given)"
+            )
         for _ in range(count):
             self.add_instance(layout, profile, compute, gi, field)
 
@@ -726,6 +844,23 @@ class _Builder:
 
 
 _ENGINE_FIELDS = ("copy_engines", "decoders", "encoders", "jpeg", "ofa")
+# (low, high, what NVML reports the value as) for Builder.get_int.
+_C_INT = (0, C_INT_MAX, "NVML reports it as an int")
+_C_UINT = (0, C_UINT_MAX, "NVML reports it as an unsigned int")
+_PCI_CLASS = (0, 0xFFFFFF, "a 24-bit PCI class code")
+_NVLINKS = (0, NVLINK_MAX_LINKS, "NVML_NVLINK_MAX_LINKS")
+_MIG_SLICES = (0, MAX_MIG_SLICES, "GPU instance profiles have at most 8 slices")
+_GI_ID = (0, MAX_GPU_INSTANCE_ID, "the driver's GPU instance ids")
+_MINOR = (0, MAX_MINOR, "/dev/nvidia<minor>; 255 is nvidiactl")
+_NUMA = (-C_INT_MAX - 1, MAX_NUMA_NODE, "Linux NUMA node ids; negative is none")
+_MIG_PROFILE_BOUNDS = {
+    "id": _C_UINT,
+    "slices": (1, MAX_MIG_SLICES, "GPU instance profiles have 1..8 slices"),
+    "instances": (1, MAX_MIG_SLICES, "at most one instance per slice"),
+    "memory_mib": (1, C_ULLONG_MAX // MIB, "NVML reports bytes as an unsigned long long"),
+    "multiprocessors": _C_UINT,
+    **{k: _C_UINT for k in _ENGINE_FIELDS},
+}
 
 
 class _MigLayout:

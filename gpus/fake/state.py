@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pynvml
 
-from gpus.fake.profile import ComputeInstance, GpuInstance, GpuSpec, Profile
+from gpus.fake.profile import ComputeInstance, GpuInstance, GpuSpec, Profile, ProfileError
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class FakeState:
         self.event_sets: dict[int, FakeEventSet] = {}
         self._next_handle = 0x1000
         self.gpus = [self._build_gpu(spec) for spec in profile.gpus]
+        self._check_unique_uuids()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -183,6 +184,21 @@ class FakeState:
                 gpu.mig_slots[slot] = mig
                 slot += 1
         return gpu
+
+    def _check_unique_uuids(self) -> None:
+        """Refuse a profile whose devices share a UUID: lookups by UUID would be ambiguous.
+
+        The loader already refuses duplicate GPU UUIDs; this also covers a Profile built in code
+        and the MIG UUIDs derived here.
+        """
+        seen: set[str] = set()
+        for gpu in self.gpus:
+            for uuid in (gpu.spec.uuid, *(m.uuid for m in gpu.mig_slots if m is not None)):
+                if uuid in seen:
+                    raise ProfileError(
+                        f"{self.profile.source}: gpus[{gpu.spec.index}]: duplicate UUID {uuid}"
+                    )
+                seen.add(uuid)
 
     # -- handle resolution (raise NvmlReturn like NVML would answer) ----------------------------
 

@@ -363,6 +363,7 @@ class Installed:
     venv: Path
     wheel: Path
     workdir: Path
+    build_log: str  # what `pip wheel` printed on stderr, the build backend's warnings included
 
     def bin(self, name: str) -> Path:
         """A console script or interpreter of the virtualenv."""
@@ -398,8 +399,9 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((REPO / relative).read_bytes())
     wheels = tmp / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-          "--no-index", "--no-cache-dir", "--wheel-dir", wheels, context], cwd=tmp)
+    build_log = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                      "--no-index", "--no-cache-dir", "--wheel-dir", wheels, context], cwd=tmp,
+                     stderr=True)
     (wheel,) = wheels.glob("*.whl")
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp)
@@ -414,7 +416,7 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Installed:
                  "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).strip()
     dependencies = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (Path(site) / "zz_test_dependencies.pth").write_text("\n".join(sorted(dependencies)) + "\n")
-    return Installed(venv, wheel, tmp)
+    return Installed(venv, wheel, tmp, build_log)
 
 
 def test_image_install_wheel_holds_data_files(image_install: Installed) -> None:
@@ -423,6 +425,33 @@ def test_image_install_wheel_holds_data_files(image_install: Installed) -> None:
     assert "protos/deviceplugin/v1beta1/api_pb2.py" in names
     profiles = {p.name for p in (REPO / "gpus" / "profiles").glob("*.yaml")}
     assert profiles and {f"gpus/profiles/{p}" for p in profiles} <= names
+
+
+def test_image_install_build_prints_no_deprecation_warning(image_install: Installed) -> None:
+    # setuptools warned on every install about the licence table (issue 10, defect 5).
+    warnings = [line for line in image_install.build_log.splitlines()
+                if re.search(r"deprecat|BuildBackendWarning|SetuptoolsWarning", line, re.I)]
+    assert warnings == []
+
+
+def test_image_install_wheel_declares_the_spdx_licence(image_install: Installed) -> None:
+    with zipfile.ZipFile(image_install.wheel) as wheel:
+        (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+        headers = wheel.read(name).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers
+    assert not [h for h in headers if h.startswith("License:")]  # the deprecated field
+    labels = " ".join(i.args for i in parse_dockerfile((REPO / "Dockerfile").read_text())
+                      if i.keyword == "LABEL")
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels
+
+
+def test_build_system_supports_the_spdx_licence_string() -> None:
+    # PEP 639's `license = "<SPDX expression>"` needs setuptools 77; older ones refuse it.
+    assert _project()["license"] == "Apache-2.0"
+    requires = pyproject()["build-system"]["requires"]  # type: ignore[index]
+    floors = [re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*", r) for r in requires]
+    assert [int(m.group(1)) for m in floors if m] and all(
+        int(m.group(1)) >= 77 for m in floors if m), requires
 
 
 def test_image_install_imports_from_the_wheel(image_install: Installed) -> None:

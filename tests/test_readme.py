@@ -55,7 +55,10 @@ def test_make_run_exits_after_the_requested_time() -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_first_install_shows_pips_progress(tmp_path: Path) -> None:
     # The first `make run` / `make test` installs for a minute or more: it must not be silent.
-    recipe = subprocess.run(["make", "-n", "-B", "venv", f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+    # Not through the parent make's flags (`make test` runs this): its -w would add lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    recipe = subprocess.run(["make", "--no-print-directory", "-n", "-B", "venv",
+                             f"VENV={tmp_path / 'venv'}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60, check=True).stdout
     lines = recipe.splitlines()
     assert lines[0].startswith("echo ") and "Setting up" in lines[0], lines

@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# The first install takes a minute or two: pip lists what it collects and installs (no -q) so
+# that the wait is visible; progress bars appear on a terminal.
 $(STAMP): pyproject.toml
+	@echo "Setting up $(VENV) (once, about a minute; later runs reuse it)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
 # Device plugin + GFD + mock kubelet on a simulated DGX A100. RUN_ARGS='--exit-after 5' stops it.

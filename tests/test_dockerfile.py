@@ -8,9 +8,11 @@ That rehearsal (``-k image_install``) takes a few seconds; the rest is instant.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -326,6 +328,30 @@ def test_build_context_holds_the_package_and_nothing_else() -> None:
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 
 
+def final_install_commands() -> dict[str, str]:
+    """The final stage's install RUN split at ``&&``: its ``pip install`` and ``compileall``
+    commands, as the shell would run them."""
+    final = stages(parse_dockerfile((REPO / "Dockerfile").read_text()))[-1]
+    (run,) = [i for i in final.instructions if i.keyword == "RUN" and "pip install" in i.args]
+    commands = [c.strip() for c in run.args.split("&&")]
+    commands[0] = commands[0].split(" ", 1)[1] if commands[0].startswith("--mount") else commands[0]
+    found = {name: [c for c in commands if name in c] for name in ("pip install", "compileall")}
+    assert all(len(matches) == 1 for matches in found.values()), found
+    return {name: matches[0] for name, matches in found.items()}
+
+
+def test_dockerfile_compiles_hash_based_bytecode_for_what_pip_installs() -> None:
+    commands = final_install_commands()
+    pip = shlex.split(commands["pip install"])
+    compileall = shlex.split(commands["compileall"])
+    # pip's own .pyc files are timestamp-based, and compileall would keep them (their mtimes
+    # match), so pip must compile nothing.
+    assert "--no-compile" in pip and pip[-1] == _project()["name"], pip
+    assert compileall[:3] == ["python", "-m", "compileall"], compileall
+    mode = compileall[compileall.index("--invalidation-mode") + 1]
+    assert mode in ("checked-hash", "unchecked-hash"), mode
+
+
 # --------------------------------------------------------------------------------------------
 # Install rehearsal (-k image_install): what the two stages do, offline.
 
@@ -337,24 +363,29 @@ class Installed:
     venv: Path
     wheel: Path
     workdir: Path
+    build_log: str  # what `pip wheel` printed on stderr, the build backend's warnings included
 
     def bin(self, name: str) -> Path:
         """A console script or interpreter of the virtualenv."""
         return self.venv / "bin" / name
 
 
-def _run(command: list[str | Path], cwd: Path) -> str:
+def _run(command: list[str | Path], cwd: Path, extra_env: dict[str, str] | None = None,
+         stderr: bool = False) -> str:
     # cwd matters: `python -c` puts it first on sys.path, and the checkout must not be there.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(extra_env or {})
     done = subprocess.run([str(part) for part in command], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env=env)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    return done.stderr if stderr else done.stdout
 
 
 @pytest.fixture(scope="module")
 def image_install(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    """Builder stage: `pip wheel` of the context; final stage: `pip install` of that wheel.
+    """Builder stage: `pip wheel` of the context; final stage: `pip install` of that wheel with
+    the Dockerfile's options, then the Dockerfile's own compileall command, run by the
+    virtualenv's python.
 
     Offline: no build isolation (setuptools comes from the test's environment) and no
     dependency download; the fresh virtualenv sees the dependencies already installed for the
@@ -368,18 +399,24 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((REPO / relative).read_bytes())
     wheels = tmp / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-          "--no-index", "--no-cache-dir", "--wheel-dir", wheels, context], cwd=tmp)
+    build_log = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                      "--no-index", "--no-cache-dir", "--wheel-dir", wheels, context], cwd=tmp,
+                     stderr=True)
     (wheel,) = wheels.glob("*.whl")
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp)
+    commands = final_install_commands()
+    options = [word for word in shlex.split(commands["pip install"])
+               if word.startswith("--") and not word.startswith("--find-links")]
     _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install",
-          "--no-cache-dir", "--no-index", "--no-deps", wheel], cwd=tmp)
+          *options, "--no-deps", f"--find-links={wheels}", _project()["name"]], cwd=tmp)
+    _run(["bash", "-c", commands["compileall"]], cwd=tmp,
+         extra_env={"PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"})
     site = _run([venv / "bin" / "python", "-c",
                  "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).strip()
     dependencies = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (Path(site) / "zz_test_dependencies.pth").write_text("\n".join(sorted(dependencies)) + "\n")
-    return Installed(venv, wheel, tmp)
+    return Installed(venv, wheel, tmp, build_log)
 
 
 def test_image_install_wheel_holds_data_files(image_install: Installed) -> None:
@@ -388,6 +425,33 @@ def test_image_install_wheel_holds_data_files(image_install: Installed) -> None:
     assert "protos/deviceplugin/v1beta1/api_pb2.py" in names
     profiles = {p.name for p in (REPO / "gpus" / "profiles").glob("*.yaml")}
     assert profiles and {f"gpus/profiles/{p}" for p in profiles} <= names
+
+
+def test_image_install_build_prints_no_deprecation_warning(image_install: Installed) -> None:
+    # setuptools warned on every install about the licence table (issue 10, defect 5).
+    warnings = [line for line in image_install.build_log.splitlines()
+                if re.search(r"deprecat|BuildBackendWarning|SetuptoolsWarning", line, re.I)]
+    assert warnings == []
+
+
+def test_image_install_wheel_declares_the_spdx_licence(image_install: Installed) -> None:
+    with zipfile.ZipFile(image_install.wheel) as wheel:
+        (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+        headers = wheel.read(name).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers
+    assert not [h for h in headers if h.startswith("License:")]  # the deprecated field
+    labels = " ".join(i.args for i in parse_dockerfile((REPO / "Dockerfile").read_text())
+                      if i.keyword == "LABEL")
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels
+
+
+def test_build_system_supports_the_spdx_licence_string() -> None:
+    # PEP 639's `license = "<SPDX expression>"` needs setuptools 77; older ones refuse it.
+    assert _project()["license"] == "Apache-2.0"
+    requires = pyproject()["build-system"]["requires"]  # type: ignore[index]
+    floors = [re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*", r) for r in requires]
+    assert [int(m.group(1)) for m in floors if m] and all(
+        int(m.group(1)) >= 77 for m in floors if m), requires
 
 
 def test_image_install_imports_from_the_wheel(image_install: Installed) -> None:
@@ -404,3 +468,79 @@ def test_image_install_console_scripts(image_install: Installed, script: str) ->
     assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"{script}: no {module}"
     out = _run([image_install.bin(script), "--help"], cwd=image_install.workdir)
     assert "usage" in out.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# Bytecode: a read-only image must not recompile anything at start, whatever the .py mtimes.
+
+PACKAGES = ("gpus", "deviceplugin", "gfd", "protos")
+# 1980-01-01, the earliest zip time: what a builder that normalises timestamps may leave.
+NORMALISED_MTIME = 315532800
+# The console scripts' modules import 29 of the project's modules today.
+IMPORTED_AT_LEAST = 20
+
+
+def _installed_sources(site: Path) -> list[Path]:
+    return sorted(source for package in PACKAGES for source in (site / package).rglob("*.py"))
+
+
+def _site(installed: Installed) -> Path:
+    (site,) = (installed.venv / "lib").glob("python3*/site-packages")
+    return site
+
+
+def sources_compiled_at_import(python: Path, root: Path, workdir: Path,
+                               extra_env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Import every console script's module as the image runs them (PYTHONDONTWRITEBYTECODE,
+    nothing written) and return how many modules under ``root`` came from a .pyc, and the
+    sources under ``root`` compiled instead (``python -v`` names both)."""
+    modules = sorted({target.split(":")[0] for target in _scripts().values()})
+    log = _run([python, "-v", "-c", f"import {', '.join(modules)}"], cwd=workdir, stderr=True,
+               extra_env={"PYTHONDONTWRITEBYTECODE": "1", **(extra_env or {})})
+    prefix = re.escape(str(root))
+    from_pyc = re.findall(rf"^# ({prefix}/\S+\.pyc) matches ", log, re.M)
+    compiled = re.findall(rf"^# code object from '?({prefix}/\S+\.py)'?$", log, re.M)
+    return len(from_pyc), compiled
+
+
+def _set_mtimes(sources: list[Path], mtime: int) -> None:
+    for source in sources:
+        os.utime(source, (mtime, mtime))
+
+
+def test_image_install_bytecode_is_hash_based_for_every_module(image_install: Installed) -> None:
+    sources = _installed_sources(_site(image_install))
+    assert len(sources) > 30
+    for source in sources:
+        header = Path(importlib.util.cache_from_source(str(source))).read_bytes()[:16]
+        flags = int.from_bytes(header[4:8], "little")
+        # Bit 0: hash-based (PEP 552); bit 1: checked against the source at import.
+        assert flags & 0b01, f"{source}: timestamp-based .pyc"
+        assert header[8:16] == importlib.util.source_hash(source.read_bytes()), source
+
+
+def test_image_install_uses_its_bytecode_whatever_the_source_mtimes(
+        image_install: Installed) -> None:
+    site = _site(image_install)
+    _set_mtimes(_installed_sources(site), NORMALISED_MTIME)
+    from_pyc, compiled = sources_compiled_at_import(image_install.bin("python"), site,
+                                                    image_install.workdir)
+    assert compiled == []
+    assert from_pyc >= IMPORTED_AT_LEAST  # the check saw the project's modules being imported
+
+
+def test_bytecode_check_notices_timestamp_based_pycs(image_install: Installed,
+                                                     tmp_path: Path) -> None:
+    # Guards the test above: the same packages with pip's (timestamp) .pyc files are all
+    # recompiled once a builder has changed their mtimes.
+    root = tmp_path / "timestamp"
+    for package in PACKAGES:
+        shutil.copytree(_site(image_install) / package, root / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    _set_mtimes(_installed_sources(root), NORMALISED_MTIME + 86400)  # when they were built
+    _run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "timestamp", root],
+         cwd=tmp_path)
+    _set_mtimes(_installed_sources(root), NORMALISED_MTIME)
+    from_pyc, compiled = sources_compiled_at_import(
+        image_install.bin("python"), root, image_install.workdir, {"PYTHONPATH": str(root)})
+    assert from_pyc == 0 and len(compiled) >= IMPORTED_AT_LEAST, (from_pyc, compiled)

@@ -1,27 +1,28 @@
 """The DaemonSet manifests (daemonset/): rendering, schema validation and deployment invariants.
 
-Every kustomization that docs/deploy.md applies is rendered with daemonset/render.py (CI has no
-kubectl); where kubectl is installed its rendering must be identical. Rendered objects are
-validated offline, strictly, against the Kubernetes schemas of 1.29, 1.33 and the newest version
-kubernetes-validate ships. The commands docs/deploy.md gives (names, namespaces, label selectors,
-node labels and taints, render.py itself) are checked against the rendered objects.
+Every kustomization that docs/deploy.md applies is rendered with the real ``kubectl kustomize``
+(the kustomize built into kubectl, what ``kubectl apply -k`` runs). Where kubectl is absent these
+tests skip, saying so, except under CI (the CI variable set), where a missing kubectl fails them.
+Rendered objects are validated offline, strictly, against the Kubernetes schemas of 1.29, 1.33
+and the newest version kubernetes-validate ships. The commands docs/deploy.md gives (names,
+namespaces, label selectors, node labels and taints, ``kubectl kustomize`` itself) are checked
+against the rendered objects.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import kubernetes_validate
@@ -56,22 +57,53 @@ NFD_GPU_LABEL = "feature.node.kubernetes.io/pci-10de.present"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 
 
-def _load_renderer() -> ModuleType:
-    # daemonset/ is not a package (it is kustomize's directory), so load the file directly.
-    spec = importlib.util.spec_from_file_location("daemonset_render", REPO / "daemonset/render.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+KUBECTL_MISSING = ("kubectl is not installed: the manifests are rendered with `kubectl kustomize`"
+                   " (kubectl 1.14+ has kustomize built in)")
 
 
-RENDER = _load_renderer()
+def in_ci(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` says this is a CI run (CI=true, as CI services set it)."""
+    return environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def kubectl(environ: Mapping[str, str] | None = None) -> str:
+    """kubectl's path. Where it is missing the calling test skips, or fails under CI: a CI machine
+    without kubectl would otherwise pass while checking no manifest at all."""
+    environ = os.environ if environ is None else environ
+    found = shutil.which("kubectl", path=environ.get("PATH", os.defpath))
+    if found is None:
+        if in_ci(environ):
+            pytest.fail(f"{KUBECTL_MISSING}; CI is set, so this is an error, not a skip")
+        pytest.skip(KUBECTL_MISSING)
+    return found
+
+
+class KustomizeError(Exception):
+    """``kubectl kustomize`` refused a kustomization; the message is its stderr."""
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize path`` renders (what ``kubectl apply -k`` would send)."""
+    done = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if done.returncode != 0:
+        raise KustomizeError(f"kubectl kustomize {path}: exit {done.returncode}: "
+                             f"{kubectl_error(done.stderr)}")
+    return [obj for obj in yaml.safe_load_all(done.stdout) if obj is not None]
+
+
+def kubectl_error(stderr: str) -> str:
+    """The error in kubectl's stderr: newer versions log it through klog, quoted (`E1127 ...
+    "command failed" err="..."`), older ones print `error: ...`."""
+    match = re.search(r'err="((?:[^"\\]|\\.)*)"', stderr)
+    if match is None:
+        return stderr.strip()
+    return str(json.loads(f'"{match.group(1)}"'))
 
 
 @cache
 def _rendered(path: str) -> tuple[dict[str, Any], ...]:
-    return tuple(RENDER.render(REPO / path))
+    return tuple(kustomize(REPO / path))
 
 
 def rendered(path: str) -> list[dict[str, Any]]:
@@ -222,16 +254,31 @@ def test_schema_validation_rejects_an_unknown_field() -> None:
         kubernetes_validate.validate(daemonset, SCHEMA_VERSIONS[-1], strict=True)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
-def test_python_renderer_matches_kubectl_kustomize(path: str) -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(REPO / path)], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
+def test_kubectl_missing_skips_locally_and_fails_in_ci(tmp_path: Path) -> None:
+    # Guards every rendering test: outside CI a machine without kubectl skips them with a
+    # reason; in CI the same absence is an error, or the manifests would go unchecked.
+    empty_path = {"PATH": tmp_path.as_posix()}
+    with pytest.raises(pytest.skip.Exception, match="kubectl is not installed"):
+        kubectl(empty_path)
+    for ci in ("true", "1", "yes"):
+        with pytest.raises(pytest.fail.Exception, match="kubectl is not installed.*CI is set"):
+            kubectl({**empty_path, "CI": ci})
+    with pytest.raises(pytest.skip.Exception):
+        kubectl({**empty_path, "CI": "false"})
+    fake = tmp_path / "kubectl"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert kubectl({**empty_path, "CI": "true"}) == fake.as_posix()
 
-    def by_id(objects: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(o["kind"], o["metadata"]["name"]): o for o in objects}
 
-    assert by_id(rendered(path)) == by_id(yaml.safe_load_all(out))
+def test_ci_script_stops_first_and_clearly_without_kubectl(tmp_path: Path) -> None:
+    bash = shutil.which("bash")
+    assert bash is not None
+    done = subprocess.run([bash, str(REPO / ".ci" / "run")], env={"PATH": tmp_path.as_posix()},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done
+    assert "kubectl not found on PATH" in done.stderr and "kubectl kustomize" in done.stderr
+    assert done.stdout == ""  # before make lint or make test ran
 
 
 def test_docs_apply_exactly_the_rendered_kustomizations() -> None:
@@ -241,55 +288,56 @@ def test_docs_apply_exactly_the_rendered_kustomizations() -> None:
     assert applied == set(KUSTOMIZATIONS)
 
 
-def test_namespace_is_overridable_and_the_binding_follows(tmp_path: Path) -> None:
+def copy_of_daemonset(tmp_path: Path) -> Path:
+    """A copy of daemonset/ to edit, as a user's own overlay would."""
     tree = tmp_path / "daemonset"
     shutil.copytree(REPO / "daemonset", tree, ignore=shutil.ignore_patterns("__pycache__"))
-    overlay = tree / "overlays" / "gpu-system"
+    return tree
+
+
+def test_namespace_is_overridable_and_the_binding_follows(tmp_path: Path) -> None:
+    overlay = copy_of_daemonset(tmp_path) / "overlays" / "gpu-system"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
         "namespace: gpu-system\nresources:\n  - ../../base\n")
-    objects = RENDER.render(overlay)
+    objects = kustomize(overlay)
     assert {o["metadata"].get("namespace") for o in objects
             if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")} == {"gpu-system"}
     binding = only(objects, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nvidia-device-plugin",
                                     "namespace": "gpu-system"}]
-    if shutil.which("kubectl"):
-        out = subprocess.run(["kubectl", "kustomize", str(overlay)], check=True,
-                             capture_output=True, text=True, timeout=60).stdout
-        assert only(yaml.safe_load_all(out), "ClusterRoleBinding") == binding
 
 
-def test_renderer_refuses_unsupported_fields_and_changes_nothing(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    text = "resources: []\ncommonLabels:\n  team: gpu\n"
-    (overlay / "kustomization.yaml").write_text(text)
-    with pytest.raises(RENDER.RenderError, match="unsupported field.*commonLabels"):
-        RENDER.render(overlay)
-    assert (overlay / "kustomization.yaml").read_text() == text
-    assert sorted(p.name for p in overlay.iterdir()) == ["kustomization.yaml"]
+def _tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_renderer_refuses_a_patch_that_matches_nothing(tmp_path: Path) -> None:
-    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n")
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [cm.yaml]\npatches:\n  - patch: |\n      apiVersion: v1\n"
-        "      kind: ConfigMap\n      metadata:\n        name: b\n")
-    with pytest.raises(RENDER.RenderError, match="patch matches no resource"):
-        RENDER.render(tmp_path)
-
-
-def test_renderer_strategic_merge_keys_and_directives() -> None:
-    original: dict[str, Any] = {
-        "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
-                "tolerations": [{"key": "x"}], "keep": 1, "drop": 2}
-    patch = {"env": [{"name": "B", "value": "3"}, {"name": "A", "$patch": "delete"}],
-             "tolerations": [{"key": "y"}], "drop": None}
-    merged = RENDER.strategic_merge(original, patch)
-    assert merged == {"env": [{"name": "B", "value": "3"}], "tolerations": [{"key": "y"}],
-                      "keep": 1}
-    assert original["env"][0] == {"name": "A", "value": "1"}  # the input is not modified
+@pytest.mark.parametrize(("edit", "reported"), [
+    # A misspelt kustomization field is refused, not ignored.
+    (("overlays/mig-mixed/kustomization.yaml", "resources:", "resouces:"),
+     'unknown field "resouces"'),
+    # An overlay patching a DaemonSet the base does not have (renamed, or a typo) is refused:
+    # the overlay would otherwise deploy the base unchanged.
+    (("overlays/mig-mixed/mig-strategy.yaml", "name: nvidia-device-plugin-daemonset",
+      "name: nvidia-device-plugin-deamonset"),
+     "no matches for Id DaemonSet.v1.apps/nvidia-device-plugin-deamonset"),
+    # A wrong path to the base.
+    (("overlays/mig-mixed/kustomization.yaml", "../../base", "../../bsae"),
+     "accumulating resources from '../../bsae'"),
+])
+def test_kustomize_refuses_broken_overlays_and_changes_nothing(
+        tmp_path: Path, edit: tuple[str, str, str], reported: str) -> None:
+    tree = copy_of_daemonset(tmp_path)
+    relative, old, new = edit
+    text = (tree / relative).read_text()
+    assert old in text, edit  # the edit still applies to the manifests as they are
+    (tree / relative).write_text(text.replace(old, new))
+    before = _tree_files(tree)
+    with pytest.raises(KustomizeError) as info:
+        kustomize(tree / "overlays" / "mig-mixed")
+    assert reported in str(info.value)
+    assert _tree_files(tree) == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +390,18 @@ def test_container_security_contexts(path: str) -> None:
         # A read-only root needs a writable /tmp.
         assert "emptyDir" in mount_source(spec, ctr, "/tmp")
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_container_falls_back_to_its_logs_as_termination_message(path: str) -> None:
+    # The daemons write no termination-message file: without the fallback a crash-looping pod
+    # shows no reason in `kubectl describe pod`.
+    spec = pod_spec(path)
+    containers = spec["containers"] + spec.get("initContainers", [])
+    for ctr in containers:
+        assert ctr.get("terminationMessagePolicy") == "FallbackToLogsOnError", (
+            path, ctr["name"])
+    assert {c["name"] for c in containers} == {PLUGIN, GFD}
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
@@ -707,8 +767,7 @@ def _daemonsets(objects: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def another_profile(tmp_path: Path, profile: str) -> Path:
     """The simulated overlay copied for ``profile`` as docs/deploy.md says: "dgx-a100"
     replaced in its nameSuffix and simulated.yaml."""
-    tree = tmp_path / "daemonset"
-    shutil.copytree(REPO / "daemonset", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    tree = copy_of_daemonset(tmp_path)
     copy_dir = tree / "overlays" / f"simulated-{profile}"
     shutil.copytree(tree / "overlays" / "simulated", copy_dir)
     for name in ("kustomization.yaml", "simulated.yaml"):
@@ -725,7 +784,7 @@ def coexisting_daemonsets(tmp_path: Path) -> list[list[dict[str, Any]]]:
     """Sets of DaemonSets one cluster may run together: each real kustomization with the
     simulated overlay and a copy of it for another profile."""
     simulated = list(_daemonsets(rendered("daemonset/overlays/simulated")).values())
-    t4 = list(_daemonsets(RENDER.render(another_profile(tmp_path, "t4"))).values())
+    t4 = list(_daemonsets(kustomize(another_profile(tmp_path, "t4"))).values())
     return [list(_daemonsets(rendered(path)).values()) + simulated + t4
             for path in KUSTOMIZATIONS if not path.endswith("simulated")]
 
@@ -829,14 +888,9 @@ class DeployDocChecker:
         assert args[3].split("=", 1)[0] in {i["name"] for i in base["images"]}, args
 
     def _python(self, args: list[str]) -> None:
-        if args[0].startswith("bench/"):  # a benchmark: too slow to run here; it exists
-            assert (REPO / args[0]).is_file(), args
-            return
-        assert args[0] == "daemonset/render.py" and len(args) == 2, args
-        out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                             timeout=60, check=True).stdout
-        assert list(yaml.safe_load_all(out)) == rendered(args[1].rstrip("/"))
-        self.seen.add("render.py")
+        # Only benchmarks: too slow to run here; they exist.
+        assert args[0].startswith("bench/"), f"no test checks python {shlex.join(args)!r}"
+        assert (REPO / args[0]).is_file(), args
 
     def _kubectl(self, args: list[str]) -> None:
         namespace, rest = None, list(args)
@@ -846,7 +900,10 @@ class DeployDocChecker:
         if verb in ("apply", "delete", "diff") and operands[0] == "-k":
             assert operands[1].rstrip("/") in KUSTOMIZATIONS, operands
         elif verb == "kustomize":
-            assert operands[0].rstrip("/") in KUSTOMIZATIONS, operands
+            path = operands[0].rstrip("/")
+            assert len(operands) == 1 and path in KUSTOMIZATIONS, (
+                f"{operands}: not a kustomization these tests render")
+            assert rendered(path), path  # it renders (through kubectl kustomize itself)
         elif verb == "rollout":
             assert operands[0] in ("status", "restart") and operands[1].startswith("daemonset/")
             self._daemonset(namespace, operands[1].split("/", 1)[1])
@@ -936,7 +993,7 @@ def test_deploy_doc_commands_match_the_manifests(deploy_doc_checker: DeployDocCh
     for argv in commands:
         deploy_doc_checker.check(argv)
     # Guards the parsing: the commands that matter were found and checked.
-    assert {"render.py", "docker build", "make image", "kubectl rollout", "kubectl get",
+    assert {"kubectl kustomize", "docker build", "make image", "kubectl rollout", "kubectl get",
             "kubectl label", "kubectl taint", "kubectl exec", "kubectl apply"} <= (
         deploy_doc_checker.seen)
 
@@ -951,13 +1008,14 @@ def test_deploy_doc_commands_match_the_manifests(deploy_doc_checker: DeployDocCh
     ("kubectl taint node <n> nvk8s.io/simulated-gpu=dgx-a100:NoExecute", "does not tolerate"),
     ("kubectl -n kube-system logs <pod> -c gfd", "gfd"),
     ("kubectl get nodes -L nvidia.com/gpu.model", "gpu.model"),
-    ("python daemonset/render.py daemonset/overlays/mig", "CalledProcessError"),
+    ("kubectl kustomize daemonset/overlays/mig", "not a kustomization these tests render"),
+    ("python daemonset/render.py daemonset/overlays/mig-mixed", "no test checks python"),
     ("kubectl scale daemonset x", "no test checks"),
     ("helm install x", "no test checks"),
 ])
 def test_deploy_doc_checker_catches_mistakes(deploy_doc_checker: DeployDocChecker,
                                              command: str, problem: str) -> None:
     (argv,) = deploy_doc_commands(f"```sh\n{command}\n```\n")
-    with pytest.raises((AssertionError, subprocess.CalledProcessError)) as info:
+    with pytest.raises(AssertionError) as info:
         deploy_doc_checker.check(argv)
     assert problem in f"{info.typename}: {info.value}"

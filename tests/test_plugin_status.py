@@ -241,11 +241,16 @@ def test_not_ready_while_a_rebound_socket_is_not_registered(caplog) -> None:
             assert plugin.readiness.wait(True, TIMEOUT)
             assert os.path.exists(ready)
             held = HeldRegistrations(kubelet)
-            kubelet.restart()  # every socket wiped, ours included; a new kubelet.sock
+            server = plugin.manager.server(GPU) if plugin.manager else None
+            assert server is not None
+            # Only our socket goes (as when the kubelet wipes its directory): the watch re-binds
+            # it and registers again in one tick. A whole kubelet.restart() would race: a tick
+            # between the wipe and the new kubelet.sock sees no kubelet and turns readiness
+            # false by itself, so the guard under test would not be exercised.
+            os.unlink(server.socket_path)
             try:
                 assert held.entered.wait(TIMEOUT)  # re-bound, and now registering
-                server = plugin.manager.server(GPU) if plugin.manager else None
-                assert server is not None and server.intact()
+                assert server.intact()
                 assert plugin.readiness.ready is False
                 assert not os.path.exists(ready)
                 assert read_json(status)["ready"] is False

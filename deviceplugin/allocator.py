@@ -530,19 +530,20 @@ def preferred_shared_ordered(
     What the server calls: it keeps each resource's devices in that order, so a request of
     8,192 replicas costs no per-device Python work here beyond C-speed passes and the picks
     themselves (sorting them with a Python key took most of the 13.5 ms such a request cost).
-    GPU indices are unique on a node, so each GPU's devices are one contiguous run.
+    Each GPU's devices are one contiguous run in that order, found by bisection.
     """
     if policy not in POLICIES:
         log.warning("unknown allocation policy %r; using distributed", policy)
         policy = "distributed"
-    devices = dict(zip(map(_device_id, available), available, strict=True))
     must = list(dict.fromkeys(must_include))
-    problem = _shared_problem(devices, must, size)
+    # By ID only when must-include devices need finding: the usual request has none.
+    devices = dict(zip(map(_device_id, available), available, strict=True)) if must else {}
+    problem = _shared_problem(len(available), [d for d in must if d not in devices], must, size)
     if problem:
         log.warning(
             "preferred allocation impossible: %s (available=%s must_include=%s)",
             problem,
-            list(devices),
+            [d.id for d in available],
             must,
         )
         return []
@@ -597,35 +598,38 @@ def _gpu_runs(ordered: Sequence[Device]) -> dict[str, Sequence[Device]]:
     start, end = 0, len(ordered)
     while start < end:
         first = ordered[start]
-        stop = bisect_right(ordered, first.gpu.index, lo=start, key=_gpu_index)
+        stop = bisect_right(ordered, _gpu_key(first), lo=start, key=_gpu_key)
         runs[first.gpu.uuid] = ordered[start:stop]
         start = stop
     return runs
 
 
-def _shared_problem(devices: Mapping[str, Device], must: Sequence[str], size: int) -> str:
+def _shared_problem(available: int, missing: Sequence[str], must: Sequence[str], size: int) -> str:
     """Why a shared request cannot be met, or "" when it can."""
     if size <= 0:
         return f"size {size} is not positive"
-    if size > len(devices):
-        return f"size {size} exceeds the {len(devices)} available devices"
-    missing = [d for d in must if d not in devices]
+    if size > available:
+        return f"size {size} exceeds the {available} available devices"
     if missing:
-        return f"must-include devices not available: {missing}"
+        return f"must-include devices not available: {list(missing)}"
     if len(must) > size:
         return f"{len(must)} must-include devices exceed size {size}"
     return ""
 
 
-def device_order(device: Device) -> tuple[int, int, int, str]:
-    """The pick order: GPU index, then MIG index, then replica number (missing first), then id."""
+def device_order(device: Device) -> tuple[int, str, int, int, str]:
+    """The pick order: GPU index, then MIG index, then replica number (missing first), then id.
+
+    The GPU's UUID after its index keeps each GPU's devices contiguous even if two GPUs
+    claimed one index (NVML's indices are unique; the allocator relies on the runs).
+    """
     mig = -1 if device.mig is None else device.mig.index
     replica = -1 if device.replica is None else device.replica
-    return device.gpu.index, mig, replica, device.id
+    return device.gpu.index, device.gpu.uuid, mig, replica, device.id
 
 
 _device_id = attrgetter("id")
-_gpu_index = attrgetter("gpu.index")
+_gpu_key = attrgetter("gpu.index", "gpu.uuid")
 
 
 def _in_use(

@@ -13,11 +13,11 @@ import logging
 import os
 import stat
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain, compress
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -218,6 +218,7 @@ def request_problem(
     resource: Resource,
     containers: Sequence[Message],
     ids_of: Callable[[Message], tuple[Sequence[str], ...]],
+    check_lengths: bool = True,
 ) -> str | None:
     """Why a request is too big to be a kubelet's, or None; checked before any work is done.
 
@@ -226,7 +227,9 @@ def request_problem(
     ``must_include_deviceIDs``), as protobuf repeated fields. Everything is counted with
     ``len()`` first, which builds nothing: a refused request never costs a Python object per
     ID (1,000,000 of them took the plugin from 67 to 175 MiB). Only a request within the
-    counts has its IDs read, one at a time, for their length.
+    counts has its IDs read, one at a time, for their length (unless ``check_lengths`` is
+    false: GetPreferredAllocation checks only the IDs it does not know, see
+    :meth:`PreferredQuery.id_problem`).
     """
     if len(containers) > MAX_CONTAINER_REQUESTS:
         return (f"{len(containers)} container requests; at most {MAX_CONTAINER_REQUESTS} "
@@ -245,12 +248,9 @@ def request_problem(
     if total > max(limit, MAX_CONTAINER_REQUESTS):
         return (f"{total} device IDs in one call; {resource.name} has "
                 f"{len(resource.devices)} devices")
-    for ids in (ids for group in lists for ids in group):
-        longest = max(map(len, ids), default=0)
-        if longest > MAX_DEVICE_ID_BYTES:
-            return (f"a device ID of {longest} characters; IDs are at most "
-                    f"{MAX_DEVICE_ID_BYTES}")
-    return None
+    if not check_lengths:
+        return None
+    return long_id_problem(chain.from_iterable(chain.from_iterable(lists)))
 
 
 def allocate_ids(
@@ -290,23 +290,33 @@ def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class GpuRun:
+    """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered`."""
+
+    uuid: str
+    start: int
+    stop: int
+    healthy: int  # how many of them are Healthy
+
+
+@dataclass(frozen=True)
 class RequestIndex:
     """One resource version's devices as GetPreferredAllocation needs them, built once.
 
     Resources are immutable and replaced whole on every change (health included), so an index
     is valid for exactly the resource object it was built from. With it, a request naming all
-    8,192 replicas of a time-sliced node costs a few C-speed passes instead of one Python
-    loop per device per step.
+    8,192 replicas of a time-sliced node costs a few C-speed passes (one set lookup per
+    device, then slices) instead of sorting with a Python key and a Python loop per device.
     """
 
     resource: Resource
     known: Mapping[str, Device]
-    # Device ID -> position in ``ordered`` (the allocator's pick order).
-    rank: Mapping[str, int]
+    # The devices in the allocator's pick order (each GPU's devices contiguous), their IDs,
+    # and 1 for each Healthy one, 0 otherwise (summed over the requested ones per GPU).
     ordered: tuple[Device, ...]
-    # Healthy devices' IDs -> their physical GPU's UUID, and how many per GPU (every GPU).
-    healthy_gpu: Mapping[str, str]
-    healthy_per_gpu: Mapping[str, int]
+    ordered_ids: tuple[str, ...]
+    healthy: tuple[int, ...]
+    runs: tuple[GpuRun, ...]
     whole_gpus: bool
 
     @classmethod
@@ -315,27 +325,108 @@ class RequestIndex:
         from deviceplugin.allocator import device_order
 
         ordered = tuple(sorted(resource.devices, key=device_order))
-        healthy_per_gpu = dict.fromkeys((d.gpu.uuid for d in resource.devices), 0)
-        healthy_gpu = {d.id: d.gpu.uuid for d in resource.devices if d.healthy}
-        healthy_per_gpu.update(Counter(healthy_gpu.values()))
+        healthy = tuple(int(d.healthy) for d in ordered)
+        runs: list[GpuRun] = []
+        start = 0
+        for position in range(1, len(ordered) + 1):
+            if position == len(ordered) or ordered[position].gpu.uuid != ordered[start].gpu.uuid:
+                uuid = ordered[start].gpu.uuid
+                runs.append(GpuRun(uuid, start, position, sum(healthy[start:position])))
+                start = position
         return cls(
             resource=resource,
             known={d.id: d for d in resource.devices},
-            rank={d.id: position for position, d in enumerate(ordered)},
             ordered=ordered,
-            healthy_gpu=healthy_gpu,
-            healthy_per_gpu=healthy_per_gpu,
+            ordered_ids=tuple(d.id for d in ordered),
+            healthy=healthy,
+            runs=tuple(runs),
             whole_gpus=is_whole_gpu_resource(resource),
         )
 
-    def in_use(self, available: Iterable[str]) -> dict[str, int]:
-        """:func:`in_use_counts` for ``available`` (distinct, known IDs)."""
-        offered = Counter(filter(None, map(self.healthy_gpu.get, available)))
-        return {uuid: total - offered[uuid] for uuid, total in self.healthy_per_gpu.items()}
+    def present(self, available: AbstractSet[str]) -> list[bool]:
+        """For each device in pick order, whether ``available`` names it."""
+        return list(map(available.__contains__, self.ordered_ids))
 
-    def in_pick_order(self, available: Iterable[str]) -> list[Device]:
-        """The devices of ``available`` (distinct, known IDs) in the allocator's pick order."""
-        return list(map(self.ordered.__getitem__, sorted(map(self.rank.__getitem__, available))))
+    def in_pick_order(
+        self, available: Iterable[str], present: Sequence[bool] | None = None
+    ) -> list[Device]:
+        """The devices of ``available`` (known IDs) in the allocator's pick order.
+
+        ``present`` is :meth:`present` of them when the caller has it already.
+        """
+        flags = self.present(set(available)) if present is None else present
+        return list(compress(self.ordered, flags))
+
+    def in_use(
+        self, available: Iterable[str], present: Sequence[bool] | None = None
+    ) -> dict[str, int]:
+        """:func:`in_use_counts` for ``available`` (known IDs); ``present`` as above."""
+        flags = self.present(set(available)) if present is None else present
+        healthy = self.healthy
+        return {
+            run.uuid: run.healthy
+            - sum(compress(healthy[run.start:run.stop], flags[run.start:run.stop]))
+            for run in self.runs
+        }
+
+
+@dataclass
+class PreferredQuery:
+    """One GetPreferredAllocation container request, its IDs read out of the message once."""
+
+    available: list[str]  # distinct, in request order
+    available_set: set[str]
+    must_include: list[str]  # distinct
+    size: int
+    # Filled by :meth:`unknown`: the available IDs the resource does not have, and (shared
+    # resources) RequestIndex.present of the available IDs, which unknown IDs do not change.
+    _unknown: set[str] | None = None
+    _present: list[bool] | None = None
+    _index: RequestIndex | None = None
+
+    @classmethod
+    def of(cls, available: Iterable[str], must_include: Iterable[str], size: int
+           ) -> PreferredQuery:
+        """Read (and de-duplicate) the ID lists; call it only on counted lists."""
+        ids = list(available)
+        seen = set(ids)
+        if len(seen) != len(ids):
+            ids = list(dict.fromkeys(ids))
+        return cls(ids, seen, list(dict.fromkeys(must_include)), size)
+
+    def unknown(self, index: RequestIndex) -> set[str]:
+        """The available IDs ``index``'s resource does not have (stale or bogus)."""
+        if self._index is not index:
+            self._index, self._unknown, self._present = index, None, None
+        if self._unknown is None:
+            if index.whole_gpus:
+                self._unknown = self.available_set.difference(index.known)
+            else:
+                # Thousands of replicas: count the known ones while marking them.
+                present = self.present(index)
+                all_known = present.count(True) == len(self.available_set)
+                self._unknown = set() if all_known else self.available_set.difference(index.known)
+        return self._unknown
+
+    def present(self, index: RequestIndex) -> list[bool]:
+        """``index.present`` of the available IDs, computed once."""
+        if self._index is not index:
+            self._index, self._unknown, self._present = index, None, None
+        if self._present is None:
+            self._present = index.present(self.available_set)
+        return self._present
+
+    def id_problem(self, index: RequestIndex) -> str | None:
+        """A device ID too long to be one (only unknown IDs can be), or None."""
+        return long_id_problem(chain(self.unknown(index), self.must_include))
+
+
+def long_id_problem(ids: Iterable[str]) -> str | None:
+    """Why one of ``ids`` cannot be a device ID (its length), or None."""
+    longest = max(map(len, ids), default=0)
+    if longest > MAX_DEVICE_ID_BYTES:
+        return f"a device ID of {longest} characters; IDs are at most {MAX_DEVICE_ID_BYTES}"
+    return None
 
 
 def impossible_request(
@@ -376,28 +467,39 @@ def preferred_ids(
     naming the resource and why: the kubelet then falls back to its own choice. ``index`` is
     :meth:`RequestIndex.of` ``resource`` when the caller keeps one.
     """
+    query = PreferredQuery.of(available, must_include, size)
+    return preferred_for(resource, context, query, index)
+
+
+def preferred_for(
+    resource: Resource,
+    context: ServingContext,
+    query: PreferredQuery,
+    index: RequestIndex | None = None,
+) -> list[str]:
+    """:func:`preferred_ids` for a request already read."""
     if index is None or index.resource is not resource:
         index = RequestIndex.of(resource)
-    known = index.known
-    offered = list(dict.fromkeys(available))
-    available_set = set(offered)
+    offered, available_set, must = query.available, query.available_set, query.must_include
     # A stale id (the map changed since the kubelet's last list) is simply not available.
-    if not available_set <= known.keys():
-        offered = [i for i in offered if i in known]
+    unknown = query.unknown(index)
+    if unknown:
+        offered = [i for i in offered if i not in unknown]
         available_set = set(offered)
-    must = list(dict.fromkeys(must_include))
-    problem = impossible_request(offered, must, size, available_set)
+    problem = impossible_request(offered, must, query.size, available_set)
     if problem is not None:
         log.warning("GetPreferredAllocation for %s: no preferred set: %s",
                     resource.name, problem)
         return []
+    size = query.size
     try:
         if index.whole_gpus:
             chosen = context.preferred_whole(offered, must, size)
         else:
             policy = context.config.flags.plugin.shared_devices_allocation_policy
-            devices = index.in_pick_order(offered)
-            counts = index.in_use(offered)
+            present = query.present(index)
+            devices = index.in_pick_order(offered, present)
+            counts = index.in_use(offered, present)
             chosen = context.preferred_shared(devices, must, size, policy, counts)
     except Exception:  # the kubelet falls back to its own choice; never fail the pod
         log.exception("preferred allocation failed for %s", resource.name)
@@ -634,21 +736,24 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
     ) -> api_pb2.PreferredAllocationResponse:
         resource, serving = self._server.state
         requests = request.container_requests
-        problem = request_problem(resource, requests, preferred_request_ids)
+        problem = request_problem(resource, requests, preferred_request_ids, check_lengths=False)
+        index = self._index(resource)
+        queries: list[PreferredQuery] = []
+        if problem is None:
+            # Counted, so reading the IDs is bounded; each list is read out of the message
+            # once (every pass over a repeated field makes new str objects).
+            queries = [
+                PreferredQuery.of(r.available_deviceIDs, r.must_include_deviceIDs,
+                                  r.allocation_size)
+                for r in requests
+            ]
+            problem = next(filter(None, (q.id_problem(index) for q in queries)), None)
         if problem is not None:
             log.warning("GetPreferredAllocation for %s refused: %s", resource.name, problem)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        index = self._index(resource)
         response = api_pb2.PreferredAllocationResponse()
-        for req in requests:
-            ids = preferred_ids(
-                resource,
-                serving,
-                req.available_deviceIDs,
-                req.must_include_deviceIDs,
-                req.allocation_size,
-                index,
-            )
+        for query in queries:
+            ids = preferred_for(resource, serving, query, index)
             response.container_responses.add(deviceIDs=ids)
         return response
 

@@ -148,3 +148,47 @@ def test_the_cap_admits_the_largest_kubelet_request() -> None:
     assert request.ByteSize() <= MAX_MESSAGE_BYTES
     # ... and the 4 MB attack is beyond it.
     assert len(allocate_bytes(two_char_ids(ATTACK_IDS))) > MAX_MESSAGE_BYTES
+
+
+@pytest.fixture
+def shared_server(sockdir: str) -> Iterator[PluginServer]:
+    snapshot = make_snapshot(2)
+    resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=4)
+    srv = PluginServer(resource, fake_context(snapshot, FakeAllocator()), sockdir)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def preferred(
+    stub: object, available: list[str], must: list[str], size: int
+) -> list[str]:
+    request = api_pb2.PreferredAllocationRequest(container_requests=[
+        api_pb2.ContainerPreferredAllocationRequest(
+            available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size)])
+    response = stub.GetPreferredAllocation(request, timeout=TIMEOUT)  # type: ignore[attr-defined]
+    return list(response.container_responses[0].deviceIDs)
+
+
+@pytest.mark.parametrize("where", ["available", "must"])
+def test_long_unknown_preferred_id_is_refused(shared_server: PluginServer, where: str) -> None:
+    ids = [d.id for d in shared_server.resource.devices]
+    long_id = "G" * 300
+    available, must = (ids + [long_id], []) if where == "available" else (ids, [long_id])
+    channel, stub = plugin_stub(shared_server.socket_path)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        preferred(stub, available, must, 1)
+    assert isinstance(info.value, grpc.Call)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "a device ID of 300 characters; IDs are at most 256"
+
+
+def test_stale_replica_ids_are_not_available(shared_server: PluginServer) -> None:
+    ids = [d.id for d in shared_server.resource.devices]
+    stale = [f"{ids[0].split('::')[0]}::{n}" for n in (4, 5)]
+    channel, stub = plugin_stub(shared_server.socket_path)
+    with channel:
+        # Only ids[3] is really free: a size-2 request is impossible, size 1 gets it.
+        assert preferred(stub, [*stale, ids[3]], [], 2) == []
+        assert preferred(stub, [*stale, ids[3], ids[3]], [], 1) == [ids[3]]
+        assert preferred(stub, ids[::-1], [ids[5]], 2) == [ids[5], ids[0]]

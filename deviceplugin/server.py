@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -218,18 +218,16 @@ def request_problem(
     resource: Resource,
     containers: Sequence[Message],
     ids_of: Callable[[Message], tuple[Sequence[str], ...]],
-    check_lengths: bool = True,
 ) -> str | None:
-    """Why a request is too big to be a kubelet's, or None; checked before any work is done.
+    """Why a request has too many parts to be a kubelet's, or None; checked before any work.
 
     ``containers`` are the request's container requests and ``ids_of`` gives one's ID lists
     (Allocate's ``devices_ids``; GetPreferredAllocation's ``available_deviceIDs`` and
     ``must_include_deviceIDs``), as protobuf repeated fields. Everything is counted with
-    ``len()`` first, which builds nothing: a refused request never costs a Python object per
-    ID (1,000,000 of them took the plugin from 67 to 175 MiB). Only a request within the
-    counts has its IDs read, one at a time, for their length (unless ``check_lengths`` is
-    false: GetPreferredAllocation checks only the IDs it does not know, see
-    :meth:`PreferredQuery.id_problem`).
+    ``len()``, which builds nothing: a refused request never costs a Python object per ID
+    (1,000,000 of them took the plugin from 67 to 175 MiB). Only a request within the counts
+    has its IDs read, once, and then checked with :func:`long_id_problem` (GetPreferredAllocation
+    checks only the IDs it does not know, see :meth:`PreferredQuery.id_problem`).
     """
     if len(containers) > MAX_CONTAINER_REQUESTS:
         return (f"{len(containers)} container requests; at most {MAX_CONTAINER_REQUESTS} "
@@ -237,10 +235,9 @@ def request_problem(
     # Replicas share a physical device, and a stale list may name old IDs: allow the total
     # twice over, which no kubelet request reaches (it sends one container per call).
     limit = 2 * len(resource.devices)
-    lists = [ids_of(container) for container in containers]
     total = 0
-    for counts in ([len(ids) for ids in group] for group in lists):
-        count = sum(counts)
+    for group in map(ids_of, containers):
+        count = sum(map(len, group))
         if count > limit:
             return (f"{count} device IDs in one container request; {resource.name} has "
                     f"{len(resource.devices)} devices")
@@ -248,9 +245,7 @@ def request_problem(
     if total > max(limit, MAX_CONTAINER_REQUESTS):
         return (f"{total} device IDs in one call; {resource.name} has "
                 f"{len(resource.devices)} devices")
-    if not check_lengths:
-        return None
-    return long_id_problem(chain.from_iterable(chain.from_iterable(lists)))
+    return None
 
 
 def allocate_ids(
@@ -374,7 +369,7 @@ class RequestIndex:
 class PreferredQuery:
     """One GetPreferredAllocation container request, its IDs read out of the message once."""
 
-    available: list[str]  # distinct, in request order
+    requested: Sequence[str]  # the available IDs as sent (the message's repeated field)
     available_set: set[str]
     must_include: list[str]  # distinct
     size: int
@@ -383,16 +378,20 @@ class PreferredQuery:
     _unknown: set[str] | None = None
     _present: list[bool] | None = None
     _index: RequestIndex | None = None
+    _available: list[str] | None = None
 
     @classmethod
-    def of(cls, available: Iterable[str], must_include: Iterable[str], size: int
+    def of(cls, available: Sequence[str], must_include: Iterable[str], size: int
            ) -> PreferredQuery:
-        """Read (and de-duplicate) the ID lists; call it only on counted lists."""
-        ids = list(available)
-        seen = set(ids)
-        if len(seen) != len(ids):
-            ids = list(dict.fromkeys(ids))
-        return cls(ids, seen, list(dict.fromkeys(must_include)), size)
+        """Read the ID lists into sets; call it only on counted lists."""
+        return cls(available, set(available), list(dict.fromkeys(must_include)), size)
+
+    @property
+    def available(self) -> list[str]:
+        """The available IDs, distinct, in request order: only whole GPUs (few) need it."""
+        if self._available is None:
+            self._available = list(dict.fromkeys(self.requested))
+        return self._available
 
     def unknown(self, index: RequestIndex) -> set[str]:
         """The available IDs ``index``'s resource does not have (stale or bogus)."""
@@ -430,7 +429,7 @@ def long_id_problem(ids: Iterable[str]) -> str | None:
 
 
 def impossible_request(
-    available: Sequence[str],
+    available: Collection[str],
     must_include: Sequence[str],
     size: int,
     offered: AbstractSet[str] | None = None,
@@ -467,7 +466,7 @@ def preferred_ids(
     naming the resource and why: the kubelet then falls back to its own choice. ``index`` is
     :meth:`RequestIndex.of` ``resource`` when the caller keeps one.
     """
-    query = PreferredQuery.of(available, must_include, size)
+    query = PreferredQuery.of(list(available), must_include, size)
     return preferred_for(resource, context, query, index)
 
 
@@ -480,26 +479,27 @@ def preferred_for(
     """:func:`preferred_ids` for a request already read."""
     if index is None or index.resource is not resource:
         index = RequestIndex.of(resource)
-    offered, available_set, must = query.available, query.available_set, query.must_include
+    available_set, must, size = query.available_set, query.must_include, query.size
     # A stale id (the map changed since the kubelet's last list) is simply not available.
     unknown = query.unknown(index)
     if unknown:
-        offered = [i for i in offered if i not in unknown]
-        available_set = set(offered)
-    problem = impossible_request(offered, must, query.size, available_set)
+        available_set = available_set - unknown
+    problem = impossible_request(available_set, must, size, available_set)
     if problem is not None:
         log.warning("GetPreferredAllocation for %s: no preferred set: %s",
                     resource.name, problem)
         return []
-    size = query.size
     try:
         if index.whole_gpus:
+            offered = query.available
+            if unknown:
+                offered = [i for i in offered if i not in unknown]
             chosen = context.preferred_whole(offered, must, size)
         else:
             policy = context.config.flags.plugin.shared_devices_allocation_policy
             present = query.present(index)
-            devices = index.in_pick_order(offered, present)
-            counts = index.in_use(offered, present)
+            devices = index.in_pick_order(available_set, present)
+            counts = index.in_use(available_set, present)
             chosen = context.preferred_shared(devices, must, size, policy, counts)
     except Exception:  # the kubelet falls back to its own choice; never fail the pod
         log.exception("preferred allocation failed for %s", resource.name)
@@ -736,7 +736,7 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
     ) -> api_pb2.PreferredAllocationResponse:
         resource, serving = self._server.state
         requests = request.container_requests
-        problem = request_problem(resource, requests, preferred_request_ids, check_lengths=False)
+        problem = request_problem(resource, requests, preferred_request_ids)
         index = self._index(resource)
         queries: list[PreferredQuery] = []
         if problem is None:
@@ -772,15 +772,19 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
         resource, serving = self._server.state
         requests = request.container_requests
         problem = request_problem(resource, requests, allocate_ids)
+        containers: list[tuple[str, ...]] = []
+        if problem is None:
+            # Counted, so reading is bounded. Each ID list read out of the message once: every
+            # pass over a repeated field builds new str objects, and Allocate is on the pod
+            # start path.
+            containers = [tuple(r.devices_ids) for r in requests]
+            problem = next(filter(None, map(long_id_problem, containers)), None)
         if problem is not None:
             log.warning("Allocate for %s refused: %s", resource.name, problem)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f'invalid allocation request for "{resource.name}": invalid request: {problem}',
             )
-        # Each ID list read out of the message once, after the bounds: every pass over a
-        # protobuf repeated field builds new str objects, and Allocate is on the pod start path.
-        containers = [tuple(r.devices_ids) for r in requests]
         allocate, config = serving.allocate, serving.config
         response = api_pb2.AllocateResponse()
         add = response.container_responses.add

@@ -34,13 +34,14 @@ from protos.deviceplugin.v1beta1 import api_pb2
 
 TIMEOUT = 30.0
 ATTACK_IDS = 1_000_000
-# Two-character IDs just under the receive cap: past gRPC, so only the handler's count stops
-# them. 4 bytes each on the wire (tag, length, two characters).
-UNDER_CAP_IDS = (MAX_MESSAGE_BYTES - 1024) // 4
+# Distinct three-character IDs just under the receive cap: past gRPC, so only the handler's
+# count stops them. 5 bytes each on the wire (tag, length, three characters); distinct, so
+# that reading them into a set costs as much as into a list.
+UNDER_CAP_IDS = (MAX_MESSAGE_BYTES - 1024) // 5
 # What the server may allocate in Python objects while refusing UNDER_CAP_IDS IDs, per byte of
 # the message: grpcio hands the handler's deserialiser the message as Python bytes (2x the
-# message measured, 8 bytes per ID); reading the IDs costs ~60 bytes more per ID (a str
-# object and a list slot), 15x the message.
+# message measured); reading the IDs costs ~60 bytes more per ID (a str object and a list or
+# set slot), over 10x the message.
 MAX_PEAK_PER_MESSAGE_BYTE = 3
 SERVICE = "/v1beta1.DevicePlugin/"
 
@@ -56,6 +57,15 @@ def server(sockdir: str) -> Iterator[PluginServer]:
 
 def two_char_ids(count: int) -> list[str]:
     return [f"{n % 1296:02x}"[-2:] for n in range(count)]
+
+
+def distinct_short_ids(count: int) -> list[str]:
+    """``count`` distinct three-character printable ASCII IDs."""
+    alphabet = [chr(c) for c in range(33, 127)]
+    assert count <= len(alphabet) ** 3
+    base = len(alphabet)
+    return [alphabet[n // base**2] + alphabet[n // base % base] + alphabet[n % base]
+            for n in range(count)]
 
 
 def allocate_bytes(ids: list[str], containers: int = 1) -> bytes:
@@ -107,7 +117,7 @@ def test_a_million_ids_are_refused_by_grpc(server: PluginServer, method: str) ->
 @pytest.mark.parametrize("method", ["Allocate", "GetPreferredAllocation"])
 def test_many_ids_under_the_cap_are_counted_not_read(server: PluginServer, method: str) -> None:
     build = allocate_bytes if method == "Allocate" else preferred_bytes
-    payload = build(two_char_ids(UNDER_CAP_IDS))
+    payload = build(distinct_short_ids(UNDER_CAP_IDS))
     assert len(payload) <= MAX_MESSAGE_BYTES
     channel, stub = plugin_stub(server.socket_path)
     with channel:
@@ -146,8 +156,9 @@ def test_the_cap_admits_the_largest_kubelet_request() -> None:
         api_pb2.ContainerPreferredAllocationRequest(
             available_deviceIDs=ids, must_include_deviceIDs=ids, allocation_size=2**31 - 1)])
     assert request.ByteSize() <= MAX_MESSAGE_BYTES
-    # ... and the 4 MB attack is beyond it.
-    assert len(allocate_bytes(two_char_ids(ATTACK_IDS))) > MAX_MESSAGE_BYTES
+    # ... and the 4 MB attack (4 bytes per two-character ID) is beyond it.
+    per_id = len(allocate_bytes(two_char_ids(1000))) / 1000
+    assert per_id * ATTACK_IDS > MAX_MESSAGE_BYTES
 
 
 @pytest.fixture

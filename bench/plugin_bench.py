@@ -6,12 +6,18 @@
   and hgx-16-pcie (16 GPUs): random available subsets and must-include sets, p50/p99/max per
   size once the background warm-up has finished, and separately the cold first call per size
   (tables not yet built: what a request meets during the warm-up window).
+- GetPreferredAllocation with all 8,192 replicas of a time-sliced dgx-a100 (1,024 replicas per
+  GPU; the kubelet sends every free ID in every call), beside the 8-device request and the
+  empty handler given the same 8,192 IDs, in the same run (section ``sliced``).
+- The daemon's RSS while it refuses oversized requests: 524,000 two-character IDs (just under
+  the receive cap, so the handler refuses them) and 1,000,000 (4 MB), one and then four at once,
+  in Allocate and GetPreferredAllocation (section ``attack``).
 - Process start to Register at the (mock) kubelet, vs ``python -c "import grpc, pynvml"``.
 - XID injected (fake NVML, in-process) to Unhealthy seen by the kubelet's ListAndWatch.
 - The daemon's RSS, vs a bare interpreter that imported grpc and pynvml.
 
 Run: ``python bench/plugin_bench.py [--calls N] [--preferred-calls N] [--xids N] [--starts N]
-[--sections rpc,preferred,xid,start]`` (under two minutes).
+[--sliced-calls N] [--sections rpc,preferred,sliced,attack,xid,start]`` (under three minutes).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from deviceplugin.allocator import pair_score  # noqa: E402
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags  # noqa: E402
 from deviceplugin.mockkubelet import DeviceInfo, MockKubelet  # noqa: E402
 from deviceplugin.server import EAGER_ALLOCATOR_GPUS  # noqa: E402
-from gpus.config import Config  # noqa: E402
+from gpus.config import Config, parse_config  # noqa: E402
 from gpus.model import Snapshot  # noqa: E402
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc  # noqa: E402
 
@@ -54,7 +60,13 @@ TARGET_RSS_MIB = 50.0
 TARGET_PREFERRED_P99_MS = {8: 1.0, 16: 5.0}
 PREFERRED_PROFILES = ("dgx-a100", "hgx-16", "hgx-16-pcie")
 WARM_TIMEOUT_S = 120.0
-SECTIONS = ("rpc", "preferred", "xid", "start")
+SECTIONS = ("rpc", "preferred", "sliced", "attack", "xid", "start")
+SLICED_REPLICAS = 1024
+TARGET_SLICED_P99_MS = 5.0
+# The attack: IDs of two characters, 4 bytes each on the wire.
+ATTACK_IDS = 1_000_000
+UNDER_CAP_IDS = 524_000
+ATTACK_PARALLEL = 4
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,17 @@ def time_pair(
     return Stats.of(ours_ns), Stats.of(floor_ns)
 
 
-def bench_config(directory: str, kubelet_socket: str = "", profile: str = "dgx-a100") -> Config:
-    """A fake node (DGX A100 unless told) with sockets in ``directory``, fast health recovery."""
+def bench_config(
+    directory: str, kubelet_socket: str = "", profile: str = "dgx-a100", replicas: int = 1
+) -> Config:
+    """A fake node (DGX A100 unless told) with sockets in ``directory``, fast health recovery;
+    each GPU time-sliced into ``replicas`` when more than 1."""
+    base = Config() if replicas == 1 else parse_config({
+        "version": "v1",
+        "sharing": {"timeSlicing": {"resources": [{"name": GPU, "replicas": replicas}]}},
+    })
     config = replace_flags(
-        Config(), nvml=f"fake:{profile}", sysfs_root=os.path.join(directory, "root")
+        base, nvml=f"fake:{profile}", sysfs_root=os.path.join(directory, "root")
     )
     return replace_plugin_flags(
         config,
@@ -428,6 +447,149 @@ def preferred_lines(
     return lines
 
 
+def sliced_requests(
+    ids: list[str], count: int, rng: random.Random
+) -> list[api_pb2.PreferredAllocationRequest]:
+    """What a kubelet sends on a time-sliced node: every free replica, in its map order
+    (random), a few already in use, a container of 1..8 replicas."""
+    requests = []
+    for _ in range(count):
+        busy = set(rng.sample(ids, rng.randint(0, 64)))
+        free = [i for i in ids if i not in busy]
+        rng.shuffle(free)
+        requests.append(preferred_request(free, rng.randint(1, 8)))
+    return requests
+
+
+def bench_sliced(calls: int, seed: int) -> list[str]:
+    """GetPreferredAllocation with 8,192 replica IDs vs 8 devices and the empty handler."""
+    rng = random.Random(seed)
+    with short_dir("nvkb") as directory:
+        floor_sock = os.path.join(directory, "floor.sock")
+        floor = grpc.server(ThreadPoolExecutor(max_workers=16))
+        api_pb2_grpc.add_DevicePluginServicer_to_server(_EmptyPlugin(), floor)
+        floor.add_insecure_port(f"unix:{floor_sock}")
+        floor.start()
+        plugin = start_plugin(bench_config(directory, replicas=SLICED_REPLICAS), directory)
+        try:
+            manager = plugin.manager
+            server = manager.server(GPU) if manager is not None else None
+            if server is None:
+                raise RuntimeError("the plugin does not serve nvidia.com/gpu")
+            ids = [d.id for d in server.resource.devices]
+            channel = grpc.insecure_channel(f"unix:{server.socket_path}")
+            floor_channel = grpc.insecure_channel(f"unix:{floor_sock}")
+            ours = api_pb2_grpc.DevicePluginStub(channel)
+            base = api_pb2_grpc.DevicePluginStub(floor_channel)
+            requests = sliced_requests(ids, calls, rng)
+            size = requests[0].ByteSize()
+            for request in requests[:20]:  # connect, build the request index
+                ours.GetPreferredAllocation(request)
+                base.GetPreferredAllocation(request)
+            ours_ns, floor_ns = [], []
+            clock = time.perf_counter_ns
+            for request in requests:
+                begin = clock()
+                time_preferred(ours, request)
+                middle = clock()
+                base.GetPreferredAllocation(request)
+                ours_ns.append(middle - begin)
+                floor_ns.append(clock() - middle)
+            channel.close()
+            floor_channel.close()
+        finally:
+            plugin.close()
+            floor.stop(None)
+    o, f = Stats.of(ours_ns), Stats.of(floor_ns)
+    verdict = "met" if o.p99 <= TARGET_SLICED_P99_MS else "MISSED"
+    return [
+        f"{'GetPreferredAllocation 8,192 IDs':34s} p50 {o.p50:7.3f} ms  p99 {o.p99:7.3f} ms | "
+        f"floor p50 {f.p50:7.3f} ms  p99 {f.p99:7.3f} ms (n={calls}, ~{size // 1024} KiB each, "
+        f"1-8 of {SLICED_REPLICAS} replicas x 8 GPUs) | target p99 <= "
+        f"{TARGET_SLICED_P99_MS:g} ms: {verdict}"
+    ]
+
+
+def attack_payload(method: str, count: int) -> bytes:
+    """A serialised request naming ``count`` two-character IDs."""
+    ids = [f"{n % 1296:02x}"[-2:] for n in range(count)]
+    if method == "Allocate":
+        return allocate_request(ids).SerializeToString()
+    return preferred_request(ids, 1).SerializeToString()
+
+
+def rss_fields(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM: the peak) of a process in MiB."""
+    values = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def bench_attack() -> list[str]:
+    """RSS of the daemon (its own process) before, at peak and after refusing huge requests."""
+    with short_dir("nvkb") as pycache:
+        env = bytecode_env(pycache)
+        with short_dir("nvkb") as directory, MockKubelet(directory) as kubelet:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "deviceplugin.main", "--nvml", "fake:dgx-a100",
+                 "--kubelet-socket", kubelet.socket_path],
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            try:
+                if not kubelet.wait_for_registration(GPU, 30):
+                    raise RuntimeError("the daemon did not register within 30 s")
+                socket_path = os.path.join(directory, "nvidia-gpu.sock")
+                return attack_lines(proc.pid, socket_path)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+
+
+def attack_lines(pid: int, socket_path: str) -> list[str]:
+    """Send each attack and report the daemon's RSS around it."""
+    channel = grpc.insecure_channel(f"unix:{socket_path}")
+    stub = api_pb2_grpc.DevicePluginStub(channel)
+    stub.GetDevicePluginOptions(api_pb2.Empty())  # connect
+    start_rss, _ = rss_fields(pid)
+    lines = []
+    cases = [
+        (method, count, parallel)
+        for count in (UNDER_CAP_IDS, ATTACK_IDS)
+        for parallel in (1, ATTACK_PARALLEL)
+        for method in ("Allocate", "GetPreferredAllocation")
+    ]
+    for method, count, parallel in cases:
+        payload = attack_payload(method, count)
+        call = channel.unary_unary(f"/v1beta1.DevicePlugin/{method}")
+
+        def send(_: int, call: Callable[..., object] = call, payload: bytes = payload) -> str:
+            try:
+                call(payload, timeout=60)
+            except grpc.RpcError as err:
+                return str(err.code().name) if isinstance(err, grpc.Call) else "error"
+            return "OK"
+
+        before, _ = rss_fields(pid)
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            codes = sorted(set(pool.map(send, range(parallel))))
+        after, peak = rss_fields(pid)
+        lines.append(
+            f"{method} {count:,} IDs ({len(payload) / 1e6:.1f} MB) x{parallel}: "
+            f"{'/'.join(codes)}; RSS {before:.1f} -> {after:.1f} MiB, peak so far {peak:.1f} MiB"
+        )
+    channel.close()
+    final, peak = rss_fields(pid)
+    lines.append(
+        f"daemon RSS under the attacks: registered {start_rss:.1f} MiB, peak {peak:.1f} MiB, "
+        f"after {final:.1f} MiB (DaemonSet limit 160 MiB)"
+    )
+    return lines
+
+
 def rss_mib(pid: int) -> float:
     """Resident set size of a process in MiB (Linux /proc)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as handle:
@@ -550,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preferred-calls", type=int, default=300,
                         help="GetPreferredAllocation requests per size and node")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random requests")
+    parser.add_argument("--sliced-calls", type=int, default=500,
+                        help="GetPreferredAllocation requests of 8,192 IDs")
     parser.add_argument("--xids", type=int, default=200, help="XID samples")
     parser.add_argument("--starts", type=int, default=5, help="daemon starts")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -565,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Callable[[], list[str]]] = {
         "rpc": lambda: bench_rpc(args.calls),
         "preferred": lambda: bench_preferred(args.preferred_calls, args.seed),
+        "sliced": lambda: bench_sliced(args.sliced_calls, args.seed),
+        "attack": bench_attack,
         "xid": lambda: bench_xid(args.xids),
         "start": lambda: bench_start(args.starts),
     }

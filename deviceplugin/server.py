@@ -15,10 +15,12 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from itertools import chain, compress
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -42,12 +44,22 @@ STOP_GRACE_S = 0.5
 EAGER_ALLOCATOR_GPUS = 12
 # Only the kubelet (root) talks to our sockets; nobody else on the node may even connect.
 SOCKET_MODE = 0o600
-# The kubelet's own gRPC limit (grpc-go's 4 MiB default), stated so it cannot drift: a
-# request or a device list this big is already far beyond any real node.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# What a kubelet can legitimately send us, derived so a request far beyond it is refused by
+# gRPC before any of it is parsed: at most MAX_NODE_DEVICES devices per resource (16 GPUs, as
+# in DGX-2/HGX-2, times the config's 1,024 replicas; or 16 x 7 MIG devices x 146 replicas),
+# IDs of at most MAX_KUBELET_ID_BYTES ("GPU-"/"MIG-", a 36-character UUID, "::1023") plus 2
+# bytes of protobuf framing, each listed at most twice (GetPreferredAllocation's available
+# and must-include lists): 1.5 MiB; 2 MiB leaves a third for framing and margin (the usual
+# request, available IDs only, fits ~43,000 devices). It was grpc-go's 4 MiB default, which
+# let 1,000,000 two-character IDs in (RSS 67 -> 175 MiB).
+MAX_NODE_DEVICES = 16 * 1024
+MAX_KUBELET_ID_BYTES = 46
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+# What we send is bounded by the kubelet's own receive limit, grpc-go's 4 MiB default.
+MAX_SEND_BYTES = 4 * 1024 * 1024
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_BYTES),
 )
 # The kubelet sends one container per Allocate; the cap only bounds the work one call can ask.
 MAX_CONTAINER_REQUESTS = 64
@@ -81,7 +93,8 @@ class AllocationLike(Protocol):
 
 AllocateFn = Callable[[Resource, Sequence[str], Config], AllocationLike]
 PreferredWholeFn = Callable[[Sequence[str], Sequence[str], int], list[str]]
-# (free devices, must include, size, policy, devices in use per physical GPU UUID)
+# (free devices, distinct and in allocator.device_order, must include, size, policy, devices in
+# use per physical GPU UUID)
 PreferredSharedFn = Callable[
     [Sequence[Device], Sequence[str], int, str, Mapping[str, int]], list[str]
 ]
@@ -119,7 +132,7 @@ class ServingContext:
             snapshot=snapshot,
             allocate=allocate.IndexedAllocate(),
             preferred_whole=whole.preferred,
-            preferred_shared=allocator.preferred_shared,
+            preferred_shared=allocator.preferred_shared_ordered,
             allocation_errors=(allocate.AllocationError,),
             warm=whole.warm if len(snapshot.gpus) > EAGER_ALLOCATOR_GPUS else None,
         )
@@ -265,27 +278,55 @@ def allocation_to_proto(allocation: AllocationLike) -> api_pb2.ContainerAllocate
     return fill_allocation(api_pb2.ContainerAllocateResponse(), allocation)
 
 
-def request_problem(resource: Resource, containers: Sequence[Sequence[str]]) -> str | None:
-    """Why a request is too big to be a kubelet's, or None; checked before any work is done.
+Message = TypeVar("Message")
 
-    ``containers`` holds each container request's device IDs (Allocate's ``devices_ids``,
-    GetPreferredAllocation's ``available_deviceIDs`` and ``must_include_deviceIDs``).
+
+def request_problem(
+    resource: Resource,
+    containers: Sequence[Message],
+    ids_of: Callable[[Message], tuple[Sequence[str], ...]],
+) -> str | None:
+    """Why a request has too many parts to be a kubelet's, or None; checked before any work.
+
+    ``containers`` are the request's container requests and ``ids_of`` gives one's ID lists
+    (Allocate's ``devices_ids``; GetPreferredAllocation's ``available_deviceIDs`` and
+    ``must_include_deviceIDs``), as protobuf repeated fields. Everything is counted with
+    ``len()``, which builds nothing: a refused request never costs a Python object per ID
+    (1,000,000 of them took the plugin from 67 to 175 MiB). Only a request within the counts
+    has its IDs read, once, and then checked with :func:`long_id_problem` (GetPreferredAllocation
+    checks only the IDs it does not know, see :meth:`PreferredQuery.id_problem`).
     """
     if len(containers) > MAX_CONTAINER_REQUESTS:
         return (f"{len(containers)} container requests; at most {MAX_CONTAINER_REQUESTS} "
                 "are accepted in one call")
     # Replicas share a physical device, and a stale list may name old IDs: allow the total
-    # twice over, which no kubelet request reaches.
+    # twice over, which no kubelet request reaches (it sends one container per call).
     limit = 2 * len(resource.devices)
-    for ids in containers:
-        if len(ids) > limit:
-            return (f"{len(ids)} device IDs in one container request; {resource.name} has "
+    total = 0
+    for group in map(ids_of, containers):
+        count = sum(map(len, group))
+        if count > limit:
+            return (f"{count} device IDs in one container request; {resource.name} has "
                     f"{len(resource.devices)} devices")
-        for device_id in ids:
-            if len(device_id) > MAX_DEVICE_ID_BYTES:
-                return (f"a device ID of {len(device_id)} characters; IDs are at most "
-                        f"{MAX_DEVICE_ID_BYTES}")
+        total += count
+    if total > max(limit, MAX_CONTAINER_REQUESTS):
+        return (f"{total} device IDs in one call; {resource.name} has "
+                f"{len(resource.devices)} devices")
     return None
+
+
+def allocate_ids(
+    request: api_pb2.ContainerAllocateRequest,
+) -> tuple[Sequence[str], ...]:
+    """An Allocate container request's ID list (for :func:`request_problem`)."""
+    return (request.devices_ids,)
+
+
+def preferred_request_ids(
+    request: api_pb2.ContainerPreferredAllocationRequest,
+) -> tuple[Sequence[str], ...]:
+    """A GetPreferredAllocation container request's ID lists (for :func:`request_problem`)."""
+    return (request.available_deviceIDs, request.must_include_deviceIDs)
 
 
 def is_whole_gpu_resource(resource: Resource) -> bool:
@@ -300,6 +341,7 @@ def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
     allocated. Unhealthy devices are never offered whether or not a pod holds one, so they do
     not count: counting them would make ``packed`` prefer a GPU because it is failing. Only
     this resource's devices count (the kubelet says nothing about other resources).
+    :meth:`RequestIndex.in_use` is the same, at C speed; this is its reference.
     """
     counts: dict[str, int] = {}
     for device in resource.devices:
@@ -309,15 +351,166 @@ def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
     return counts
 
 
+@dataclass(frozen=True)
+class GpuRun:
+    """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered`."""
+
+    uuid: str
+    start: int
+    stop: int
+    healthy: int  # how many of them are Healthy
+
+
+@dataclass(frozen=True)
+class RequestIndex:
+    """One resource version's devices as GetPreferredAllocation needs them, built once.
+
+    Resources are immutable and replaced whole on every change (health included), so an index
+    is valid for exactly the resource object it was built from. With it, a request naming all
+    8,192 replicas of a time-sliced node costs a few C-speed passes (one set lookup per
+    device, then slices) instead of sorting with a Python key and a Python loop per device.
+    """
+
+    resource: Resource
+    known: Mapping[str, Device]
+    # The devices in the allocator's pick order (each GPU's devices contiguous), their IDs,
+    # and 1 for each Healthy one, 0 otherwise (summed over the requested ones per GPU).
+    ordered: tuple[Device, ...]
+    ordered_ids: tuple[str, ...]
+    healthy: tuple[int, ...]
+    runs: tuple[GpuRun, ...]
+    whole_gpus: bool
+
+    @classmethod
+    def of(cls, resource: Resource) -> RequestIndex:
+        """Index ``resource`` (linear in its devices; sorting dominates)."""
+        from deviceplugin.allocator import device_order
+
+        ordered = tuple(sorted(resource.devices, key=device_order))
+        healthy = tuple(int(d.healthy) for d in ordered)
+        runs: list[GpuRun] = []
+        start = 0
+        for position in range(1, len(ordered) + 1):
+            if position == len(ordered) or ordered[position].gpu.uuid != ordered[start].gpu.uuid:
+                uuid = ordered[start].gpu.uuid
+                runs.append(GpuRun(uuid, start, position, sum(healthy[start:position])))
+                start = position
+        return cls(
+            resource=resource,
+            known={d.id: d for d in resource.devices},
+            ordered=ordered,
+            ordered_ids=tuple(d.id for d in ordered),
+            healthy=healthy,
+            runs=tuple(runs),
+            whole_gpus=is_whole_gpu_resource(resource),
+        )
+
+    def present(self, available: AbstractSet[str]) -> list[bool]:
+        """For each device in pick order, whether ``available`` names it."""
+        return list(map(available.__contains__, self.ordered_ids))
+
+    def in_pick_order(
+        self, available: Iterable[str], present: Sequence[bool] | None = None
+    ) -> list[Device]:
+        """The devices of ``available`` (known IDs) in the allocator's pick order.
+
+        ``present`` is :meth:`present` of them when the caller has it already.
+        """
+        flags = self.present(set(available)) if present is None else present
+        return list(compress(self.ordered, flags))
+
+    def in_use(
+        self, available: Iterable[str], present: Sequence[bool] | None = None
+    ) -> dict[str, int]:
+        """:func:`in_use_counts` for ``available`` (known IDs); ``present`` as above."""
+        flags = self.present(set(available)) if present is None else present
+        healthy = self.healthy
+        return {
+            run.uuid: run.healthy
+            - sum(compress(healthy[run.start:run.stop], flags[run.start:run.stop]))
+            for run in self.runs
+        }
+
+
+@dataclass
+class PreferredQuery:
+    """One GetPreferredAllocation container request, its IDs read out of the message once."""
+
+    requested: Sequence[str]  # the available IDs as sent (the message's repeated field)
+    available_set: set[str]
+    must_include: list[str]  # distinct
+    size: int
+    # Filled by :meth:`unknown`: the available IDs the resource does not have, and (shared
+    # resources) RequestIndex.present of the available IDs, which unknown IDs do not change.
+    _unknown: set[str] | None = None
+    _present: list[bool] | None = None
+    _index: RequestIndex | None = None
+    _available: list[str] | None = None
+
+    @classmethod
+    def of(cls, available: Sequence[str], must_include: Iterable[str], size: int
+           ) -> PreferredQuery:
+        """Read the ID lists into sets; call it only on counted lists."""
+        return cls(available, set(available), list(dict.fromkeys(must_include)), size)
+
+    @property
+    def available(self) -> list[str]:
+        """The available IDs, distinct, in request order: only whole GPUs (few) need it."""
+        if self._available is None:
+            self._available = list(dict.fromkeys(self.requested))
+        return self._available
+
+    def unknown(self, index: RequestIndex) -> set[str]:
+        """The available IDs ``index``'s resource does not have (stale or bogus)."""
+        if self._index is not index:
+            self._index, self._unknown, self._present = index, None, None
+        if self._unknown is None:
+            if index.whole_gpus:
+                self._unknown = self.available_set.difference(index.known)
+            else:
+                # Thousands of replicas: count the known ones while marking them.
+                present = self.present(index)
+                all_known = present.count(True) == len(self.available_set)
+                self._unknown = set() if all_known else self.available_set.difference(index.known)
+        return self._unknown
+
+    def present(self, index: RequestIndex) -> list[bool]:
+        """``index.present`` of the available IDs, computed once."""
+        if self._index is not index:
+            self._index, self._unknown, self._present = index, None, None
+        if self._present is None:
+            self._present = index.present(self.available_set)
+        return self._present
+
+    def id_problem(self, index: RequestIndex) -> str | None:
+        """A device ID too long to be one (only unknown IDs can be), or None."""
+        return long_id_problem(chain(self.unknown(index), self.must_include))
+
+
+def long_id_problem(ids: Iterable[str]) -> str | None:
+    """Why one of ``ids`` cannot be a device ID (its length), or None."""
+    longest = max(map(len, ids), default=0)
+    if longest > MAX_DEVICE_ID_BYTES:
+        return f"a device ID of {longest} characters; IDs are at most {MAX_DEVICE_ID_BYTES}"
+    return None
+
+
 def impossible_request(
-    available: Sequence[str], must_include: Sequence[str], size: int
+    available: Collection[str],
+    must_include: Sequence[str],
+    size: int,
+    offered: AbstractSet[str] | None = None,
 ) -> str | None:
-    """Why no preferred set exists for the request (deduplicated, known IDs), or None."""
+    """Why no preferred set exists for the request (deduplicated, known IDs), or None.
+
+    ``offered`` is ``set(available)`` when the caller has it already.
+    """
     if size <= 0:
         return f"allocation size {size} is not positive"
     if size > len(available):
         return f"allocation size {size} exceeds the {len(available)} available devices"
-    offered = set(available)
+    if offered is None:
+        offered = set(available)
     missing = [i for i in must_include if i not in offered]
     if missing:
         return f"must-include devices not available: {', '.join(missing)}"
@@ -329,33 +522,52 @@ def impossible_request(
 def preferred_ids(
     resource: Resource,
     context: ServingContext,
-    available: Sequence[str],
-    must_include: Sequence[str],
+    available: Iterable[str],
+    must_include: Iterable[str],
     size: int,
+    index: RequestIndex | None = None,
 ) -> list[str]:
     """The preferred allocation for one container, or [] when the request is impossible.
 
     An impossible request (NVIDIA answers it with an empty list too) is logged as a warning
-    naming the resource and why: the kubelet then falls back to its own choice.
+    naming the resource and why: the kubelet then falls back to its own choice. ``index`` is
+    :meth:`RequestIndex.of` ``resource`` when the caller keeps one.
     """
-    known = {d.id: d for d in resource.devices}
+    query = PreferredQuery.of(list(available), must_include, size)
+    return preferred_for(resource, context, query, index)
+
+
+def preferred_for(
+    resource: Resource,
+    context: ServingContext,
+    query: PreferredQuery,
+    index: RequestIndex | None = None,
+) -> list[str]:
+    """:func:`preferred_ids` for a request already read."""
+    if index is None or index.resource is not resource:
+        index = RequestIndex.of(resource)
+    available_set, must, size = query.available_set, query.must_include, query.size
     # A stale id (the map changed since the kubelet's last list) is simply not available.
-    available = [i for i in dict.fromkeys(available) if i in known]
-    must_include = list(dict.fromkeys(must_include))
-    available_set = set(available)
-    problem = impossible_request(available, must_include, size)
+    unknown = query.unknown(index)
+    if unknown:
+        available_set = available_set - unknown
+    problem = impossible_request(available_set, must, size, available_set)
     if problem is not None:
         log.warning("GetPreferredAllocation for %s: no preferred set: %s",
                     resource.name, problem)
         return []
     try:
-        if is_whole_gpu_resource(resource):
-            chosen = context.preferred_whole(available, must_include, size)
+        if index.whole_gpus:
+            offered = query.available
+            if unknown:
+                offered = [i for i in offered if i not in unknown]
+            chosen = context.preferred_whole(offered, must, size)
         else:
             policy = context.config.flags.plugin.shared_devices_allocation_policy
-            devices = [known[i] for i in available]
-            counts = in_use_counts(resource, available_set)
-            chosen = context.preferred_shared(devices, must_include, size, policy, counts)
+            present = query.present(index)
+            devices = index.in_pick_order(available_set, present)
+            counts = index.in_use(available_set, present)
+            chosen = context.preferred_shared(devices, must, size, policy, counts)
     except Exception:  # the kubelet falls back to its own choice; never fail the pod
         log.exception("preferred allocation failed for %s", resource.name)
         return []
@@ -567,6 +779,7 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
 
     def __init__(self, server: PluginServer) -> None:
         self._server = server
+        self._request_index: RequestIndex | None = None
 
     def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
@@ -587,34 +800,50 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
         resource, serving = self._server.state
-        problem = request_problem(
-            resource,
-            [[*r.available_deviceIDs, *r.must_include_deviceIDs]
-             for r in request.container_requests],
-        )
+        requests = request.container_requests
+        problem = request_problem(resource, requests, preferred_request_ids)
+        index = self._index(resource)
+        queries: list[PreferredQuery] = []
+        if problem is None:
+            # Counted, so reading the IDs is bounded; each list is read out of the message
+            # once (every pass over a repeated field makes new str objects).
+            queries = [
+                PreferredQuery.of(r.available_deviceIDs, r.must_include_deviceIDs,
+                                  r.allocation_size)
+                for r in requests
+            ]
+            problem = next(filter(None, (q.id_problem(index) for q in queries)), None)
         if problem is not None:
             log.warning("GetPreferredAllocation for %s refused: %s", resource.name, problem)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         response = api_pb2.PreferredAllocationResponse()
-        for req in request.container_requests:
-            ids = preferred_ids(
-                resource,
-                serving,
-                list(req.available_deviceIDs),
-                list(req.must_include_deviceIDs),
-                req.allocation_size,
-            )
+        for query in queries:
+            ids = preferred_for(resource, serving, query, index)
             response.container_responses.add(deviceIDs=ids)
         return response
+
+    def _index(self, resource: Resource) -> RequestIndex:
+        """The request index of ``resource``, rebuilt when the served resource changed."""
+        index = self._request_index
+        if index is None or index.resource is not resource:
+            # A race only builds the same index twice; the attribute swap is atomic.
+            index = RequestIndex.of(resource)
+            self._request_index = index
+        return index
 
     def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
         resource, serving = self._server.state
-        # Each ID list read out of the message once: every pass over a protobuf repeated
-        # field builds new str objects, and Allocate is on the pod start path.
-        containers = [tuple(r.devices_ids) for r in request.container_requests]
-        problem = request_problem(resource, containers)
+        requests = request.container_requests
+        problem = request_problem(resource, requests, allocate_ids)
+        containers: list[tuple[str, ...]] = []
+        if problem is None:
+            # Counted, so reading is bounded. Each ID list read out of the message once: every
+            # pass over a repeated field builds new str objects, and Allocate is on the pod
+            # start path.
+            containers = [tuple(r.devices_ids) for r in requests]
+            problem = next(filter(None, map(long_id_problem, containers)), None)
         if problem is not None:
             log.warning("Allocate for %s refused: %s", resource.name, problem)
             context.abort(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deviceplugin.allocator import preferred_shared
+from deviceplugin.allocator import device_order, preferred_shared, preferred_shared_ordered
 from gpus.model import GPU, MigDevice
 from gpus.resources import Device
 
@@ -188,3 +188,70 @@ def test_shared_invariants(
                 elif not must:
                     # packed: g was passed over, so it was no busier than h at the time.
                     assert in_use[g] <= final[h] - 1
+
+
+def reference_preferred_shared(
+    available: list[Device],
+    must_include: list[str],
+    size: int,
+    policy: str,
+    allocated_counts: dict[str, int] | None,
+) -> list[str]:
+    """The straightforward version the fast one replaced (sort, lists, a scan per pick)."""
+    devices = {d.id: d for d in available}
+    must = list(dict.fromkeys(must_include))
+    if not (0 < size <= len(devices)) or any(m not in devices for m in must) or len(must) > size:
+        return []
+    free: dict[str, list[Device]] = {}
+    for device in sorted(devices.values(), key=device_order):
+        free.setdefault(device.gpu.uuid, []).append(device)
+    if allocated_counts is not None:
+        in_use = {u: allocated_counts.get(u, 0) for u in free}
+    else:
+        per_gpu = max(max(len(g), *((d.replica or 0) + 1 for d in g)) for g in free.values())
+        in_use = {u: per_gpu - len(g) for u, g in free.items()}
+    index = {u: g[0].gpu.index for u, g in free.items()}
+    chosen = list(must)
+    for device_id in must:
+        device = devices[device_id]
+        free[device.gpu.uuid].remove(device)
+        in_use[device.gpu.uuid] += 1
+    sign = -1 if policy == "packed" else 1
+    while len(chosen) < size:
+        candidates = [u for u, g in free.items() if g]
+        uuid = min(candidates, key=lambda u: (sign * in_use[u], index[u], u))
+        chosen.append(free[uuid].pop(0).id)
+        in_use[uuid] += 1
+    return chosen
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("r"), st.integers(0, 2), st.integers(0, 6)),
+            st.tuples(st.just("m"), st.integers(0, 2), st.integers(0, 3)),
+        ),
+        max_size=24,
+    ),
+    st.one_of(st.none(), st.lists(st.integers(0, 9), min_size=3, max_size=3)),
+    st.sampled_from(["distributed", "packed"]),
+    st.data(),
+)
+def test_fast_shared_matches_the_reference(
+    slots: list[tuple[str, int, int]],
+    in_use: list[int] | None,
+    policy: str,
+    data: st.DataObject,
+) -> None:
+    # Replicas and MIG devices mixed, duplicates, any order: the public function and the
+    # server's pre-ordered one both answer exactly as the reference does.
+    available = [replica(g, n) if kind == "r" else mig(g, n) for kind, g, n in slots]
+    all_ids = ids(available)
+    must = data.draw(st.lists(st.sampled_from(all_ids), max_size=4)) if all_ids else []
+    size = data.draw(st.integers(0, len(set(all_ids)) + 1))
+    counts = None if in_use is None else {f"GPU-{g}": in_use[g] for g in range(3)}
+    expected = reference_preferred_shared(available, must, size, policy, counts)
+    assert preferred_shared(available, must, size, policy, counts) == expected
+    ordered = sorted({d.id: d for d in available}.values(), key=device_order)
+    assert preferred_shared_ordered(ordered, must, size, policy, counts) == expected

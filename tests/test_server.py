@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_server_support import (
     FakeAllocator,
     default_config,
@@ -20,11 +22,14 @@ from test_server_support import (
 )
 
 from deviceplugin.allocate import build_allocation
+from deviceplugin.allocator import device_order
 from deviceplugin.server import (
     MAX_UNIX_PATH,
     PluginServer,
+    RequestIndex,
     ServeError,
     ServingContext,
+    in_use_counts,
     socket_name,
 )
 from gpus.model import Snapshot
@@ -300,6 +305,44 @@ def test_shared_policy_gets_in_use_counts_from_the_full_list(sockdir, snapshot, 
     finally:
         channel.close()
         srv.stop()
+
+
+def test_request_index_follows_health_changes(sockdir, snapshot, allocator) -> None:
+    # The server indexes each resource version once; a health change must reach the in-use
+    # counts of the next request (GPU 1's replicas, now Unhealthy, are no longer in use).
+    resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=2)
+    srv = PluginServer(resource, fake_context(snapshot, allocator), sockdir)
+    srv.start()
+    channel, stub = plugin_stub(srv.socket_path)
+    try:
+        gpus = [g.uuid for g in snapshot.gpus]
+        offered = [d.id for d in resource.devices if d.gpu.uuid != gpus[1]]
+        preferred(stub, offered, [], 1)
+        srv.update(make_resource(snapshot, name="nvidia.com/gpu.shared", unhealthy=[gpus[1]],
+                                 replicas=2))
+        preferred(stub, offered, [], 1)
+        assert allocator.counts == [
+            {gpus[0]: 0, gpus[1]: 2, gpus[2]: 0, gpus[3]: 0},
+            {gpus[0]: 0, gpus[1]: 0, gpus[2]: 0, gpus[3]: 0},
+        ]
+    finally:
+        channel.close()
+        srv.stop()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.integers(0, 3), max_size=4), st.sets(st.integers(0, 11), max_size=12),
+       st.randoms(use_true_random=False))
+def test_request_index_matches_the_reference(sick, offered, rng) -> None:
+    snap = make_snapshot(4)
+    resource = make_resource(snap, name="nvidia.com/gpu.shared", replicas=3,
+                             unhealthy=[snap.gpus[i].uuid for i in sick])
+    index = RequestIndex.of(resource)
+    available = [resource.devices[i].id for i in offered]
+    rng.shuffle(available)
+    assert index.in_use(available) == in_use_counts(resource, set(available))
+    assert index.in_pick_order(available) == sorted(
+        (index.known[i] for i in available), key=device_order)
 
 
 def test_socket_path_too_long(snapshot, allocator) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import tempfile
@@ -141,3 +142,56 @@ def test_cli_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["gpus"][0]["numa_node"] == 3
     assert main(["show", "no-such"]) == 1
     assert "unknown profile" in capsys.readouterr().err
+
+
+class LogSeen(logging.Handler):
+    """Sets ``seen`` once a record with ``text`` in its message is emitted."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_an_xid_waits_for_a_watcher_that_registers_late(
+    fake_nvml: FakeFactory, sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A daemon still starting has not registered for events yet; without the wait the XID
+    # would be posted to nobody (NVML does not replay events to sets registered later).
+    fake = fake_nvml("t4", control_socket=sock_path)
+    replies: list[dict[str, object]] = []
+    inject = threading.Thread(target=lambda: replies.append(
+        send(sock_path, {"op": "xid", "gpu": 2, "xid": 79, "wait": 20}, timeout=30)))
+    waiting = LogSeen("waiting up to 20 s for a daemon to watch GPU 2")
+    logger = logging.getLogger("gpus.fake")
+    logger.addHandler(waiting)
+    with caplog.at_level(logging.INFO, "gpus.fake"):
+        inject.start()
+        assert waiting.seen.wait(10)  # the request is held, nobody watches yet
+    logger.removeHandler(waiting)
+    with Nvml() as nvml:
+        with EventWatcher(nvml, fake.uuids()) as watcher:
+            event = watcher.wait(10_000)
+        inject.join(10)
+    assert replies == [{"ok": True, "delivered": 1}]
+    assert event is not None and event.xid == 79 and event.gpu_uuid == fake.uuids()[2]
+
+
+def test_an_event_nobody_watches_is_posted_to_nobody_after_the_wait(
+    fake_nvml: FakeFactory, sock_path: str
+) -> None:
+    fake_nvml("t4", control_socket=sock_path)
+    assert send(sock_path, {"op": "xid", "gpu": 0, "xid": 79, "wait": 0.05}) == {
+        "ok": True, "delivered": 0}
+    assert send(sock_path, {"op": "ecc", "gpu": 0, "wait": 0.05}) == {"ok": True, "delivered": 0}
+
+
+@pytest.mark.parametrize("wait", [-1, 31, "5", True])
+def test_a_bad_event_wait_is_refused(fake_nvml: FakeFactory, wait: object) -> None:
+    fake = fake_nvml("t4")
+    reply = handle_request(fake, {"op": "xid", "gpu": 0, "xid": 79, "wait": wait})
+    assert reply["ok"] is False and "'wait'" in str(reply["error"])

@@ -7,7 +7,9 @@ fake-nvml inject --control /run/fake-nvml.sock xid MIG-... 94
 fake-nvml inject --control /run/fake-nvml.sock fail nvmlDeviceGetUUID NVML_ERROR_UNKNOWN --count 1
 
 --control (or $FAKE_NVML_CONTROL) may come before or after the fault. inject waits up to --wait
-seconds (default 5) for the socket to appear, so it can follow a daemon that is still starting.
+seconds (default 5) for the socket to appear and, for an XID or ECC event, for a daemon to watch
+that GPU's events, so it can follow a daemon that is still starting (an event posted before
+anyone watches is lost, as with NVML).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpus.fake.control import CONNECT_WAIT_S, ControlError, send
+from gpus.fake.control import (
+    CONNECT_WAIT_S,
+    MAX_EVENT_WAIT_S,
+    REPLY_TIMEOUT_S,
+    ControlError,
+    send,
+)
 from gpus.fake.controller import install, write_sysfs
 from gpus.fake.profile import ProfileError, list_profiles, load_profile
 from gpus.model import Snapshot, TopologyLevel
@@ -98,7 +106,8 @@ def _socket_options(
         type=float,
         default=default_wait,
         metavar="S",
-        help=f"wait up to S seconds for the socket to appear (default {CONNECT_WAIT_S:g})",
+        help=f"wait up to S seconds for the socket to appear and, for xid and ecc, for a "
+        f"daemon to watch the GPU's events (default {CONNECT_WAIT_S:g})",
     )
 
 
@@ -120,9 +129,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     """The control request for ``fake-nvml inject ...``."""
     fault = args.fault
     if fault == "xid":
-        return {"op": "xid", "gpu": args.gpu, "xid": args.xid, "gi": args.gi, "ci": args.ci}
+        return {"op": "xid", "gpu": args.gpu, "xid": args.xid, "gi": args.gi, "ci": args.ci,
+                "wait": _event_wait(args)}
     if fault == "ecc":
-        return {"op": "ecc", "gpu": args.gpu, "double_bit": not args.single}
+        return {"op": "ecc", "gpu": args.gpu, "double_bit": not args.single,
+                "wait": _event_wait(args)}
     if fault in ("lose", "restore"):
         return {"op": fault, "gpu": args.gpu}
     if fault == "fail":
@@ -134,6 +145,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
             request["error"] = int(args.error) if args.error.isdigit() else args.error
         return request
     return {"op": fault}
+
+
+def _event_wait(args: argparse.Namespace) -> float:
+    """How long the fake may wait for a watcher of the event: --wait, within its bound."""
+    return min(max(args.wait, 0.0), MAX_EVENT_WAIT_S)
 
 
 def render(snapshot: Snapshot, title: str) -> str:
@@ -203,7 +219,10 @@ def _main(argv: Sequence[str] | None) -> int:
             if not args.control:
                 print(f"fake-nvml: --control (or {CONTROL_ENV}) is required", file=sys.stderr)
                 return 2
-            reply = send(args.control, _request(args), wait=max(args.wait, 0.0))
+            request = _request(args)
+            # The reply may come only after the fake waited for a watcher of the event.
+            timeout = REPLY_TIMEOUT_S + float(request.get("wait", 0.0))
+            reply = send(args.control, request, timeout=timeout, wait=max(args.wait, 0.0))
             reply.pop("ok", None)
             print(json.dumps(reply) if reply else "ok")
     except (ProfileError, ControlError, NvmlError) as exc:

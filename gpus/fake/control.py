@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024
 # How long ``fake-nvml inject`` waits for a daemon that is still starting to create its socket.
 CONNECT_WAIT_S = 5.0
+# How long a client waits for a reply to a request that does not wait itself.
+REPLY_TIMEOUT_S = 5.0
 _POLL_S = 0.05
 
 
@@ -54,6 +56,19 @@ def _int(request: dict[str, Any], key: str, optional: bool = False) -> int | Non
     return value
 
 
+# A request may hold the control connection this long waiting for a watcher, no longer.
+MAX_EVENT_WAIT_S = 30.0
+
+
+def _wait(request: dict[str, Any]) -> float:
+    value = request.get("wait", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("'wait' must be a number of seconds")
+    if not 0 <= value <= MAX_EVENT_WAIT_S:
+        raise ValueError(f"'wait' must be between 0 and {MAX_EVENT_WAIT_S:g} seconds")
+    return float(value)
+
+
 def _error(request: dict[str, Any], default: str) -> str | int:
     value = request.get("error", default)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -75,10 +90,13 @@ def handle_request(fake: FakeNvml, request: Any) -> dict[str, Any]:
                 _int(request, "xid") or 0,
                 _int(request, "gi", True),
                 _int(request, "ci", True),
+                _wait(request),
             )
         },
         "ecc": lambda: {
-            "delivered": fake.inject_ecc(_gpu(request), bool(request.get("double_bit", True)))
+            "delivered": fake.inject_ecc(
+                _gpu(request), bool(request.get("double_bit", True)), _wait(request)
+            )
         },
         "lose": lambda: fake.lose_gpu(_gpu(request)),
         "restore": lambda: fake.restore_gpu(_gpu(request)),
@@ -181,7 +199,7 @@ def _pause(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def connect(path: str, timeout: float = 5.0, wait: float = 0.0) -> socket.socket:
+def connect(path: str, timeout: float = REPLY_TIMEOUT_S, wait: float = 0.0) -> socket.socket:
     """A connection to the control socket at ``path``.
 
     While the socket file does not exist yet, or exists but nobody listens on it yet (a daemon
@@ -211,7 +229,7 @@ def connect(path: str, timeout: float = 5.0, wait: float = 0.0) -> socket.socket
 
 
 def send(
-    path: str, request: dict[str, Any], timeout: float = 5.0, wait: float = 0.0
+    path: str, request: dict[str, Any], timeout: float = REPLY_TIMEOUT_S, wait: float = 0.0
 ) -> dict[str, Any]:
     """Send one request to a control socket and return the reply (ControlError if not ok).
 

@@ -163,8 +163,12 @@ class FakeNvml:
         xid: int,
         gpu_instance_id: int | None = None,
         compute_instance_id: int | None = None,
+        wait: float = 0.0,
     ) -> int:
-        """Deliver a critical-XID event; a MIG UUID carries its GI/CI ids. Returns sets reached."""
+        """Deliver a critical-XID event; a MIG UUID carries its GI/CI ids. Returns sets reached.
+
+        ``wait``: seconds to wait first for a daemon to watch the GPU's XIDs (0: post at once).
+        """
         with self._state.lock:
             target, mig = self._state.find(gpu)
             if mig is not None:
@@ -172,11 +176,17 @@ class FakeNvml:
                 compute_instance_id = mig.compute_instance.id
             gi = NOT_APPLICABLE if gpu_instance_id is None else gpu_instance_id
             ci = NOT_APPLICABLE if compute_instance_id is None else compute_instance_id
+            event = pynvml.nvmlEventTypeXidCriticalError
+            if wait > 0:
+                self._state.wait_watched(target, event, wait)
             log.info("fake NVML: XID %d on GPU %d (gi=%#x ci=%#x)", xid, target.spec.index, gi, ci)
-            return self._state.post(target, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
+            return self._state.post(target, event, xid, gi, ci)
 
-    def inject_ecc(self, gpu: int | str, double_bit: bool = True) -> int:
-        """Deliver a double- (default) or single-bit ECC event. Returns sets reached."""
+    def inject_ecc(self, gpu: int | str, double_bit: bool = True, wait: float = 0.0) -> int:
+        """Deliver a double- (default) or single-bit ECC event. Returns sets reached.
+
+        ``wait`` as for :meth:`inject_xid`.
+        """
         event = (
             pynvml.nvmlEventTypeDoubleBitEccError
             if double_bit
@@ -184,6 +194,8 @@ class FakeNvml:
         )
         with self._state.lock:
             target = self._gpu(gpu)
+            if wait > 0:
+                self._state.wait_watched(target, event, wait)
             log.info(
                 "fake NVML: %s-bit ECC error on GPU %d",
                 "double" if double_bit else "single",

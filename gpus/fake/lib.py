@@ -608,6 +608,7 @@ class NvmlFunctions:
             raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)
         index = gpu.spec.index
         event_set.registrations[index] = event_set.registrations.get(index, 0) | types
+        self.s.registered.notify_all()
         return SUCCESS
 
     def nvmlEventSetWait_v2(self, handle: int, out: int, timeout_ms: int) -> int:  # noqa: N802

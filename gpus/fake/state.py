@@ -139,6 +139,8 @@ class FakeState:
         self.failures: dict[str, list[int | None]] = {}  # base name -> [code, remaining]
         self.objects: dict[int, object] = {}
         self.event_sets: dict[int, FakeEventSet] = {}
+        # Signalled whenever a GPU is registered for events (see wait_watched).
+        self.registered = threading.Condition(self.lock)
         self._next_handle = 0x1000
         self.gpus = [self._build_gpu(spec) for spec in profile.gpus]
         self._check_unique_uuids()
@@ -309,6 +311,25 @@ class FakeState:
             event_set.cond.notify_all()
 
     # -- events ---------------------------------------------------------------------------------
+
+    def watched(self, gpu: FakeGpu, event_type: int) -> bool:
+        """True when some live event set has registered ``gpu`` for ``event_type``."""
+        return any(
+            not event_set.freed and event_set.registrations.get(gpu.spec.index, 0) & event_type
+            for event_set in self.event_sets.values()
+        )
+
+    def wait_watched(self, gpu: FakeGpu, event_type: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until :meth:`watched`; the caller holds ``lock``.
+
+        Lets a fault injected while a daemon is still starting reach it instead of being posted
+        to nobody (NVML never replays events to a set registered later).
+        """
+        if self.watched(gpu, event_type):
+            return True
+        log.info("fake NVML: waiting up to %g s for a daemon to watch GPU %d", timeout,
+                 gpu.spec.index)
+        return self.registered.wait_for(lambda: self.watched(gpu, event_type), timeout)
 
     def post(self, gpu: FakeGpu, event_type: int, data: int, gi: int, ci: int) -> int:
         """Queue an event on every set that registered ``gpu`` for it; returns how many."""

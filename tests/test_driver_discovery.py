@@ -167,3 +167,13 @@ def test_symlink_loop_is_not_followed_forever(root: Path) -> None:
     (lib / f"libloop.so.{VERSION}").symlink_to(f"libloop.so.{VERSION}")
     info = discover_driver(roots(root), VERSION, allow_plain_device_files=True)
     assert not any("libloop" in f.path for f in info.libraries)
+
+
+def test_driver_root_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpus.fake.driverroot import main
+
+    assert main(["t4", str(tmp_path / "root")]) == 0
+    assert f"fake NVIDIA driver {VERSION} in {tmp_path / 'root'}" in capsys.readouterr().out
+    assert (tmp_path / "root" / LIB.lstrip("/") / f"libcuda.so.{VERSION}").is_file()
+    assert main(["no-such-profile", str(tmp_path / "other")]) == 1
+    assert capsys.readouterr().err.startswith("driver-root: ")

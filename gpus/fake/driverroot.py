@@ -13,14 +13,17 @@ files: mknod needs privileges).
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpus.driver.elf import stub_shared_object
 from gpus.driver.ldcache import build_ld_cache
 from gpus.fake.controller import write_driver_root
-from gpus.fake.profile import Profile
+from gpus.fake.profile import Profile, ProfileError, load_profile
 
 LIB_DIR = "usr/lib/x86_64-linux-gnu"
 # (file name stem, SONAME; "{v}" is the driver version): the libraries of a 5xx driver
@@ -147,3 +150,25 @@ def _link(root: Path, path: str, target: str) -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(target)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gpus.fake.driverroot <profile> <dir> [--dev-root DIR]``: write a fake root."""
+    parser = argparse.ArgumentParser(prog="python -m gpus.fake.driverroot",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("profile", help="shipped profile name or path to a profile YAML")
+    parser.add_argument("directory", help="the driver root to create or refresh")
+    parser.add_argument("--dev-root", help="where dev/ goes (default: the driver root)")
+    args = parser.parse_args(argv)
+    try:
+        made = write_fake_driver_root(load_profile(args.profile), args.directory, args.dev_root)
+    except (ProfileError, OSError) as err:
+        print(f"driver-root: {err}", file=sys.stderr)
+        return 1
+    print(f"fake NVIDIA driver {made.version} in {made.root}: {len(made.libraries)} libraries, "
+          f"{len(made.binaries)} binaries, {len(made.firmware)} firmware files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

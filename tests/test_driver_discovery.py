@@ -177,3 +177,12 @@ def test_driver_root_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert (tmp_path / "root" / LIB.lstrip("/") / f"libcuda.so.{VERSION}").is_file()
     assert main(["no-such-profile", str(tmp_path / "other")]) == 1
     assert capsys.readouterr().err.startswith("driver-root: ")
+
+
+def test_root_path_with_glob_characters(tmp_path: Path) -> None:
+    # A root's own path is not a pattern: "[1]" must match itself.
+    root = tmp_path / "driver[1]"
+    write_fake_driver_root(load_profile("t4"), root)
+    info = discover_driver(roots(root), VERSION, allow_plain_device_files=True)
+    assert f"{LIB}/libcuda.so.{VERSION}" in {f.path for f in info.libraries}
+    assert info.device_node("/dev/nvidia0") is not None

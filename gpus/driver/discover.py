@@ -238,7 +238,8 @@ class _Finder:
     def glob(self, pattern: str) -> list[DriverFile]:
         """Files (not directories) matching a container-path glob, symlinks resolved."""
         found = []
-        for local in sorted(glob.glob(self.roots.local(pattern))):
+        for local in sorted(glob.glob(_join(glob.escape(self.roots.driver_root_ctr_path),
+                                              pattern))):
             rel = "/" + os.path.relpath(local, self.roots.driver_root_ctr_path)
             final = self.resolve(rel)
             if final is not None and not os.path.isdir(self.roots.local(final)):
@@ -364,9 +365,9 @@ class _Finder:
         dev_root = self.roots.local_dev_root()
         paths = list(CONTROL_DEVICE_NODES)
         paths += sorted("/dev/" + os.path.basename(p)
-                        for p in glob.glob(_join(dev_root, "/dev/nvidia[0-9]*")))
+                        for p in glob.glob(_join(glob.escape(dev_root), "/dev/nvidia[0-9]*")))
         paths += sorted(CAPS_DIR + "/" + os.path.basename(p)
-                        for p in glob.glob(_join(dev_root, CAPS_DIR + "/nvidia-cap*")))
+                        for p in glob.glob(_join(glob.escape(dev_root), CAPS_DIR + "/nvidia-cap*")))
         nodes = []
         for path in paths:
             node = _device_node(_join(dev_root, path), path, self.roots.host_dev(path),

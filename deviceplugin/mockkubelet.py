@@ -6,6 +6,13 @@ its ListAndWatch stream, and can allocate devices the way the kubelet does (GetP
 then Allocate). :meth:`MockKubelet.restart` behaves like a kubelet restart: every socket in the
 directory is deleted (plugins' included) and ``kubelet.sock`` is recreated, and nothing
 reconnects by itself.
+
+With ``pod_resources_socket`` it also serves the kubelet's PodResources v1 API (``List``,
+``GetAllocatableResources``, ``Get``) on that socket (the kubelet's is
+``/var/lib/kubelet/pod-resources/kubelet.sock``), answering from its own bookkeeping: every
+allocation made on behalf of a pod is recorded until :meth:`MockKubelet.free_pod`, and the
+allocatable devices are those the plugins last listed in ListAndWatch. Allocations survive
+:meth:`MockKubelet.restart`, as the kubelet's checkpoint keeps them.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from protos.podresources.v1 import api_pb2 as pr_pb2
+from protos.podresources.v1 import api_pb2_grpc as pr_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 KUBELET_SOCKET = "kubelet.sock"
+POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"  # the kubelet's path
 SUPPORTED_VERSIONS = ("v1beta1",)
 DIAL_TIMEOUT_S = 10.0  # what the kubelet allows a plugin to answer when it dials back
 RPC_TIMEOUT_S = 10.0
@@ -57,6 +67,26 @@ class AllocationOutcome:
     response: api_pb2.ContainerAllocateResponse
 
 
+@dataclass(frozen=True)
+class PodAllocation:
+    """Devices of one resource allocated to one container of one pod (what List reports)."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource: str
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PodResourcesFault:
+    """How the PodResources server misbehaves (tests of its clients): every call first waits
+    ``delay_s`` (cut short when the mock stops), then fails with ``error`` if set."""
+
+    delay_s: float = 0.0
+    error: grpc.StatusCode | None = None
+
+
 @dataclass
 class _Plugin:
     resource: str
@@ -81,15 +111,23 @@ class MockKubelet:
         self,
         directory: str,
         on_update: Callable[[str, list[DeviceInfo]], None] | None = None,
+        pod_resources_socket: str | None = None,
     ) -> None:
         self.directory = directory
         self.socket_path = os.path.join(directory, KUBELET_SOCKET)
+        self.pod_resources_socket = pod_resources_socket
         self._on_update = on_update
         self._cond = threading.Condition()
         self._plugins: dict[str, _Plugin] = {}
         self._registrations: list[api_pb2.RegisterRequest] = []
+        self._allocations: list[PodAllocation] = []
+        self._fault = PodResourcesFault()
+        self._pr_calls = 0
+        self._stopping = threading.Event()  # cuts a faulty PodResources delay short
         self._server: grpc.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._pr_server: grpc.Server | None = None
+        self._pr_executor: ThreadPoolExecutor | None = None
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -112,20 +150,52 @@ class MockKubelet:
             executor.shutdown(wait=False)
             raise MockKubeletError(f"cannot listen on {self.socket_path}: {err}") from err
         server.start()
+        self._stopping.clear()
         self._server, self._executor = server, executor
         log.info("mock kubelet listening on %s", self.socket_path)
+        if self.pod_resources_socket is not None:
+            try:
+                self._start_pod_resources(self.pod_resources_socket)
+            except MockKubeletError:
+                self.stop()
+                raise
+
+    def _start_pod_resources(self, path: str) -> None:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except OSError as err:
+            raise MockKubeletError(f"cannot replace {path}: {err.strerror}") from err
+        executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mock-pod-resources")
+        server = grpc.server(executor)
+        pr_pb2_grpc.add_PodResourcesListerServicer_to_server(_PodResources(self), server)
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        except RuntimeError as err:
+            server.stop(None)
+            executor.shutdown(wait=False)
+            raise MockKubeletError(f"cannot listen on {path}: {err}") from err
+        server.start()
+        self._pr_server, self._pr_executor = server, executor
+        log.info("mock kubelet serving PodResources on %s", path)
 
     def stop(self) -> None:
-        """Stop like a graceful kubelet: close plugin streams and remove kubelet.sock."""
-        server, executor = self._server, self._executor
-        self._server = self._executor = None
-        if server is not None:
-            server.stop(0.2).wait()
-        if executor is not None:
-            executor.shutdown(wait=True)
+        """Stop like a graceful kubelet: close plugin streams and remove its sockets."""
+        self._stopping.set()
+        for server, executor in ((self._pr_server, self._pr_executor),
+                                 (self._server, self._executor)):
+            if server is not None:
+                server.stop(0.2).wait()
+            if executor is not None:
+                executor.shutdown(wait=True)
+        pr_server, self._pr_server = self._pr_server, None
+        self._server = self._executor = self._pr_executor = None
         self._disconnect_all()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
+        if pr_server is not None and self.pod_resources_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pod_resources_socket)
 
     def restart(self) -> None:
         """Restart like the kubelet: stop, delete every socket in the directory, listen again."""
@@ -308,14 +378,27 @@ class MockKubelet:
     # allocation ------------------------------------------------------------------------------
 
     def allocate(
-        self, resource: str, count: int, must_include: Sequence[str] = ()
+        self,
+        resource: str,
+        count: int,
+        must_include: Sequence[str] = (),
+        *,
+        pod: str | None = None,
+        namespace: str = "default",
+        container: str = "main",
     ) -> AllocationOutcome:
         """Allocate ``count`` healthy devices like the kubelet: preferred set, then Allocate.
 
-        Raises grpc.RpcError from Allocate, or ValueError when too few devices are healthy.
+        With ``pod`` the allocation is made on behalf of that pod's container: it is recorded
+        (PodResources List reports it) and its devices are not offered again until
+        :meth:`free_pod`. Without, nothing is recorded (the plugin's side alone is exercised).
+        Raises grpc.RpcError from Allocate, or ValueError when too few devices are available.
         """
         stub = self.stub(resource)
-        available = [d.id for d in self.devices(resource) if d.health == "Healthy"]
+        held = {i for a in self.pod_allocations() if a.resource == resource for i in a.device_ids}
+        available = [
+            d.id for d in self.devices(resource) if d.health == "Healthy" and d.id not in held
+        ]
         if count > len(available):
             raise ValueError(
                 f"{resource}: {count} requested, {len(available)} healthy devices available"
@@ -343,7 +426,52 @@ class MockKubelet:
             ),
             timeout=RPC_TIMEOUT_S,
         )
+        if pod is not None:
+            with self._cond:
+                self._allocations.append(
+                    PodAllocation(namespace, pod, container, resource, tuple(chosen)))
         return AllocationOutcome(resource, preferred, chosen, response.container_responses[0])
+
+    # pods (PodResources) ---------------------------------------------------------------------
+
+    def pod_allocations(self) -> list[PodAllocation]:
+        """Every recorded allocation, oldest first."""
+        with self._cond:
+            return list(self._allocations)
+
+    def free_pod(self, namespace: str, pod: str) -> bool:
+        """Forget a pod's allocations (the pod ended); False if it held none."""
+        with self._cond:
+            kept = [a for a in self._allocations if (a.namespace, a.pod) != (namespace, pod)]
+            freed = len(kept) != len(self._allocations)
+            self._allocations = kept
+        return freed
+
+    def set_pod_resources_fault(self, fault: PodResourcesFault) -> None:
+        """Make every later PodResources call slow or failing (``PodResourcesFault()`` heals)."""
+        with self._cond:
+            self._fault = fault
+
+    def pod_resources_call(self) -> PodResourcesFault:
+        """Count a PodResources call as received; the fault it is to suffer."""
+        with self._cond:
+            self._pr_calls += 1
+            self._cond.notify_all()
+            return self._fault
+
+    def wait_for_pod_resources_calls(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` PodResources calls have been received in all."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pr_calls >= count, timeout=timeout)
+
+    def stopping(self) -> threading.Event:
+        """Set while the mock is stopped; a faulty delay waits on it."""
+        return self._stopping
+
+    def all_devices(self) -> dict[str, list[DeviceInfo]]:
+        """The latest ListAndWatch list of every connected resource."""
+        with self._cond:
+            return {name: list(p.devices) for name, p in sorted(self._plugins.items())}
 
 
 class _Registration(api_pb2_grpc.RegistrationServicer):
@@ -359,6 +487,93 @@ class _Registration(api_pb2_grpc.RegistrationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
         log.info("registered %s (endpoint %s)", request.resource_name, request.endpoint)
         return api_pb2.Empty()
+
+
+def _container_devices(
+    resource: str, device_ids: Sequence[str], known: dict[str, DeviceInfo]
+) -> list[pr_pb2.ContainerDevices]:
+    """One entry per device with its NUMA nodes, as the kubelet reports them."""
+    entries = []
+    for device_id in device_ids:
+        info = known.get(device_id)
+        topology = None
+        if info is not None and info.numa_nodes:
+            topology = pr_pb2.TopologyInfo(nodes=[pr_pb2.NUMANode(ID=n) for n in info.numa_nodes])
+        entries.append(pr_pb2.ContainerDevices(
+            resource_name=resource, device_ids=[device_id], topology=topology))
+    return entries
+
+
+def pod_resources(
+    allocations: Sequence[PodAllocation], devices: dict[str, list[DeviceInfo]]
+) -> list[pr_pb2.PodResources]:
+    """Allocations as the kubelet's List reports them: pods and containers in first-seen order."""
+    known = {d.id: d for listed in devices.values() for d in listed}
+    pods: dict[tuple[str, str], dict[str, list[pr_pb2.ContainerDevices]]] = {}
+    for a in allocations:
+        containers = pods.setdefault((a.namespace, a.pod), {})
+        containers.setdefault(a.container, []).extend(
+            _container_devices(a.resource, a.device_ids, known))
+    return [
+        pr_pb2.PodResources(
+            name=name,
+            namespace=namespace,
+            containers=[
+                pr_pb2.ContainerResources(name=c, devices=d) for c, d in containers.items()
+            ],
+        )
+        for (namespace, name), containers in pods.items()
+    ]
+
+
+class _PodResources(pr_pb2_grpc.PodResourcesListerServicer):
+    """The kubelet's PodResources v1 server, answering from the mock's own bookkeeping."""
+
+    def __init__(self, kubelet: MockKubelet) -> None:
+        self._kubelet = kubelet
+
+    def _misbehave(self, context: grpc.ServicerContext) -> None:
+        fault = self._kubelet.pod_resources_call()
+        if fault.delay_s > 0:
+            self._kubelet.stopping().wait(fault.delay_s)
+        if fault.error is not None:
+            context.abort(fault.error, f"injected fault: {fault.error.name}")
+
+    def List(
+        self, request: pr_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
+    ) -> pr_pb2.ListPodResourcesResponse:
+        self._misbehave(context)
+        pods = pod_resources(self._kubelet.pod_allocations(), self._kubelet.all_devices())
+        return pr_pb2.ListPodResourcesResponse(pod_resources=pods)
+
+    def GetAllocatableResources(
+        self, request: pr_pb2.AllocatableResourcesRequest, context: grpc.ServicerContext
+    ) -> pr_pb2.AllocatableResourcesResponse:
+        self._misbehave(context)
+        devices = self._kubelet.all_devices()
+        known = {d.id: d for listed in devices.values() for d in listed}
+        entries = [
+            entry
+            for resource, listed in devices.items()
+            for entry in _container_devices(resource, [d.id for d in listed], known)
+        ]
+        return pr_pb2.AllocatableResourcesResponse(devices=entries)
+
+    def Get(
+        self, request: pr_pb2.GetPodResourcesRequest, context: grpc.ServicerContext
+    ) -> pr_pb2.GetPodResourcesResponse:
+        self._misbehave(context)
+        mine = [
+            a for a in self._kubelet.pod_allocations()
+            if (a.namespace, a.pod) == (request.pod_namespace, request.pod_name)
+        ]
+        if not mine:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"pod {request.pod_name} in namespace {request.pod_namespace} not found",
+            )
+        (pod,) = pod_resources(mine, self._kubelet.all_devices())
+        return pr_pb2.GetPodResourcesResponse(pod_resources=pod)
 
 
 # command line --------------------------------------------------------------------------------
@@ -410,7 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=_parse_allocation,
         metavar="RESOURCE=N",
-        help="once RESOURCE registers, allocate N devices and print the responses",
+        help="once RESOURCE registers, allocate N devices and print the responses (each "
+        "on behalf of a pod default/mock-pod-<k>, container main, as PodResources reports)",
+    )
+    parser.add_argument(
+        "--pod-resources-socket",
+        metavar="PATH",
+        help="also serve the PodResources v1 API on PATH (the kubelet's is "
+        f"{POD_RESOURCES_SOCKET}); its directory must exist",
     )
     parser.add_argument(
         "--restart-after", type=float, metavar="S", help="simulate a kubelet restart after S s"
@@ -430,11 +652,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mock-kubelet: --dir {args.dir!r} is not writable: {KUBELET_SOCKET} cannot be "
               "created there", file=sys.stderr)
         return 2
+    if args.pod_resources_socket is not None:
+        parent = os.path.dirname(os.path.abspath(args.pod_resources_socket))
+        if not os.path.isdir(parent):
+            print(f"mock-kubelet: --pod-resources-socket {args.pod_resources_socket!r}: "
+                  f"directory {parent!r} does not exist", file=sys.stderr)
+            return 2
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     kubelet = MockKubelet(
-        args.dir, on_update=lambda r, d: print(format_devices(r, d), flush=True)
+        args.dir,
+        on_update=lambda r, d: print(format_devices(r, d), flush=True),
+        pod_resources_socket=args.pod_resources_socket,
     )
     try:
         kubelet.start()
@@ -442,12 +672,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mock-kubelet: {err}", file=sys.stderr)
         return 2
     try:
-        for resource, count in args.allocate:
+        for number, (resource, count) in enumerate(args.allocate, start=1):
             if not kubelet.wait_for_registration(resource, timeout=60):
                 print(f"mock-kubelet: {resource} did not register", file=sys.stderr)
                 continue
             try:
-                print(format_allocation(kubelet.allocate(resource, count)), flush=True)
+                outcome = kubelet.allocate(resource, count, pod=f"mock-pod-{number}")
+                print(format_allocation(outcome), flush=True)
             except (grpc.RpcError, ValueError) as err:
                 print(f"mock-kubelet: allocation of {resource} failed: {err}", file=sys.stderr)
         if args.restart_after is not None and not done.wait(args.restart_after):

@@ -1,8 +1,9 @@
-"""Regenerate the Python stubs of the kubelet device plugin API (``make protos``).
+"""Regenerate the Python stubs of the kubelet's device plugin and PodResources APIs.
 
-Run from anywhere: ``python -m protos.generate``. protoc is run with the repository root as the
-include path, so the generated gRPC module imports ``from protos.deviceplugin.v1beta1 import
-api_pb2`` and the stubs are importable as ``protos.deviceplugin.v1beta1.api_pb2(_grpc)``.
+Run from anywhere: ``python -m protos.generate`` (``make protos``). protoc is run with the
+repository root as the include path, so the generated gRPC module imports ``from
+protos.deviceplugin.v1beta1 import api_pb2`` and the stubs are importable as
+``protos.deviceplugin.v1beta1.api_pb2(_grpc)`` (and ``protos.podresources.v1.api_pb2(_grpc)``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILES = ("protos/deviceplugin/v1beta1/api.proto",)
+PROTO_FILES = (
+    "protos/deviceplugin/v1beta1/api.proto",
+    "protos/podresources/v1/api.proto",
+)
 
 
 class GenerateError(RuntimeError):

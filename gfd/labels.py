@@ -331,6 +331,8 @@ def mig_single_labels(snapshot: Snapshot, config: Config,
             GPU_RESOURCE + ".count": "0",
             GPU_RESOURCE + ".replicas": "0",
             GPU_RESOURCE + ".memory": "0",
+            # NVIDIA's unit tests expect the key with an empty value here, not "none".
+            GPU_RESOURCE + ".sharing-strategy": "",
         })
         return labels
     if sharing_by is None:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from gfd.imex import imex_labels, imex_problems
 from gpus.config import Config
 from gpus.model import GPU, MigDevice, Snapshot
 from gpus.resources import build_resource_map, mig_resource_name, mig_single_problems
@@ -399,6 +400,7 @@ def device_labels(snapshot: Snapshot, config: Config, machine: str) -> Labels:
         sharing_capability_labels,
         lambda: resource_labels(snapshot, config),
         lambda: gpu_mode_labels(snapshot),
+        lambda: imex_labels(snapshot),
     ]
     return merge(*(labeler() for labeler in labelers))
 
@@ -422,6 +424,7 @@ def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
                         "X.Y[.Z]; no cuda.driver labels")
     if config.flags.mig_strategy == "single" and any(g.mig_enabled for g in snapshot.gpus):
         problems.extend(f"{p} (labelled -MIG-INVALID)" for p in mig_single_problems(snapshot))
+    problems.extend(imex_problems(snapshot))
     return tuple(problems)
 
 

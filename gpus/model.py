@@ -78,6 +78,35 @@ class MigDevice:
     ofa_engines: int = 0
 
 
+FABRIC_STATE_COMPLETED = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
+NVML_SUCCESS = 0
+ZERO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclass(frozen=True)
+class GpuFabric:
+    """``nvmlDeviceGetGpuFabricInfo(V)``: the GPU's place in a multi-node NVLink fabric.
+
+    ``error`` is the NVML error name when the query failed with something other than
+    NOT_SUPPORTED / FUNCTION_NOT_FOUND (which mean "no fabric": ``GPU.fabric`` is None).
+    """
+
+    cluster_uuid: str = ZERO_UUID  # 8-4-4-4-12, lower case
+    clique_id: int = 0
+    state: int = 0  # NVML_GPU_FABRIC_STATE_*
+    status: int = NVML_SUCCESS  # the nvmlReturn_t of the GPU's fabric registration
+    error: str = ""
+
+    @property
+    def attached(self) -> bool:
+        """go-nvlib's IsFabricAttached: registration completed, succeeded, in a real cluster.
+
+        A zero cluster UUID is what single-node NVSwitch systems report: not an IMEX domain.
+        """
+        return (not self.error and self.state == FABRIC_STATE_COMPLETED
+                and self.status == NVML_SUCCESS and self.cluster_uuid != ZERO_UUID)
+
+
 @dataclass(frozen=True)
 class GPU:
     """One physical GPU as NVML reports it."""
@@ -97,6 +126,7 @@ class GPU:
     mig_capable: bool = False
     mig_enabled: bool = False
     mig_devices: tuple[MigDevice, ...] = ()
+    fabric: GpuFabric | None = None  # None: the GPU (or driver) has no fabric info
 
     @property
     def sysfs_bus_id(self) -> str:

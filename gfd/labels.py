@@ -412,8 +412,14 @@ def node_labels(
     machine: str = UNKNOWN_MACHINE,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    """All GFD labels for the node (full keys with the ``nvidia.com/`` prefix)."""
-    return merge(timestamp_labels(config, timestamp), device_labels(snapshot, config, machine))
+    """All GFD labels for the node (full keys with the ``nvidia.com/`` prefix).
+
+    The vGPU labels describe the node, not its GPUs: NVIDIA writes them on every node.
+    """
+    from gfd.vgpu import vgpu_labels  # gfd.vgpu builds on this module's helpers
+
+    return merge(timestamp_labels(config, timestamp), device_labels(snapshot, config, machine),
+                 vgpu_labels(snapshot))
 
 
 def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
@@ -425,6 +431,9 @@ def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
     if config.flags.mig_strategy == "single" and any(g.mig_enabled for g in snapshot.gpus):
         problems.extend(f"{p} (labelled -MIG-INVALID)" for p in mig_single_problems(snapshot))
     problems.extend(imex_problems(snapshot))
+    from gfd.vgpu import vgpu_problems
+
+    problems.extend(vgpu_problems(snapshot))
     return tuple(problems)
 
 

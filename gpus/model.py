@@ -135,6 +135,20 @@ class GPU:
 
 
 @dataclass(frozen=True)
+class VgpuInfo:
+    """Whether the node is a vGPU guest, from NVIDIA PCI functions' config space (not NVML).
+
+    ``error`` says why it could not be told (e.g. a config space cut to 64 bytes for an
+    unprivileged reader); ``present`` is then False but means "unknown".
+    """
+
+    present: bool
+    host_driver_version: str = ""
+    host_driver_branch: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything read from NVML in one pass.
 
@@ -145,6 +159,7 @@ class Snapshot:
     system: SystemInfo
     gpus: tuple[GPU, ...] = ()
     links: tuple[tuple[Link, ...], ...] = field(default=())
+    vgpu: VgpuInfo | None = None  # None: not read (hand-built snapshots)
 
     def link(self, i: int, j: int) -> Link:
         """The link between the GPUs at positions ``i`` and ``j``."""

@@ -28,6 +28,7 @@ from gpus.model import (
     TopologyLevel,
     sysfs_bus_id,
 )
+from gpus.vgpu import read_vgpu
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,8 @@ class Nvml:
                     raise
                 log.warning("GPU %d left out of the snapshot: %s", index, exc)
         links = self._read_links(handles, gpus)
-        return Snapshot(system=system, gpus=tuple(gpus), links=links)
+        # vGPU: sysfs, not NVML, read here so that a Snapshot describes the whole node.
+        return Snapshot(system=system, gpus=tuple(gpus), links=links, vgpu=read_vgpu(sysfs_root))
 
     def _read_gpu(self, index: int, handle: Any, sysfs_root: str) -> GPU:
         pci = _call("nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, handle)

@@ -259,7 +259,7 @@ class FakeNvml:
     # -- sysfs ----------------------------------------------------------------------------------
 
     def write_sysfs(self, root: Path | str) -> None:
-        """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class}`` for every GPU."""
+        """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class,vendor,config}`` per GPU."""
         write_sysfs(self.profile, Path(root))
         self.sysfs_root = str(root)
 

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from gfd.imex import imex_labels, imex_problems
 from gpus.config import Config
 from gpus.model import GPU, MigDevice, Snapshot
 from gpus.resources import build_resource_map, mig_resource_name, mig_single_problems
@@ -331,6 +332,8 @@ def mig_single_labels(snapshot: Snapshot, config: Config,
             GPU_RESOURCE + ".count": "0",
             GPU_RESOURCE + ".replicas": "0",
             GPU_RESOURCE + ".memory": "0",
+            # NVIDIA's unit tests expect the key with an empty value here, not "none".
+            GPU_RESOURCE + ".sharing-strategy": "",
         })
         return labels
     if sharing_by is None:
@@ -397,6 +400,7 @@ def device_labels(snapshot: Snapshot, config: Config, machine: str) -> Labels:
         sharing_capability_labels,
         lambda: resource_labels(snapshot, config),
         lambda: gpu_mode_labels(snapshot),
+        lambda: imex_labels(snapshot),
     ]
     return merge(*(labeler() for labeler in labelers))
 
@@ -408,8 +412,14 @@ def node_labels(
     machine: str = UNKNOWN_MACHINE,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    """All GFD labels for the node (full keys with the ``nvidia.com/`` prefix)."""
-    return merge(timestamp_labels(config, timestamp), device_labels(snapshot, config, machine))
+    """All GFD labels for the node (full keys with the ``nvidia.com/`` prefix).
+
+    The vGPU labels describe the node, not its GPUs: NVIDIA writes them on every node.
+    """
+    from gfd.vgpu import vgpu_labels  # gfd.vgpu builds on this module's helpers
+
+    return merge(timestamp_labels(config, timestamp), device_labels(snapshot, config, machine),
+                 vgpu_labels(snapshot))
 
 
 def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
@@ -420,6 +430,10 @@ def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
                         "X.Y[.Z]; no cuda.driver labels")
     if config.flags.mig_strategy == "single" and any(g.mig_enabled for g in snapshot.gpus):
         problems.extend(f"{p} (labelled -MIG-INVALID)" for p in mig_single_problems(snapshot))
+    problems.extend(imex_problems(snapshot))
+    from gfd.vgpu import vgpu_problems
+
+    problems.extend(vgpu_problems(snapshot))
     return tuple(problems)
 
 

@@ -32,6 +32,12 @@ from gfd.labels import (
     node_labels,
     timestamp_labels,
 )
+from gfd.nodefeature import (
+    KubeNodeFeatureApi,
+    NodeFeatureApi,
+    NodeFeaturePublisher,
+    TokenBucket,
+)
 from gfd.nodepatch import KubeConfigError, KubeNodeApi, NodeApi, NodePublisher
 from gfd.output import FeaturesFile, HealthFile, render_table
 from gpus.backoff import Backoff
@@ -41,7 +47,7 @@ from gpus.model import Snapshot
 log = logging.getLogger("gfd")
 
 PROG = "gpu-feature-discovery"
-OUTPUT_MODES = ("file", "node-api", "both")
+OUTPUT_MODES = ("file", "node-api", "both", "node-feature")
 ONESHOT_PATCH_ATTEMPTS = 5  # oneshot + node-api: tries (with backoff) before giving up
 DEFAULT_HEALTH_FILE = "/run/gfd/last-pass-ok"  # where daemonset/base's probes look
 # Environment variables of the shell's own options (gpus.config reads NVIDIA's settings).
@@ -82,6 +88,11 @@ class Options:
         """True when labels go onto the Node object."""
         return self.output_mode in ("node-api", "both")
 
+    @property
+    def publishes_node_feature(self) -> bool:
+        """True when labels go into an NFD NodeFeature object (gfd/nodefeature.py)."""
+        return self.output_mode == "node-feature"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: NVIDIA's GFD flags (gpus.config) plus our output options."""
@@ -92,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("outputs")
     ours.add_argument("--output-mode", choices=OUTPUT_MODES, default=None,
                       help="file: the NFD features file (or stdout with --output-file -); "
-                      "node-api: patch the Node's labels; both (default file) "
-                      "[env GFD_OUTPUT_MODE]")
+                      "node-api: patch the Node's labels; both; node-feature: an NFD "
+                      "NodeFeature object. Default: node-feature when --use-node-feature-api "
+                      "is set true (flag, env or file), else file [env GFD_OUTPUT_MODE]")
     ours.add_argument("--node-name", default=None,
                       help="the Node to label in node-api mode [env NODE_NAME]")
     ours.add_argument("--kubeconfig", default=None,
@@ -111,9 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Options:
-    """Our options: flag > env var > default. Raises ConfigError on a bad value."""
-    mode = args.output_mode or environ.get(OUTPUT_MODE_ENV, "").strip() or "file"
+def _node_feature_default(args: argparse.Namespace, environ: Mapping[str, str],
+                          config: Config | None) -> str:
+    """The mode when --output-mode is not given: what an explicit --use-node-feature-api says.
+
+    Only an explicit setting (flag, variable or file key) chooses: left unset we keep writing
+    the features file, so a bare ``gpu-feature-discovery -o FILE`` needs no cluster (NVIDIA's
+    GFD would default to the NodeFeature API; docs/gfd.md).
+    """
+    if config is None:
+        return "file"
+    given = getattr(args, "use_node_feature_api", None) is not None or any(
+        name in environ for name in ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"))
+    if not given and config.config_file:
+        from gpus.config import load_config_file
+
+        flags = load_config_file(config.config_file).get("flags")
+        given = isinstance(flags, Mapping) and "useNodeFeatureAPI" in flags
+    return "node-feature" if given and config.flags.use_node_feature_api else "file"
+
+
+def resolve_options(args: argparse.Namespace, environ: Mapping[str, str],
+                    config: Config | None = None) -> Options:
+    """Our options: flag > env var > default. Raises ConfigError on a bad value.
+
+    ``config`` (the resolved configuration) lets ``--use-node-feature-api`` choose the output
+    mode when ``--output-mode`` is not given.
+    """
+    mode = (args.output_mode or environ.get(OUTPUT_MODE_ENV, "").strip()
+            or _node_feature_default(args, environ, config))
     if mode not in OUTPUT_MODES:
         raise ConfigError(f"invalid {OUTPUT_MODE_ENV} {mode!r}: must be one of "
                           f"{', '.join(OUTPUT_MODES)}")
@@ -129,7 +167,8 @@ def resolve_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Opt
         log_level=level,
         health_file=_health_file(args, environ),
     )
-    if options.patches_node and not options.node_name and not options.dry_run:
+    if (options.patches_node or options.publishes_node_feature) and not options.node_name \
+            and not options.dry_run:
         raise ConfigError(f"--output-mode {mode} needs the Node's name: set --node-name or "
                           "NODE_NAME (from the downward API: spec.nodeName)")
     return options
@@ -277,6 +316,7 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         reader: SnapshotReader = read_nvml_snapshot,
         node_api: NodeApi | None = None,
+        node_feature_api: NodeFeatureApi | None = None,
         backoff: Backoff | None = None,
         backend: NvmlBackend | None = None,
         stdout: TextIO | None = None,
@@ -301,7 +341,15 @@ class Daemon:
         self._stdout = stdout or sys.stdout
         self.wakeup = wakeup or Wakeup()
         self.features = FeaturesFile(config.flags.gfd.output_file, stream=self._stdout)
-        self.publisher: NodePublisher | None = None
+        self.publisher: NodePublisher | NodeFeaturePublisher | None = None
+        if options.publishes_node_feature and not options.dry_run:
+            flags = config.flags
+            feature_api = node_feature_api or KubeNodeFeatureApi.from_environment(
+                options.kubeconfig or None, TokenBucket(flags.kube_api_qps, flags.kube_api_burst))
+            # As for the Node: a new timestamp alone does not rewrite the object.
+            self.publisher = NodeFeaturePublisher(
+                feature_api, options.node_name, flags.namespace, flags.pod_name, backoff,
+                refresh_only={TIMESTAMP_LABEL})
         if options.patches_node and not options.dry_run:
             api = node_api or KubeNodeApi.from_environment(options.kubeconfig or None)
             # A new timestamp alone does not patch the Node: in steady state that would be
@@ -513,8 +561,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        options = resolve_options(args, env)
         config = resolve(args, env)
+        options = resolve_options(args, env, config)
     except ConfigError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_USAGE

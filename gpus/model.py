@@ -78,6 +78,35 @@ class MigDevice:
     ofa_engines: int = 0
 
 
+FABRIC_STATE_COMPLETED = 3  # NVML_GPU_FABRIC_STATE_COMPLETED
+NVML_SUCCESS = 0
+ZERO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclass(frozen=True)
+class GpuFabric:
+    """``nvmlDeviceGetGpuFabricInfo(V)``: the GPU's place in a multi-node NVLink fabric.
+
+    ``error`` is the NVML error name when the query failed with something other than
+    NOT_SUPPORTED / FUNCTION_NOT_FOUND (which mean "no fabric": ``GPU.fabric`` is None).
+    """
+
+    cluster_uuid: str = ZERO_UUID  # 8-4-4-4-12, lower case
+    clique_id: int = 0
+    state: int = 0  # NVML_GPU_FABRIC_STATE_*
+    status: int = NVML_SUCCESS  # the nvmlReturn_t of the GPU's fabric registration
+    error: str = ""
+
+    @property
+    def attached(self) -> bool:
+        """go-nvlib's IsFabricAttached: registration completed, succeeded, in a real cluster.
+
+        A zero cluster UUID is what single-node NVSwitch systems report: not an IMEX domain.
+        """
+        return (not self.error and self.state == FABRIC_STATE_COMPLETED
+                and self.status == NVML_SUCCESS and self.cluster_uuid != ZERO_UUID)
+
+
 @dataclass(frozen=True)
 class GPU:
     """One physical GPU as NVML reports it."""
@@ -97,11 +126,26 @@ class GPU:
     mig_capable: bool = False
     mig_enabled: bool = False
     mig_devices: tuple[MigDevice, ...] = ()
+    fabric: GpuFabric | None = None  # None: the GPU (or driver) has no fabric info
 
     @property
     def sysfs_bus_id(self) -> str:
         """The bus id as sysfs spells it ("0000:07:00.0"); see :func:`sysfs_bus_id`."""
         return sysfs_bus_id(self.pci_bus_id)
+
+
+@dataclass(frozen=True)
+class VgpuInfo:
+    """Whether the node is a vGPU guest, from NVIDIA PCI functions' config space (not NVML).
+
+    ``error`` says why it could not be told (e.g. a config space cut to 64 bytes for an
+    unprivileged reader); ``present`` is then False but means "unknown".
+    """
+
+    present: bool
+    host_driver_version: str = ""
+    host_driver_branch: str = ""
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +159,7 @@ class Snapshot:
     system: SystemInfo
     gpus: tuple[GPU, ...] = ()
     links: tuple[tuple[Link, ...], ...] = field(default=())
+    vgpu: VgpuInfo | None = None  # None: not read (hand-built snapshots)
 
     def link(self, i: int, j: int) -> Link:
         """The link between the GPUs at positions ``i`` and ``j``."""

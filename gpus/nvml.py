@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import uuid as uuidlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,17 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from gpus.model import GPU, Link, MigDevice, Snapshot, SystemInfo, TopologyLevel, sysfs_bus_id
+from gpus.model import (
+    GPU,
+    GpuFabric,
+    Link,
+    MigDevice,
+    Snapshot,
+    SystemInfo,
+    TopologyLevel,
+    sysfs_bus_id,
+)
+from gpus.vgpu import read_vgpu
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +272,8 @@ class Nvml:
                     raise
                 log.warning("GPU %d left out of the snapshot: %s", index, exc)
         links = self._read_links(handles, gpus)
-        return Snapshot(system=system, gpus=tuple(gpus), links=links)
+        # vGPU: sysfs, not NVML, read here so that a Snapshot describes the whole node.
+        return Snapshot(system=system, gpus=tuple(gpus), links=links, vgpu=read_vgpu(sysfs_root))
 
     def _read_gpu(self, index: int, handle: Any, sysfs_root: str) -> GPU:
         pci = _call("nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, handle)
@@ -305,7 +317,44 @@ class Nvml:
             mig_capable=capable,
             mig_enabled=enabled,
             mig_devices=mig_devices,
+            fabric=self._fabric(handle, index),
         )
+
+    @staticmethod
+    def _fabric(handle: Any, index: int) -> GpuFabric | None:
+        """The GPU's fabric info: ``...InfoV`` (v2 struct), else the v1 call of older drivers.
+
+        NOT_SUPPORTED (no fabric, e.g. PCIe GPUs) and FUNCTION_NOT_FOUND (old drivers) mean
+        None. Any other error is kept in ``GpuFabric.error`` rather than failing the whole
+        snapshot: only the IMEX label depends on it (GPU_IS_LOST still propagates).
+        """
+        absent = (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        attempts: tuple[tuple[str, Callable[..., Any], type], ...] = (
+            ("nvmlDeviceGetGpuFabricInfoV", pynvml.nvmlDeviceGetGpuFabricInfoV,
+             pynvml.c_nvmlGpuFabricInfo_v2_t),
+            ("nvmlDeviceGetGpuFabricInfo", pynvml.nvmlDeviceGetGpuFabricInfo,
+             pynvml.c_nvmlGpuFabricInfo_t),
+        )
+        for call, fn, struct_type in attempts:
+            info = struct_type()
+            try:
+                _call(call, fn, handle, ctypes.byref(info))
+            except NvmlError as exc:
+                if exc.code == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+                    continue  # a driver without the V call may still have the v1 call
+                if exc.code in absent:
+                    return None
+                if exc.code == pynvml.NVML_ERROR_GPU_IS_LOST:
+                    raise
+                log.warning("GPU %d: fabric info unavailable: %s", index, exc)
+                return GpuFabric(error=exc.name)
+            return GpuFabric(
+                cluster_uuid=str(uuidlib.UUID(bytes=bytes(info.clusterUuid))),
+                clique_id=int(info.cliqueId),
+                state=int(info.state),
+                status=int(info.status),
+            )
+        return None
 
     @staticmethod
     def _optional(

@@ -1,4 +1,5 @@
-"""A local Kubernetes API server stub: GET and PATCH of ``/api/v1/nodes/{name}``.
+"""A local Kubernetes API server stub: GET and PATCH of ``/api/v1/nodes/{name}``, NFD's
+``NodeFeature`` custom resources and GET of pods.
 
 Enough of the real thing for GFD's Node-label mode: JSON merge patch (RFC 7386: null deletes,
 objects merge recursively, anything else replaces), the ``application/merge-patch+json``
@@ -10,6 +11,16 @@ altered by the test (a Node without ``metadata``, of another name or kind: what 
 proxy or server could send with a 200; nothing is applied), have their connection closed
 without an answer, or are delayed.
 
+Custom resources (``/apis/nfd.k8s-sigs.io/v1alpha1/namespaces/{ns}/nodefeatures[/{name}]``:
+GET, POST to the collection, PUT of an object) exist only once the test installs NFD's CRD
+(:meth:`FakeApiServer.install_nodefeature_crd`); before that every such path answers the
+API server's plain 404 ("the server could not find the requested resource", no details), which
+is how a client tells a missing CRD from a missing object (404 with ``details.name``). As for
+real custom resources: create answers 201 (409 AlreadyExists when the name is taken); an update
+must carry ``metadata.resourceVersion`` (422 without, 409 when stale); an update that changes
+nothing keeps the resourceVersion; ``spec`` is required and ``spec.labels`` must map strings to
+strings (422). Pods (``/api/v1/namespaces/{ns}/pods/{name}``, GET only) are added by the test.
+
 Not collected by pytest (no ``test_`` prefix); tests import :class:`FakeApiServer`.
 """
 
@@ -18,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +41,12 @@ from typing import Any
 
 MERGE_PATCH = "application/merge-patch+json"
 NODE_PATH = "/api/v1/nodes/"
+NFD_GROUP = "nfd.k8s-sigs.io"
+NFD_API = "/apis/nfd.k8s-sigs.io/"
+NODEFEATURES = re.compile(r"^/apis/nfd\.k8s-sigs\.io/v1alpha1/namespaces/([^/]+)/nodefeatures"
+                          r"(?:/([^/]+))?$")
+PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$")
+NOT_FOUND = "the server could not find the requested resource"
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -74,6 +93,9 @@ class Request:
 @dataclass
 class _State:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodefeatures: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    crd_installed: bool = False
     faults: list[Fault] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     version: int = 1
@@ -172,6 +194,40 @@ class FakeApiServer:
     def set_labels(self, name: str, labels: Mapping[str, str | None]) -> None:
         """Change labels behind GFD's back (None deletes), bumping the resourceVersion."""
         self._apply(name, {"metadata": {"labels": dict(labels)}})
+
+    def install_nodefeature_crd(self) -> None:
+        """Install NFD's CRD (nodefeatures.nfd.k8s-sigs.io): its paths start to exist."""
+        with self._lock:
+            self._state.crd_installed = True
+
+    def nodefeature(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A copy of a stored NodeFeature, or None."""
+        with self._lock:
+            found = self._state.nodefeatures.get((namespace, name))
+            return copy.deepcopy(found) if found is not None else None
+
+    def change_nodefeature(self, namespace: str, name: str,
+                           labels: Mapping[str, str]) -> None:
+        """Someone else rewrites the object's ``spec.labels`` (bumping its resourceVersion)."""
+        with self._lock:
+            stored = self._state.nodefeatures[(namespace, name)]
+            stored["spec"]["labels"] = dict(labels)
+            self._state.version += 1
+            stored["metadata"]["resourceVersion"] = str(self._state.version)
+
+    def add_pod(self, namespace: str, name: str,
+                owners: list[dict[str, Any]] | None = None) -> str:
+        """Create a Pod with these ownerReferences; returns its uid."""
+        uid = str(uuid.uuid4())
+        with self._lock:
+            self._state.version += 1
+            self._state.pods[(namespace, name)] = {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "uid": uid,
+                             "resourceVersion": str(self._state.version),
+                             "ownerReferences": copy.deepcopy(owners or [])},
+                "spec": {}}
+        return uid
 
     def requests(self, method: str | None = None) -> list[Request]:
         """Requests received so far, optionally only one method."""
@@ -288,6 +344,95 @@ class FakeApiServer:
                                     "the latest version and try again")
         return 200, self._apply(name, body)
 
+    def _custom(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """NodeFeature and Pod requests (the caller routed ``path`` here)."""
+        pod = PODS.match(path)
+        if pod is not None:
+            if method != "GET":
+                return 405, _status(405, "MethodNotAllowed", "only GET is served for pods")
+            with self._lock:
+                found = self._state.pods.get((pod.group(1), pod.group(2)))
+            if found is None:
+                return 404, _status(404, "NotFound", f'pods "{pod.group(2)}" not found',
+                                    {"name": pod.group(2), "kind": "pods"})
+            return 200, copy.deepcopy(found)
+        match = NODEFEATURES.match(path)
+        with self._lock:
+            installed = self._state.crd_installed
+        if match is None or not installed:
+            return 404, _status(404, "NotFound", NOT_FOUND)
+        namespace, name = match.group(1), match.group(2)
+        if name is None:
+            if method != "POST":
+                return 405, _status(405, "MethodNotAllowed", "list is not served by this stub")
+            return self._create_nodefeature(namespace, body)
+        if method == "GET":
+            with self._lock:
+                found = self._state.nodefeatures.get((namespace, name))
+            if found is None:
+                return 404, _nf_not_found(name)
+            return 200, copy.deepcopy(found)
+        if method == "PUT":
+            return self._update_nodefeature(namespace, name, body)
+        return 405, _status(405, "MethodNotAllowed", f"{method} is not served by this stub")
+
+    def _create_nodefeature(self, namespace: str, body: Any) -> tuple[int, dict[str, Any]]:
+        problem = _nodefeature_problem(body, namespace)
+        if problem is not None:
+            return problem
+        name = body["metadata"]["name"]
+        with self._lock:
+            if (namespace, name) in self._state.nodefeatures:
+                return 409, _status(409, "AlreadyExists",
+                                    f'nodefeatures.{NFD_GROUP} "{name}" already exists',
+                                    {"name": name, "group": NFD_GROUP, "kind": "nodefeatures"})
+            self._state.version += 1
+            stored = copy.deepcopy(body)
+            stored["metadata"].update({
+                "namespace": namespace, "uid": str(uuid.uuid4()), "generation": 1,
+                "resourceVersion": str(self._state.version),
+                "creationTimestamp": "2026-01-01T00:00:00Z"})
+            self._state.nodefeatures[(namespace, name)] = stored
+            return 201, copy.deepcopy(stored)
+
+    def _update_nodefeature(self, namespace: str, name: str,
+                            body: Any) -> tuple[int, dict[str, Any]]:
+        problem = _nodefeature_problem(body, namespace)
+        if problem is not None:
+            return problem
+        if body["metadata"]["name"] != name:
+            return 400, _status(400, "BadRequest", "the name of the object "
+                                f"({body['metadata']['name']}) does not match the name on the URL "
+                                f"({name})")
+        wanted = body["metadata"].get("resourceVersion")
+        if not wanted:
+            return 422, _status(422, "Invalid", f'NodeFeature.{NFD_GROUP} "{name}" is invalid: '
+                                "metadata.resourceVersion: Invalid value: 0x0: must be specified "
+                                "for an update")
+        with self._lock:
+            stored = self._state.nodefeatures.get((namespace, name))
+            if stored is None:
+                return 404, _nf_not_found(name)
+            if wanted != stored["metadata"]["resourceVersion"]:
+                return 409, _status(409, "Conflict", "Operation cannot be fulfilled on "
+                                    f'nodefeatures.{NFD_GROUP} "{name}": the object has been '
+                                    "modified; please apply your changes to the latest version "
+                                    "and try again")
+            updated = copy.deepcopy(body)
+            server_set = ("namespace", "uid", "generation", "resourceVersion",
+                          "creationTimestamp")
+            for key in server_set:
+                if key in stored["metadata"]:
+                    updated["metadata"][key] = stored["metadata"][key]
+            if updated == stored:
+                return 200, copy.deepcopy(stored)  # a no-op update writes nothing
+            if updated.get("spec") != stored.get("spec"):
+                updated["metadata"]["generation"] = stored["metadata"]["generation"] + 1
+            self._state.version += 1
+            updated["metadata"]["resourceVersion"] = str(self._state.version)
+            self._state.nodefeatures[(namespace, name)] = updated
+            return 200, copy.deepcopy(updated)
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -318,6 +463,12 @@ class FakeApiServer:
             def do_PATCH(self) -> None:  # noqa: N802
                 self._serve("PATCH")
 
+            def do_POST(self) -> None:  # noqa: N802
+                self._serve("POST")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._serve("PUT")
+
             def _serve(self, method: str) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
@@ -347,6 +498,8 @@ class FakeApiServer:
                 elif fault is not None:
                     status, payload = fault.status, _status(fault.status, "Injected",
                                                             "injected fault")
+                elif self.path.split("?")[0].startswith((NFD_API, "/api/v1/namespaces/")):
+                    status, payload = server._custom(method, self.path.split("?")[0], body)
                 elif not self.path.startswith(NODE_PATH) or "/" in self.path[len(NODE_PATH):]:
                     status, payload = 404, _status(404, "NotFound", "the server could not "
                                                    "find the requested resource")
@@ -372,6 +525,38 @@ class FakeApiServer:
         return Handler
 
 
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+def _status(code: int, reason: str, message: str,
+            details: Mapping[str, str] | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                              "message": message, "reason": reason, "code": code}
+    if details:
+        status["details"] = dict(details)
+    return status
+
+
+def _nf_not_found(name: str) -> dict[str, Any]:
+    return _status(404, "NotFound", f'nodefeatures.{NFD_GROUP} "{name}" not found',
+                   {"name": name, "group": NFD_GROUP, "kind": "nodefeatures"})
+
+
+def _nodefeature_problem(body: Any, namespace: str) -> tuple[int, dict[str, Any]] | None:
+    """Why a NodeFeature body is refused (as the API server and the CRD schema would)."""
+    if not isinstance(body, dict) or body.get("apiVersion") != f"{NFD_GROUP}/v1alpha1" \
+            or body.get("kind") != "NodeFeature":
+        return 400, _status(400, "BadRequest", "expected a nfd.k8s-sigs.io/v1alpha1 NodeFeature")
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) \
+            or not metadata["name"]:
+        return 422, _status(422, "Invalid", "metadata.name: Required value")
+    if metadata.get("namespace", namespace) != namespace:
+        return 400, _status(400, "BadRequest", "the namespace of the provided object does not "
+                            "match the namespace sent on the request")
+    spec = body.get("spec")
+    if not isinstance(spec, dict):
+        return 422, _status(422, "Invalid", "spec: Required value")
+    labels = spec.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return 422, _status(422, "Invalid", "spec.labels: Invalid value: must map strings to "
+                            "strings")
+    return None

@@ -3,7 +3,8 @@
 - ``fake_nvml(profile="dgx-a100", control_socket=None) -> FakeNvml``: installs a fake NVML for a
   profile (name, path or Profile); every fake is uninstalled at teardown, newest first.
 - ``sysfs_root(profile_or_fake="dgx-a100") -> str``: writes ``sys/bus/pci/devices/<bus>/
-  {numa_node,class}`` for the profile's GPUs under a fresh temporary directory and returns it.
+  {numa_node,class,vendor,config}`` for the profile's GPUs under a fresh temporary directory
+  and returns it.
 - ``fake_snapshot(profile="dgx-a100") -> Snapshot``: installs the fake, writes sysfs, reads a
   Snapshot through ``gpus.nvml`` (the fake stays installed for the test).
 - ``sockdir -> str``: a short, fresh /tmp directory for Unix sockets, removed at teardown.

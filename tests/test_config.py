@@ -161,6 +161,25 @@ def test_our_plugin_extensions_in_the_file() -> None:
     assert plugin.health_recovery_interval == 0 and plugin.health_quiet_period == 120
 
 
+def test_use_node_feature_api_in_the_file() -> None:
+    assert parse_config("flags: {useNodeFeatureAPI: false}").flags.use_node_feature_api is False
+    assert Config().flags.use_node_feature_api is True  # NVIDIA's default
+
+
+@pytest.mark.parametrize(("env", "value", "reason"), [
+    ("KUBE_API_QPS", "0", "must be a number >= 0.01"),
+    ("KUBE_API_QPS", "fast", "must be a number >= 0.01"),
+    ("KUBE_API_QPS", "nan", "must be a number >= 0.01"),
+    ("KUBE_API_BURST", "1.5", "must be a whole number >= 1"),
+    ("KUBE_API_BURST", "0", "must be a whole number >= 1"),
+])
+def test_kube_api_rate_limits_are_checked(env: str, value: str, reason: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "gfd")
+    with pytest.raises(ConfigError, match=f"invalid {env} '{value}': {reason}"):
+        resolve(parser.parse_args([]), {env: value})
+
+
 def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
     text = ("version: v1\nflags:\n  gdsEnabled: true\n  mofedEnabled: false\n"
             "  useNodeFeatureAPI: true\n  mpsRoot: /run/nvidia/mps\n"
@@ -170,7 +189,8 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING, logger="gpus.config"):
         assert parse_config(text, "cm.yaml") == Config()
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 9
+    assert len(messages) == 8  # useNodeFeatureAPI is implemented (GFD's NodeFeature output)
+    assert not any("useNodeFeatureAPI" in m for m in messages)
     assert any(m.startswith("cm.yaml:8: flags.plugin.containerDriverRoot is part of NVIDIA's v1 "
                             "config but not implemented here; ignored") for m in messages)
 
@@ -188,7 +208,7 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
     ("version: v2\n", "config.yaml:1: version: unknown version 'v2': must be v1"),
     ("version: v1\nflags:\n  migStrategie: mixed\n",
      "config.yaml:3: flags.migStrategie: unknown key 'migStrategie' (allowed: migStrategy, "
-     "failOnInitError, nvidiaDriverRoot, nvidiaDevRoot, plugin, gfd)"),
+     "failOnInitError, nvidiaDriverRoot, nvidiaDevRoot, useNodeFeatureAPI, plugin, gfd)"),
     ("flags:\n  failOnInitError: maybe\n",
      "config.yaml:2: flags.failOnInitError: must be a boolean (true or false), got 'maybe'"),
     ("flags:\n  plugin:\n    deviceIDStrategy: serial\n",

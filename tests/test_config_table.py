@@ -43,6 +43,7 @@ from gpus.config.values import (
     ChoiceListKind,
     DurationKind,
     Kind,
+    NumberKind,
     TextKind,
     VersionKind,
 )
@@ -68,6 +69,13 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
                               "flags.nvidiaDevRoot"),
     "flags.nvml": (("--nvml",), both("NVML_BACKEND"), None),
     "flags.sysfs_root": (("--sysfs-root",), both("SYSFS_ROOT"), None),
+    # NodeFeature output (GFD), together:
+    "flags.use_node_feature_api": (("--use-node-feature-api",), {
+        "gfd": ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API")}, "flags.useNodeFeatureAPI"),
+    "flags.namespace": (("--namespace",), {"gfd": ("NAMESPACE",)}, None),
+    "flags.pod_name": (("--pod-name",), {"gfd": ("POD_NAME",)}, None),
+    "flags.kube_api_qps": (("--kube-api-qps",), {"gfd": ("KUBE_API_QPS",)}, None),
+    "flags.kube_api_burst": (("--kube-api-burst",), {"gfd": ("KUBE_API_BURST",)}, None),
     "flags.plugin.pass_device_specs": (("--pass-device-specs",),
                                        {"plugin": ("PASS_DEVICE_SPECS",)},
                                        "flags.plugin.passDeviceSpecs"),
@@ -175,6 +183,11 @@ def _duration_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Samp
     return Sample("7s", "7s", 7.0), Sample("1m30s", 90, 90.0)
 
 
+def _number_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Sample]:
+    assert isinstance(kind, NumberKind) and default not in (7, 90)
+    return Sample("7", 7, 7), Sample("90", 90, 90)
+
+
 def _version_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Sample]:
     # One valid value only: the file test below checks a wrong one is refused at this key.
     return Sample("v1", "v1", "v1"), Sample("v1", "v1", "v1")
@@ -189,6 +202,7 @@ def _resources_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Sam
 
 _KIND_SAMPLES: dict[type, Callable[[Kind, Any, str], tuple[Sample, Sample]]] = {
     BoolKind: _bool_samples,
+    NumberKind: _number_samples,
     TextKind: _text_samples,
     ChoiceKind: _choice_samples,
     ChoiceListKind: _choice_list_samples,

@@ -197,7 +197,8 @@ def test_single_mig_devices_can_be_time_sliced() -> None:
 
 
 INVALID = {N + "gpu.count": "0", N + "gpu.replicas": "0", N + "gpu.memory": "0",
-           N + "gpu.product": "MOCKMODEL-MIG-INVALID", N + "mig.strategy": "single"}
+           N + "gpu.product": "MOCKMODEL-MIG-INVALID", N + "mig.strategy": "single",
+           N + "gpu.sharing-strategy": ""}  # NVIDIA: empty beside -MIG-INVALID, not "none"
 
 
 @pytest.mark.parametrize("gpus", [

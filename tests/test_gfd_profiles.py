@@ -74,6 +74,7 @@ def test_dgx_a100_mig_single_is_invalid(fake_snapshot: Reader) -> None:
     assert labels[N + "gpu.product"] == "NVIDIA-A100-SXM4-40GB-MIG-INVALID"
     assert (labels[N + "gpu.count"], labels[N + "gpu.replicas"], labels[N + "gpu.memory"]) == \
         ("0", "0", "0")
+    assert labels[N + "gpu.sharing-strategy"] == ""  # as NVIDIA: empty, not "none"
     assert labels[N + "mig.strategy"] == "single"
     assert N + "gpu.multiprocessors" not in labels
     assert label_problems(snapshot, cfg("single"))

@@ -17,6 +17,7 @@ from .values import (
     ChoiceKind,
     ChoiceListKind,
     DurationKind,
+    NumberKind,
     TextKind,
     VersionKind,
 )
@@ -32,7 +33,7 @@ POSITIVE_SECONDS = DurationKind(allow_zero=False)
 
 # NVIDIA's keys that we accept but do not implement: each is a warning naming file and line.
 _TOP_IGNORED = ("resources", "imex")  # NVIDIA ignores "resources" too
-_FLAGS_IGNORED = ("mpsRoot", "gdrcopyEnabled", "gdsEnabled", "mofedEnabled", "useNodeFeatureAPI",
+_FLAGS_IGNORED = ("mpsRoot", "gdrcopyEnabled", "gdsEnabled", "mofedEnabled",
                   "deviceDiscoveryStrategy", "restartOnDeviceUnhealthy")
 _PLUGIN_IGNORED = ("cdiAnnotationPrefix", "nvidiaCTKPath", "containerDriverRoot",
                    "cdiFeatureFlags")
@@ -154,6 +155,26 @@ class Flags:
     sysfs_root: str = setting(  # ours: tests and simulation point it elsewhere; not in the file
         "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_both("SYSFS_ROOT"),
         help="where /sys is read from (default {default})")
+    # -- GFD's NodeFeature output (gfd/nodefeature.py); rows kept together ------------------
+    use_node_feature_api: bool = setting(
+        True, kind=BOOL, flags=("--use-node-feature-api",),
+        env=_gfd("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"), file="useNodeFeatureAPI",
+        help="publish labels as an NFD NodeFeature object when --output-mode is not given "
+        "(default {default}, as NVIDIA's)")
+    namespace: str = setting(
+        "default", kind=NONEMPTY, flags=("--namespace",), env=_gfd("NAMESPACE"),
+        help="namespace of the NodeFeature object (default {default})")
+    pod_name: str = setting(
+        "", kind=TEXT, flags=("--pod-name",), env=_gfd("POD_NAME"),
+        help="this pod's name: the NodeFeature is owned by its DaemonSet (default: no owner)")
+    kube_api_qps: float = setting(
+        5.0, kind=NumberKind(minimum=0.01), flags=("--kube-api-qps",), env=_gfd("KUBE_API_QPS"),
+        help="client-side rate limit of Kubernetes API requests per second (default {default})")
+    kube_api_burst: int = setting(
+        10, kind=NumberKind(integer=True, minimum=1), flags=("--kube-api-burst",),
+        env=_gfd("KUBE_API_BURST"),
+        help="burst of the client-side API rate limit (default {default})")
+    # -- end of the NodeFeature rows ----------------------------------------------------------
     plugin: PluginFlags = section(PluginFlags, file="plugin", ignored=_PLUGIN_IGNORED)
     gfd: GfdFlags = section(GfdFlags, file="gfd")
 

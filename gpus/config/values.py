@@ -338,3 +338,45 @@ class VersionKind(Kind):
         if value != self.expected:
             raise ValueProblem(f"unknown version {value!r}: must be {self.expected}")
         return self.expected
+
+
+class NumberKind(Kind):
+    """A number (``integer``: a whole one) of at least ``minimum``; from text or the file."""
+
+    __slots__ = ("integer", "minimum")
+
+    def __init__(self, integer: bool = False, minimum: float = 0) -> None:
+        self.integer = integer
+        self.minimum = minimum
+
+    def _reason(self) -> str:
+        what = "a whole number" if self.integer else "a number"
+        return f"must be {what} >= {self.minimum:g}"
+
+    def _check(self, value: float) -> float | None:
+        if value != value or value in (float("inf"), float("-inf")) or value < self.minimum:
+            return None
+        if self.integer and value != int(value):
+            return None
+        return int(value) if self.integer else float(value)
+
+    def from_text(self, raw: Any, label: str) -> float:
+        try:
+            number = float(str(raw).strip())
+        except ValueError:
+            raise _invalid(label, raw, self._reason()) from None
+        checked = self._check(number)
+        if checked is None:
+            raise _invalid(label, raw, self._reason())
+        return checked
+
+    def from_file(self, value: object) -> float:
+        checked = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            checked = self._check(value)
+        if checked is None:
+            raise ValueProblem(f"{self._reason()}, got {type_name(value)} {value!r}")
+        return checked
+
+    def show(self, value: Any) -> str:
+        return f"{value:g}"

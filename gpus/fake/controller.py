@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pynvml
 
 from gpus.fake.lib import FakeNvmlLib, NvmlFunctions
-from gpus.fake.profile import Profile, load_profile
+from gpus.fake.profile import VGPU_FIELD_BYTES, GpuSpec, Profile, VgpuSpec, load_profile
 from gpus.fake.state import NOT_APPLICABLE, XID_FALLEN_OFF_BUS, FakeGpu, FakeState, error_code
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ class FakeNvml:
     # -- sysfs ----------------------------------------------------------------------------------
 
     def write_sysfs(self, root: Path | str) -> None:
-        """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class}`` for every GPU."""
+        """Create ``<root>/sys/bus/pci/devices/<bus>/{numa_node,class,vendor,config}`` per GPU."""
         write_sysfs(self.profile, Path(root))
         self.sysfs_root = str(root)
 
@@ -297,6 +297,33 @@ def write_sysfs(profile: Profile, root: Path) -> None:
         numa = -1 if gpu.numa_node is None else gpu.numa_node
         (directory / "numa_node").write_text(f"{numa}\n")
         (directory / "class").write_text(f"0x{gpu.pci_class:06x}\n")
+        (directory / "vendor").write_text("0x10de\n")
+        (directory / "config").write_bytes(config_space(gpu, profile.vgpu))
+
+
+def config_space(gpu: GpuSpec, vgpu: VgpuSpec | None) -> bytes:
+    """256 bytes of PCI config space: header, a power-management capability, then the
+    vendor-specific one, which on a vGPU guest carries the "VF" signature and the host driver
+    record (as NVIDIA's GFD reads it; see gpus/vgpu.py)."""
+    config = bytearray(256)
+    config[0:2] = (0x10DE).to_bytes(2, "little")
+    config[2:4] = (gpu.model.pci_device_id >> 16).to_bytes(2, "little")
+    config[0x06] = 0x10  # status: capability list present
+    config[0x09:0x0C] = gpu.pci_class.to_bytes(3, "little")  # prog-if, subclass, class
+    config[0x34] = 0x60
+    config[0x60:0x62] = bytes((0x01, 0x68))  # power management, next: vendor-specific
+    if vgpu is None:
+        config[0x68:0x6B] = bytes((0x09, 0x00, 0x14))  # vendor-specific, no vGPU signature
+        return bytes(config)
+    record = bytes((0x00, 2 + 2 * VGPU_FIELD_BYTES)) + _field(vgpu.host_driver_version) \
+        + _field(vgpu.host_driver_branch)
+    capability = bytes((0x09, 0x00, 5 + len(record))) + b"VF" + record
+    config[0x68 : 0x68 + len(capability)] = capability
+    return bytes(config)
+
+
+def _field(text: str) -> bytes:
+    return text.encode("ascii").ljust(VGPU_FIELD_BYTES, b"\0")
 
 
 # /proc/driver/nvidia-caps/mig-minors as the driver numbers it: "config 1", "monitor 2", then

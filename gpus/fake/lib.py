@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import uuid as uuidlib
 from collections.abc import Callable
 from ctypes import CFUNCTYPE, POINTER, c_char_p, c_int, c_uint, c_ulonglong, c_void_p
 from typing import Any
@@ -79,6 +80,8 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "nvmlDeviceGetTopologyCommonAncestor": (_P, _P, _P),
     "nvmlDeviceGetNvLinkState": (_P, c_uint, _P),
     "nvmlDeviceGetNvLinkRemotePciInfo_v2": (_P, c_uint, _P),
+    "nvmlDeviceGetGpuFabricInfo": (_P, _P),
+    "nvmlDeviceGetGpuFabricInfoV": (_P, _P),
     "nvmlEventSetCreate": (_P,),
     "nvmlEventSetFree": (_P,),
     "nvmlDeviceRegisterEvents": (_P, c_ulonglong, _P),
@@ -574,6 +577,34 @@ class NvmlFunctions:
         if remote is None:
             raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)
         _fill_pci(_struct(out, pynvml.nvmlPciInfo_t), remote[0], remote[1], 0)
+        return SUCCESS
+
+    # -- fabric (IMEX) --------------------------------------------------------------------------
+
+    def _fill_fabric(self, info: Any, handle: int) -> None:
+        fabric = self.s.gpu(handle).spec.fabric
+        if fabric is None:
+            raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)  # what a PCIe GPU answers
+        raw = uuidlib.UUID(fabric.cluster_uuid).bytes
+        ctypes.memmove(info.clusterUuid, raw, len(raw))
+        info.status, info.cliqueId, info.state = fabric.status, fabric.clique_id, fabric.state
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: int, out: int) -> int:  # noqa: N802
+        """nvmlGpuFabricInfo_t (v1, deprecated); NOT_SUPPORTED off a fabric."""
+        self._fill_fabric(_struct(out, pynvml.c_nvmlGpuFabricInfo_t), handle)
+        return SUCCESS
+
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: int, out: int) -> int:  # noqa: N802
+        """nvmlGpuFabricInfo_v2_t or _v3_t, by the version the caller set (as NVML checks)."""
+        version = _struct(out, ctypes.c_uint).value
+        structs = {pynvml.nvmlGpuFabricInfo_v2: pynvml.c_nvmlGpuFabricInfo_v2_t,
+                   pynvml.nvmlGpuFabricInfo_v3: pynvml.c_nvmlGpuFabricInfo_v3_t}
+        struct_type = structs.get(version)
+        if struct_type is None:
+            raise NvmlReturn(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        info = _struct(out, struct_type)
+        self._fill_fabric(info, handle)
+        info.healthMask = 0
         return SUCCESS
 
     # -- events ---------------------------------------------------------------------------------

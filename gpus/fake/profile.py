@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pynvml
 import yaml
 
 from gpus.model import sysfs_bus_id
@@ -194,6 +195,31 @@ class GpuInstance:
     compute_instances: tuple[ComputeInstance, ...]
 
 
+# nvmlGpuFabricState_t by the names profiles use.
+FABRIC_STATES = {"not_supported": 0, "not_started": 1, "in_progress": 2, "completed": 3}
+
+
+@dataclass(frozen=True)
+class FabricSpec:
+    """What ``nvmlDeviceGetGpuFabricInfo(V)`` answers for a GPU on an NVLink fabric."""
+
+    cluster_uuid: str  # canonical 8-4-4-4-12
+    clique_id: int
+    state: int  # NVML_GPU_FABRIC_STATE_*
+    status: int  # nvmlReturn_t of the fabric registration (0: success)
+
+
+@dataclass(frozen=True)
+class VgpuSpec:
+    """A vGPU guest: the host driver the hypervisor reports in each GPU's PCI config space."""
+
+    host_driver_version: str  # e.g. "550.54.16", at most 10 bytes (NVIDIA's record)
+    host_driver_branch: str  # e.g. "r550_00", at most 10 bytes
+
+
+VGPU_FIELD_BYTES = 10  # the host driver record holds 10 bytes of version and 10 of branch
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     """One GPU of a profile."""
@@ -207,6 +233,7 @@ class GpuSpec:
     pci_class: int
     mig_enabled: bool = False
     gpu_instances: tuple[GpuInstance, ...] = ()
+    fabric: FabricSpec | None = None  # None: the fabric call answers NOT_SUPPORTED
 
     @property
     def sysfs_bus_id(self) -> str:
@@ -245,6 +272,7 @@ class Profile:
     topology: Topology
     # The machine type GFD would read from the DMI product name; defaults to the profile name.
     machine: str = ""
+    vgpu: VgpuSpec | None = None  # a vGPU guest: every GPU's config space carries the record
 
 
 def list_profiles() -> list[str]:
@@ -430,6 +458,7 @@ class _Builder:
                 "gpus",
                 "mig",
                 "topology",
+                "vgpu",
             ),
             "",
         )
@@ -457,6 +486,51 @@ class _Builder:
             machine=self.get(raw, "machine", "machine", str, name),
             gpus=gpus,
             topology=self.topology(gpus),
+            vgpu=self.vgpu(),
+        )
+
+    def vgpu(self) -> VgpuSpec | None:
+        """The optional ``vgpu`` section: the host driver a vGPU guest sees."""
+        raw = self.get(self.raw, "vgpu", "vgpu", dict, None)
+        if raw is None:
+            return None
+        self.check_keys(raw, ("host_driver_version", "host_driver_branch"), "vgpu")
+        values = []
+        for key in ("host_driver_version", "host_driver_branch"):
+            text = self.get(raw, key, f"vgpu.{key}", str)
+            if not text.isascii() or not text.isprintable() or not text:
+                raise self.fail(f"vgpu.{key}", "expected printable ASCII text")
+            if len(text) > VGPU_FIELD_BYTES:
+                raise self.fail(f"vgpu.{key}", f"longer than the {VGPU_FIELD_BYTES} bytes of "
+                                "the PCI capability record")
+            values.append(text)
+        return VgpuSpec(host_driver_version=values[0], host_driver_branch=values[1])
+
+    def fabric(self, data: Mapping[str, Any], field: str) -> FabricSpec | None:
+        """A GPU's ``fabric`` (``defaults`` may give it to every GPU)."""
+        raw = self.get(data, "fabric", field, dict, None)
+        if raw is None:
+            return None
+        self.check_keys(raw, ("cluster_uuid", "clique_id", "state", "status"), field)
+        text = self.get(raw, "cluster_uuid", f"{field}.cluster_uuid", str)
+        try:
+            cluster = str(uuidlib.UUID(text))
+        except ValueError:
+            raise self.fail(f"{field}.cluster_uuid", f"{text!r} is not a UUID") from None
+        state = self.get(raw, "state", f"{field}.state", str, "completed")
+        if state not in FABRIC_STATES:
+            raise self.fail(f"{field}.state", f"unknown {state!r} (one of "
+                            f"{', '.join(FABRIC_STATES)})")
+        status = self.get(raw, "status", f"{field}.status", str, "success")
+        code = 0 if status == "success" else getattr(pynvml, status, None)
+        if not isinstance(code, int) or not (status == "success"
+                                             or status.startswith("NVML_ERROR_")):
+            raise self.fail(f"{field}.status", f"{status!r} is not success or an NVML_ERROR_ name")
+        return FabricSpec(
+            cluster_uuid=cluster,
+            clique_id=self.get_int(raw, "clique_id", f"{field}.clique_id", _C_UINT),
+            state=FABRIC_STATES[state],
+            status=code,
         )
 
     # -- models ---------------------------------------------------------------------------------
@@ -596,7 +670,9 @@ class _Builder:
                 raise self.fail(field, "must be a mapping")
             data = {**defaults, **entry}
             self.check_keys(
-                data, ("model", "bus_id", "numa_node", "minor", "uuid", "mig", "pci_class"), field
+                data,
+                ("model", "bus_id", "numa_node", "minor", "uuid", "mig", "pci_class", "fabric"),
+                field,
             )
             model_key = self.get(data, "model", f"{field}.model", str)
             if model_key not in models:
@@ -639,6 +715,7 @@ class _Builder:
                     ),
                     mig_enabled=enabled,
                     gpu_instances=instances,
+                    fabric=self.fabric(data, f"{field}.fabric"),
                 )
             )
         return tuple(out)

@@ -12,6 +12,7 @@ COPY gpus ./gpus
 COPY deviceplugin ./deviceplugin
 COPY gfd ./gfd
 COPY protos ./protos
+COPY exporter ./exporter
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -48,6 +48,7 @@ KUSTOMIZATIONS = (
     "daemonset/overlays/simulated",
     "daemonset/overlays/runtimeclass",
     "daemonset/overlays/nfd",
+    "daemonset/overlays/node-feature-api",
 )
 SCHEMA_VERSIONS = ("1.29", "1.33", latest_version())
 PLUGIN = "nvidia-device-plugin-ctr"
@@ -235,8 +236,10 @@ SIM_OTHER_PROFILE_NODE = {SIMULATED_LABEL: "t4"}
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_renders_the_expected_objects(path: str) -> None:
     kinds = sorted(obj["kind"] for obj in rendered(path))
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
-                     "ServiceAccount"]
+    # node-feature-api adds a namespaced Role for the NodeFeature object and the pod look-up.
+    extra = ["Role", "RoleBinding"] if path.endswith("/node-feature-api") else []
+    assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
+                            "ServiceAccount", *extra])
 
 
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
@@ -645,6 +648,7 @@ EXPECTED_SETTINGS = {
     "daemonset/overlays/simulated": ("none", "fake:dgx-a100", None),
     "daemonset/overlays/runtimeclass": ("none", "real", None),
     "daemonset/overlays/nfd": ("none", "real", None),
+    "daemonset/overlays/node-feature-api": ("none", "real", None),
 }
 
 

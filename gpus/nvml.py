@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
+from gpus import errors
 from gpus.model import GPU, Link, MigDevice, Snapshot, SystemInfo, TopologyLevel, sysfs_bus_id
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,10 @@ def error_name(code: int) -> str:
     return _ERROR_NAMES.get(code, f"NVML_ERROR_{code}")
 
 
-class NvmlError(Exception):
-    """An NVML call failed: ``call`` (e.g. "nvmlDeviceGetUUID"), ``code`` and ``name``."""
+class NvmlError(errors.NvmlError):
+    """An NVML call failed: ``call`` (e.g. "nvmlDeviceGetUUID"), ``code`` and ``name``.
+
+    Raised by every :class:`Nvml` method; part of the error tree (:mod:`gpus.errors`)."""
 
     def __init__(self, call: str, code: int, description: str = "", hint: str = "") -> None:
         self.call = call

@@ -95,7 +95,13 @@ def _parse_xids(env: str, items: Iterable[str], problems: list[str]) -> set[int]
 
 
 def parse_health_env(environ: Mapping[str, str]) -> HealthPolicy:
-    """Build the policy from ``DP_DISABLE_HEALTHCHECKS`` and ``DP_ENABLE_HEALTHCHECKS``.
+    """The policy from the variables in ``environ`` (see :func:`health_policy`)."""
+    return health_policy(environ.get(DISABLE_ENV, ""), environ.get(ENABLE_ENV, ""))
+
+
+def health_policy(disable_value: str, enable_value: str) -> HealthPolicy:
+    """Build the policy from ``DP_DISABLE_HEALTHCHECKS`` and ``DP_ENABLE_HEALTHCHECKS``
+    (the daemon resolves them through gpus.config: ``config.daemon.plugin``).
 
     - ``DP_DISABLE_HEALTHCHECKS`` containing ``all`` or ``xids`` (case-insensitive) turns health
       checks off entirely, whatever ``DP_ENABLE_HEALTHCHECKS`` says; otherwise its entries are
@@ -105,11 +111,11 @@ def parse_health_env(environ: Mapping[str, str]) -> HealthPolicy:
     - Entries that are not non-negative integers are reported in ``problems`` and skipped.
     """
     problems: list[str] = []
-    disable = [item.lower() for item in _split(environ.get(DISABLE_ENV, ""))]
+    disable = [item.lower() for item in _split(disable_value)]
     if "all" in disable or "xids" in disable:
         return HealthPolicy(enabled=False)
     ignored = set(DEFAULT_IGNORED_XIDS) | _parse_xids(DISABLE_ENV, disable, problems)
-    enable = [item.lower() for item in _split(environ.get(ENABLE_ENV, ""))]
+    enable = [item.lower() for item in _split(enable_value)]
     all_reenabled = "all" in enable
     reenabled = _parse_xids(ENABLE_ENV, (i for i in enable if i != "all"), problems)
     return HealthPolicy(
@@ -125,7 +131,7 @@ def parse_health_env(environ: Mapping[str, str]) -> HealthPolicy:
 
 
 class HealthEvent(Protocol):
-    """The fields of ``gpus.nvml.NvmlEvent`` the monitor reads."""
+    """The fields of ``gpus.nvmlevents.NvmlEvent`` the monitor reads."""
 
     @property
     def gpu_uuid(self) -> str: ...
@@ -140,7 +146,7 @@ class HealthEvent(Protocol):
 
 
 class Watcher(Protocol):
-    """The surface of ``gpus.nvml.EventWatcher`` the monitor uses."""
+    """The surface of ``gpus.nvmlevents.EventWatcher`` the monitor uses."""
 
     @property
     def registration_errors(self) -> Mapping[str, Exception]: ...
@@ -158,8 +164,10 @@ WatcherFactory = Callable[[Prober, list[str]], Watcher]
 
 
 def nvml_watcher(nvml: Prober, uuids: list[str]) -> Watcher:
-    """The real watcher: ``gpus.nvml.EventWatcher`` over ``uuids`` (imported when first used)."""
-    from gpus.nvml import EventWatcher, Nvml
+    """The real watcher: ``gpus.nvmlevents.EventWatcher`` over ``uuids`` (imported when
+    first used)."""
+    from gpus.nvml import Nvml
+    from gpus.nvmlevents import EventWatcher
 
     if not isinstance(nvml, Nvml):
         raise TypeError(f"the NVML event watcher needs a gpus.nvml.Nvml, not {type(nvml)!r}")
@@ -193,7 +201,7 @@ class HealthMonitor:
         nvml: Prober,
         snapshot: Snapshot,
         on_change: Callable[[frozenset[str]], None],
-        environ: Mapping[str, str],
+        policy: HealthPolicy | Mapping[str, str],
         recovery_interval: float = 5.0,
         quiet_period: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -203,6 +211,10 @@ class HealthMonitor:
         previous: HealthMonitor | None = None,
     ) -> None:
         """Nothing runs until :meth:`start`.
+
+        ``policy`` says which XIDs are critical: a :class:`HealthPolicy` (the plugin builds it
+        with :func:`health_policy` from its resolved configuration), or a mapping holding the
+        two variables (:func:`parse_health_env`).
 
         ``previous`` is the monitor this one replaces (config reload): its unhealthy devices
         that still exist in ``snapshot`` start Unhealthy here, with their reasons and quiet
@@ -218,7 +230,7 @@ class HealthMonitor:
         self._clock = clock
         self._watcher_factory = watcher_factory
         self._wait_timeout_ms = wait_timeout_ms
-        self.policy = parse_health_env(environ)
+        self.policy = policy if isinstance(policy, HealthPolicy) else parse_health_env(policy)
         self._gpu_uuids = [gpu.uuid for gpu in snapshot.gpus]
         self._marks: dict[str, _Mark] = {} if previous is None else previous._carry(snapshot)
         # _lock guards _marks and is never held while calling out; _notify_lock serialises

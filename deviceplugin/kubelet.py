@@ -27,6 +27,7 @@ from typing import Protocol
 import grpc
 
 from gpus.backoff import Backoff
+from gpus.errors import KubeletError
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ RECOVERY_LOG_BURST = 10
 RECOVERY_LOG_WINDOW_S = 600.0
 
 
-class RegistrationError(RuntimeError):
-    """The kubelet refused or did not answer a Register call."""
+class RegistrationError(KubeletError, RuntimeError):
+    """The kubelet refused or did not answer a Register call (retried with backoff)."""
 
 
 def plugin_options() -> api_pb2.DevicePluginOptions:
@@ -90,6 +91,8 @@ class SocketState:
 
     problem: str | None  # None when it is a socket we can dial
     identity: tuple[int, int, int] | None = None  # (st_dev, st_ino, st_ctime_ns)
+    # Nothing at the path: the normal state while the kubelet starts, not an error.
+    missing: bool = False
 
     @property
     def ready(self) -> bool:
@@ -102,7 +105,7 @@ def kubelet_socket_state(path: str) -> SocketState:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return SocketState(problem=f"kubelet socket {path} does not exist (yet)")
+        return SocketState(problem=f"kubelet socket {path} does not exist (yet)", missing=True)
     except OSError as err:
         return SocketState(problem=f"cannot stat kubelet socket {path}: {err.strerror}")
     if not stat.S_ISSOCK(st.st_mode):
@@ -318,7 +321,7 @@ class RegistrationLoop:
                 for reg in self._state.values():
                     reg.lose("the kubelet socket went away")
         if kubelet.problem is not None:
-            level = logging.INFO if "does not exist" in kubelet.problem else logging.ERROR
+            level = logging.INFO if kubelet.missing else logging.ERROR
             self._log.set("kubelet", level, kubelet.problem + "; waiting for the kubelet")
             return
         self._log.set("kubelet", logging.INFO, f"kubelet socket {self.kubelet_socket} is up")

@@ -18,7 +18,8 @@ the readiness file is absent while not ready, the same document can also go to a
 (``--status-file``, env ``DP_STATUS_FILE``, default "" = none) that is always present.
 
 Both files are rewritten atomically (written beside, then renamed) whenever their content
-changes, so a reader never sees half a document.
+changes, so a reader never sees half a document (:class:`gpus.runtime.StateFile`, shared with
+GFD's health file).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpus.atomicfile import replace_file
+from gpus.config import DEFAULT_READY_FILE
+from gpus.runtime import StateFile
 
 log = logging.getLogger(__name__)
 
-READY_FILE_ENV = "DP_READY_FILE"
-DEFAULT_READY_FILE = "/run/nvidia-device-plugin/ready"
+READY_FILE_ENV = "DP_READY_FILE"  # the rows are in gpus.config (daemon.plugin)
 STATUS_FILE_ENV = "DP_STATUS_FILE"
+__all__ = ["DEFAULT_READY_FILE", "READY_FILE_ENV", "STATUS_FILE_ENV", "ReadinessFile",
+           "ResourceStatus", "Status"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class ReadinessFile:
     def __init__(self, path: str, status_path: str = "") -> None:
         self.path = path
         self.status_path = status_path
+        self._ready_file = StateFile(path, "readiness file", log)
+        self._status_file = StateFile(status_path, "status file", log)
         self._lock = threading.Condition()
         self._wanted: bool | None = None  # the last readiness asked for, even when disabled
         self._resources: Mapping[str, ResourceStatus] = {}
@@ -86,7 +91,6 @@ class ReadinessFile:
         # What each file holds now: its content, "" for absent, None for unknown (an error).
         self._ready_content: str | None = None
         self._status_content: str | None = None
-        self._warned: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -148,44 +152,24 @@ class ReadinessFile:
         if self.path:
             wanted = content if self._wanted else ""
             if wanted != self._ready_content:
-                self._ready_content = self._put(self.path, wanted, "readiness", self._wanted)
+                self._ready_content = self._put_ready(wanted)
         if self.status_path and content != self._status_content:
-            self._status_content = self._put(self.status_path, content, "status", None)
+            written = self._status_file.write(content)
+            self._status_content = content if written else None
 
-    def _put(self, path: str, content: str, what: str, ready: bool | None) -> str | None:
-        """Write ``content`` to ``path`` atomically, or delete it for ""; the new state."""
+    def _put_ready(self, content: str) -> str | None:
+        """Write the readiness file, or delete it for ""; the new state (None: unknown)."""
+        existed = os.path.exists(self.path)
         if not content:
-            return "" if self._delete(path, what) else None
-        created = not os.path.exists(path)
-        if not self._write(path, content, what):
+            if not self._ready_file.delete():
+                return None
+            if existed:
+                log.info("not ready: deleted %s", self.path)
+            return ""
+        if not self._ready_file.write(content):
             return None
-        if ready and created:
-            log.info("ready: created %s", path)
+        if self._wanted and not existed:
+            log.info("ready: created %s", self.path)
         else:
-            log.debug("%s file %s updated", what, path)
+            log.debug("readiness file %s updated", self.path)
         return content
-
-    def _write(self, path: str, content: str, what: str) -> bool:
-        try:
-            replace_file(path, content)  # monitoring agents may read it as another user
-        except OSError as err:
-            self._warn(f"{what} write", f"cannot write {what} file {path}: {err.strerror}")
-            return False
-        return True
-
-    def _delete(self, path: str, what: str) -> bool:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return True
-        except OSError as err:
-            self._warn(f"{what} delete", f"cannot delete {what} file {path}: {err.strerror}")
-            return False
-        if what == "readiness":
-            log.info("not ready: deleted %s", path)
-        return True
-
-    def _warn(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            log.warning("%s", message)

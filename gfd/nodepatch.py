@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gpus.backoff import Backoff
+from gpus.errors import ApiServerError
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def plan_patch(node: Mapping[str, Any], desired: Mapping[str, str],
 # --------------------------------------------------------------------------- API access
 
 
-class NodeApiError(Exception):
+class NodeApiError(ApiServerError):
     """A failed API call; ``state`` is a short stable description used for state-change logs."""
 
     def __init__(self, state: str, detail: str) -> None:
@@ -187,8 +188,10 @@ class UnpinnedPatch(NodeApiError):
     """A Node patch without ``metadata.resourceVersion``: a bug, never sent."""
 
 
-class KubeConfigError(Exception):
+class KubeConfigError(ApiServerError):
     """No usable Kubernetes client configuration (not in a cluster, no kubeconfig)."""
+
+    summary = "cannot configure the Kubernetes client"
 
 
 class NodeApi(Protocol):

@@ -9,7 +9,6 @@ rewritten when its content changes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -17,7 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
-from gpus.atomicfile import replace_file
+from gpus.runtime.statefile import StateFile, write_atomically
+
+__all__ = ["STDOUT", "FeaturesFile", "HealthFile", "format_features", "parse_features",
+           "render_table", "write_atomically"]
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +39,6 @@ def parse_features(text: str) -> dict[str, str]:
         if sep:
             labels[key.strip()] = value.strip()
     return labels
-
-
-def write_atomically(path: str, content: str) -> None:
-    """Replace ``path`` with ``content``: readers see the old file or the new one, never a mix.
-
-    Missing directories are created first. Raises OSError naming ``path`` (the reason says
-    which directory could not be created, if that failed).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        _make_dirs(directory)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot create directory {err.filename}: {err.strerror}",
-                      path) from err
-    replace_file(path, content)
-
-
-def _make_dirs(directory: str) -> None:
-    """``mkdir -p`` with every new level 0755 whatever the umask (os.makedirs gives parents
-    the umask's mode): whoever can write in features.d can add node labels through NFD."""
-    missing = []
-    while not os.path.exists(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    for level in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(level, 0o755)
-            os.chmod(level, 0o755)  # mkdir's mode is masked by the umask too
 
 
 class FeaturesFile:
@@ -127,14 +101,17 @@ class HealthFile:
     file would make a fresh, not yet working GFD look healthy), then atomically replaced with
     the Unix time in seconds after every successful labelling pass. An empty path disables it.
     A write failure is logged once per change of state and never stops labelling: the probes
-    then see a stale file, which is the truth.
+    then see a stale file, which is the truth. (:class:`gpus.runtime.StateFile` does the
+    writing, as for the device plugin's readiness file.)
     """
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
         """``path`` empty disables; ``clock`` is wall-clock seconds (injectable for tests)."""
         self.path = path
         self._clock = clock
-        self._error = ""
+        self._file = StateFile(path, "the health file", log, make_dirs=True,
+                               hint=" (liveness probes reading it will fail; --health-file '' "
+                               "disables it)")
 
     @property
     def enabled(self) -> bool:
@@ -143,30 +120,9 @@ class HealthFile:
 
     def reset(self) -> None:
         """Delete the file left by an earlier run, if any."""
-        if not self.path:
-            return
-        try:
-            os.unlink(self.path)
+        if self.path and os.path.lexists(self.path) and self._file.delete():
             log.info("removed the health file %s left by an earlier run", self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            log.warning("cannot remove the health file %s: %s", self.path, err)
 
     def mark(self) -> None:
         """Record a successful pass: the file holds the current Unix time in seconds."""
-        if not self.path:
-            return
-        try:
-            write_atomically(self.path, f"{int(self._clock())}\n")
-        except OSError as err:
-            state = f"{type(err).__name__} {err.errno}"  # one warning per kind of failure
-            if state != self._error:
-                log.warning("cannot write the health file %s: %s (liveness probes reading it "
-                            "will fail; --health-file '' disables it)", self.path,
-                            err.strerror or err)
-            self._error = state
-            return
-        if self._error:
-            log.info("health file %s written again", self.path)
-        self._error = ""
+        self._file.write(f"{int(self._clock())}\n")

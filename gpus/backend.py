@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+from gpus.errors import BackendSetupError, ConfigError
+
 if TYPE_CHECKING:
     from gpus.config import Config
     from gpus.fake import FakeNvml
@@ -44,14 +46,24 @@ QUERY_KEYS = ("control",)
 USAGE = "expected 'real' or 'fake:<profile name or path to a .yaml>[?control=<socket path>]'"
 
 
-class BackendError(ValueError):
+class BackendError(ConfigError):
     """The ``--nvml`` spec itself is wrong: a bad form, an unknown or invalid profile, or a fake
     refused on a GPU node. A restart cannot fix it, so both daemons exit 2 (usage) on it,
-    whatever ``--fail-on-init-error`` says."""
+    whatever ``--fail-on-init-error`` says.
+
+    ``spec`` is the spec and ``reason`` what is wrong with it, for callers that name the spec
+    their own way (``invalid --nvml 'x': <reason>``); the message names both.
+    """
+
+    def __init__(self, spec: str, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"NVML backend {spec!r}: {reason}")
+        self.spec = spec
+        self.reason = reason
 
 
 def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
-    """The spec in ``NVML_BACKEND``, or ``real``."""
+    """The spec in ``NVML_BACKEND`` of ``environ`` (the process environment when None), or
+    ``real``. The daemons resolve ``--nvml`` through gpus.config instead; this is for tools."""
     env = os.environ if environ is None else environ
     return env.get(ENV_VAR, "").strip() or DEFAULT_BACKEND
 
@@ -65,22 +77,22 @@ def parse_backend(spec: str) -> tuple[str, str | None] | None:
     if text == "real":
         return None
     if not text.startswith("fake:"):
-        raise BackendError(f"unknown NVML backend {spec!r}: {USAGE}")
+        raise BackendError(spec, f"unknown backend: {USAGE}",
+                           f"unknown NVML backend {spec!r}: {USAGE}")
     target, _, query = text[len("fake:") :].partition("?")
     if not target:
-        raise BackendError(f"NVML backend {spec!r} names no profile: {USAGE}")
+        raise BackendError(spec, f"names no profile: {USAGE}",
+                           f"NVML backend {spec!r} names no profile: {USAGE}")
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
-        raise BackendError(f"NVML backend {spec!r}: bad query {query!r}: {USAGE}") from exc
+        raise BackendError(spec, f"bad query {query!r}: {USAGE}") from exc
     unknown = sorted(set(params) - set(QUERY_KEYS))
     if unknown:
-        raise BackendError(
-            f"NVML backend {spec!r}: unknown option {unknown[0]!r} (allowed: control)"
-        )
+        raise BackendError(spec, f"unknown option {unknown[0]!r} (allowed: control)")
     control = params.get("control", [""])[-1] or None
     if "control" in params and control is None:
-        raise BackendError(f"NVML backend {spec!r}: control= needs a socket path")
+        raise BackendError(spec, "control= needs a socket path")
     return target, control
 
 
@@ -116,11 +128,10 @@ def check_fake_allowed(
         return
     gpus = nvidia_gpus_in_sysfs(host_sysfs)
     if gpus:
-        raise BackendError(
-            f"NVML backend {spec!r} refused: this node has NVIDIA GPUs ({', '.join(gpus[:4])}"
-            f"{', ...' if len(gpus) > 4 else ''}); the simulated backend must not stand in for "
-            f"them (set {ALLOW_ON_GPU_NODE_ENV}=true to override)"
-        )
+        reason = (f"refused: this node has NVIDIA GPUs ({', '.join(gpus[:4])}"
+                  f"{', ...' if len(gpus) > 4 else ''}); the simulated backend must not stand "
+                  f"in for them (set {ALLOW_ON_GPU_NODE_ENV}=true to override)")
+        raise BackendError(spec, reason, f"NVML backend {spec!r} {reason}")
 
 
 def select_backend(
@@ -133,8 +144,11 @@ def select_backend(
     """Install the backend ``spec`` names: None for real, else the installed fake's controller.
 
     Bad specs, unknown or invalid profiles and a fake on a real GPU node in a cluster (checked in
-    ``host_sysfs``; see the module docstring) raise BackendError; a control socket or sysfs tree
-    that cannot be written raises ValueError. Nothing is installed after either. For a fake, a
+    ``host_sysfs``; see the module docstring) raise BackendError (a ConfigError); a control
+    socket or sysfs tree that cannot be written raises BackendSetupError. Nothing is installed
+    after either. ``environ`` is the daemon's environment (the one its configuration was
+    resolved from); None means the process environment, for callers outside a daemon. For a
+    fake, a
     ``sysfs_root`` other than "/" receives the profile's sysfs files.
     """
     parsed = parse_backend(spec)
@@ -149,9 +163,10 @@ def select_backend(
     try:
         fake = install(profile, control_socket=control)
     except ProfileError as exc:
-        raise BackendError(f"NVML backend {spec!r}: {exc}") from exc
+        raise BackendError(spec, str(exc)) from exc
     except OSError as exc:
-        raise ValueError(f"NVML backend {spec!r}: cannot serve control socket: {exc}") from exc
+        raise BackendSetupError(
+            f"NVML backend {spec!r}: cannot serve control socket: {exc}") from exc
     log.info(
         "NVML backend: fake, profile %s%s",
         fake.profile.name,
@@ -171,7 +186,8 @@ def _prepare_sysfs(fake: FakeNvml, sysfs_root: str) -> None:
             fake.write_sysfs(Path(sysfs_root))
     except OSError as exc:
         fake.uninstall()
-        raise ValueError(f"cannot write the fake sysfs tree under {sysfs_root!r}: {exc}") from exc
+        raise BackendSetupError(
+            f"cannot write the fake sysfs tree under {sysfs_root!r}: {exc}") from exc
 
 
 def effective_config(config: Config, fake: FakeNvml | None) -> Config:

@@ -10,7 +10,7 @@ import ctypes
 import logging
 import math
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
+from gpus import errors
 from gpus.model import (
     GPU,
     GpuFabric,
@@ -103,8 +104,10 @@ def error_name(code: int) -> str:
     return _ERROR_NAMES.get(code, f"NVML_ERROR_{code}")
 
 
-class NvmlError(Exception):
-    """An NVML call failed: ``call`` (e.g. "nvmlDeviceGetUUID"), ``code`` and ``name``."""
+class NvmlError(errors.NvmlError):
+    """An NVML call failed: ``call`` (e.g. "nvmlDeviceGetUUID"), ``code`` and ``name``.
+
+    Raised by every :class:`Nvml` method; part of the error tree (:mod:`gpus.errors`)."""
 
     def __init__(self, call: str, code: int, description: str = "", hint: str = "") -> None:
         self.call = call
@@ -185,17 +188,6 @@ def read_sysfs(sysfs_root: str, bus_id: str) -> tuple[int | None, int | None]:
     except (OSError, ValueError):
         log.debug("no NUMA node for %s under %s", bus_id, sysfs_root)
     return pci_class, numa
-
-
-@dataclass(frozen=True)
-class NvmlEvent:
-    """One NVML event: XID (``xid`` = eventData) or ECC error, on a GPU or a MIG instance."""
-
-    gpu_uuid: str
-    event_type: int
-    xid: int
-    gpu_instance_id: int | None
-    compute_instance_id: int | None
 
 
 @dataclass(frozen=True)
@@ -554,99 +546,11 @@ class Nvml:
         _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, handle)
 
 
-class EventWatcher:
-    """One NVML event set with the given GPUs registered; ``wait()`` returns the next event.
+def __getattr__(name: str) -> Any:
+    """``EventWatcher`` and ``NvmlEvent`` moved to :mod:`gpus.nvmlevents` (this module was over
+    500 lines); still importable from here. Resolved on first use: nvmlevents imports us."""
+    if name in ("EventWatcher", "NvmlEvent"):
+        from gpus import nvmlevents
 
-    MIG UUIDs register their parent GPU (NVML delivers MIG events there, with GI/CI ids).
-    A GPU whose registration fails is listed in ``registration_errors`` instead of raising.
-    """
-
-    def __init__(self, nvml: Nvml, uuids: Iterable[str], event_types: int = DEFAULT_EVENTS) -> None:
-        self._nvml = nvml
-        self.registration_errors: dict[str, NvmlError] = {}
-        self._uuid_by_handle: dict[int, str] = {}
-        self._set: Any = _call("nvmlEventSetCreate", pynvml.nvmlEventSetCreate)
-        for uuid in uuids:
-            try:
-                self._register(uuid, event_types)
-            except NvmlError as exc:
-                log.warning("cannot watch events of %s: %s", uuid, exc)
-                self.registration_errors[uuid] = exc
-
-    def _register(self, uuid: str, event_types: int) -> None:
-        handle = _call("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
-        is_mig = _call("nvmlDeviceIsMigDeviceHandle", pynvml.nvmlDeviceIsMigDeviceHandle, handle)
-        gpu_uuid = uuid
-        if getattr(is_mig, "value", is_mig):
-            handle = _call(
-                "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
-                pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle,
-                handle,
-            )
-            gpu_uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, handle))
-        if _handle_key(handle) in self._uuid_by_handle:
-            return
-        try:
-            supported = _call(
-                "nvmlDeviceGetSupportedEventTypes", pynvml.nvmlDeviceGetSupportedEventTypes, handle
-            )
-            event_types &= supported
-        except NvmlError as exc:
-            if exc.code != pynvml.NVML_ERROR_NOT_SUPPORTED:
-                raise
-        _call(
-            "nvmlDeviceRegisterEvents",
-            pynvml.nvmlDeviceRegisterEvents,
-            handle,
-            event_types,
-            self._set,
-        )
-        self._uuid_by_handle[_handle_key(handle)] = gpu_uuid
-
-    @property
-    def watched(self) -> list[str]:
-        """UUIDs of the GPUs registered."""
-        return list(self._uuid_by_handle.values())
-
-    def wait(self, timeout_ms: int) -> NvmlEvent | None:
-        """The next event, or None after ``timeout_ms``; other errors raise NvmlError."""
-        if self._set is None:
-            raise NvmlError("nvmlEventSetWait", pynvml.NVML_ERROR_UNINITIALIZED, "watcher closed")
-        try:
-            data = pynvml.nvmlEventSetWait(self._set, timeout_ms)
-        except pynvml.NVMLError as exc:
-            if int(exc.value) == pynvml.NVML_ERROR_TIMEOUT:
-                return None
-            raise NvmlError.from_pynvml("nvmlEventSetWait", exc) from None
-        uuid = self._uuid_by_handle.get(_handle_key(data.device))
-        if uuid is None:
-            uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, data.device))
-        gi, ci = int(data.gpuInstanceId), int(data.computeInstanceId)
-        return NvmlEvent(
-            gpu_uuid=uuid,
-            event_type=int(data.eventType),
-            xid=int(data.eventData),
-            gpu_instance_id=None if gi == NOT_APPLICABLE else gi,
-            compute_instance_id=None if ci == NOT_APPLICABLE else ci,
-        )
-
-    def close(self) -> None:
-        """Free the event set (idempotent; call once no thread is waiting)."""
-        event_set, self._set = self._set, None
-        if event_set is None:
-            return
-        try:
-            _call("nvmlEventSetFree", pynvml.nvmlEventSetFree, event_set)
-        except NvmlError as exc:
-            log.warning("freeing the NVML event set failed: %s", exc)
-
-    def __enter__(self) -> EventWatcher:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        return getattr(nvmlevents, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,8 @@ import pytest
 from gpus.fake import FakeNvml
 from gpus.fake.cli import main
 from gpus.fake.control import ControlError, handle_request, send
-from gpus.nvml import EventWatcher, Nvml, NvmlError
+from gpus.nvml import Nvml, NvmlError
+from gpus.nvmlevents import EventWatcher
 
 FakeFactory = Callable[..., FakeNvml]
 

@@ -333,3 +333,30 @@ def test_lost_registration_is_reported_before_a_register_that_hangs(
         ticking.join(TIMEOUT)
         kubelet.close()
     assert loop.all_registered()
+
+
+def test_log_level_follows_the_socket_state_not_its_wording(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Missing (the kubelet is starting) is INFO, anything else ERROR, whatever the path says:
+    # a directory whose name holds "does not exist" is still an error.
+    odd = os.path.join(sockdir, "does not exist")
+    os.mkdir(odd)
+    missing, blocked = os.path.join(odd, "kubelet.sock"), os.path.join(sockdir, "blocked.sock")
+    os.mkdir(blocked)
+    assert kubelet_socket_state(missing).missing and not kubelet_socket_state(blocked).missing
+    os.mkdir(missing)  # now a directory too, under a path that says "does not exist"
+    for path in (missing, blocked):
+        loop = RegistrationLoop(path, lambda: [FakeServer("nvidia.com/gpu")],
+                                register_fn=Recorder())
+        with caplog.at_level(logging.INFO, logger="deviceplugin.kubelet"):
+            caplog.clear()
+            loop.tick(now=0.0)
+        assert [r.levelno for r in caplog.records] == [logging.ERROR], path
+    os.rmdir(missing)
+    loop = RegistrationLoop(missing, lambda: [FakeServer("nvidia.com/gpu")],
+                            register_fn=Recorder())
+    with caplog.at_level(logging.INFO, logger="deviceplugin.kubelet"):
+        caplog.clear()
+        loop.tick(now=0.0)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]

@@ -20,32 +20,44 @@ Modules, one job each: ``model`` (the table: the dataclasses, one field per sett
 flag/env string or a file value), ``enums`` (typed strategies), ``sharing`` (time-slicing
 entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse`` (file data -> Config),
 ``resolve`` (flags and env vars over the file).
+
+Besides NVIDIA's settings the table holds each daemon's own options (``Config.daemon``: log
+level, readiness/health files, outputs): flags and env vars only, never in the file.
 """
 
 from .enums import (
     ALLOCATION_POLICIES,
     DEVICE_ID_STRATEGIES,
     DEVICE_LIST_STRATEGIES,
+    LOG_LEVELS,
     MIG_STRATEGIES,
+    OUTPUT_MODES,
     AllocationPolicy,
     DeviceIdStrategy,
     DeviceListStrategy,
+    LogLevel,
     MigStrategy,
+    OutputMode,
 )
 from .errors import ConfigError
 from .fileformat import MAX_EXPANDED_NODES, load_config_file
 from .model import (
+    DEFAULT_HEALTH_FILE,
+    DEFAULT_READY_FILE,
     PROGRAM_DEST,
     VERSION,
     Config,
+    DaemonOptions,
     Flags,
     GfdFlags,
+    GfdOptions,
     PluginFlags,
+    PluginOptions,
     Sharing,
     TimeSlicing,
 )
 from .parse import load_config, parse_config
-from .resolve import add_flags, reload, resolve
+from .resolve import add_flags, reload, resolve, resolve_section, resolve_setting
 from .sharing import (
     MAX_REPLICAS,
     MAX_RESOURCE_NAME_LENGTH,
@@ -65,12 +77,16 @@ from .values import (
 
 __all__ = [
     "ALLOCATION_POLICIES",
+    "DEFAULT_HEALTH_FILE",
+    "DEFAULT_READY_FILE",
     "DEVICE_ID_STRATEGIES",
     "DEVICE_LIST_STRATEGIES",
+    "LOG_LEVELS",
     "MAX_EXPANDED_NODES",
     "MAX_REPLICAS",
     "MAX_RESOURCE_NAME_LENGTH",
     "MIG_STRATEGIES",
+    "OUTPUT_MODES",
     "PROGRAM_DEST",
     "RESOURCE_PREFIX",
     "SHARED_SUFFIX",
@@ -78,12 +94,17 @@ __all__ = [
     "AllocationPolicy",
     "Config",
     "ConfigError",
+    "DaemonOptions",
     "DeviceIdStrategy",
     "DeviceListStrategy",
     "Flags",
     "GfdFlags",
+    "GfdOptions",
+    "LogLevel",
     "MigStrategy",
+    "OutputMode",
     "PluginFlags",
+    "PluginOptions",
     "Program",
     "ReplicatedResource",
     "Sharing",
@@ -100,4 +121,6 @@ __all__ = [
     "parse_duration",
     "reload",
     "resolve",
+    "resolve_section",
+    "resolve_setting",
 ]

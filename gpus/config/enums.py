@@ -49,6 +49,24 @@ class AllocationPolicy(Choice):
     PACKED = "packed"
 
 
+class LogLevel(Choice):
+    """``--log-level`` (ours, both daemons): logging verbosity; read in any case."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class OutputMode(Choice):
+    """GFD's ``--output-mode`` (ours): where labels go."""
+
+    FILE = "file"
+    NODE_API = "node-api"
+    BOTH = "both"
+    NODE_FEATURE = "node-feature"
+
+
 def values(choice: type[Choice]) -> tuple[str, ...]:
     """The plain strings of ``choice``'s members, in declaration order."""
     return tuple(member.value for member in choice)
@@ -58,3 +76,5 @@ MIG_STRATEGIES = values(MigStrategy)
 DEVICE_LIST_STRATEGIES = values(DeviceListStrategy)
 DEVICE_ID_STRATEGIES = values(DeviceIdStrategy)
 ALLOCATION_POLICIES = values(AllocationPolicy)
+LOG_LEVELS = values(LogLevel)
+OUTPUT_MODES = values(OutputMode)

@@ -1,12 +1,16 @@
-"""The one exception of the configuration, and how its messages name values."""
+"""The one exception of the configuration, and how its messages name values.
+
+:class:`ConfigError` is defined in :mod:`gpus.errors` (the project's error tree) and
+re-exported here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from gpus.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the source, field and reason."""
+__all__ = ["ConfigError", "type_name"]
 
 
 def type_name(value: object) -> str:

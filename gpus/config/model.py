@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .enums import AllocationPolicy, DeviceIdStrategy, DeviceListStrategy, MigStrategy
+from .enums import (
+    AllocationPolicy,
+    DeviceIdStrategy,
+    DeviceListStrategy,
+    LogLevel,
+    MigStrategy,
+    OutputMode,
+)
 from .sharing import ReplicatedResource, ResourceListKind, check_names, shared_name
 from .table import Section, coerce_settings, section, setting
 from .values import (
@@ -156,11 +163,13 @@ class Flags:
         "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_both("SYSFS_ROOT"),
         help="where /sys is read from (default {default})")
     # -- GFD's NodeFeature output (gfd/nodefeature.py); rows kept together ------------------
-    use_node_feature_api: bool = setting(
-        True, kind=BOOL, flags=("--use-node-feature-api",),
+    # None: not set. NVIDIA's default is true; unset, ours writes the features file, so a bare
+    # run needs no cluster (docs/gfd.md). Our manifests choose the output mode explicitly.
+    use_node_feature_api: bool | None = setting(
+        None, kind=BOOL, flags=("--use-node-feature-api",),
         env=_gfd("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"), file="useNodeFeatureAPI",
         help="publish labels as an NFD NodeFeature object when --output-mode is not given "
-        "(default {default}, as NVIDIA's)")
+        "(default: unset, the features file; NVIDIA's default is true)")
     namespace: str = setting(
         "default", kind=NONEMPTY, flags=("--namespace",), env=_gfd("NAMESPACE"),
         help="namespace of the NodeFeature object (default {default})")
@@ -185,6 +194,88 @@ class Flags:
     def dev_root(self) -> str:
         """Where device nodes live: the dev root, else the driver root."""
         return self.nvidia_dev_root or self.nvidia_driver_root
+
+
+# --- the daemons' own options: flags and env vars only, not part of NVIDIA's file format ---------
+
+DEFAULT_READY_FILE = "/run/nvidia-device-plugin/ready"  # where daemonset/base's probes look
+DEFAULT_HEALTH_FILE = "/run/gfd/last-pass-ok"  # idem, for GFD
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    """``daemon.plugin``: the device plugin process's own options (not in the file)."""
+
+    socket_dir: str = setting(  # "": the kubelet socket's directory
+        "", kind=TEXT, flags=("--socket-dir",), env=_plugin("PLUGIN_SOCKET_DIR"),
+        help="directory for the plugin sockets (default: the kubelet socket's directory); "
+        'another directory only with --kubelet-socket "" (no registration)')
+    ready_file: str = setting(
+        DEFAULT_READY_FILE, kind=TEXT, flags=("--ready-file",), env=_plugin("DP_READY_FILE"),
+        empty_is_value=True, help="readiness file for the DaemonSet's probes, created once "
+        "every resource is registered; empty disables it (default {default})")
+    status_file: str = setting(
+        "", kind=TEXT, flags=("--status-file",), env=_plugin("DP_STATUS_FILE"),
+        empty_is_value=True, help="status file, always present: JSON with readiness, device "
+        "counts and problems (invalid MIG layouts...); empty disables it (default empty)")
+    # NVIDIA's health-check variables (no flags): XIDs to ignore ("all"/"xids": no checks),
+    # and XIDs critical whatever is ignored. Parsed by deviceplugin.health, which reports
+    # (rather than refuses) entries it cannot read, as NVIDIA does.
+    disable_healthchecks: str = setting(
+        "", kind=TEXT, env=_plugin("DP_DISABLE_HEALTHCHECKS"),
+        help="XIDs to ignore, or all/xids to disable health checks")
+    enable_healthchecks: str = setting(
+        "", kind=TEXT, env=_plugin("DP_ENABLE_HEALTHCHECKS"),
+        help="XIDs that are critical even if ignored, or all")
+
+
+@dataclass(frozen=True)
+class GfdOptions:
+    """``daemon.gfd``: GPU feature discovery's own options (not in the file).
+
+    The outputs' settings go here: a new output (e.g. a NodeFeature object) adds its rows
+    beside ``output_mode``.
+    """
+
+    # None: not given; then --use-node-feature-api decides (gfd.daemon.Options.from_config).
+    output_mode: OutputMode | None = setting(
+        None, kind=ChoiceKind(OutputMode), flags=("--output-mode",),
+        env=_gfd("GFD_OUTPUT_MODE"),
+        help="file: the NFD features file (or stdout with --output-file -); node-api: patch "
+        "the Node's labels; both; node-feature: an NFD NodeFeature object (default: "
+        "node-feature when --use-node-feature-api is true, else file)")
+    node_name: str = setting(
+        "", kind=TEXT, flags=("--node-name",), env=_gfd("NODE_NAME"),
+        help="the Node to label in node-api mode")
+    kubeconfig: str = setting(
+        "", kind=TEXT, flags=("--kubeconfig",), env=_gfd("GFD_KUBECONFIG"),
+        help="kubeconfig for node-api mode (default: in-cluster config, then $KUBECONFIG or "
+        "~/.kube/config)")
+    health_file: str = setting(
+        DEFAULT_HEALTH_FILE, kind=TEXT, flags=("--health-file",), env=_gfd("GFD_HEALTH_FILE"),
+        empty_is_value=True, help="file rewritten with the Unix time after every successful "
+        "pass, for liveness probes; empty disables (default {default})")
+    dry_run: bool = setting(
+        False, kind=BOOL, flags=("--dry-run",), env=_gfd(),
+        help="print the labels as a table and exit; write nothing")
+
+    def __post_init__(self) -> None:
+        coerce_settings(self)
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """``daemon``: options of the daemon processes themselves, not of NVIDIA's format."""
+
+    log_level: LogLevel = setting(
+        LogLevel.INFO, kind=ChoiceKind(LogLevel, any_case=True), flags=("--log-level",),
+        env={"plugin": ("DP_LOG_LEVEL",), "gfd": ("GFD_LOG_LEVEL",)},
+        help="logging verbosity, any case: {choices} (default {default})")
+    plugin: PluginOptions = section(PluginOptions, file=None)
+    gfd: GfdOptions = section(GfdOptions, file=None)
+
+    def __post_init__(self) -> None:
+        coerce_settings(self)
 
 
 @dataclass(frozen=True)
@@ -230,6 +321,7 @@ class Config:
         "", kind=TEXT, flags=("--config-file",),
         env={"plugin": ("CONFIG_FILE",), "gfd": ("GFD_CONFIG_FILE", "CONFIG_FILE")},
         help="v1 config file, YAML or JSON (default: none, built-in defaults)")
+    daemon: DaemonOptions = section(DaemonOptions, file=None)
 
 
 # The document itself, as a section: its keys and the NVIDIA keys it ignores.

@@ -58,7 +58,7 @@ def _section(doc: _Doc, section: Section, value: object, path: str) -> Any:
     values: dict[str, Any] = {}
     for item in fields:
         row, sub = setting_of(item), section_of(item)
-        if sub is not None:
+        if sub is not None and sub.file is not None:
             values[item.name] = _section(doc, sub, raw.get(sub.file), _child(path, f".{sub.file}"))
         elif row is not None and row.file is not None and row.file in raw:
             key_path = _child(path, f".{row.file}")

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ConfigError
 from .model import PROGRAM_DEST, Config
 from .parse import load_config
-from .table import PROGRAMS, Program, Row, rows_for
+from .table import PROGRAMS, Program, Row, rows, rows_for
 
 LOG = logging.getLogger(__package__)
 _CONFIG_FILE = "config_file"  # the row naming the file the others are read over
@@ -106,6 +106,30 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     for attrs, section_changes in changes.items():
         config = _replace(config, attrs, section_changes)
     return config
+
+
+def resolve_section(cls: type, args: argparse.Namespace, environ: Mapping[str, str],
+                    program: Program | None = None) -> Any:
+    """One section of flag/env-only rows (a daemon's own options, ``daemon.gfd``) resolved
+    alone: flag > env var > default, without reading the config file. The same rows and
+    precedence as :func:`resolve`, which resolves them as part of the whole Config."""
+    daemon = str(program or getattr(args, PROGRAM_DEST, "plugin"))
+    values: dict[str, Any] = {}
+    for row in rows(cls):
+        if row.section or daemon not in row.setting.env:
+            continue
+        value = _given(row, args, environ, daemon)
+        if value is not _UNSET:
+            values[row.name] = value
+    return cls(**values)
+
+
+def resolve_setting(cls: type, name: str, flag: str | None, environ: Mapping[str, str],
+                    program: Program) -> Any:
+    """The value of row ``name`` of section ``cls``: ``flag`` (None: not given), else its
+    variables, else its default."""
+    section = resolve_section(cls, argparse.Namespace(**{name: flag}), environ, program)
+    return getattr(section, name)
 
 
 def reload(current: Config, args: argparse.Namespace,

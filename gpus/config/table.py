@@ -54,10 +54,10 @@ class Section:
 
     __slots__ = ("cls", "file", "ignored", "check")
 
-    def __init__(self, cls: type, file: str, ignored: tuple[str, ...] = (),
+    def __init__(self, cls: type, file: str | None, ignored: tuple[str, ...] = (),
                  check: Callable[[Any, str], None] | None = None) -> None:
         self.cls = cls
-        self.file = file
+        self.file = file  # None: not in the config file (a daemon's own options)
         self.ignored = ignored  # NVIDIA's keys we accept but do not implement (warned)
         # A check across the section's fields: (instance, section path) -> None or ValueProblem.
         self.check = check
@@ -71,9 +71,10 @@ def setting(default: Any, *, kind: Kind, flags: tuple[str, ...] = (),
     return field(default=default, metadata={_SETTING: row})
 
 
-def section(cls: type, *, file: str, ignored: tuple[str, ...] = (),
+def section(cls: type, *, file: str | None, ignored: tuple[str, ...] = (),
             check: Callable[[Any, str], None] | None = None) -> Any:
-    """A dataclass field holding a nested section (defaults to ``cls()``)."""
+    """A dataclass field holding a nested section (defaults to ``cls()``); ``file=None``: a
+    section of flags and env vars only (its rows must have no file key)."""
     return field(default_factory=cls, metadata={_SECTION: Section(cls, file, ignored, check)})
 
 
@@ -122,7 +123,8 @@ def _rows(cls: type, attrs: tuple[str, ...], path: str) -> Iterator[Row]:
             file_path = f"{path}.{row.file}".lstrip(".") if row.file is not None else None
             yield Row(attrs, item.name, row, item.default, file_path)
         elif sub is not None:
-            yield from _rows(sub.cls, (*attrs, item.name), f"{path}.{sub.file}".lstrip("."))
+            inner = f"{path}.{sub.file}".lstrip(".") if sub.file is not None else ""
+            yield from _rows(sub.cls, (*attrs, item.name), inner)
 
 
 def rows_for(root: type, program: str) -> tuple[Row, ...]:

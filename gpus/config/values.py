@@ -180,19 +180,25 @@ class TextKind(Kind):
 
 
 class ChoiceKind(Kind):
-    """One member of a :class:`Choice` Enum, given by its value."""
+    """One member of a :class:`Choice` Enum, given by its value (in any case with
+    ``any_case``, for flags and env vars: ``--log-level DEBUG``)."""
 
-    __slots__ = ("choice",)
+    __slots__ = ("choice", "any_case")
 
-    def __init__(self, choice: type[Choice]) -> None:
+    def __init__(self, choice: type[Choice], any_case: bool = False) -> None:
         self.choice = choice
+        self.any_case = any_case
 
     @property
     def choices(self) -> tuple[str, ...]:
         return values(self.choice)
 
     def from_text(self, raw: Any, label: str) -> Choice:
-        return self.choice(parse_choice(str(raw), label, self.choices))
+        text = str(raw).strip().lower() if self.any_case else str(raw)
+        try:
+            return self.choice(parse_choice(text, label, self.choices))
+        except ConfigError:
+            raise _invalid(label, raw, _one_of(self.choices)) from None
 
     def from_file(self, value: object) -> Choice:
         if not isinstance(value, str):

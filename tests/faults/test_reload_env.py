@@ -37,6 +37,7 @@ PLUGIN_ENV = (
     "DEVICE_ID_STRATEGY", "SHARED_DEVICES_ALLOCATION_POLICY", "KUBELET_SOCKET", "CDI_SPEC_DIR",
     "HEALTH_RECOVERY_INTERVAL", "HEALTH_QUIET_PERIOD", "CONFIG_FILE", "PLUGIN_SOCKET_DIR",
     "DP_READY_FILE", "DP_STATUS_FILE", "DP_DISABLE_HEALTHCHECKS", "DP_ENABLE_HEALTHCHECKS",
+    "DP_LOG_LEVEL",
 )
 
 
@@ -162,6 +163,14 @@ ENV_CASES = [
             "flags:\n  plugin:\n    healthRecoveryInterval: 7s\n",
             lambda c: c.flags.plugin.health_recovery_interval, 2.0,
             monitor=lambda h: h.recovery_interval),
+    # The daemon's own rows (gpus.config's ``daemon``): no file key, the environment alone.
+    EnvCase("DP_LOG_LEVEL", "WARNING", "", lambda c: c.daemon.log_level, "warning"),
+    EnvCase("DP_DISABLE_HEALTHCHECKS", "48", "",
+            lambda c: c.daemon.plugin.disable_healthchecks, "48",
+            monitor=lambda h: "48" if 48 in h.policy.ignored else "critical"),
+    EnvCase("DP_ENABLE_HEALTHCHECKS", "13", "",
+            lambda c: c.daemon.plugin.enable_healthchecks, "13",
+            monitor=lambda h: "13" if 13 in h.policy.reenabled else "ignored"),
 ]
 
 

@@ -1,0 +1,95 @@
+"""The plugin's view of the GPUs: the NVML backend, one NVML session kept open while serving
+(the health monitor waits on its events), snapshots read through it, and the CDI spec written
+from them. Every failure is an :class:`~gpus.errors.InitError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from gpus.config import Config
+from gpus.errors import InitError, NvmlError
+from gpus.model import Snapshot
+from gpus.resources import ResourceMap
+from gpus.runtime import NvmlBackend
+
+if TYPE_CHECKING:  # imported when a session opens: start-up time matters (docs/benchmarks.md)
+    from gpus.fake import FakeNvml
+    from gpus.nvml import Nvml
+
+log = logging.getLogger(__name__)
+
+
+class NvmlSession:
+    """The backend ``--nvml`` names (kept across stops) and the open NVML session, if any."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        """``environ``: the daemon's environment (the backend's GPU-node check reads it)."""
+        self.backend = NvmlBackend(environ)
+        self.nvml: Nvml | None = None
+
+    @property
+    def controller(self) -> FakeNvml | None:
+        """The fake backend's controller, or None for real NVML."""
+        return self.backend.controller
+
+    def select(self, config: Config) -> Config:
+        """Install ``config``'s backend (once); ``config`` as the fake's sysfs makes it.
+
+        Raises BackendSpecError (a usage error) or InitError.
+        """
+        self.backend.select(config.flags.nvml, sysfs_root=config.flags.sysfs_root)
+        # A fake's profile answers sysfs too (PCI class, NUMA): read where it wrote them.
+        return self.backend.effective(config)
+
+    def open(self) -> Nvml:
+        """Initialise NVML; InitError when it cannot start."""
+        from gpus.nvml import Nvml
+
+        nvml = Nvml()
+        try:
+            nvml.init()
+        except NvmlError as err:
+            raise InitError(f"failed to initialise NVML: {err}") from err
+        self.nvml = nvml
+        return nvml
+
+    def read_snapshot(self, sysfs_root: str) -> Snapshot:
+        """Enumerate the GPUs; InitError when NVML is closed or fails."""
+        if self.nvml is None:
+            raise InitError("NVML is not initialised")
+        try:
+            snapshot: Snapshot = self.nvml.read_snapshot(sysfs_root)
+        except NvmlError as err:
+            raise InitError(f"failed to enumerate GPUs: {err}") from err
+        return snapshot
+
+    def close(self) -> None:
+        """Shut NVML down (the backend stays installed)."""
+        if self.nvml is None:
+            return
+        try:
+            self.nvml.shutdown()
+        except NvmlError as err:  # shutting down anyway; say why it was untidy
+            log.warning("NVML shutdown failed: %s", err)
+        self.nvml = None
+
+    def uninstall(self) -> None:
+        """Close, and remove a fake backend."""
+        self.close()
+        self.backend.close()
+
+
+def write_cdi(resource_map: ResourceMap, config: Config) -> tuple[str, ...]:
+    """Write the CDI spec; returns its problems (MIG devices left out of it). InitError when
+    it cannot be written."""
+    from deviceplugin.cdi import CdiError, write_cdi_spec
+
+    problems: list[str] = []
+    try:
+        write_cdi_spec(resource_map, config, problems=problems)
+    except CdiError as err:
+        raise InitError(str(err)) from err
+    return tuple(problems)

@@ -43,7 +43,6 @@ CONTROL_DEVICE_NODES = (
 )
 MIG_MINORS_FILE = "proc/driver/nvidia-caps/mig-minors"
 NVIDIA_CAPS_DIR = "/dev/nvidia-caps"
-REPLICA_SEPARATOR = "::"
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,6 @@ def invalid_request(resource_name: str, reason: str) -> AllocationError:
     """NVIDIA's wording: ``invalid allocation request for "<name>": invalid request: <reason>``."""
     return AllocationError(f'invalid allocation request for "{resource_name}": '
                            f"invalid request: {reason}")
-
-
-def strip_replica(device_id: str) -> str:
-    """``GPU-x::3`` -> ``GPU-x``; IDs without a replica suffix are returned unchanged."""
-    return device_id.split(REPLICA_SEPARATOR, 1)[0]
 
 
 def cdi_device_name(device_id: str) -> str:

@@ -9,7 +9,6 @@ streams get the new list at once), stop removed ones. A resource with no devices
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,14 +68,6 @@ class PluginManager:
         self._loop = RegistrationLoop(
             kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready
         )
-
-    @classmethod
-    def for_kubelet_socket(
-        cls, kubelet_socket: str, context: ServingContext, plugin_dir: str = ""
-    ) -> PluginManager:
-        """A manager whose sockets live beside ``kubelet_socket`` (or in ``plugin_dir``)."""
-        socket_dir = plugin_dir or os.path.dirname(kubelet_socket) or "."
-        return cls(socket_dir, kubelet_socket, context)
 
     @property
     def registration(self) -> RegistrationLoop:

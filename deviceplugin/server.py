@@ -273,11 +273,6 @@ def fill_allocation(
     return message
 
 
-def allocation_to_proto(allocation: AllocationLike) -> api_pb2.ContainerAllocateResponse:
-    """A ContainerAllocation as a new ContainerAllocateResponse."""
-    return fill_allocation(api_pb2.ContainerAllocateResponse(), allocation)
-
-
 Message = TypeVar("Message")
 
 

@@ -24,14 +24,13 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from gpus.config import Config
+from gpus.config import RESOURCE_PREFIX, Config
 from gpus.model import Snapshot
 from gpus.resources import HEALTHY, UNHEALTHY, Device, Resource
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-RESOURCE_PREFIX = "nvidia.com/"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
 # ListAndWatch streams each hold a worker for their whole life (the kubelet keeps one open),
@@ -140,7 +139,7 @@ class ServingContext:
 
 def socket_name(resource_name: str) -> str:
     """NVIDIA's socket base name: ``nvidia.com/gpu`` -> ``nvidia-gpu.sock``."""
-    short = resource_name.removeprefix(RESOURCE_PREFIX).replace("/", "-")
+    short = resource_name.removeprefix(RESOURCE_PREFIX + "/").replace("/", "-")
     return f"nvidia-{short}.sock"
 
 

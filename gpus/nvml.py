@@ -17,12 +17,20 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from gpus.model import GPU, Link, MigDevice, Snapshot, SystemInfo, TopologyLevel, sysfs_bus_id
+from gpus.model import (
+    GPU,
+    MIB,
+    Link,
+    MigDevice,
+    Snapshot,
+    SystemInfo,
+    TopologyLevel,
+    sysfs_bus_id,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MIB = 1 << 20
 NOT_APPLICABLE = 0xFFFFFFFF
 
 EVENT_XID: int = pynvml.nvmlEventTypeXidCriticalError

@@ -42,7 +42,7 @@ import logging
 import threading
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 from itertools import combinations, compress, repeat
@@ -148,7 +148,7 @@ class Allocator:
             self._scores: array[int] = array("q")
             return
         self._scores = subset_scores(self._weights)
-        if sum(packing_steps(n, k) for k in range(2, n + 1)) <= EAGER_STEPS:
+        if not lazy_tables(n):
             self.warm()
 
     @classmethod
@@ -167,6 +167,11 @@ class Allocator:
             return cls(ids, [[0] * n for _ in range(n)])
         scores = [[0 if i == j else pair_score(links[i][j]) for j in range(n)] for i in range(n)]
         return cls(ids, scores)
+
+    @property
+    def lazy(self) -> bool:
+        """True when tables are left to first use or :meth:`warm` (see :func:`lazy_tables`)."""
+        return lazy_tables(len(self._ids))
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -237,15 +242,7 @@ class Allocator:
         avail_mask = _mask(self._position[d] for d in available)
         must_mask = _mask(self._position[d] for d in must_include)
         n = avail_mask.bit_count()
-        problem = ""
-        if size <= 0:
-            problem = f"size {size} is not positive"
-        elif size > n:
-            problem = f"size {size} exceeds the {n} available devices"
-        elif must_mask & ~avail_mask:
-            problem = "must-include devices are not all available"
-        elif must_mask.bit_count() > size:
-            problem = f"{must_mask.bit_count()} must-include devices exceed size {size}"
+        problem = impossible_request(n, list(dict.fromkeys(must_include)), size, set(available))
         if problem:
             log.warning(
                 "preferred allocation impossible: %s (available=%s must_include=%s)",
@@ -412,6 +409,31 @@ def subset_scores(weights: Sequence[Sequence[int]]) -> array[int]:
     return scores
 
 
+def lazy_tables(gpus: int) -> bool:
+    """Whether an allocator of ``gpus`` GPUs leaves its tables to first use or warm()
+    (N = 13..16: 0.2-1.9 s per size) rather than building them all in its constructor."""
+    if gpus > MAX_EXACT_GPUS:
+        return False  # greedy: no tables at all
+    return sum(packing_steps(gpus, k) for k in range(2, gpus + 1)) > EAGER_STEPS
+
+
+def impossible_request(
+    available: int, must_include: Sequence[str], size: int, offered: Container[str]
+) -> str | None:
+    """Why no preferred set exists, or None: ``available`` distinct devices are ``offered``;
+    ``must_include`` is distinct. The one check of every preferred-allocation path."""
+    if size <= 0:
+        return f"allocation size {size} is not positive"
+    if size > available:
+        return f"allocation size {size} exceeds the {available} available devices"
+    missing = [i for i in must_include if i not in offered]
+    if missing:
+        return f"must-include devices not available: {', '.join(missing)}"
+    if len(must_include) > size:
+        return f"{len(must_include)} must-include devices exceed allocation size {size}"
+    return None
+
+
 def packing_steps(n: int, size: int) -> int:
     """How many candidate groups packing_table(n, size) examines (its cost model)."""
     steps = 0
@@ -538,7 +560,7 @@ def preferred_shared_ordered(
     must = list(dict.fromkeys(must_include))
     # By ID only when must-include devices need finding: the usual request has none.
     devices = dict(zip(map(_device_id, available), available, strict=True)) if must else {}
-    problem = _shared_problem(len(available), [d for d in must if d not in devices], must, size)
+    problem = impossible_request(len(available), must, size, devices)
     if problem:
         log.warning(
             "preferred allocation impossible: %s (available=%s must_include=%s)",
@@ -602,19 +624,6 @@ def _gpu_runs(ordered: Sequence[Device]) -> dict[str, Sequence[Device]]:
         runs[first.gpu.uuid] = ordered[start:stop]
         start = stop
     return runs
-
-
-def _shared_problem(available: int, missing: Sequence[str], must: Sequence[str], size: int) -> str:
-    """Why a shared request cannot be met, or "" when it can."""
-    if size <= 0:
-        return f"size {size} is not positive"
-    if size > available:
-        return f"size {size} exceeds the {available} available devices"
-    if missing:
-        return f"must-include devices not available: {list(missing)}"
-    if len(must) > size:
-        return f"{len(must)} must-include devices exceed size {size}"
-    return ""
 
 
 def device_order(device: Device) -> tuple[int, str, int, int, str]:

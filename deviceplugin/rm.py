@@ -26,12 +26,8 @@ from itertools import chain, compress
 from typing import Protocol
 
 from deviceplugin.allocate import AllocationError, ContainerAllocation, build_allocation
-from deviceplugin.allocator import (
-    Allocator,
-    device_order,
-    impossible_request,
-    preferred_shared_ordered,
-)
+from deviceplugin.allocator import Allocator, impossible_request
+from deviceplugin.shared_policy import device_order, preferred_shared_ordered
 from gpus.config import Config
 from gpus.model import Snapshot
 from gpus.resources import Device, Resource
@@ -106,8 +102,8 @@ class WholeGpuAllocator(Protocol):
     ) -> list[str]: ...
 
 
-# (free devices, distinct and in allocator.device_order, must include, size, policy, devices
-# in use per physical GPU UUID) -> chosen IDs: allocator.preferred_shared_ordered.
+# (free devices, distinct and in shared_policy.device_order, must include, size, policy,
+# devices in use per physical GPU UUID) -> chosen IDs: shared_policy.preferred_shared_ordered.
 SharedPolicy = Callable[[Sequence[Device], Sequence[str], int, str, Mapping[str, int]], list[str]]
 
 

@@ -21,7 +21,6 @@ from test_server_support import (
     short_tmpdir,
 )
 
-from deviceplugin.allocator import device_order
 from deviceplugin.rm import NodeManagers, RequestIndex, in_use_counts
 from deviceplugin.server import (
     MAX_UNIX_PATH,
@@ -29,6 +28,7 @@ from deviceplugin.server import (
     ServeError,
     socket_name,
 )
+from deviceplugin.shared_policy import device_order
 from gpus.model import Snapshot
 from protos.deviceplugin.v1beta1 import api_pb2
 

@@ -55,7 +55,7 @@ class FakeManager:
 
 
 def _typed(manager: FakeManager) -> ResourceManager:
-    return manager  # mypy checks here that the fake implements the protocol
+    return manager  # `mypy tests/test_server_adapter.py` checks the fake keeps to the protocol
 
 
 @pytest.fixture

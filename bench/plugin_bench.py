@@ -43,10 +43,9 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 from benchutil import short_dir  # noqa: E402
 
-from deviceplugin.allocator import pair_score  # noqa: E402
+from deviceplugin.allocator import lazy_tables, pair_score  # noqa: E402
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags  # noqa: E402
 from deviceplugin.mockkubelet import DeviceInfo, MockKubelet  # noqa: E402
-from deviceplugin.server import EAGER_ALLOCATOR_GPUS  # noqa: E402
 from gpus.config import Config, parse_config  # noqa: E402
 from gpus.model import Snapshot  # noqa: E402
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc  # noqa: E402
@@ -350,7 +349,7 @@ def warm_sizes(
             uuids = [g.uuid for g in snapshot.gpus]
             warm_s = (
                 wait_for_warm_up(plugin, WARM_TIMEOUT_S)
-                if len(uuids) > EAGER_ALLOCATOR_GPUS else 0.0
+                if lazy_tables(len(uuids)) else 0.0
             )
             channel = grpc.insecure_channel(f"unix:{directory}/nvidia-gpu.sock")
             stub = api_pb2_grpc.DevicePluginStub(channel)
@@ -436,7 +435,7 @@ def preferred_lines(
         "  cold first call per size, tables not built yet (ms): "
         + " ".join(f"{size}:{ms:.1f}" for size, ms in enumerate(cold, start=1))
     )
-    if n > EAGER_ALLOCATOR_GPUS:
+    if lazy_tables(n):
         lines.append(
             f"  warm-up window: the tables were all built {warm_s:.2f} s after registration "
             "(background thread); a request in that window for a size not yet built takes "

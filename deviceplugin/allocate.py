@@ -43,7 +43,6 @@ CONTROL_DEVICE_NODES = (
 )
 MIG_MINORS_FILE = "proc/driver/nvidia-caps/mig-minors"
 NVIDIA_CAPS_DIR = "/dev/nvidia-caps"
-REPLICA_SEPARATOR = "::"
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,6 @@ def invalid_request(resource_name: str, reason: str) -> AllocationError:
     """NVIDIA's wording: ``invalid allocation request for "<name>": invalid request: <reason>``."""
     return AllocationError(f'invalid allocation request for "{resource_name}": '
                            f"invalid request: {reason}")
-
-
-def strip_replica(device_id: str) -> str:
-    """``GPU-x::3`` -> ``GPU-x``; IDs without a replica suffix are returned unchanged."""
-    return device_id.split(REPLICA_SEPARATOR, 1)[0]
 
 
 def cdi_device_name(device_id: str) -> str:
@@ -148,7 +142,8 @@ def build_allocation(
 
     ``mig_minors`` is called (with the driver root) only when MIG device specs are needed.
     ``index`` is :func:`device_index` of ``resource`` when the caller keeps one (Allocate is on
-    the pod start path; :class:`IndexedAllocate` builds it once per resource version).
+    the pod start path; :class:`deviceplugin.rm.GpuResourceManager` builds it once per resource
+    version).
     """
     ids = tuple(requested_ids)  # once: a protobuf repeated field makes new str objects per pass
     devices = _requested_devices(resource, ids, device_index(resource) if index is None else index)
@@ -216,28 +211,6 @@ def _requested_devices(
             f"maximum request size for shared resources is 1; found {len(requested_ids)}",
         )
     return list(physical.values())
-
-
-class IndexedAllocate:
-    """:func:`build_allocation` with each resource's ID index built once per resource version.
-
-    The servers' resources are immutable and replaced whole on every change, so the index of
-    the last version seen per resource name (checked by identity) stays valid until the next
-    change. Safe from many threads: a race only builds the same index twice.
-    """
-
-    def __init__(self) -> None:
-        self._indexes: dict[str, tuple[Resource, Mapping[str, Device]]] = {}
-
-    def __call__(
-        self, resource: Resource, requested_ids: Sequence[str], config: Config
-    ) -> ContainerAllocation:
-        """Build one container's allocation (see :func:`build_allocation`)."""
-        entry = self._indexes.get(resource.name)
-        if entry is None or entry[0] is not resource:
-            entry = (resource, device_index(resource))
-            self._indexes[resource.name] = entry
-        return build_allocation(resource, requested_ids, config, index=entry[1])
 
 
 def _unique(items: Iterable[str]) -> list[str]:

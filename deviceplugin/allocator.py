@@ -32,8 +32,7 @@ Whole GPUs
     one pass over every candidate, which requests with few candidates still use).
 
 Shared replicas and MIG devices
-    :func:`preferred_shared`: NVIDIA's ``distributed`` (spread over the physical GPUs with the
-    fewest devices in use) and ``packed`` (fill the busiest GPU first) policies.
+    :mod:`deviceplugin.shared_policy`: NVIDIA's ``distributed`` and ``packed`` policies.
 """
 
 from __future__ import annotations
@@ -41,17 +40,13 @@ from __future__ import annotations
 import logging
 import threading
 from array import array
-from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from heapq import heapify, heappop, heappush
 from itertools import combinations, compress, repeat
 from math import comb
-from operator import add, and_, attrgetter, eq, sub
-from typing import Literal
+from operator import add, and_, eq, sub
 
 from gpus.model import Link, Snapshot, TopologyLevel
-from gpus.resources import Device
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +73,6 @@ RESULT_CACHE_SIZE = 256
 # candidates (about 5x the cost per set of skipping one in the best-first walk's filter).
 SCAN_RATIO = 5
 
-Policy = Literal["distributed", "packed"]
-POLICIES: tuple[str, ...] = ("distributed", "packed")
 
 
 def pair_score(link: Link) -> int:
@@ -148,7 +141,7 @@ class Allocator:
             self._scores: array[int] = array("q")
             return
         self._scores = subset_scores(self._weights)
-        if sum(packing_steps(n, k) for k in range(2, n + 1)) <= EAGER_STEPS:
+        if not lazy_tables(n):
             self.warm()
 
     @classmethod
@@ -167,6 +160,11 @@ class Allocator:
             return cls(ids, [[0] * n for _ in range(n)])
         scores = [[0 if i == j else pair_score(links[i][j]) for j in range(n)] for i in range(n)]
         return cls(ids, scores)
+
+    @property
+    def lazy(self) -> bool:
+        """True when tables are left to first use or :meth:`warm` (see :func:`lazy_tables`)."""
+        return lazy_tables(len(self._ids))
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -237,15 +235,7 @@ class Allocator:
         avail_mask = _mask(self._position[d] for d in available)
         must_mask = _mask(self._position[d] for d in must_include)
         n = avail_mask.bit_count()
-        problem = ""
-        if size <= 0:
-            problem = f"size {size} is not positive"
-        elif size > n:
-            problem = f"size {size} exceeds the {n} available devices"
-        elif must_mask & ~avail_mask:
-            problem = "must-include devices are not all available"
-        elif must_mask.bit_count() > size:
-            problem = f"{must_mask.bit_count()} must-include devices exceed size {size}"
+        problem = impossible_request(n, list(dict.fromkeys(must_include)), size, set(available))
         if problem:
             log.warning(
                 "preferred allocation impossible: %s (available=%s must_include=%s)",
@@ -412,6 +402,31 @@ def subset_scores(weights: Sequence[Sequence[int]]) -> array[int]:
     return scores
 
 
+def lazy_tables(gpus: int) -> bool:
+    """Whether an allocator of ``gpus`` GPUs leaves its tables to first use or warm()
+    (N = 13..16: 0.2-1.9 s per size) rather than building them all in its constructor."""
+    if gpus > MAX_EXACT_GPUS:
+        return False  # greedy: no tables at all
+    return sum(packing_steps(gpus, k) for k in range(2, gpus + 1)) > EAGER_STEPS
+
+
+def impossible_request(
+    available: int, must_include: Sequence[str], size: int, offered: Container[str]
+) -> str | None:
+    """Why no preferred set exists, or None: ``available`` distinct devices are ``offered``;
+    ``must_include`` is distinct. The one check of every preferred-allocation path."""
+    if size <= 0:
+        return f"allocation size {size} is not positive"
+    if size > available:
+        return f"allocation size {size} exceeds the {available} available devices"
+    missing = [i for i in must_include if i not in offered]
+    if missing:
+        return f"must-include devices not available: {', '.join(missing)}"
+    if len(must_include) > size:
+        return f"{len(must_include)} must-include devices exceed allocation size {size}"
+    return None
+
+
 def packing_steps(n: int, size: int) -> int:
     """How many candidate groups packing_table(n, size) examines (its cost model)."""
     steps = 0
@@ -486,159 +501,3 @@ def _bits(mask: int) -> Iterable[int]:
 
 def _positions(mask: int) -> list[int]:
     return [b.bit_length() - 1 for b in _bits(mask)]
-
-
-# --- shared replicas and MIG devices ------------------------------------------------------
-
-
-def preferred_shared(
-    available: Sequence[Device],
-    must_include: Sequence[str],
-    size: int,
-    policy: str = "distributed",
-    allocated_counts: Mapping[str, int] | None = None,
-) -> list[str]:
-    """Preferred replicas / MIG devices: must-include first, then by ``policy``.
-
-    ``distributed`` picks, one device at a time, from the physical GPU with the fewest devices
-    in use (ties: GPU index); ``packed`` from the GPU with the most in use (ties: GPU index),
-    which fills one GPU before touching the next. Within a GPU the lowest MIG index / replica
-    number goes first, and every pick counts as in use for the next one. (Not "fewest free"
-    as the tie-break: on a fresh MIG node that sends a request to every GPU's lone slice in
-    turn instead of filling one GPU.)
-
-    In use: ``allocated_counts[gpu uuid]`` when given (the server counts it from the
-    resource's full device list); otherwise a guess from what is free: a GPU's devices number
-    at least its highest free replica + 1, and the same for every GPU of a resource, so in
-    use = that total minus free. The guess is wrong for MIG layouts that differ per GPU.
-    Impossible requests return [] and log a warning.
-    """
-    distinct = {d.id: d for d in available}
-    ordered = sorted(distinct.values(), key=device_order)
-    return preferred_shared_ordered(ordered, must_include, size, policy, allocated_counts)
-
-
-def preferred_shared_ordered(
-    available: Sequence[Device],
-    must_include: Sequence[str],
-    size: int,
-    policy: str = "distributed",
-    allocated_counts: Mapping[str, int] | None = None,
-) -> list[str]:
-    """:func:`preferred_shared` for ``available`` already distinct and in :func:`device_order`.
-
-    What the server calls: it keeps each resource's devices in that order, so a request of
-    8,192 replicas costs no per-device Python work here beyond C-speed passes and the picks
-    themselves (sorting them with a Python key took most of the 13.5 ms such a request cost).
-    Each GPU's devices are one contiguous run in that order, found by bisection.
-    """
-    if policy not in POLICIES:
-        log.warning("unknown allocation policy %r; using distributed", policy)
-        policy = "distributed"
-    must = list(dict.fromkeys(must_include))
-    # By ID only when must-include devices need finding: the usual request has none.
-    devices = dict(zip(map(_device_id, available), available, strict=True)) if must else {}
-    problem = _shared_problem(len(available), [d for d in must if d not in devices], must, size)
-    if problem:
-        log.warning(
-            "preferred allocation impossible: %s (available=%s must_include=%s)",
-            problem,
-            [d.id for d in available],
-            must,
-        )
-        return []
-    free = _gpu_runs(available)
-    in_use = _in_use(free, allocated_counts)
-    gpu_index = {uuid: group[0].gpu.index for uuid, group in free.items()}
-    taken = set(must)
-    for device_id in must:
-        in_use[devices[device_id].gpu.uuid] += 1
-    chosen = list(must)
-    picker = _Picker(free, taken)
-    # One heap entry per GPU with free devices; only the picked GPU's key changes per pick.
-    sign = -1 if policy == "packed" else 1
-    heap = [(sign * in_use[u], gpu_index[u], u) for u in free if picker.peek(u) is not None]
-    heapify(heap)
-    while len(chosen) < size:
-        uuid = heappop(heap)[2]
-        chosen.append(picker.take(uuid))
-        in_use[uuid] += 1
-        if picker.peek(uuid) is not None:
-            heappush(heap, (sign * in_use[uuid], gpu_index[uuid], uuid))
-    return chosen
-
-
-class _Picker:
-    """Each GPU's free devices in order, skipping the must-include ones already chosen."""
-
-    def __init__(self, free: Mapping[str, Sequence[Device]], taken: set[str]) -> None:
-        self._free = free
-        self._taken = taken
-        self._next = dict.fromkeys(free, 0)
-
-    def peek(self, uuid: str) -> str | None:
-        """The next free device ID of GPU ``uuid``, or None when it has none left."""
-        group, position = self._free[uuid], self._next[uuid]
-        while position < len(group) and group[position].id in self._taken:
-            position += 1
-        self._next[uuid] = position
-        return group[position].id if position < len(group) else None
-
-    def take(self, uuid: str) -> str:
-        """Take the device :meth:`peek` names (the caller has checked there is one)."""
-        device_id = self.peek(uuid)
-        assert device_id is not None
-        self._next[uuid] += 1
-        return device_id
-
-
-def _gpu_runs(ordered: Sequence[Device]) -> dict[str, Sequence[Device]]:
-    """Devices in :func:`device_order` split per physical GPU, found by bisection."""
-    runs: dict[str, Sequence[Device]] = {}
-    start, end = 0, len(ordered)
-    while start < end:
-        first = ordered[start]
-        stop = bisect_right(ordered, _gpu_key(first), lo=start, key=_gpu_key)
-        runs[first.gpu.uuid] = ordered[start:stop]
-        start = stop
-    return runs
-
-
-def _shared_problem(available: int, missing: Sequence[str], must: Sequence[str], size: int) -> str:
-    """Why a shared request cannot be met, or "" when it can."""
-    if size <= 0:
-        return f"size {size} is not positive"
-    if size > available:
-        return f"size {size} exceeds the {available} available devices"
-    if missing:
-        return f"must-include devices not available: {list(missing)}"
-    if len(must) > size:
-        return f"{len(must)} must-include devices exceed size {size}"
-    return ""
-
-
-def device_order(device: Device) -> tuple[int, str, int, int, str]:
-    """The pick order: GPU index, then MIG index, then replica number (missing first), then id.
-
-    The GPU's UUID after its index keeps each GPU's devices contiguous even if two GPUs
-    claimed one index (NVML's indices are unique; the allocator relies on the runs).
-    """
-    mig = -1 if device.mig is None else device.mig.index
-    replica = -1 if device.replica is None else device.replica
-    return device.gpu.index, device.gpu.uuid, mig, replica, device.id
-
-
-_device_id = attrgetter("id")
-_gpu_key = attrgetter("gpu.index", "gpu.uuid")
-
-
-def _in_use(
-    free: Mapping[str, Sequence[Device]], allocated_counts: Mapping[str, int] | None
-) -> dict[str, int]:
-    """Devices in use per physical GPU: the given counts, else the guess (see preferred_shared)."""
-    if allocated_counts is not None:
-        return {uuid: int(allocated_counts.get(uuid, 0)) for uuid in free}
-    per_gpu = max(
-        max(len(group), *((d.replica or 0) + 1 for d in group)) for group in free.values()
-    )
-    return {uuid: per_gpu - len(group) for uuid, group in free.items()}

@@ -30,11 +30,11 @@ from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_pl
 from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
 from gpus.config import Config
 from gpus.model import Snapshot
+from gpus.resources import GPU_RESOURCE
 
 if TYPE_CHECKING:
     from gpus.fake import Profile
 
-GPU_RESOURCE = "nvidia.com/gpu"
 REGISTER_TIMEOUT_S = 30.0
 
 

@@ -33,7 +33,6 @@ from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
-DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
 REGISTER_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.1
 BACKOFF_INITIAL_S = 0.1
@@ -218,18 +217,15 @@ class RegistrationLoop:
         servers: Callable[[], Sequence[Endpoint]],
         poll_interval: float = POLL_INTERVAL_S,
         register_fn: Callable[[str, str, str], None] = register,
-        on_registered: Callable[[str], None] | None = None,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
-        """``on_registered(name)`` runs after each successful Register, ``on_tick()`` after
-        each tick of the thread, and before a tick's Register calls when a registration was
-        lost (readiness checks: the loss is reported before a Register that may wait for its
-        timeout); both on the watch thread."""
+        """``on_tick()`` runs after each tick of the thread, and before a tick's Register calls
+        when a registration was lost (readiness checks: the loss is reported before a Register
+        that may wait for its timeout), on the watch thread."""
         self.kubelet_socket = kubelet_socket
         self._servers = servers
         self._poll = poll_interval
         self._register = register_fn
-        self._on_registered = on_registered
         self._on_tick = on_tick
         # The kubelet socket's identity at the last tick; None while it is missing or broken.
         self._identity: tuple[int, int, int] | None = None
@@ -406,5 +402,3 @@ class RegistrationLoop:
                 f"({why})",
                 finished,
             )
-        if self._on_registered is not None:
-            self._on_registered(server.name)

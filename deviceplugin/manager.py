@@ -2,21 +2,22 @@
 
 The map is recomputed, never patched: a health change or a config reload hands :meth:`apply` a
 whole new :class:`ResourceMap` and the manager works out the difference against the servers it
-runs: start new resources, push changed device lists to existing ones (their ListAndWatch
-streams get the new list at once), stop removed ones. A resource with no devices is not served.
+runs: start new resources, hand existing ones the resource manager of their new version
+(their ListAndWatch streams get a changed list at once), stop removed ones. A resource with no
+devices is not served.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deviceplugin.kubelet import RegistrationLoop
-from deviceplugin.server import PluginServer, ServeError, ServingContext
-from gpus.resources import Resource, ResourceMap
+from deviceplugin.rm import ResourceManager, ResourceManagers
+from deviceplugin.server import PluginServer, ServeError
+from gpus.resources import ResourceMap
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +40,25 @@ class PluginManager:
 
     ``on_ready(ready)`` is called from the watch thread whenever readiness changes: ready means
     every resource with devices is served and registered with the kubelet that is up now (or
-    there is nothing to serve). The first time the node is ready with a context, the
-    context's ``warm`` (allocator tables) runs on a background daemon thread, so it never
-    delays registration.
+    there is nothing to serve). The first time the node is ready with a set of managers
+    (``managers``: one per start or reload, see :class:`deviceplugin.rm.NodeManagers`), their
+    ``warm`` (allocator tables) runs on a background daemon thread, so it never delays
+    registration.
     """
 
     def __init__(
         self,
         socket_dir: str,
         kubelet_socket: str,
-        context: ServingContext,
+        managers: ResourceManagers,
         *,
         poll_interval: float = 0.1,
-        server_factory: Callable[[Resource, ServingContext, str], PluginServer] = PluginServer,
+        server_factory: Callable[[ResourceManager, str], PluginServer] = PluginServer,
         on_ready: Callable[[bool], None] | None = None,
     ) -> None:
         self.socket_dir = socket_dir
         self.kubelet_socket = kubelet_socket
-        self._context = context
+        self._managers = managers
         self._factory = server_factory
         self._lock = threading.Lock()
         self._servers: dict[str, PluginServer] = {}
@@ -64,19 +66,11 @@ class PluginManager:
         self.errors: dict[str, str] = {}
         self._on_ready = on_ready
         self._ready: bool | None = None  # last readiness reported
-        self._warmed: ServingContext | None = None  # the last context warm() was started for
+        self._warmed: ResourceManagers | None = None  # the last managers warmed
         self.warm_thread: threading.Thread | None = None
         self._loop = RegistrationLoop(
             kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready
         )
-
-    @classmethod
-    def for_kubelet_socket(
-        cls, kubelet_socket: str, context: ServingContext, plugin_dir: str = ""
-    ) -> PluginManager:
-        """A manager whose sockets live beside ``kubelet_socket`` (or in ``plugin_dir``)."""
-        socket_dir = plugin_dir or os.path.dirname(kubelet_socket) or "."
-        return cls(socket_dir, kubelet_socket, context)
 
     @property
     def registration(self) -> RegistrationLoop:
@@ -111,7 +105,7 @@ class PluginManager:
         return self._loop.all_registered()
 
     def check_ready(self) -> None:
-        """Report a readiness change, and start warming a new context once ready.
+        """Report a readiness change, and start warming new managers once ready.
 
         Runs on the watch thread after every tick.
         """
@@ -126,22 +120,25 @@ class PluginManager:
 
     def _start_warm(self) -> None:
         with self._lock:
-            context = self._context
-            if context is self._warmed:
+            managers = self._managers
+            if managers is self._warmed:
                 return
-            self._warmed = context
-        if context.warm is None:
+            self._warmed = managers
+        warm = managers.warm
+        if warm is None:
             return
-        thread = threading.Thread(target=_warm, args=(context.warm,), name="allocator-warm",
+        thread = threading.Thread(target=_warm, args=(warm,), name="allocator-warm",
                                   daemon=True)
         self.warm_thread = thread
         thread.start()
 
-    def apply(self, new_map: ResourceMap, context: ServingContext | None = None) -> ApplyResult:
-        """Make the running servers match ``new_map`` (optionally with a new context)."""
+    def apply(
+        self, new_map: ResourceMap, managers: ResourceManagers | None = None
+    ) -> ApplyResult:
+        """Make the running servers match ``new_map`` (with new managers after a reload)."""
         with self._lock:
-            if context is not None:
-                self._context = context
+            if managers is not None:
+                self._managers = managers
             result = self._reconcile(new_map)
             old_problems = set(self._map.problems)
             self._map = new_map
@@ -166,12 +163,13 @@ class PluginManager:
             stopped.append(name)
             log.info("stopped %s: no longer advertised", name)
         for name, resource in sorted(wanted.items()):
+            manager = self._managers.manager(resource)
             running = self._servers.get(name)
             if running is not None:
-                if running.update(resource, self._context):
+                if running.update(manager):
                     updated.append(name)
                 continue
-            server = self._factory(resource, self._context, self.socket_dir)
+            server = self._factory(manager, self.socket_dir)
             try:
                 server.start()
             except (ServeError, OSError) as err:
@@ -195,7 +193,7 @@ class PluginManager:
 
 
 def _warm(warm: Callable[[], None]) -> None:
-    """Run a context's warm-up, logging instead of raising (a daemon thread's body)."""
+    """Run the managers' warm-up, logging instead of raising (a daemon thread's body)."""
     try:
         warm()
     except Exception:  # the tables are then built on first use, as without warm-up

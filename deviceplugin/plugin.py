@@ -27,7 +27,7 @@ from gpus.resources import ResourceMap, build_resource_map
 if TYPE_CHECKING:  # imported lazily at run time: start-up time matters (docs/benchmarks.md)
     from deviceplugin.health import HealthMonitor
     from deviceplugin.manager import PluginManager
-    from deviceplugin.server import ServingContext
+    from deviceplugin.rm import NodeManagers
     from gpus.fake import FakeNvml
     from gpus.nvml import Nvml
 
@@ -184,10 +184,10 @@ class DevicePlugin:
             manager.errors if manager is not None else {}, extra)
         self.readiness.report(resources, problems)
 
-    def _context(self, snapshot: Snapshot) -> ServingContext:
-        from deviceplugin.server import ServingContext
+    def _context(self, snapshot: Snapshot) -> NodeManagers:
+        from deviceplugin.rm import NodeManagers
 
-        return ServingContext.create(self.config, snapshot)
+        return NodeManagers.create(self.config, snapshot)
 
     # --- health lifecycle -----------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """One kubelet DevicePlugin gRPC server for one resource, on its own Unix socket.
 
-The server holds the resource it serves and a :class:`ServingContext` (config, snapshot and the
-allocation functions); :meth:`PluginServer.update` swaps both atomically and wakes every
-ListAndWatch stream, so the kubelet sees a new device list at once. Nothing else is stateful:
-Allocate and GetPreferredAllocation are pure functions of the current resource and context.
+The server is a thin adapter: it holds the :class:`~deviceplugin.rm.ResourceManager` of the
+resource version it serves and turns each RPC into a call on it (protobuf in, plain Python
+calls, protobuf out; :class:`~deviceplugin.allocate.AllocationError` -> INVALID_ARGUMENT).
+:meth:`PluginServer.update` swaps the manager atomically and wakes every ListAndWatch stream,
+so the kubelet sees a new device list at once. What is allocated, and every check of a
+request, is the manager's.
 """
 
 from __future__ import annotations
@@ -15,23 +17,19 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from itertools import chain, compress
-from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from gpus.config import Config
-from gpus.model import Snapshot
+from deviceplugin.allocate import AllocationError, ContainerAllocation
+from deviceplugin.rm import ResourceManager
+from gpus.config import RESOURCE_PREFIX
 from gpus.resources import HEALTHY, UNHEALTHY, Device, Resource
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-RESOURCE_PREFIX = "nvidia.com/"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
 # ListAndWatch streams each hold a worker for their whole life (the kubelet keeps one open),
@@ -40,8 +38,6 @@ MAX_WORKERS = 16
 # A stream re-checks whether its client is still there this often even if no callback fires.
 STREAM_RECHECK_S = 1.0
 STOP_GRACE_S = 0.5
-# Nodes with more GPUs get their allocator tables built in the background after registration.
-EAGER_ALLOCATOR_GPUS = 12
 # Only the kubelet (root) talks to our sockets; nobody else on the node may even connect.
 SOCKET_MODE = 0o600
 # What a kubelet can legitimately send us, derived so a request far beyond it is refused by
@@ -61,86 +57,15 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_SEND_BYTES),
 )
-# The kubelet sends one container per Allocate; the cap only bounds the work one call can ask.
-MAX_CONTAINER_REQUESTS = 64
-# Device IDs are UUIDs (40 characters) with at most a "::<replica>" suffix; a longer one is
-# garbage, and echoing it in an error would bloat the status the kubelet receives.
-MAX_DEVICE_ID_BYTES = 256
 
 
 class ServeError(RuntimeError):
     """The server cannot listen on its socket; the message says where and why."""
 
 
-class AllocationLike(Protocol):
-    """What ``deviceplugin.allocate.build_allocation`` returns (a ContainerAllocation)."""
-
-    @property
-    def envs(self) -> Mapping[str, str]: ...
-
-    @property
-    def mounts(self) -> Sequence[Any]: ...
-
-    @property
-    def devices(self) -> Sequence[Any]: ...
-
-    @property
-    def annotations(self) -> Mapping[str, str]: ...
-
-    @property
-    def cdi_devices(self) -> Sequence[str]: ...
-
-
-AllocateFn = Callable[[Resource, Sequence[str], Config], AllocationLike]
-PreferredWholeFn = Callable[[Sequence[str], Sequence[str], int], list[str]]
-# (free devices, distinct and in allocator.device_order, must include, size, policy, devices in
-# use per physical GPU UUID)
-PreferredSharedFn = Callable[
-    [Sequence[Device], Sequence[str], int, str, Mapping[str, int]], list[str]
-]
-
-
-@dataclass(frozen=True)
-class ServingContext:
-    """Everything besides the resource that the RPC handlers read.
-
-    The functions are parameters so the gRPC shell can be tested without the real allocator;
-    :meth:`create` wires the real ones.
-    """
-
-    config: Config
-    snapshot: Snapshot
-    allocate: AllocateFn
-    preferred_whole: PreferredWholeFn
-    preferred_shared: PreferredSharedFn
-    allocation_errors: tuple[type[Exception], ...] = ()
-    # Builds caches ahead of the first request; the manager runs it on a daemon thread once
-    # the node is registered. None: nothing worth warming.
-    warm: Callable[[], None] | None = None
-
-    @classmethod
-    def create(cls, config: Config, snapshot: Snapshot) -> ServingContext:
-        """The production context: NVIDIA-compatible allocation and the topology allocator."""
-        from deviceplugin import allocate, allocator
-
-        whole = allocator.Allocator.from_snapshot(snapshot)
-        # Up to 12 GPUs the allocator builds every table in its constructor (~0.1 s); beyond,
-        # one size takes 0.2-1.9 s on its first request (hgx-16): build them all in the
-        # background instead.
-        return cls(
-            config=config,
-            snapshot=snapshot,
-            allocate=allocate.IndexedAllocate(),
-            preferred_whole=whole.preferred,
-            preferred_shared=allocator.preferred_shared_ordered,
-            allocation_errors=(allocate.AllocationError,),
-            warm=whole.warm if len(snapshot.gpus) > EAGER_ALLOCATOR_GPUS else None,
-        )
-
-
 def socket_name(resource_name: str) -> str:
     """NVIDIA's socket base name: ``nvidia.com/gpu`` -> ``nvidia-gpu.sock``."""
-    short = resource_name.removeprefix(RESOURCE_PREFIX).replace("/", "-")
+    short = resource_name.removeprefix(RESOURCE_PREFIX + "/").replace("/", "-")
     return f"nvidia-{short}.sock"
 
 
@@ -246,7 +171,7 @@ def advertised_state(resource: Resource) -> tuple[tuple[str, bool, int | None], 
 
 
 def fill_allocation(
-    message: api_pb2.ContainerAllocateResponse, allocation: AllocationLike
+    message: api_pb2.ContainerAllocateResponse, allocation: ContainerAllocation
 ) -> api_pb2.ContainerAllocateResponse:
     """Write a ContainerAllocation into a ContainerAllocateResponse in place.
 
@@ -273,322 +198,16 @@ def fill_allocation(
     return message
 
 
-def allocation_to_proto(allocation: AllocationLike) -> api_pb2.ContainerAllocateResponse:
-    """A ContainerAllocation as a new ContainerAllocateResponse."""
-    return fill_allocation(api_pb2.ContainerAllocateResponse(), allocation)
-
-
-Message = TypeVar("Message")
-
-
-def request_problem(
-    resource: Resource,
-    containers: Sequence[Message],
-    ids_of: Callable[[Message], tuple[Sequence[str], ...]],
-) -> str | None:
-    """Why a request has too many parts to be a kubelet's, or None; checked before any work.
-
-    ``containers`` are the request's container requests and ``ids_of`` gives one's ID lists
-    (Allocate's ``devices_ids``; GetPreferredAllocation's ``available_deviceIDs`` and
-    ``must_include_deviceIDs``), as protobuf repeated fields. Everything is counted with
-    ``len()``, which builds nothing: a refused request never costs a Python object per ID
-    (1,000,000 of them took the plugin from 67 to 175 MiB). Only a request within the counts
-    has its IDs read, once, and then checked with :func:`long_id_problem` (GetPreferredAllocation
-    checks only the IDs it does not know, see :meth:`PreferredQuery.id_problem`).
-    """
-    if len(containers) > MAX_CONTAINER_REQUESTS:
-        return (f"{len(containers)} container requests; at most {MAX_CONTAINER_REQUESTS} "
-                "are accepted in one call")
-    # Replicas share a physical device, and a stale list may name old IDs: allow the total
-    # twice over, which no kubelet request reaches (it sends one container per call).
-    limit = 2 * len(resource.devices)
-    total = 0
-    for group in map(ids_of, containers):
-        count = sum(map(len, group))
-        if count > limit:
-            return (f"{count} device IDs in one container request; {resource.name} has "
-                    f"{len(resource.devices)} devices")
-        total += count
-    if total > max(limit, MAX_CONTAINER_REQUESTS):
-        return (f"{total} device IDs in one call; {resource.name} has "
-                f"{len(resource.devices)} devices")
-    return None
-
-
-def allocate_ids(
-    request: api_pb2.ContainerAllocateRequest,
-) -> tuple[Sequence[str], ...]:
-    """An Allocate container request's ID list (for :func:`request_problem`)."""
-    return (request.devices_ids,)
-
-
-def preferred_request_ids(
-    request: api_pb2.ContainerPreferredAllocationRequest,
-) -> tuple[Sequence[str], ...]:
-    """A GetPreferredAllocation container request's ID lists (for :func:`request_problem`)."""
-    return (request.available_deviceIDs, request.must_include_deviceIDs)
-
-
-def is_whole_gpu_resource(resource: Resource) -> bool:
-    """True when the resource's devices are unshared, non-MIG GPUs (topology allocator)."""
-    return not resource.shared and all(d.mig is None for d in resource.devices)
-
-
-def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
-    """Devices of ``resource`` in use per physical GPU UUID: Healthy ones not ``available``.
-
-    The kubelet offers only free, Healthy devices, so a Healthy device it leaves out is
-    allocated. Unhealthy devices are never offered whether or not a pod holds one, so they do
-    not count: counting them would make ``packed`` prefer a GPU because it is failing. Only
-    this resource's devices count (the kubelet says nothing about other resources).
-    :meth:`RequestIndex.in_use` is the same, at C speed; this is its reference.
-    """
-    counts: dict[str, int] = {}
-    for device in resource.devices:
-        uuid = device.gpu.uuid
-        busy = device.healthy and device.id not in available
-        counts[uuid] = counts.get(uuid, 0) + int(busy)
-    return counts
-
-
-@dataclass(frozen=True)
-class GpuRun:
-    """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered`."""
-
-    uuid: str
-    start: int
-    stop: int
-    healthy: int  # how many of them are Healthy
-
-
-@dataclass(frozen=True)
-class RequestIndex:
-    """One resource version's devices as GetPreferredAllocation needs them, built once.
-
-    Resources are immutable and replaced whole on every change (health included), so an index
-    is valid for exactly the resource object it was built from. With it, a request naming all
-    8,192 replicas of a time-sliced node costs a few C-speed passes (one set lookup per
-    device, then slices) instead of sorting with a Python key and a Python loop per device.
-    """
-
-    resource: Resource
-    known: Mapping[str, Device]
-    # The devices in the allocator's pick order (each GPU's devices contiguous), their IDs,
-    # and 1 for each Healthy one, 0 otherwise (summed over the requested ones per GPU).
-    ordered: tuple[Device, ...]
-    ordered_ids: tuple[str, ...]
-    healthy: tuple[int, ...]
-    runs: tuple[GpuRun, ...]
-    whole_gpus: bool
-
-    @classmethod
-    def of(cls, resource: Resource) -> RequestIndex:
-        """Index ``resource`` (linear in its devices; sorting dominates)."""
-        from deviceplugin.allocator import device_order
-
-        ordered = tuple(sorted(resource.devices, key=device_order))
-        healthy = tuple(int(d.healthy) for d in ordered)
-        runs: list[GpuRun] = []
-        start = 0
-        for position in range(1, len(ordered) + 1):
-            if position == len(ordered) or ordered[position].gpu.uuid != ordered[start].gpu.uuid:
-                uuid = ordered[start].gpu.uuid
-                runs.append(GpuRun(uuid, start, position, sum(healthy[start:position])))
-                start = position
-        return cls(
-            resource=resource,
-            known={d.id: d for d in resource.devices},
-            ordered=ordered,
-            ordered_ids=tuple(d.id for d in ordered),
-            healthy=healthy,
-            runs=tuple(runs),
-            whole_gpus=is_whole_gpu_resource(resource),
-        )
-
-    def present(self, available: AbstractSet[str]) -> list[bool]:
-        """For each device in pick order, whether ``available`` names it."""
-        return list(map(available.__contains__, self.ordered_ids))
-
-    def in_pick_order(
-        self, available: Iterable[str], present: Sequence[bool] | None = None
-    ) -> list[Device]:
-        """The devices of ``available`` (known IDs) in the allocator's pick order.
-
-        ``present`` is :meth:`present` of them when the caller has it already.
-        """
-        flags = self.present(set(available)) if present is None else present
-        return list(compress(self.ordered, flags))
-
-    def in_use(
-        self, available: Iterable[str], present: Sequence[bool] | None = None
-    ) -> dict[str, int]:
-        """:func:`in_use_counts` for ``available`` (known IDs); ``present`` as above."""
-        flags = self.present(set(available)) if present is None else present
-        healthy = self.healthy
-        return {
-            run.uuid: run.healthy
-            - sum(compress(healthy[run.start:run.stop], flags[run.start:run.stop]))
-            for run in self.runs
-        }
-
-
-@dataclass
-class PreferredQuery:
-    """One GetPreferredAllocation container request, its IDs read out of the message once."""
-
-    requested: Sequence[str]  # the available IDs as sent (the message's repeated field)
-    available_set: set[str]
-    must_include: list[str]  # distinct
-    size: int
-    # Filled by :meth:`unknown`: the available IDs the resource does not have, and (shared
-    # resources) RequestIndex.present of the available IDs, which unknown IDs do not change.
-    _unknown: set[str] | None = None
-    _present: list[bool] | None = None
-    _index: RequestIndex | None = None
-    _available: list[str] | None = None
-
-    @classmethod
-    def of(cls, available: Sequence[str], must_include: Iterable[str], size: int
-           ) -> PreferredQuery:
-        """Read the ID lists into sets; call it only on counted lists."""
-        return cls(available, set(available), list(dict.fromkeys(must_include)), size)
-
-    @property
-    def available(self) -> list[str]:
-        """The available IDs, distinct, in request order: only whole GPUs (few) need it."""
-        if self._available is None:
-            self._available = list(dict.fromkeys(self.requested))
-        return self._available
-
-    def unknown(self, index: RequestIndex) -> set[str]:
-        """The available IDs ``index``'s resource does not have (stale or bogus)."""
-        if self._index is not index:
-            self._index, self._unknown, self._present = index, None, None
-        if self._unknown is None:
-            if index.whole_gpus:
-                self._unknown = self.available_set.difference(index.known)
-            else:
-                # Thousands of replicas: count the known ones while marking them.
-                present = self.present(index)
-                all_known = present.count(True) == len(self.available_set)
-                self._unknown = set() if all_known else self.available_set.difference(index.known)
-        return self._unknown
-
-    def present(self, index: RequestIndex) -> list[bool]:
-        """``index.present`` of the available IDs, computed once."""
-        if self._index is not index:
-            self._index, self._unknown, self._present = index, None, None
-        if self._present is None:
-            self._present = index.present(self.available_set)
-        return self._present
-
-    def id_problem(self, index: RequestIndex) -> str | None:
-        """A device ID too long to be one (only unknown IDs can be), or None."""
-        return long_id_problem(chain(self.unknown(index), self.must_include))
-
-
-def long_id_problem(ids: Iterable[str]) -> str | None:
-    """Why one of ``ids`` cannot be a device ID (its length), or None."""
-    longest = max(map(len, ids), default=0)
-    if longest > MAX_DEVICE_ID_BYTES:
-        return f"a device ID of {longest} characters; IDs are at most {MAX_DEVICE_ID_BYTES}"
-    return None
-
-
-def impossible_request(
-    available: Collection[str],
-    must_include: Sequence[str],
-    size: int,
-    offered: AbstractSet[str] | None = None,
-) -> str | None:
-    """Why no preferred set exists for the request (deduplicated, known IDs), or None.
-
-    ``offered`` is ``set(available)`` when the caller has it already.
-    """
-    if size <= 0:
-        return f"allocation size {size} is not positive"
-    if size > len(available):
-        return f"allocation size {size} exceeds the {len(available)} available devices"
-    if offered is None:
-        offered = set(available)
-    missing = [i for i in must_include if i not in offered]
-    if missing:
-        return f"must-include devices not available: {', '.join(missing)}"
-    if len(must_include) > size:
-        return f"{len(must_include)} must-include devices exceed allocation size {size}"
-    return None
-
-
-def preferred_ids(
-    resource: Resource,
-    context: ServingContext,
-    available: Iterable[str],
-    must_include: Iterable[str],
-    size: int,
-    index: RequestIndex | None = None,
-) -> list[str]:
-    """The preferred allocation for one container, or [] when the request is impossible.
-
-    An impossible request (NVIDIA answers it with an empty list too) is logged as a warning
-    naming the resource and why: the kubelet then falls back to its own choice. ``index`` is
-    :meth:`RequestIndex.of` ``resource`` when the caller keeps one.
-    """
-    query = PreferredQuery.of(list(available), must_include, size)
-    return preferred_for(resource, context, query, index)
-
-
-def preferred_for(
-    resource: Resource,
-    context: ServingContext,
-    query: PreferredQuery,
-    index: RequestIndex | None = None,
-) -> list[str]:
-    """:func:`preferred_ids` for a request already read."""
-    if index is None or index.resource is not resource:
-        index = RequestIndex.of(resource)
-    available_set, must, size = query.available_set, query.must_include, query.size
-    # A stale id (the map changed since the kubelet's last list) is simply not available.
-    unknown = query.unknown(index)
-    if unknown:
-        available_set = available_set - unknown
-    problem = impossible_request(available_set, must, size, available_set)
-    if problem is not None:
-        log.warning("GetPreferredAllocation for %s: no preferred set: %s",
-                    resource.name, problem)
-        return []
-    try:
-        if index.whole_gpus:
-            offered = query.available
-            if unknown:
-                offered = [i for i in offered if i not in unknown]
-            chosen = context.preferred_whole(offered, must, size)
-        else:
-            policy = context.config.flags.plugin.shared_devices_allocation_policy
-            present = query.present(index)
-            devices = index.in_pick_order(available_set, present)
-            counts = index.in_use(available_set, present)
-            chosen = context.preferred_shared(devices, must, size, policy, counts)
-    except Exception:  # the kubelet falls back to its own choice; never fail the pod
-        log.exception("preferred allocation failed for %s", resource.name)
-        return []
-    chosen = list(chosen)
-    # Never hand back fewer, padding or unknown devices, whatever the allocator did.
-    if len(chosen) != size or len(set(chosen)) != size or not set(chosen) <= available_set:
-        log.error("allocator returned an invalid set for %s: %s", resource.name, chosen)
-        return []
-    return chosen
-
-
 class PluginServer:
     """Serves ``v1beta1.DevicePlugin`` for one resource on ``<dir>/nvidia-<name>.sock``."""
 
-    def __init__(self, resource: Resource, context: ServingContext, socket_dir: str) -> None:
-        self.name = resource.name
-        self.socket_path = os.path.join(socket_dir, socket_name(resource.name))
+    def __init__(self, manager: ResourceManager, socket_dir: str) -> None:
+        self.name = manager.resource.name
+        self.socket_path = os.path.join(socket_dir, socket_name(self.name))
         self._cond = threading.Condition()
-        # (resource, context) swapped as one tuple: handlers read it with a single attribute
-        # load (atomic in CPython), no lock on the Allocate path.
-        self._state: tuple[Resource, ServingContext] = (resource, context)
+        # Swapped whole on update: handlers read it with a single attribute load (atomic in
+        # CPython), no lock on the Allocate path.
+        self._manager = manager
         self._version = 0
         self._streams = 0
         self._server: grpc.Server | None = None
@@ -607,17 +226,12 @@ class PluginServer:
     @property
     def resource(self) -> Resource:
         """The resource currently served."""
-        return self._state[0]
+        return self._manager.resource
 
     @property
-    def context(self) -> ServingContext:
-        """The serving context currently used."""
-        return self._state[1]
-
-    @property
-    def state(self) -> tuple[Resource, ServingContext]:
-        """The resource and context, read together."""
-        return self._state
+    def manager(self) -> ResourceManager:
+        """The resource manager currently used."""
+        return self._manager
 
     @property
     def serving(self) -> bool:
@@ -713,17 +327,18 @@ class PluginServer:
         """True while our socket file is still the one we bound."""
         return self._inode is not None and self._socket_inode() == self._inode
 
-    def update(self, resource: Resource, context: ServingContext | None = None) -> bool:
-        """Serve a new version of the resource; wake ListAndWatch when the list changed.
+    def update(self, manager: ResourceManager) -> bool:
+        """Serve a new version of the resource (its manager); wake ListAndWatch when the list
+        changed.
 
         Returns True when the kubelet-visible device list changed.
         """
+        resource = manager.resource
         if resource.name != self.name:
             raise ValueError(f"server for {self.name} cannot serve {resource.name}")
         with self._cond:
-            old_resource, old_context = self._state
-            changed = advertised_state(resource) != advertised_state(old_resource)
-            self._state = (resource, context or old_context)
+            changed = advertised_state(resource) != advertised_state(self._manager.resource)
+            self._manager = manager
             if changed:
                 self._version += 1
                 self._cond.notify_all()
@@ -770,16 +385,15 @@ class PluginServer:
                     return
                 if self._version == seen:
                     continue
-                seen, resource = self._version, self._state[0]
+                seen, resource = self._version, self._manager.resource
             yield devices_response(resource)
 
 
 class _Servicer(api_pb2_grpc.DevicePluginServicer):
-    """The five RPCs, reading the server's current resource and context."""
+    """The five RPCs, each a call on the server's current resource manager."""
 
     def __init__(self, server: PluginServer) -> None:
         self._server = server
-        self._request_index: RequestIndex | None = None
 
     def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
@@ -799,66 +413,28 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
-        resource, serving = self._server.state
-        requests = request.container_requests
-        problem = request_problem(resource, requests, preferred_request_ids)
-        index = self._index(resource)
-        queries: list[PreferredQuery] = []
-        if problem is None:
-            # Counted, so reading the IDs is bounded; each list is read out of the message
-            # once (every pass over a repeated field makes new str objects).
-            queries = [
-                PreferredQuery.of(r.available_deviceIDs, r.must_include_deviceIDs,
-                                  r.allocation_size)
-                for r in requests
-            ]
-            problem = next(filter(None, (q.id_problem(index) for q in queries)), None)
-        if problem is not None:
-            log.warning("GetPreferredAllocation for %s refused: %s", resource.name, problem)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            chosen = self._server.manager.preferred(request.container_requests)
+        except AllocationError as err:
+            log.warning("GetPreferredAllocation for %s refused: %s", self._server.name, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         response = api_pb2.PreferredAllocationResponse()
-        for query in queries:
-            ids = preferred_for(resource, serving, query, index)
-            response.container_responses.add(deviceIDs=ids)
+        add = response.container_responses.add
+        for ids in chosen:
+            add(deviceIDs=ids)
         return response
-
-    def _index(self, resource: Resource) -> RequestIndex:
-        """The request index of ``resource``, rebuilt when the served resource changed."""
-        index = self._request_index
-        if index is None or index.resource is not resource:
-            # A race only builds the same index twice; the attribute swap is atomic.
-            index = RequestIndex.of(resource)
-            self._request_index = index
-        return index
 
     def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
-        resource, serving = self._server.state
-        requests = request.container_requests
-        problem = request_problem(resource, requests, allocate_ids)
-        containers: list[tuple[str, ...]] = []
-        if problem is None:
-            # Counted, so reading is bounded. Each ID list read out of the message once: every
-            # pass over a repeated field builds new str objects, and Allocate is on the pod
-            # start path.
-            containers = [tuple(r.devices_ids) for r in requests]
-            problem = next(filter(None, map(long_id_problem, containers)), None)
-        if problem is not None:
-            log.warning("Allocate for %s refused: %s", resource.name, problem)
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f'invalid allocation request for "{resource.name}": invalid request: {problem}',
-            )
-        allocate, config = serving.allocate, serving.config
+        try:
+            allocations = self._server.manager.allocate(request.container_requests)
+        except AllocationError as err:
+            log.warning("Allocate for %s refused: %s", self._server.name, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         response = api_pb2.AllocateResponse()
         add = response.container_responses.add
-        for ids in containers:
-            try:
-                allocation = allocate(resource, ids, config)
-            except serving.allocation_errors as err:
-                log.warning("Allocate for %s refused: %s", resource.name, err)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        for allocation in allocations:
             fill_allocation(add(), allocation)
         return response
 

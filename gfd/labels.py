@@ -22,19 +22,22 @@ from dataclasses import dataclass
 
 from gfd.imex import imex_labels, imex_problems
 from gpus.config import Config
-from gpus.model import GPU, MigDevice, Snapshot
-from gpus.resources import build_resource_map, mig_resource_name, mig_single_problems
+from gpus.model import GPU, MIB, MigDevice, Snapshot
+from gpus.resources import (
+    GPU_RESOURCE,
+    build_resource_map,
+    mig_resource_name,
+    mig_single_problems,
+)
 
 PREFIX = "nvidia.com/"
 TIMESTAMP_LABEL = PREFIX + "gfd.timestamp"  # the time of the pass that wrote the labels
-GPU_RESOURCE = "nvidia.com/gpu"
 MAX_VALUE_LEN = 63
 UNKNOWN_MACHINE = "unknown"
 SHARING_NONE = "none"
 SHARING_TIME_SLICING = "time-slicing"
 PCI_CLASS_VGA = 0x0300
 PCI_CLASS_3D = 0x0302
-MIB = 1 << 20
 
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9\-_. ]")
 _EDGE = re.compile(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$")

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+# NVML reports memory in bytes; labels, profiles and the fake speak MiB.
+MIB = 1 << 20
+
 
 class TopologyLevel(IntEnum):
     """NVML's ``nvmlGpuTopologyLevel_t``: the closest common ancestor of two GPUs.

@@ -21,6 +21,7 @@ import pynvml
 from gpus import errors
 from gpus.model import (
     GPU,
+    MIB,
     GpuFabric,
     Link,
     MigDevice,
@@ -34,7 +35,6 @@ from gpus.vgpu import read_vgpu
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MIB = 1 << 20
 NOT_APPLICABLE = 0xFFFFFFFF
 
 EVENT_XID: int = pynvml.nvmlEventTypeXidCriticalError

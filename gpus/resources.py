@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpus.config import Config, ReplicatedResource, TimeSlicing
+from gpus.config import RESOURCE_PREFIX, Config, ReplicatedResource, TimeSlicing
 from gpus.model import GPU, MigDevice, Snapshot
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
-GPU_RESOURCE = "nvidia.com/gpu"
-MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+GPU_RESOURCE = f"{RESOURCE_PREFIX}/gpu"
+MIG_RESOURCE_PREFIX = f"{RESOURCE_PREFIX}/mig-"
 
 
 @dataclass(frozen=True)

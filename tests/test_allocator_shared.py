@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deviceplugin.allocator import device_order, preferred_shared, preferred_shared_ordered
+from deviceplugin.shared_policy import device_order, preferred_shared, preferred_shared_ordered
 from gpus.model import GPU, MigDevice
 from gpus.resources import Device
 
@@ -131,13 +131,13 @@ def test_shared_policies(available, must, size, policy, counts, expected) -> Non
 
 
 def test_impossible_request_is_logged(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):
+    with caplog.at_level(logging.WARNING, logger="deviceplugin.shared_policy"):
         assert preferred_shared(FRESH, [], 9, "packed") == []
     assert "exceeds the 8 available" in caplog.text
 
 
 def test_unknown_policy_falls_back_to_distributed(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):
+    with caplog.at_level(logging.WARNING, logger="deviceplugin.shared_policy"):
         got = preferred_shared(FRESH, [], 2, "round-robin")
     assert got == [r(0, 0), r(1, 0)]
     assert "unknown allocation policy" in caplog.text

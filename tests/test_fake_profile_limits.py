@@ -24,8 +24,8 @@ from gpus.fake.profile import (
     C_ULLONG_MAX,
     MAX_GPUS,
     MAX_PROFILE_BYTES,
-    MIB,
 )
+from gpus.model import MIB
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = """\

@@ -261,10 +261,10 @@ def test_warm_runs_once_per_context_after_registration(snapshot) -> None:
 
 
 def test_production_context_warms_only_big_nodes(fake_snapshot) -> None:
-    from deviceplugin.server import ServingContext
+    from deviceplugin.rm import NodeManagers
 
-    assert ServingContext.create(default_config(), fake_snapshot("dgx-a100")).warm is None
-    big = ServingContext.create(default_config(), fake_snapshot("hgx-16"))
+    assert NodeManagers.create(default_config(), fake_snapshot("dgx-a100")).warm is None
+    big = NodeManagers.create(default_config(), fake_snapshot("hgx-16"))
     assert big.warm is not None
 
 

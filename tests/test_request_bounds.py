@@ -18,7 +18,7 @@ import grpc
 import pytest
 from test_server_support import (
     FakeAllocator,
-    fake_context,
+    fake_manager,
     make_resource,
     make_snapshot,
     plugin_stub,
@@ -49,7 +49,7 @@ SERVICE = "/v1beta1.DevicePlugin/"
 @pytest.fixture
 def server(sockdir: str) -> Iterator[PluginServer]:
     snapshot = make_snapshot(8)
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, FakeAllocator()), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, FakeAllocator()), sockdir)
     srv.start()
     yield srv
     srv.stop()
@@ -165,7 +165,7 @@ def test_the_cap_admits_the_largest_kubelet_request() -> None:
 def shared_server(sockdir: str) -> Iterator[PluginServer]:
     snapshot = make_snapshot(2)
     resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=4)
-    srv = PluginServer(resource, fake_context(snapshot, FakeAllocator()), sockdir)
+    srv = PluginServer(fake_manager(resource, snapshot, FakeAllocator()), sockdir)
     srv.start()
     yield srv
     srv.stop()

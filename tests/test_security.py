@@ -21,7 +21,7 @@ import pynvml
 import pytest
 from test_server_support import (
     FakeAllocator,
-    fake_context,
+    fake_manager,
     make_map,
     make_resource,
     make_snapshot,
@@ -30,9 +30,8 @@ from test_server_support import (
 
 from deviceplugin.cdi import write_cdi_spec
 from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_plugin_flags
+from deviceplugin.rm import MAX_CONTAINER_REQUESTS, MAX_DEVICE_ID_BYTES
 from deviceplugin.server import (
-    MAX_CONTAINER_REQUESTS,
-    MAX_DEVICE_ID_BYTES,
     MAX_MESSAGE_BYTES,
     SOCKET_MODE,
     PluginServer,
@@ -75,7 +74,7 @@ def mode(path: str | Path) -> int:
 def server(sockdir: str) -> Iterator[tuple[PluginServer, FakeAllocator]]:
     snapshot = make_snapshot(4)
     allocator = FakeAllocator()
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), sockdir)
     srv.start()
     yield srv, allocator
     srv.stop()
@@ -83,7 +82,7 @@ def server(sockdir: str) -> Iterator[tuple[PluginServer, FakeAllocator]]:
 
 def test_plugin_socket_is_owner_only_whatever_the_umask(umask: int, sockdir: str) -> None:
     snapshot = make_snapshot(2)
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot), sockdir)
     srv.start()
     try:
         assert mode(srv.socket_path) == SOCKET_MODE == 0o600
@@ -166,7 +165,7 @@ def test_plugin_socket_is_never_reachable_with_a_looser_mode(
 ) -> None:
     os.chmod(sockdir, 0o755)  # like the kubelet's directory: anyone may look inside
     snapshot = make_snapshot(2)
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot), sockdir)
     srv.start()
     try:
         os.unlink(srv.socket_path)  # what a kubelet restart does
@@ -193,7 +192,7 @@ def test_private_bind_directory_is_owner_only_and_removed_after_a_failure(
 
     monkeypatch.setattr("deviceplugin.server.os.rename", failing_rename)
     snapshot = make_snapshot(1)
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot), sockdir)
     try:
         with pytest.raises(ServeError, match="planted rename failure"):
             srv.start()
@@ -209,7 +208,7 @@ def test_group_or_world_writable_socket_dir_is_warned_once(
     warn_if_shared.cache_clear()
     os.chmod(sockdir, 0o777)
     snapshot = make_snapshot(1)
-    servers = [PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    servers = [PluginServer(fake_manager(make_resource(snapshot), snapshot), sockdir)
                for _ in range(2)]
     try:
         for srv in servers:
@@ -229,7 +228,7 @@ def test_owner_only_socket_dir_is_not_warned(
     warn_if_shared.cache_clear()
     os.chmod(sockdir, 0o755)
     snapshot = make_snapshot(1)
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot), sockdir)
     srv.start()
     srv.stop()
     warn_if_shared.cache_clear()
@@ -238,7 +237,7 @@ def test_owner_only_socket_dir_is_not_warned(
 
 def test_stale_socket_path_that_is_a_symlink_is_never_followed_nor_removed(sockdir: str) -> None:
     snapshot = make_snapshot(1)
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot), sockdir)
     victim = os.path.join(sockdir, "victim")
     Path(victim).write_text("keep me")
     os.symlink(victim, srv.socket_path)
@@ -366,7 +365,7 @@ def test_huge_allocate_requests_are_refused_and_change_nothing(
     server: tuple[PluginServer, FakeAllocator],
 ) -> None:
     srv, _ = server
-    before = srv.state
+    before = srv.manager
     ids = [d.id for d in srv.resource.devices]
     channel, stub = plugin_stub(srv.socket_path)
     with channel:
@@ -381,8 +380,8 @@ def test_huge_allocate_requests_are_refused_and_change_nothing(
         long_id = api_pb2.AllocateRequest(container_requests=[
             api_pb2.ContainerAllocateRequest(devices_ids=["G" * 1_000_000])])
         expect_invalid(lambda: stub.Allocate(long_id, timeout=TIMEOUT), str(MAX_DEVICE_ID_BYTES))
-        # Nothing changed: same state object, and a normal request is served as before.
-        assert srv.state is before
+        # Nothing changed: same manager object, and a normal request is served as before.
+        assert srv.manager is before
         ok = stub.Allocate(api_pb2.AllocateRequest(container_requests=[
             api_pb2.ContainerAllocateRequest(devices_ids=ids[:2])]), timeout=TIMEOUT)
         assert ok.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(ids[:2])

@@ -14,24 +14,21 @@ from hypothesis import strategies as st
 from test_server_support import (
     FakeAllocator,
     default_config,
-    fake_context,
+    fake_manager,
     make_resource,
     make_snapshot,
     plugin_stub,
     short_tmpdir,
 )
 
-from deviceplugin.allocate import build_allocation
-from deviceplugin.allocator import device_order
+from deviceplugin.rm import NodeManagers, RequestIndex, in_use_counts
 from deviceplugin.server import (
     MAX_UNIX_PATH,
     PluginServer,
-    RequestIndex,
     ServeError,
-    ServingContext,
-    in_use_counts,
     socket_name,
 )
+from deviceplugin.shared_policy import device_order
 from gpus.model import Snapshot
 from protos.deviceplugin.v1beta1 import api_pb2
 
@@ -50,7 +47,7 @@ def allocator() -> FakeAllocator:
 
 @pytest.fixture
 def server(sockdir: str, snapshot: Snapshot, allocator: FakeAllocator) -> Iterator[PluginServer]:
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), sockdir)
     srv.start()
     yield srv
     srv.stop()
@@ -90,7 +87,7 @@ def test_list_and_watch_full_list_then_changes(server, stub, snapshot) -> None:
     assert [d.topology.nodes[0].ID for d in first.devices] == [0, 0, 1, 1]
 
     sick = snapshot.gpus[2].uuid
-    assert server.update(make_resource(snapshot, unhealthy=[sick])) is True
+    assert server.update(fake_manager(make_resource(snapshot, unhealthy=[sick]), snapshot)) is True
     second = next(stream)
     health = {d.ID: d.health for d in second.devices}
     assert health[sick] == "Unhealthy"
@@ -99,14 +96,14 @@ def test_list_and_watch_full_list_then_changes(server, stub, snapshot) -> None:
 
 
 def test_unchanged_update_pushes_nothing(server, snapshot) -> None:
-    assert server.update(make_resource(snapshot)) is False
+    assert server.update(fake_manager(make_resource(snapshot), snapshot)) is False
 
 
 def test_no_topology_when_numa_unknown(sockdir, allocator) -> None:
     snap = make_snapshot(2)
     gpus = tuple(g.__class__(**{**g.__dict__, "numa_node": None}) for g in snap.gpus)
     snap = Snapshot(system=snap.system, gpus=gpus)
-    srv = PluginServer(make_resource(snap), fake_context(snap, allocator), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snap), snap, allocator), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
     try:
@@ -120,7 +117,7 @@ def test_no_topology_when_numa_unknown(sockdir, allocator) -> None:
 
 
 def test_stream_ends_cleanly_on_stop_and_threads_go(sockdir, snapshot, allocator) -> None:
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
     stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
@@ -238,11 +235,11 @@ def test_impossible_preferred_is_empty_and_logged(
     stub, snapshot, allocator, available, must, size, why, caplog
 ) -> None:
     uuids = [g.uuid for g in snapshot.gpus]
-    with caplog.at_level(logging.WARNING, logger="deviceplugin.server"):
+    with caplog.at_level(logging.WARNING, logger="deviceplugin.rm"):
         result = preferred(stub, [uuids[i] for i in available], [uuids[i] for i in must], size)
     assert result == []
     assert allocator.calls == []
-    (record,) = [r for r in caplog.records if r.name == "deviceplugin.server"]
+    (record,) = [r for r in caplog.records if r.name == "deviceplugin.rm"]
     assert record.levelno == logging.WARNING
     assert "nvidia.com/gpu" in record.getMessage() and why in record.getMessage()
 
@@ -253,15 +250,17 @@ def test_preferred_ignores_unknown_available_ids(stub, snapshot) -> None:
     assert preferred(stub, ["GPU-gone", uuid], [], 2) == []
 
 
+class PaddingAllocator:
+    """A broken topology allocator: answers with padding slots."""
+
+    def preferred(self, available: Sequence[str], must: Sequence[str], size: int) -> list[str]:
+        return ["GPU-padding"] * size
+
+
 def test_bad_allocator_answer_is_empty_not_garbage(sockdir, snapshot) -> None:
-    context = ServingContext(
-        config=default_config(),
-        snapshot=snapshot,
-        allocate=build_allocation,
-        preferred_whole=lambda available, must, size: ["GPU-padding"] * size,
-        preferred_shared=lambda *a: [],
-    )
-    srv = PluginServer(make_resource(snapshot), context, sockdir)
+    managers = NodeManagers(default_config(), snapshot, PaddingAllocator(),
+                            shared=lambda *a: [])
+    srv = PluginServer(managers.manager(make_resource(snapshot)), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
     try:
@@ -273,7 +272,7 @@ def test_bad_allocator_answer_is_empty_not_garbage(sockdir, snapshot) -> None:
 
 def test_replicas_use_shared_policy(sockdir, snapshot, allocator) -> None:
     resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=2)
-    srv = PluginServer(resource, fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(resource, snapshot, allocator), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
     try:
@@ -294,7 +293,7 @@ def test_shared_policy_gets_in_use_counts_from_the_full_list(sockdir, snapshot, 
     sick = snapshot.gpus[1].uuid
     resource = make_resource(snapshot, name="nvidia.com/gpu.shared", unhealthy=[sick],
                              replicas=2)
-    srv = PluginServer(resource, fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(resource, snapshot, allocator), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
     try:
@@ -311,15 +310,16 @@ def test_request_index_follows_health_changes(sockdir, snapshot, allocator) -> N
     # The server indexes each resource version once; a health change must reach the in-use
     # counts of the next request (GPU 1's replicas, now Unhealthy, are no longer in use).
     resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=2)
-    srv = PluginServer(resource, fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(resource, snapshot, allocator), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
     try:
         gpus = [g.uuid for g in snapshot.gpus]
         offered = [d.id for d in resource.devices if d.gpu.uuid != gpus[1]]
         preferred(stub, offered, [], 1)
-        srv.update(make_resource(snapshot, name="nvidia.com/gpu.shared", unhealthy=[gpus[1]],
-                                 replicas=2))
+        srv.update(fake_manager(make_resource(snapshot, name="nvidia.com/gpu.shared",
+                                              unhealthy=[gpus[1]], replicas=2),
+                                snapshot, allocator))
         preferred(stub, offered, [], 1)
         assert allocator.counts == [
             {gpus[0]: 0, gpus[1]: 2, gpus[2]: 0, gpus[3]: 0},
@@ -349,7 +349,7 @@ def test_socket_path_too_long(snapshot, allocator) -> None:
     with short_tmpdir() as base:
         deep = os.path.join(base, "d" * (MAX_UNIX_PATH - len(base)))
         os.mkdir(deep)
-        srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), deep)
+        srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), deep)
         with pytest.raises(ServeError, match="AF_UNIX allows at most 107"):
             srv.start()
         assert not srv.serving
@@ -358,7 +358,7 @@ def test_socket_path_too_long(snapshot, allocator) -> None:
 
 def test_missing_directory(snapshot, allocator, sockdir) -> None:
     missing = os.path.join(sockdir, "missing")
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), missing)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), missing)
     with pytest.raises(ServeError, match="does not exist"):
         srv.start()
 
@@ -366,7 +366,7 @@ def test_missing_directory(snapshot, allocator, sockdir) -> None:
 def test_directory_is_a_file(snapshot, allocator, sockdir) -> None:
     path = os.path.join(sockdir, "file")
     open(path, "w").close()
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), path)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), path)
     with pytest.raises(ServeError, match="is not a directory"):
         srv.start()
 
@@ -375,7 +375,7 @@ def test_non_socket_in_the_way_is_left_alone(snapshot, allocator, sockdir) -> No
     path = os.path.join(sockdir, "nvidia-gpu.sock")
     with open(path, "w") as handle:
         handle.write("keep me")
-    srv = PluginServer(make_resource(snapshot), fake_context(snapshot, allocator), sockdir)
+    srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), sockdir)
     with pytest.raises(ServeError, match="not a socket"):
         srv.start()
     with open(path) as handle:
@@ -398,4 +398,4 @@ def test_restart_after_socket_removed(server, snapshot) -> None:
 
 def test_update_refuses_another_resource(server, snapshot) -> None:
     with pytest.raises(ValueError, match="cannot serve"):
-        server.update(make_resource(snapshot, name="nvidia.com/mig-1g.5gb"))
+        server.update(fake_manager(make_resource(snapshot, name="nvidia.com/mig-1g.5gb"), snapshot))

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from deviceplugin.allocate import AllocationError, build_allocation
-from deviceplugin.server import ServingContext
+from deviceplugin.rm import GpuResourceManager, NodeManagers
 from gpus.config import Config
 from gpus.model import GPU, Snapshot, SystemInfo
 from gpus.resources import Device, Resource, ResourceMap
@@ -91,13 +90,16 @@ def default_config() -> Config:
 
 
 class FakeAllocator:
-    """Records preferred-allocation calls; picks must-include first, then available order."""
+    """Records preferred-allocation calls; picks must-include first, then available order.
+
+    ``preferred`` stands in for the topology allocator, ``shared`` for the shared policy.
+    """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[str], int]] = []
         self.counts: list[dict[str, int]] = []  # allocated_counts of each shared call
 
-    def whole(self, available: Sequence[str], must: Sequence[str], size: int) -> list[str]:
+    def preferred(self, available: Sequence[str], must: Sequence[str], size: int) -> list[str]:
         self.calls.append(("whole", list(available), list(must), size))
         return list(dict.fromkeys([*must, *available]))[:size]
 
@@ -114,14 +116,14 @@ class FakeAllocator:
         return list(dict.fromkeys([*must, *(d.id for d in available)]))[:size]
 
 
-def fake_context(snapshot: Snapshot, allocator: FakeAllocator | None = None) -> ServingContext:
-    """A context with the real build_allocation and a FakeAllocator."""
+def fake_context(snapshot: Snapshot, allocator: FakeAllocator | None = None) -> NodeManagers:
+    """Resource managers with the real Allocate and a FakeAllocator for preferred sets."""
     allocator = allocator or FakeAllocator()
-    return ServingContext(
-        config=default_config(),
-        snapshot=snapshot,
-        allocate=build_allocation,
-        preferred_whole=allocator.whole,
-        preferred_shared=allocator.shared,
-        allocation_errors=(AllocationError,),
-    )
+    return NodeManagers(default_config(), snapshot, whole=allocator, shared=allocator.shared)
+
+
+def fake_manager(
+    resource: Resource, snapshot: Snapshot, allocator: FakeAllocator | None = None
+) -> GpuResourceManager:
+    """The manager of ``resource`` from :func:`fake_context`."""
+    return fake_context(snapshot, allocator).manager(resource)

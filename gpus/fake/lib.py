@@ -18,7 +18,7 @@ from typing import Any
 
 import pynvml
 
-from gpus.fake.profile import ARCHITECTURES, BRANDS, MIB
+from gpus.fake.profile import ARCHITECTURES, BRANDS
 from gpus.fake.state import (
     NOT_APPLICABLE,
     SUPPORTED_EVENTS,
@@ -28,7 +28,7 @@ from gpus.fake.state import (
     FakeState,
     NvmlReturn,
 )
-from gpus.model import sysfs_bus_id
+from gpus.model import MIB, sysfs_bus_id
 
 log = logging.getLogger(__name__)
 

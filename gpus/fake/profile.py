@@ -21,11 +21,10 @@ from typing import Any
 import pynvml
 import yaml
 
-from gpus.model import sysfs_bus_id
+from gpus.model import MIB, sysfs_bus_id
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 MODELS_FILE = PROFILES_DIR / "_models.yaml"
-MIB = 1 << 20
 # Limits: a profile is data from outside (a ConfigMap, a path on the command line), and the
 # fake turns it into NVML answers and O(GPUs^2) topology matrices, so everything is bounded.
 # The shipped profiles are at most a few KiB.

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from test_server_support import (
-    fake_context,
+    fake_manager,
     make_resource,
     make_snapshot,
     plugin_stub,
@@ -122,7 +122,7 @@ def test_failed_rebind_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     stayed unserved until the next reload. The registration loop's next tick now rebinds."""
     snapshot = make_snapshot(2)
     with short_tmpdir() as directory:
-        server = PluginServer(make_resource(snapshot), fake_context(snapshot), directory)
+        server = PluginServer(fake_manager(make_resource(snapshot), snapshot), directory)
         server.start()
         try:
             real_start = PluginServer._start_locked

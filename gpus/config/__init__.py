@@ -18,10 +18,12 @@ load can never leave a half-applied configuration behind.
 Modules, one job each: ``model`` (the table: the dataclasses, one field per setting),
 ``table`` (what a row holds and how the table is walked), ``values`` (value kinds: parsing a
 flag/env string or a file value), ``enums`` (typed strategies), ``sharing`` (time-slicing
-entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse`` (file data -> Config),
-``resolve`` (flags and env vars over the file).
+and MPS entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse`` (file data ->
+Config), ``resolve`` (flags and env vars over the file), ``checks`` (combinations the plugin
+refuses, checked after resolving).
 """
 
+from .checks import check_plugin
 from .enums import (
     ALLOCATION_POLICIES,
     DEVICE_ID_STRATEGIES,
@@ -31,6 +33,7 @@ from .enums import (
     DeviceIdStrategy,
     DeviceListStrategy,
     MigStrategy,
+    SharingStrategy,
 )
 from .errors import ConfigError
 from .fileformat import MAX_EXPANDED_NODES, load_config_file
@@ -40,6 +43,7 @@ from .model import (
     Config,
     Flags,
     GfdFlags,
+    Mps,
     PluginFlags,
     Sharing,
     TimeSlicing,
@@ -49,6 +53,7 @@ from .resolve import add_flags, reload, resolve
 from .sharing import (
     MAX_REPLICAS,
     MAX_RESOURCE_NAME_LENGTH,
+    MPS_NOT_FOR_MIG,
     RESOURCE_PREFIX,
     SHARED_SUFFIX,
     ReplicatedResource,
@@ -71,6 +76,7 @@ __all__ = [
     "MAX_REPLICAS",
     "MAX_RESOURCE_NAME_LENGTH",
     "MIG_STRATEGIES",
+    "MPS_NOT_FOR_MIG",
     "PROGRAM_DEST",
     "RESOURCE_PREFIX",
     "SHARED_SUFFIX",
@@ -83,12 +89,15 @@ __all__ = [
     "Flags",
     "GfdFlags",
     "MigStrategy",
+    "Mps",
     "PluginFlags",
     "Program",
     "ReplicatedResource",
     "Sharing",
+    "SharingStrategy",
     "TimeSlicing",
     "add_flags",
+    "check_plugin",
     "duration_seconds",
     "load_config",
     "load_config_file",

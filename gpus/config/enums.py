@@ -49,6 +49,14 @@ class AllocationPolicy(Choice):
     PACKED = "packed"
 
 
+class SharingStrategy(Choice):
+    """How GPUs are shared (``gpu.sharing-strategy``); derived from ``sharing``, not a flag."""
+
+    NONE = "none"
+    TIME_SLICING = "time-slicing"
+    MPS = "mps"
+
+
 def values(choice: type[Choice]) -> tuple[str, ...]:
     """The plain strings of ``choice``'s members, in declaration order."""
     return tuple(member.value for member in choice)

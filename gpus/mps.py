@@ -9,6 +9,8 @@
   ``get_default_active_thread_percentage`` (:meth:`MpsControl.assert_healthy`).
 * :func:`pinned_memory_limits` and :func:`active_thread_percentage`: the per-client defaults
   the daemon sets (total memory / replicas per GPU, 100 / replicas), in NVIDIA's formats.
+* :func:`client_env` and :func:`client_mounts`: what Allocate adds for an MPS resource
+  (NVIDIA's ``updateReponse``): the pipe directory variable, the pipe and shm mounts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gpus.resources import Resource
 
 CONTROL_BINARY = "nvidia-cuda-mps-control"
 CONTAINER_ROOT = "/mps"  # where NVIDIA's pods mount the host MPS root
+SHM_CONTAINER_PATH = "/dev/shm"  # where the shared tmpfs is mounted in daemons and clients
 PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
 CONTROL_LOG = "control.log"  # written by the control daemon into its log directory
@@ -160,3 +163,25 @@ def active_thread_percentage(resource: Resource) -> int | None:
     if not counts:
         return None
     return 100 // (len(resource.devices) // len(counts))
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory mounted into a client container (read-write, as NVIDIA's)."""
+
+    host_path: str
+    container_path: str
+
+
+def client_env(resource: str) -> dict[str, str]:
+    """The environment Allocate adds for an MPS resource: only the pipe directory, as seen in
+    the container (``/mps/<resource>/pipe``); the limits are the daemon's defaults."""
+    return {PIPE_ENV: str(MpsRoot(CONTAINER_ROOT).pipe_dir(resource))}
+
+
+def client_mounts(resource: str, host_root: str) -> tuple[Mount, ...]:
+    """The mounts Allocate adds for an MPS resource: the resource's pipe directory at the same
+    place under ``/mps``, and the MPS shm at ``/dev/shm``. ``host_root`` is ``--mps-root``."""
+    host, container = MpsRoot(host_root), MpsRoot(CONTAINER_ROOT)
+    return (Mount(str(host.pipe_dir(resource)), str(container.pipe_dir(resource))),
+            Mount(str(host.shm_dir), SHM_CONTAINER_PATH))

@@ -13,6 +13,7 @@ COPY deviceplugin ./deviceplugin
 COPY gfd ./gfd
 COPY protos ./protos
 COPY exporter ./exporter
+COPY mpsdaemon ./mpsdaemon
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gfd.imex import imex_labels, imex_problems
-from gpus.config import Config
+from gpus.config import Config, SharingStrategy
 from gpus.model import GPU, MIB, MigDevice, Snapshot
 from gpus.resources import (
     GPU_RESOURCE,
@@ -36,6 +36,7 @@ MAX_VALUE_LEN = 63
 UNKNOWN_MACHINE = "unknown"
 SHARING_NONE = "none"
 SHARING_TIME_SLICING = "time-slicing"
+SHARING_MPS = "mps"
 PCI_CLASS_VGA = 0x0300
 PCI_CLASS_3D = 0x0302
 
@@ -104,7 +105,7 @@ class Sharing:
     """How one resource name is shared, as the labels report it."""
 
     replicas: int  # 0: sharing does not apply (MIG-enabled parents), 1: unshared, N: shared
-    strategy: str  # "none" or "time-slicing"
+    strategy: str  # "none", "time-slicing" or "mps"
     shared: bool  # replicas > 1
     renamed: bool  # advertised under another name, so the product gets no -SHARED suffix
 
@@ -119,17 +120,20 @@ SharingTable = Mapping[str, Sharing]
 def sharing_table(snapshot: Snapshot, config: Config) -> dict[str, Sharing]:
     """How each resource is shared, read from the device plugin's own resource map.
 
-    ``gpus.resources.build_resource_map`` decides which time-slicing entries apply and under
-    which name (``TimeSlicing.shared_name``); the labels take replicas and ``Resource.renamed``
-    from it, so GFD and the plugin always agree (``-SHARED`` only when shared and not renamed,
-    and an entry the plugin rejects, e.g. a rename colliding with another resource, is not
-    reported as shared). Resources absent from the table are unshared.
+    ``gpus.resources.build_resource_map`` decides which sharing entries (time-slicing, or MPS
+    when it has resources) apply and under which name (``shared_name``); the labels take
+    replicas, the strategy (``Resource.sharing``) and ``Resource.renamed`` from it, so GFD and
+    the plugin always agree (``-SHARED`` only when shared and not renamed, and an entry the
+    plugin rejects, e.g. a rename colliding with another resource or MPS replicas above the
+    GPU's client limit, is not reported as shared). Resources absent from the table are
+    unshared.
     """
     table: dict[str, Sharing] = {}
     for resource in build_resource_map(snapshot, config).resources.values():
         if resource.shared:
+            strategy = SHARING_MPS if resource.mps else SHARING_TIME_SLICING
             table[resource.unshared_name or resource.name] = Sharing(
-                replicas=resource.replicas, strategy=SHARING_TIME_SLICING, shared=True,
+                replicas=resource.replicas, strategy=strategy, shared=True,
                 renamed=resource.renamed)
     return table
 
@@ -229,9 +233,18 @@ def mig_capability_labels(snapshot: Snapshot) -> Labels:
     return {PREFIX + "mig.capable": str(capable).lower()}
 
 
-def sharing_capability_labels() -> Labels:
-    """``mps.capable``: always false (MPS sharing is not implemented)."""
-    return {PREFIX + "mps.capable": "false"}
+def _mig_enabled(snapshot: Snapshot) -> list[GPU]:
+    return [gpu for gpu in snapshot.gpus if gpu.mig_enabled]
+
+
+def sharing_capability_labels(snapshot: Snapshot, config: Config) -> Labels:
+    """``mps.capable``: true when MPS is the sharing strategy and no GPU has MIG enabled.
+
+    NVIDIA's GFD fails the pass when MPS is configured on a node with MIG enabled; we label
+    false (the MPS control daemon, selected by this label, stays away) and report the problem.
+    """
+    capable = config.sharing.strategy == SharingStrategy.MPS and not _mig_enabled(snapshot)
+    return {PREFIX + "mps.capable": str(capable).lower()}
 
 
 def gpu_mode_labels(snapshot: Snapshot) -> Labels:
@@ -400,7 +413,7 @@ def device_labels(snapshot: Snapshot, config: Config, machine: str) -> Labels:
         lambda: machine_labels(machine),
         lambda: version_labels(snapshot),
         lambda: mig_capability_labels(snapshot),
-        sharing_capability_labels,
+        lambda: sharing_capability_labels(snapshot, config),
         lambda: resource_labels(snapshot, config),
         lambda: gpu_mode_labels(snapshot),
         lambda: imex_labels(snapshot),
@@ -433,6 +446,12 @@ def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
                         "X.Y[.Z]; no cuda.driver labels")
     if config.flags.mig_strategy == "single" and any(g.mig_enabled for g in snapshot.gpus):
         problems.extend(f"{p} (labelled -MIG-INVALID)" for p in mig_single_problems(snapshot))
+    enabled = _mig_enabled(snapshot)
+    if config.sharing.strategy == SharingStrategy.MPS and enabled:
+        gpus = ", ".join(f"GPU {gpu.index} ({gpu.uuid})" for gpu in enabled)
+        problems.append(f"MPS sharing is not supported for MIG devices: {gpus} "
+                        f"{'has' if len(enabled) == 1 else 'have'} MIG enabled "
+                        "(labelled mps.capable=false)")
     problems.extend(imex_problems(snapshot))
     from gfd.vgpu import vgpu_problems
 

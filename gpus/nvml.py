@@ -42,6 +42,10 @@ EVENT_SINGLE_BIT_ECC: int = pynvml.nvmlEventTypeSingleBitEccError
 EVENT_DOUBLE_BIT_ECC: int = pynvml.nvmlEventTypeDoubleBitEccError
 DEFAULT_EVENTS = EVENT_XID | EVENT_SINGLE_BIT_ECC | EVENT_DOUBLE_BIT_ECC
 
+# Compute modes (nvmlComputeMode_t) the MPS control daemon switches between.
+COMPUTE_MODE_DEFAULT: int = pynvml.NVML_COMPUTEMODE_DEFAULT
+COMPUTE_MODE_EXCLUSIVE_PROCESS: int = pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
+
 # NVSwitch PCI device ids (device << 16 | vendor): a link to one reaches every GPU on the fabric.
 NVSWITCH_PCI_DEVICE_IDS = frozenset({0x1AC010DE, 0x1AC110DE, 0x1AC210DE, 0x1AF110DE, 0x22A310DE})
 
@@ -537,6 +541,17 @@ class Nvml:
             )
             remotes.append((normalize_bus_id(pci.busId), int(pci.pciDeviceId)))
         return remotes
+
+    # -- settings -------------------------------------------------------------------------------
+
+    def set_compute_mode(self, uuid: str, mode: int) -> None:
+        """Set a GPU's compute mode (what ``nvidia-smi -i <uuid> -c <mode>`` does; needs root).
+
+        The MPS control daemon sets EXCLUSIVE_PROCESS before starting an MPS server and DEFAULT
+        after stopping it. Raises NvmlError naming the call.
+        """
+        handle = _call("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
+        _call("nvmlDeviceSetComputeMode", pynvml.nvmlDeviceSetComputeMode, handle, mode)
 
     # -- health ---------------------------------------------------------------------------------
 

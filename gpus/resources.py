@@ -8,8 +8,12 @@ Two steps, both pure:
 
 1. The MIG strategy turns GPUs and MIG devices into *units* grouped by their unshared resource
    name (``nvidia.com/gpu``, ``nvidia.com/mig-1g.5gb``); invalid layouts become problems.
-2. Time-slicing turns the selected units of a resource into ``<uuid>::<n>`` replicas, advertised
-   under the same or a new name; the unselected units stay under the unshared name.
+2. Sharing (time-slicing, or MPS when ``sharing.mps`` has resources: ``Sharing.active``) turns
+   the selected units of a resource into ``<uuid>::<n>`` replicas, advertised under the same or
+   a new name; the unselected units stay under the unshared name. Each shared Resource says
+   which strategy shares it. An MPS entry NVIDIA's MPS server cannot run (MIG devices, more
+   replicas than an MPS server takes clients) is a problem and its devices are not advertised
+   at all: never as whole GPUs under the name pods expect replicas from.
 
 See docs/mig.md and docs/sharing.md for the rules, and how they differ from NVIDIA's.
 """
@@ -19,7 +23,15 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpus.config import RESOURCE_PREFIX, Config, ReplicatedResource, TimeSlicing
+from gpus.config import (
+    MPS_NOT_FOR_MIG,
+    RESOURCE_PREFIX,
+    Config,
+    Mps,
+    ReplicatedResource,
+    SharingStrategy,
+    TimeSlicing,
+)
 from gpus.model import GPU, MigDevice, Snapshot
 
 HEALTHY = "Healthy"
@@ -27,6 +39,16 @@ UNHEALTHY = "Unhealthy"
 
 GPU_RESOURCE = f"{RESOURCE_PREFIX}/gpu"
 MIG_RESOURCE_PREFIX = f"{RESOURCE_PREFIX}/mig-"
+
+# The clients one MPS server takes per GPU (NVIDIA's mps-control-daemon: 48 from compute
+# capability 7.5, else 16; its code calls the cut-off "Volta" but compares with 7.5).
+MPS_MAX_CLIENTS = 48
+MPS_MAX_CLIENTS_BEFORE_7_5 = 16
+
+
+def mps_max_clients(gpu: GPU) -> int:
+    """How many MPS clients (replicas) ``gpu`` takes."""
+    return MPS_MAX_CLIENTS if gpu.compute_capability >= (7, 5) else MPS_MAX_CLIENTS_BEFORE_7_5
 
 
 @dataclass(frozen=True)
@@ -69,11 +91,19 @@ class Resource:
     # The name these devices would have unshared ("" = same as name): "nvidia.com/gpu" for
     # "nvidia.com/gpu.shared". GFD adds "-SHARED" to the product only when not renamed.
     unshared_name: str = ""
+    # How the replicas are shared: Allocate adds MPS's pipe and shm, GFD and the exporter
+    # label it. NONE for unshared resources.
+    sharing: SharingStrategy = SharingStrategy.NONE
 
     @property
     def shared(self) -> bool:
-        """True when devices are time-slicing replicas."""
+        """True when devices are replicas (time-slicing or MPS)."""
         return self.replicas > 1
+
+    @property
+    def mps(self) -> bool:
+        """True when the replicas are clients of an MPS server (see mpsdaemon/)."""
+        return self.shared and self.sharing == SharingStrategy.MPS
 
     @property
     def renamed(self) -> bool:
@@ -233,12 +263,12 @@ _STRATEGIES = {"none": _units_none, "single": _units_single, "mixed": _units_mix
 
 
 # --------------------------------------------------------------------------------------------
-# Step 2: time-slicing.
+# Step 2: sharing (time-slicing or MPS).
 
 
 @dataclass(frozen=True)
 class _Shared:
-    """One time-slicing entry applied: its units become replicas under ``name``."""
+    """One sharing entry applied: its units become replicas under ``name``."""
 
     name: str
     unshared_name: str
@@ -281,14 +311,13 @@ def _select(units: Sequence[_Unit], devices: int | tuple[str, ...] | None,
     return [unit for unit in units if any(_matches(unit, ref) for ref in devices)], problems
 
 
-def _apply_entry(units: _Units, time_slicing: TimeSlicing, index: int,
+def _apply_entry(units: _Units, section: TimeSlicing | Mps, label: str,
                  entry: ReplicatedResource, taken: set[str]) -> tuple[_Shared | None, list[str]]:
-    label = f"sharing.timeSlicing.resources[{index}] ({entry.name})"
     available = units.get(entry.name, [])
     if not available:
         offered = ", ".join(sorted(name for name, found in units.items() if found)) or "nothing"
         return None, [f"{label}: no such resource on this node (it offers {offered}); ignored"]
-    name = time_slicing.shared_name(entry)
+    name = section.shared_name(entry)
     if name != entry.name and (units.get(name) or name in taken):
         return None, [f"{label}: cannot advertise replicas as {name}: that resource already "
                       f"exists on this node; {entry.name} is not shared"]
@@ -301,6 +330,25 @@ def _apply_entry(units: _Units, time_slicing: TimeSlicing, index: int,
     if not selected:
         return None, problems
     return _Shared(name, entry.name, tuple(selected), entry.replicas), problems
+
+
+def _mps_refusal(applied: _Shared, label: str) -> str | None:
+    """Why an MPS server cannot serve ``applied`` (None when it can): MIG devices (mig-strategy
+    single makes nvidia.com/gpu MIG devices), or more replicas than a GPU takes MPS clients."""
+    not_advertised = f"{applied.name} is not advertised"
+    migs = [unit for unit in applied.units if unit.mig is not None]
+    if migs:
+        return (f"{label}: {MPS_NOT_FOR_MIG} ({', '.join(unit.uuid for unit in migs)}); "
+                f"{not_advertised}")
+    over = [unit.gpu for unit in applied.units if applied.replicas > mps_max_clients(unit.gpu)]
+    if not over:
+        return None
+    gpus = ", ".join(f"{_name_gpu(gpu)} with compute capability "
+                     f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]} takes at most "
+                     f"{mps_max_clients(gpu)}" for gpu in over)
+    return (f"{label}: {applied.replicas} replicas exceed the MPS clients per GPU: {gpus} "
+            f"({MPS_MAX_CLIENTS} from compute capability 7.5, else "
+            f"{MPS_MAX_CLIENTS_BEFORE_7_5}); {not_advertised}")
 
 
 def _device(unit: _Unit, unhealthy: Collection[str], replica: int | None = None) -> Device:
@@ -326,17 +374,28 @@ def build_resource_map(snapshot: Snapshot, config: Config,
     units, problems = _STRATEGIES[strategy](snapshot)
     for found in units.values():
         found.sort(key=lambda unit: unit.sort_key)
-    time_slicing = config.sharing.time_slicing
+    sharing_strategy = config.sharing.strategy
+    section = config.sharing.active
+    key = "mps" if sharing_strategy == SharingStrategy.MPS else "timeSlicing"
     shared: list[_Shared] = []
     taken: set[str] = set()
-    for index, entry in enumerate(time_slicing.resources):
-        applied, entry_problems = _apply_entry(units, time_slicing, index, entry, taken)
+    withheld: set[str] = set()  # units of refused MPS entries: not advertised at all
+    for index, entry in enumerate(section.resources):
+        label = f"sharing.{key}.resources[{index}] ({entry.name})"
+        applied, entry_problems = _apply_entry(units, section, label, entry, taken)
         problems.extend(entry_problems)
-        if applied is not None:
-            shared.append(applied)
-            taken.add(applied.name)
+        if applied is None:
+            continue
+        refusal = (_mps_refusal(applied, label) if sharing_strategy == SharingStrategy.MPS
+                   else None)
+        if refusal is not None:
+            problems.append(refusal)
+            withheld.update(unit.uuid for unit in applied.units)
+            continue
+        shared.append(applied)
+        taken.add(applied.name)
     resources: dict[str, Resource] = {}
-    shared_uuids = {unit.uuid for applied in shared for unit in applied.units}
+    shared_uuids = {unit.uuid for applied in shared for unit in applied.units} | withheld
     for name, found in units.items():
         devices = tuple(_device(unit, unhealthy) for unit in found
                         if unit.uuid not in shared_uuids)
@@ -347,6 +406,6 @@ def build_resource_map(snapshot: Snapshot, config: Config,
                         for replica in range(applied.replicas))
         resources[applied.name] = Resource(
             name=applied.name, devices=devices, replicas=applied.replicas,
-            fail_requests_greater_than_one=time_slicing.fail_requests_greater_than_one,
-            unshared_name=applied.unshared_name)
+            fail_requests_greater_than_one=section.fail_requests_greater_than_one,
+            unshared_name=applied.unshared_name, sharing=sharing_strategy)
     return ResourceMap(resources=dict(sorted(resources.items())), problems=tuple(problems))

@@ -183,10 +183,10 @@ def test_kube_api_rate_limits_are_checked(env: str, value: str, reason: str) -> 
 
 def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
     text = ("version: v1\nflags:\n  gdsEnabled: true\n  mofedEnabled: false\n"
-            "  useNodeFeatureAPI: true\n  mpsRoot: /run/nvidia/mps\n"
+            "  useNodeFeatureAPI: true\n  deviceDiscoveryStrategy: auto\n"
             "  plugin:\n    containerDriverRoot: /driver-root\n    cdiAnnotationPrefix: x\n"
             "    nvidiaCTKPath: /usr/bin/nvidia-ctk\nresources:\n  gpus: []\n"
-            "sharing:\n  mps:\n    resources: []\n")
+            "sharing:\n  timeSlicing:\n    strategy: x\n")
     with caplog.at_level(logging.WARNING, logger="gpus.config"):
         config = parse_config(text, "cm.yaml")
     # The one implemented key is set; everything else is the default.
@@ -212,7 +212,7 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
     ("version: v2\n", "config.yaml:1: version: unknown version 'v2': must be v1"),
     ("version: v1\nflags:\n  migStrategie: mixed\n",
      "config.yaml:3: flags.migStrategie: unknown key 'migStrategie' (allowed: migStrategy, "
-     "failOnInitError, nvidiaDriverRoot, nvidiaDevRoot, useNodeFeatureAPI, plugin, gfd)"),
+     "failOnInitError, nvidiaDriverRoot, nvidiaDevRoot, mpsRoot, useNodeFeatureAPI, plugin, gfd)"),
     ("flags:\n  failOnInitError: maybe\n",
      "config.yaml:2: flags.failOnInitError: must be a boolean (true or false), got 'maybe'"),
     ("flags:\n  plugin:\n    deviceIDStrategy: serial\n",
@@ -265,7 +265,7 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
      "']', but got '<stream end>'"),
     ("- 1\n- 2\n", "config.yaml: the document must be a mapping, got a list"),
     ("sharing:\n  sharing: {}\n",
-     "config.yaml:2: sharing.sharing: unknown key 'sharing' (allowed: timeSlicing)"),
+     "config.yaml:2: sharing.sharing: unknown key 'sharing' (allowed: timeSlicing, mps)"),
 ])
 def test_file_errors_name_file_line_field_and_reason(text: str, expected: str,
                                                      tmp_path: Path) -> None:
@@ -550,3 +550,136 @@ def test_nonempty_settings_are_nonempty_in_the_file_too() -> None:
         with pytest.raises(ConfigError, match=rf"^cm:3: flags\.{section}\.{key}: must not be "
                                               r"empty, got ' '$"):
             parse_config(f"flags:\n  {section}:\n    {key}: ' '\n", "cm")
+
+
+# --- MPS sharing ---------------------------------------------------------------------------
+
+MPS = """\
+version: v1
+sharing:
+  mps:
+    resources:
+    - name: nvidia.com/gpu
+      replicas: 4
+"""
+
+
+def plugin_resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "plugin")
+    return resolve(parser.parse_args(list(argv)), environ)
+
+
+def test_mps_is_read_with_nvidias_defaults() -> None:
+    cfg = parse_config(MPS, "c.yaml")
+    assert cfg.sharing.strategy == "mps"
+    assert cfg.sharing.active is cfg.sharing.mps
+    assert cfg.sharing.mps.resources == (ReplicatedResource("nvidia.com/gpu", 4),)
+    # NVIDIA v0.20: absent means true for MPS (false for time-slicing).
+    assert cfg.sharing.mps.fail_requests_greater_than_one is True
+    assert cfg.sharing.time_slicing.fail_requests_greater_than_one is False
+    relaxed = parse_config(MPS.replace("  mps:\n", "  mps:\n    failRequestsGreaterThanOne: "
+                                       "false\n    renameByDefault: true\n"))
+    assert relaxed.sharing.mps.fail_requests_greater_than_one is False
+    entry = relaxed.sharing.mps.resources[0]
+    assert relaxed.sharing.mps.shared_name(entry) == "nvidia.com/gpu.shared"
+
+
+def test_mps_wins_over_time_slicing_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    both = MPS + "  timeSlicing:\n    resources:\n    - name: gpu\n      replicas: 2\n"
+    with caplog.at_level(logging.WARNING, logger="gpus.config"):
+        cfg = parse_config(both, "c.yaml")
+    assert cfg.sharing.strategy == "mps" and cfg.sharing.active is cfg.sharing.mps
+    assert any("sharing.timeSlicing is ignored" in r.getMessage() for r in caplog.records)
+    # An MPS section without resources shares nothing: time-slicing applies.
+    empty = parse_config("sharing:\n  mps: {}\n  timeSlicing:\n    resources:\n"
+                         "    - name: gpu\n      replicas: 2\n")
+    assert empty.sharing.strategy == "time-slicing"
+    assert empty.sharing.active is empty.sharing.time_slicing
+    assert parse_config("sharing:\n  mps: {}\n").sharing.strategy == "none"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("sharing:\n  mps:\n    resources:\n    - name: mig-1g.5gb\n      replicas: 2\n",
+     "config.yaml:4: sharing.mps.resources[0].name: MPS sharing is not supported for MIG "
+     "devices ('nvidia.com/mig-1g.5gb' is a MIG resource)"),
+    ("sharing:\n  mps:\n    resources:\n    - name: gpu\n      replicas: 2\n"
+     "      devices: [0, '0:1']\n",
+     "config.yaml:6: sharing.mps.resources[0].devices[1]: MPS sharing is not supported for MIG "
+     "devices ('0:1' is a MIG device)"),
+    ("sharing:\n  mps:\n    resources:\n    - name: gpu\n      replicas: 2\n"
+     f"      devices: [{MIG_UUID}]\n",
+     f"config.yaml:6: sharing.mps.resources[0].devices[0]: MPS sharing is not supported for MIG "
+     f"devices ('{MIG_UUID}' is a MIG device)"),
+    ("sharing:\n  mps:\n    resources:\n    - name: gpu\n      replicas: 1\n",
+     "config.yaml:5: sharing.mps.resources[0].replicas: must be >= 2, got 1"),
+    ("sharing:\n  mps:\n    resources:\n    - name: gpu\n      replicas: 2\n"
+     "    - name: nvidia.com/gpu\n      replicas: 3\n",
+     "config.yaml:6: sharing.mps.resources[1].name: duplicate resource name 'nvidia.com/gpu' "
+     "(also sharing.mps.resources[0])"),
+    ("sharing:\n  mps:\n    failRequestsGreaterThanOne: sure\n",
+     "config.yaml:3: sharing.mps.failRequestsGreaterThanOne: must be a boolean (true or false), "
+     "got 'sure'"),
+])
+def test_mps_file_errors(text: str, expected: str, tmp_path: Path) -> None:
+    assert file_error(text, tmp_path) == expected
+
+
+def test_the_plugin_refuses_mps_with_mig_strategy_mixed(tmp_path: Path) -> None:
+    path = write(tmp_path, MPS)
+    expected = (f"{path}:3: sharing.mps: MPS sharing is not supported with --mig-strategy mixed "
+                "(MIG devices cannot be shared with MPS; use none or single)")
+    for argv, environ in ((["--mig-strategy", "mixed"], {}), ([], {"MIG_STRATEGY": "mixed"})):
+        with pytest.raises(ConfigError) as info:
+            plugin_resolve(["--config-file", str(path), "--mps-root", "/run/nvidia/mps", *argv],
+                           environ)
+        assert str(info.value) == expected
+    # From the file itself too.
+    mixed = write(tmp_path, MPS.replace("version: v1\n", "version: v1\nflags:\n  migStrategy: "
+                                        "mixed\n  mpsRoot: /m\n"), "mixed.yaml")
+    with pytest.raises(ConfigError, match=rf"^{mixed}:6: sharing.mps: MPS sharing is not "):
+        plugin_resolve(["--config-file", str(mixed)], {})
+    # single (and none) are fine; so is mixed once the flag overrides it.
+    assert plugin_resolve(["--config-file", str(mixed), "--mig-strategy", "single"],
+                          {}).flags.mig_strategy == "single"
+
+
+def test_the_plugin_refuses_mps_without_an_mps_root(tmp_path: Path) -> None:
+    path = write(tmp_path, MPS)
+    with pytest.raises(ConfigError) as info:
+        plugin_resolve(["--config-file", str(path)], {"MPS_ROOT": ""})
+    assert str(info.value) == (
+        f"{path}:3: sharing.mps: MPS sharing needs --mps-root (env MPS_ROOT, file flags.mpsRoot):"
+        " the host directory shared with the MPS control daemon, /run/nvidia/mps in NVIDIA's "
+        "Helm chart")
+    for argv, environ in ((["--mps-root", "/a"], {}), ([], {"MPS_ROOT": "/a"})):
+        cfg = plugin_resolve(["--config-file", str(path), *argv], environ)
+        assert cfg.flags.mps_root == "/a" and cfg.sharing.strategy == "mps"
+    in_file = write(tmp_path, MPS + "flags:\n  mpsRoot: /run/nvidia/mps\n", "root.yaml")
+    assert plugin_resolve(["--config-file", str(in_file)], {}).flags.mps_root == "/run/nvidia/mps"
+    # GFD neither needs nor reads the MPS root; time-slicing does not need one either.
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "gfd")
+    assert resolve(parser.parse_args(["--config-file", str(path)]), {}).sharing.strategy == "mps"
+    plain = write(tmp_path, MPS.replace("mps:", "timeSlicing:"), "ts.yaml")
+    assert plugin_resolve(["--config-file", str(plain)], {}).flags.mps_root == ""
+
+
+def test_parsed_data_without_lines_still_names_the_field() -> None:
+    cfg = parse_config({"sharing": {"mps": {"resources": [{"name": "gpu", "replicas": 2}]}}})
+    with pytest.raises(ConfigError, match=r"^sharing.mps: MPS sharing needs --mps-root"):
+        from gpus.config import check_plugin
+
+        check_plugin(cfg)
+
+
+def test_reload_keeps_the_running_config_when_mps_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "version: v1\n")
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "plugin")
+    args = parser.parse_args(["--config-file", str(path)])
+    running = resolve(args, {})
+    path.write_text(MPS)
+    kept, error = reload(running, args, {})
+    assert kept is running
+    assert error is not None and "MPS sharing needs --mps-root" in error

@@ -69,6 +69,7 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
                               "flags.nvidiaDevRoot"),
     "flags.nvml": (("--nvml",), both("NVML_BACKEND"), None),
     "flags.sysfs_root": (("--sysfs-root",), both("SYSFS_ROOT"), None),
+    "flags.mps_root": (("--mps-root",), {"plugin": ("MPS_ROOT",)}, "flags.mpsRoot"),
     # NodeFeature output (GFD), together:
     "flags.use_node_feature_api": (("--use-node-feature-api",), {
         "gfd": ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API")}, "flags.useNodeFeatureAPI"),
@@ -113,6 +114,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
     "sharing.time_slicing.fail_requests_greater_than_one": (
         (), {}, "sharing.timeSlicing.failRequestsGreaterThanOne"),
     "sharing.time_slicing.resources": ((), {}, "sharing.timeSlicing.resources"),
+    "sharing.mps.rename_by_default": ((), {}, "sharing.mps.renameByDefault"),
+    "sharing.mps.fail_requests_greater_than_one": (
+        (), {}, "sharing.mps.failRequestsGreaterThanOne"),
+    "sharing.mps.resources": ((), {}, "sharing.mps.resources"),
     "config_file": (("--config-file",), {"plugin": ("CONFIG_FILE",),
                                          "gfd": ("GFD_CONFIG_FILE", "CONFIG_FILE")}, None),
     # The daemons' own options: flags and variables only, never in the file.
@@ -236,6 +241,8 @@ def file_text(path: str, value: Any) -> str:
     document: Any = value
     for key in reversed(path.split(".")):
         document = {key: document}
+    if path.startswith("sharing.mps."):  # the plugin refuses MPS sharing without an MPS root
+        document["flags"] = {"mpsRoot": "/run/nvidia/mps"}
     return json.dumps(document, indent=1)
 
 

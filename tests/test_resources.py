@@ -9,8 +9,10 @@ import pytest
 from gpus.config import (
     Config,
     Flags,
+    Mps,
     ReplicatedResource,
     Sharing,
+    SharingStrategy,
     TimeSlicing,
     parse_config,
 )
@@ -24,6 +26,7 @@ from gpus.resources import (
     build_resource_map,
     mig_resource_name,
     mig_single_problems,
+    mps_max_clients,
     resource_short_name,
 )
 
@@ -450,3 +453,105 @@ def test_from_a_parsed_config_file() -> None:
     result = build_resource_map(all_layout(SEVEN_1G, 2), cfg)
     assert len(ids(result, "nvidia.com/mig-1g.5gb-ts")) == 14
     assert len(ids(result, "nvidia.com/mig-1g.5gb")) == 7
+
+
+# --- MPS -----------------------------------------------------------------------------------
+
+
+def mps_config(mig: str = "none", *resources: ReplicatedResource,
+               rename_by_default: bool = False, fail: bool = True,
+               time_slicing: tuple[ReplicatedResource, ...] = ()) -> Config:
+    return Config(flags=Flags(mig_strategy=mig, mps_root="/run/nvidia/mps"),
+                  sharing=Sharing(TimeSlicing(resources=time_slicing),
+                                  Mps(rename_by_default, fail, tuple(resources))))
+
+
+def with_compute_capability(snapshot: Snapshot, index: int, cc: tuple[int, int]) -> Snapshot:
+    gpus = tuple(dataclasses.replace(g, compute_capability=cc) if g.index == index else g
+                 for g in snapshot.gpus)
+    return dataclasses.replace(snapshot, gpus=gpus)
+
+
+def test_mps_replicas_are_marked_and_time_slicing_is_not() -> None:
+    result = build_resource_map(dgx_a100(), mps_config("none", ReplicatedResource(GPU_RESOURCE,
+                                                                                  4)))
+    resource = result.resources[GPU_RESOURCE]
+    assert resource.sharing == SharingStrategy.MPS and resource.mps and resource.shared
+    assert [d.id for d in resource.devices[:5]] == [
+        f"{gpu_uuid(0)}::0", f"{gpu_uuid(0)}::1", f"{gpu_uuid(0)}::2", f"{gpu_uuid(0)}::3",
+        f"{gpu_uuid(1)}::0"]
+    assert len(resource.devices) == 32 and resource.fail_requests_greater_than_one
+    assert result.problems == ()
+    sliced = build_resource_map(dgx_a100(), config("none", ReplicatedResource(GPU_RESOURCE, 4)))
+    ts = sliced.resources[GPU_RESOURCE]
+    assert ts.sharing == SharingStrategy.TIME_SLICING and not ts.mps
+    plain = build_resource_map(dgx_a100(), config("none")).resources[GPU_RESOURCE]
+    assert plain.sharing == SharingStrategy.NONE and not plain.mps and not plain.shared
+
+
+def test_mps_wins_over_time_slicing() -> None:
+    cfg = mps_config("none", ReplicatedResource(GPU_RESOURCE, 2),
+                     time_slicing=(ReplicatedResource(GPU_RESOURCE, 8),))
+    resource = build_resource_map(dgx_a100(), cfg).resources[GPU_RESOURCE]
+    assert resource.mps and resource.replicas == 2 and len(resource.devices) == 16
+
+
+def test_mps_rename_by_default_and_selection() -> None:
+    cfg = mps_config("none", ReplicatedResource(GPU_RESOURCE, 3, devices=(gpu_uuid(2), "5")),
+                     rename_by_default=True, fail=False)
+    result = build_resource_map(dgx_a100(), cfg)
+    shared = result.resources["nvidia.com/gpu.shared"]
+    assert shared.mps and shared.renamed and shared.unshared_name == GPU_RESOURCE
+    assert not shared.fail_requests_greater_than_one
+    assert [d.id for d in shared.devices] == [f"{gpu_uuid(i)}::{n}" for i in (2, 5)
+                                              for n in range(3)]
+    whole = result.resources[GPU_RESOURCE]
+    assert [d.id for d in whole.devices] == [gpu_uuid(i) for i in (0, 1, 3, 4, 6, 7)]
+    assert whole.sharing == SharingStrategy.NONE
+
+
+@pytest.mark.parametrize(("cc", "limit"), [((7, 0), 16), ((7, 2), 16), ((6, 1), 16),
+                                           ((7, 5), 48), ((8, 0), 48), ((9, 0), 48)])
+def test_mps_clients_per_gpu_depend_on_compute_capability(cc: tuple[int, int],
+                                                          limit: int) -> None:
+    gpu = dataclasses.replace(make_gpu(0), compute_capability=cc)
+    assert mps_max_clients(gpu) == limit
+    snapshot = make_snapshot(gpu)
+    assert build_resource_map(snapshot, mps_config("none", ReplicatedResource(
+        GPU_RESOURCE, limit))).problems == ()
+    over = build_resource_map(snapshot, mps_config("none", ReplicatedResource(GPU_RESOURCE,
+                                                                              limit + 1)))
+    assert over.resources == {}
+    assert len(over.problems) == 1 and f"takes at most {limit}" in over.problems[0]
+
+
+def test_mps_replicas_above_the_limit_name_the_gpu_and_serve_nothing_of_it() -> None:
+    snapshot = with_compute_capability(dgx_a100(), 3, (7, 0))  # a V100 among A100s
+    result = build_resource_map(snapshot, mps_config("none", ReplicatedResource(GPU_RESOURCE,
+                                                                                20)))
+    assert result.problems == (
+        f"sharing.mps.resources[0] (nvidia.com/gpu): 20 replicas exceed the MPS clients per "
+        f"GPU: GPU 3 ({gpu_uuid(3)}) with compute capability 7.0 takes at most 16 (48 from "
+        f"compute capability 7.5, else 16); nvidia.com/gpu is not advertised",)
+    # Never as whole GPUs under the name pods expect MPS replicas from.
+    assert result.resources == {}
+
+
+def test_mps_on_mig_devices_is_refused_under_single() -> None:
+    snapshot = all_layout(SEVEN_1G, 2)
+    result = build_resource_map(snapshot, mps_config("single", ReplicatedResource(GPU_RESOURCE,
+                                                                                  2)))
+    assert result.resources == {}
+    (problem,) = result.problems
+    assert problem.startswith("sharing.mps.resources[0] (nvidia.com/gpu): MPS sharing is not "
+                              f"supported for MIG devices ({mig_uuid(0, 0)}, ")
+    assert problem.endswith("); nvidia.com/gpu is not advertised")
+
+
+def test_mps_refusal_leaves_other_resources_alone() -> None:
+    # An entry for a resource the node lacks is reported as for time-slicing.
+    result = build_resource_map(dgx_a100(), mps_config("none", ReplicatedResource(
+        "nvidia.com/gpu-x", 2)))
+    assert list(result.resources) == [GPU_RESOURCE]
+    assert "no such resource on this node" in result.problems[0]
+    assert result.problems[0].startswith("sharing.mps.resources[0] (nvidia.com/gpu-x)")

@@ -18,13 +18,15 @@ load can never leave a half-applied configuration behind.
 Modules, one job each: ``model`` (the table: the dataclasses, one field per setting),
 ``table`` (what a row holds and how the table is walked), ``values`` (value kinds: parsing a
 flag/env string or a file value), ``enums`` (typed strategies), ``sharing`` (time-slicing
-entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse`` (file data -> Config),
-``resolve`` (flags and env vars over the file).
+entries and MPS entries), ``fileformat`` (YAML/JSON text with line numbers), ``parse``
+(file data -> Config), ``resolve`` (flags and env vars over the file), ``checks``
+(combinations the plugin refuses, checked after resolving).
 
 Besides NVIDIA's settings the table holds each daemon's own options (``Config.daemon``: log
 level, readiness/health files, outputs): flags and env vars only, never in the file.
 """
 
+from .checks import check_plugin
 from .enums import (
     ALLOCATION_POLICIES,
     DEVICE_ID_STRATEGIES,
@@ -38,6 +40,7 @@ from .enums import (
     LogLevel,
     MigStrategy,
     OutputMode,
+    SharingStrategy,
 )
 from .errors import ConfigError
 from .fileformat import MAX_EXPANDED_NODES, load_config_file
@@ -51,6 +54,7 @@ from .model import (
     Flags,
     GfdFlags,
     GfdOptions,
+    Mps,
     PluginFlags,
     PluginOptions,
     Sharing,
@@ -61,6 +65,7 @@ from .resolve import add_flags, reload, resolve, resolve_section, resolve_settin
 from .sharing import (
     MAX_REPLICAS,
     MAX_RESOURCE_NAME_LENGTH,
+    MPS_NOT_FOR_MIG,
     RESOURCE_PREFIX,
     SHARED_SUFFIX,
     ReplicatedResource,
@@ -87,6 +92,7 @@ __all__ = [
     "MAX_RESOURCE_NAME_LENGTH",
     "MIG_STRATEGIES",
     "OUTPUT_MODES",
+    "MPS_NOT_FOR_MIG",
     "PROGRAM_DEST",
     "RESOURCE_PREFIX",
     "SHARED_SUFFIX",
@@ -103,13 +109,16 @@ __all__ = [
     "LogLevel",
     "MigStrategy",
     "OutputMode",
+    "Mps",
     "PluginFlags",
     "PluginOptions",
     "Program",
     "ReplicatedResource",
     "Sharing",
+    "SharingStrategy",
     "TimeSlicing",
     "add_flags",
+    "check_plugin",
     "duration_seconds",
     "load_config",
     "load_config_file",

@@ -67,6 +67,14 @@ class OutputMode(Choice):
     NODE_FEATURE = "node-feature"
 
 
+class SharingStrategy(Choice):
+    """How GPUs are shared (``gpu.sharing-strategy``); derived from ``sharing``, not a flag."""
+
+    NONE = "none"
+    TIME_SLICING = "time-slicing"
+    MPS = "mps"
+
+
 def values(choice: type[Choice]) -> tuple[str, ...]:
     """The plain strings of ``choice``'s members, in declaration order."""
     return tuple(member.value for member in choice)

@@ -7,7 +7,7 @@ Field names are snake_case; the file's keys are NVIDIA's camelCase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .enums import (
     AllocationPolicy,
@@ -16,8 +16,16 @@ from .enums import (
     LogLevel,
     MigStrategy,
     OutputMode,
+    SharingStrategy,
 )
-from .sharing import ReplicatedResource, ResourceListKind, check_names, shared_name
+from .sharing import (
+    ReplicatedResource,
+    ResourceListKind,
+    check_mps,
+    check_names,
+    check_sharing,
+    shared_name,
+)
 from .table import Section, coerce_settings, section, setting
 from .values import (
     BoolKind,
@@ -40,11 +48,10 @@ POSITIVE_SECONDS = DurationKind(allow_zero=False)
 
 # NVIDIA's keys that we accept but do not implement: each is a warning naming file and line.
 _TOP_IGNORED = ("resources", "imex")  # NVIDIA ignores "resources" too
-_FLAGS_IGNORED = ("mpsRoot", "gdrcopyEnabled", "gdsEnabled", "mofedEnabled",
+_FLAGS_IGNORED = ("gdrcopyEnabled", "gdsEnabled", "mofedEnabled",
                   "deviceDiscoveryStrategy", "restartOnDeviceUnhealthy")
 _PLUGIN_IGNORED = ("cdiAnnotationPrefix", "nvidiaCTKPath", "containerDriverRoot",
                    "cdiFeatureFlags")
-_SHARING_IGNORED = ("mps",)  # MPS sharing is not implemented
 _TIME_SLICING_IGNORED = ("strategy",)  # an early NVIDIA field
 
 
@@ -162,6 +169,11 @@ class Flags:
     sysfs_root: str = setting(  # ours: tests and simulation point it elsewhere; not in the file
         "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_both("SYSFS_ROOT"),
         help="where /sys is read from (default {default})")
+    # NVIDIA's flag has no default (its Helm chart passes /run/nvidia/mps); MPS sharing needs it.
+    mps_root: str = setting(
+        "", kind=TEXT, flags=("--mps-root",), env=_plugin("MPS_ROOT"), file="mpsRoot",
+        help="host directory the MPS control daemon keeps its per-resource pipe and log "
+        "directories and its shm under; required with sharing.mps (default: none)")
     # -- GFD's NodeFeature output (gfd/nodefeature.py); rows kept together ------------------
     # None: not set. NVIDIA's default is true; unset, ours writes the features file, so a bare
     # run needs no cluster (docs/gfd.md). Our manifests choose the output mode explicitly.
@@ -301,11 +313,46 @@ class TimeSlicing:
 
 
 @dataclass(frozen=True)
+class Mps:
+    """``sharing.mps``: CUDA MPS, one MPS server per shared resource (see docs/sharing.md)."""
+
+    rename_by_default: bool = setting(
+        False, kind=BOOL, file="renameByDefault",
+        help="advertise shared resources as <name>.shared unless renamed")
+    # NVIDIA (v0.20) defaults this to true for MPS when the key is absent.
+    fail_requests_greater_than_one: bool = setting(
+        True, kind=BOOL, file="failRequestsGreaterThanOne",
+        help="refuse requests for more than one replica")
+    resources: tuple[ReplicatedResource, ...] = setting(
+        (), kind=ResourceListKind(), file="resources", help="the resources to share with MPS")
+
+    def shared_name(self, resource: ReplicatedResource) -> str:
+        """The name ``resource``'s replicas are advertised under (as for time-slicing)."""
+        return shared_name(resource, self.rename_by_default)
+
+
+@dataclass(frozen=True)
 class Sharing:
-    """``sharing``."""
+    """``sharing``: time-slicing or MPS; MPS wins when it has resources, as NVIDIA decides."""
 
     time_slicing: TimeSlicing = section(TimeSlicing, file="timeSlicing",
                                         ignored=_TIME_SLICING_IGNORED, check=check_names)
+    mps: Mps = section(Mps, file="mps", check=check_mps)
+
+    @property
+    def strategy(self) -> SharingStrategy:
+        """The active strategy: ``mps`` if ``sharing.mps`` has resources, else
+        ``time-slicing`` if ``sharing.timeSlicing`` has, else ``none``."""
+        if self.mps.resources:
+            return SharingStrategy.MPS
+        if self.time_slicing.resources:
+            return SharingStrategy.TIME_SLICING
+        return SharingStrategy.NONE
+
+    @property
+    def active(self) -> TimeSlicing | Mps:
+        """The section whose resources are shared (time-slicing when nothing is)."""
+        return self.mps if self.strategy is SharingStrategy.MPS else self.time_slicing
 
 
 @dataclass(frozen=True)
@@ -315,13 +362,21 @@ class Config:
     version: str = setting(VERSION, kind=VersionKind(VERSION), file="version",
                            help="the format's version; a missing one means v1")
     flags: Flags = section(Flags, file="flags", ignored=_FLAGS_IGNORED)
-    sharing: Sharing = section(Sharing, file="sharing", ignored=_SHARING_IGNORED)
+    sharing: Sharing = section(Sharing, file="sharing", check=check_sharing)
     # The file this came from ("" when none), for logs and reloads; read before the rest.
     config_file: str = setting(
         "", kind=TEXT, flags=("--config-file",),
         env={"plugin": ("CONFIG_FILE",), "gfd": ("GFD_CONFIG_FILE", "CONFIG_FILE")},
         help="v1 config file, YAML or JSON (default: none, built-in defaults)")
     daemon: DaemonOptions = section(DaemonOptions, file=None)
+    # Where each field path of the file was ("config.yaml:5"), for checks made after flags and
+    # variables are applied (resolve). Not a setting, and not part of equality.
+    # Pairs, not a dict: the Config stays immutable, hashable and deep-copyable.
+    locations: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    def where(self, path: str) -> str:
+        """``file:line`` of a field path of the file, the file alone, or "" without one."""
+        return next((at for key, at in self.locations if key == path), self.config_file)
 
 
 # The document itself, as a section: its keys and the NVIDIA keys it ignores.

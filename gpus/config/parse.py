@@ -36,7 +36,11 @@ def parse_config(data: str | Mapping[str, Any] | None, source: str = "<config>")
         return Config()
     if not isinstance(parsed, Mapping):
         raise ConfigError(f"{source}: the document must be a mapping, got {type_name(parsed)}")
-    return cast(Config, _section(doc, ROOT, parsed, ""))
+    config = cast(Config, _section(doc, ROOT, parsed, ""))
+    if not lines:
+        return config
+    where = tuple((path, f"{source}:{line}") for path, line in lines.items())
+    return dataclasses.replace(config, locations=where)
 
 
 def _child(path: str, suffix: str) -> str:

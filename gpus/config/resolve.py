@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .checks import check_plugin
 from .errors import ConfigError
 from .model import PROGRAM_DEST, Config
 from .parse import load_config
@@ -91,7 +92,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Build the effective Config: flag > env var > config file > default.
 
     ``args`` comes from a parser prepared by :func:`add_flags`. Raises ConfigError naming the
-    flag, environment variable or file field that is wrong.
+    flag, environment variable or file field that is wrong, or (plugin) a combination it cannot
+    run (:func:`~gpus.config.checks.check_plugin`).
     """
     program = getattr(args, PROGRAM_DEST, "plugin")
     table = rows_for(Config, program)
@@ -105,6 +107,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
             changes.setdefault(row.section, {})[row.name] = value
     for attrs, section_changes in changes.items():
         config = _replace(config, attrs, section_changes)
+    if program == "plugin":
+        check_plugin(config)
     return config
 
 

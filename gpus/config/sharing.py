@@ -1,7 +1,8 @@
-"""``sharing.timeSlicing.resources``: the entries, resource names and their checks."""
+"""``sharing.timeSlicing`` and ``sharing.mps`` resources: the entries, names and their checks."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, Protocol
 from .errors import type_name
 from .values import Kind, ValueProblem, split_keys
 
+LOG = logging.getLogger(__package__)
 RESOURCE_PREFIX = "nvidia.com"
 SHARED_SUFFIX = ".shared"  # NVIDIA's DefaultSharedResourceNameSuffix
 MAX_RESOURCE_NAME_LENGTH = 63
@@ -23,6 +25,8 @@ _DEVICE_REF = re.compile(
     rf"\d+|\d+:\d+|GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+",
 )
 _RESOURCE_KEYS = ("name", "replicas", "rename", "devices")
+MIG_RESOURCE_PREFIX = f"{RESOURCE_PREFIX}/mig-"
+MPS_NOT_FOR_MIG = "MPS sharing is not supported for MIG devices"
 _DEVICES_EXPECTED = ("must be 'all', a count > 0, or a list of GPU indices, MIG indices "
                      "(<gpu>:<mig>) or UUIDs")
 
@@ -175,3 +179,39 @@ def check_names(time_slicing: _TimeSlicingLike, path: str) -> None:
             raise ValueProblem(f"rename {shared!r} conflicts with {where}[{shared_by[shared]}], "
                                "which is advertised under the same name", suffix)
         shared_by[shared] = index
+
+
+def _is_mig_ref(ref: str) -> bool:
+    """A devices entry naming a MIG device ("0:1", "MIG-<uuid>", "MIG-GPU-<uuid>/1/0")."""
+    return ":" in ref or ref.startswith("MIG-")
+
+
+def check_mps(mps: _TimeSlicingLike, path: str) -> None:
+    """``sharing.mps``: the name checks of time-slicing, and no MIG device (NVIDIA's plugin
+    refuses MIG devices in an MPS resource and its control daemon skips them)."""
+    check_names(mps, path)
+    for index, resource in enumerate(mps.resources):
+        if resource.name.startswith(MIG_RESOURCE_PREFIX):
+            raise ValueProblem(f"{MPS_NOT_FOR_MIG} ({resource.name!r} is a MIG resource)",
+                               f".resources[{index}].name")
+        if isinstance(resource.devices, tuple):
+            for ref_index, ref in enumerate(resource.devices):
+                if _is_mig_ref(ref):
+                    raise ValueProblem(f"{MPS_NOT_FOR_MIG} ({ref!r} is a MIG device)",
+                                       f".resources[{index}].devices[{ref_index}]")
+
+
+class _SharingLike(Protocol):
+    @property
+    def time_slicing(self) -> _TimeSlicingLike: ...
+
+    @property
+    def mps(self) -> _TimeSlicingLike: ...
+
+
+def check_sharing(sharing: _SharingLike, path: str) -> None:
+    """Both strategies configured: MPS wins (as NVIDIA decides); say that time-slicing is not
+    applied rather than leave it silently unused."""
+    if sharing.mps.resources and sharing.time_slicing.resources:
+        LOG.warning("%s.timeSlicing is ignored: %s.mps has resources and MPS takes precedence",
+                    path, path)

@@ -142,6 +142,16 @@ class FakeNvml:
             found, _ = self._state.find(gpu)
             return [mig.uuid for mig in found.mig_slots if mig is not None]
 
+    def compute_mode(self, gpu: int | str) -> int:
+        """A GPU's compute mode (NVML_COMPUTEMODE_*), as the fake NVML holds it."""
+        with self._state.lock:
+            return self._gpu(gpu).compute_mode
+
+    def compute_mode_changes(self) -> list[tuple[str, int]]:
+        """Every nvmlDeviceSetComputeMode that succeeded, in order: (GPU UUID, mode)."""
+        with self._state.lock:
+            return list(self._state.compute_mode_changes)
+
     def status(self) -> dict[str, Any]:
         """Active faults, for the control socket and the CLI."""
         with self._state.lock:

@@ -63,6 +63,8 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "nvmlDeviceGetBrand": (_P, _P),
     "nvmlDeviceGetPciInfo_v3": (_P, _P),
     "nvmlDeviceGetMigMode": (_P, _P, _P),
+    "nvmlDeviceGetComputeMode": (_P, _P),
+    "nvmlDeviceSetComputeMode": (_P, c_uint),
     "nvmlDeviceGetMaxMigDeviceCount": (_P, _P),
     "nvmlDeviceGetMigDeviceHandleByIndex": (_P, c_uint, _P),
     "nvmlDeviceIsMigDeviceHandle": (_P, _P),
@@ -90,6 +92,10 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "nvmlEventSetWait_v2": (_P, _P, c_uint),
 }
 
+_COMPUTE_MODES = frozenset({
+    pynvml.NVML_COMPUTEMODE_DEFAULT, pynvml.NVML_COMPUTEMODE_EXCLUSIVE_THREAD,
+    pynvml.NVML_COMPUTEMODE_PROHIBITED, pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS,
+})
 _ARCH_CODES = {name: getattr(pynvml, f"NVML_DEVICE_ARCH_{name.upper()}") for name in ARCHITECTURES}
 _BRAND_CODES = {name: getattr(pynvml, f"NVML_BRAND_{name.upper()}") for name in BRANDS}
 
@@ -370,6 +376,25 @@ class NvmlFunctions:
         return SUCCESS
 
     # -- MIG ------------------------------------------------------------------------------------
+
+    def nvmlDeviceGetComputeMode(self, handle: int, out: int) -> int:  # noqa: N802
+        """The GPU's compute mode (NVML_COMPUTEMODE_*); MIG devices: NOT_SUPPORTED."""
+        dev = self.s.device(handle)
+        if isinstance(dev, FakeMig):
+            raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        _out(out, c_uint, dev.compute_mode)
+        return SUCCESS
+
+    def nvmlDeviceSetComputeMode(self, handle: int, mode: int) -> int:  # noqa: N802
+        """Set and record the compute mode (as ``nvidia-smi -c`` does through NVML)."""
+        dev = self.s.device(handle)
+        if isinstance(dev, FakeMig):
+            raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if mode not in _COMPUTE_MODES:
+            raise NvmlReturn(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        dev.compute_mode = mode
+        self.s.compute_mode_changes.append((dev.spec.uuid, mode))
+        return SUCCESS
 
     def nvmlDeviceGetMigMode(self, handle: int, current: int, pending: int) -> int:  # noqa: N802
         """Current and pending MIG mode; NOT_SUPPORTED on GPUs without MIG."""

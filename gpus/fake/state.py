@@ -62,6 +62,7 @@ class FakeGpu:
     spec: GpuSpec
     handle: int
     lost: bool = False
+    compute_mode: int = pynvml.NVML_COMPUTEMODE_DEFAULT  # set through nvmlDeviceSetComputeMode
     mig_slots: list[FakeMig | None] = field(default_factory=list)
     gpu_instances: dict[int, FakeGpuInstance] = field(default_factory=dict)
 
@@ -141,6 +142,8 @@ class FakeState:
         self.event_sets: dict[int, FakeEventSet] = {}
         # Signalled whenever a GPU is registered for events (see wait_watched).
         self.registered = threading.Condition(self.lock)
+        # Every successful nvmlDeviceSetComputeMode, in order: (GPU UUID, mode).
+        self.compute_mode_changes: list[tuple[str, int]] = []
         self._next_handle = 0x1000
         self.gpus = [self._build_gpu(spec) for spec in profile.gpus]
         self._check_unique_uuids()

@@ -14,6 +14,7 @@ COPY gfd ./gfd
 COPY protos ./protos
 COPY exporter ./exporter
 COPY mpsdaemon ./mpsdaemon
+COPY demo ./demo
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

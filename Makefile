@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # Device plugin + GFD + mock kubelet on a simulated DGX A100. RUN_ARGS='--exit-after 5' stops it.
 run: $(STAMP)
-	$(PY) -m deviceplugin.demo $(RUN_ARGS)
+	$(PY) -m demo $(RUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -28,6 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

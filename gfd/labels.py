@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gfd.imex import imex_labels, imex_problems
+from gfd.values import MAX_VALUE_LEN, PREFIX, Labels, label_value, sanitise
+from gfd.vgpu import vgpu_labels, vgpu_problems
 from gpus.config import Config, SharingStrategy
 from gpus.model import GPU, MIB, MigDevice, Snapshot
 from gpus.resources import (
@@ -30,43 +32,13 @@ from gpus.resources import (
     mig_single_problems,
 )
 
-PREFIX = "nvidia.com/"
 TIMESTAMP_LABEL = PREFIX + "gfd.timestamp"  # the time of the pass that wrote the labels
-MAX_VALUE_LEN = 63
 UNKNOWN_MACHINE = "unknown"
 SHARING_NONE = "none"
 SHARING_TIME_SLICING = "time-slicing"
 SHARING_MPS = "mps"
 PCI_CLASS_VGA = 0x0300
 PCI_CLASS_3D = 0x0302
-
-_NOT_ALLOWED = re.compile(r"[^A-Za-z0-9\-_. ]")
-_EDGE = re.compile(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$")
-
-Labels = dict[str, str]
-
-
-# --------------------------------------------------------------------------- value helpers
-
-
-def sanitise(text: str) -> str:
-    """NVIDIA's sanitising: drop characters outside ``[A-Za-z0-9-_. ]``, join words with ``-``."""
-    return "-".join(_NOT_ALLOWED.sub("", text).split())
-
-
-def label_value(text: str, suffix: str = "") -> str:
-    """A valid Kubernetes label value built from ``text`` (sanitised) and ``suffix``.
-
-    The suffix is kept whole (it is short and carries meaning, e.g. ``-MIG-1g.5gb``); when the
-    result would exceed 63 characters the sanitised text is cut from its end. Leading and
-    trailing non-alphanumerics are stripped so the value starts and ends alphanumeric.
-    """
-    body = _EDGE.sub("", sanitise(text))
-    room = MAX_VALUE_LEN - len(suffix)
-    if len(body) > room:
-        body = _EDGE.sub("", body[: max(room, 0)])
-    return _EDGE.sub("", (body + suffix)[:MAX_VALUE_LEN])
-
 
 def product_value(*parts: str, shared: bool = False) -> str:
     """``<model>[-<part>...][-SHARED]`` as NVIDIA joins it, made label-safe (model cut first)."""
@@ -432,8 +404,6 @@ def node_labels(
 
     The vGPU labels describe the node, not its GPUs: NVIDIA writes them on every node.
     """
-    from gfd.vgpu import vgpu_labels  # gfd.vgpu builds on this module's helpers
-
     return merge(timestamp_labels(config, timestamp), device_labels(snapshot, config, machine),
                  vgpu_labels(snapshot))
 
@@ -453,8 +423,6 @@ def label_problems(snapshot: Snapshot, config: Config) -> tuple[str, ...]:
                         f"{'has' if len(enabled) == 1 else 'have'} MIG enabled "
                         "(labelled mps.capable=false)")
     problems.extend(imex_problems(snapshot))
-    from gfd.vgpu import vgpu_problems
-
     problems.extend(vgpu_problems(snapshot))
     return tuple(problems)
 

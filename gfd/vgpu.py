@@ -11,7 +11,7 @@ NVIDIA's GFD fails the pass; ours writes no ``vgpu.*`` label (rather than a poss
 
 from __future__ import annotations
 
-from gfd.labels import PREFIX, Labels, label_value
+from gfd.values import PREFIX, Labels, label_value
 from gpus.model import Snapshot
 
 PRESENT_LABEL = PREFIX + "vgpu.present"

@@ -560,12 +560,3 @@ class Nvml:
         handle = _call("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
         _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, handle)
 
-
-def __getattr__(name: str) -> Any:
-    """``EventWatcher`` and ``NvmlEvent`` moved to :mod:`gpus.nvmlevents` (this module was over
-    500 lines); still importable from here. Resolved on first use: nvmlevents imports us."""
-    if name in ("EventWatcher", "NvmlEvent"):
-        from gpus import nvmlevents
-
-        return getattr(nvmlevents, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_demo(*args: str) -> str:
     """Run the demo with ``args``; assert it exited 0 and return what it printed."""
     result = subprocess.run(
-        [sys.executable, "-m", "deviceplugin.demo", *args],
+        [sys.executable, "-m", "demo", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO},
         capture_output=True,
@@ -50,7 +50,7 @@ def test_demo_labels_the_profiles_machine() -> None:
 
 
 def test_machine_type_comes_from_the_profile() -> None:
-    from deviceplugin.demo import machine_type
+    from demo.node import machine_type
     from gpus.fake import load_profile
 
     assert machine_type(load_profile("dgx-a100")) == "DGX-A100-simulated"

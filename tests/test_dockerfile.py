@@ -274,6 +274,11 @@ def test_dockerfile_copies_every_package_and_labels_the_version() -> None:
     find = pyproject()["tool"]["setuptools"]["packages"]["find"]  # type: ignore[index]
     packages = {pattern.rstrip("*") for pattern in find["include"]}
     assert copied == {"pyproject.toml", *packages}
+    # docker build fails on a COPY whose source .dockerignore keeps out of the context.
+    context = build_context(REPO)
+    missing = sorted(source for source in copied
+                     if not any(f == source or f.startswith(source + "/") for f in context))
+    assert missing == [], f"COPY sources outside the build context (.dockerignore): {missing}"
     assert f'org.opencontainers.image.version="{_project()["version"]}"' in " ".join(
         i.args for i in instructions if i.keyword == "LABEL")
     cmd = [i.args for i in instructions if i.keyword == "CMD"]
@@ -324,7 +329,10 @@ def test_build_context_holds_the_package_and_nothing_else() -> None:
             "gfd/__init__.py", "protos/deviceplugin/v1beta1/api.proto",
             "protos/deviceplugin/v1beta1/api_pb2.py"} <= set(files)
     tops = {f.split("/")[0] for f in files}
-    assert tops == {"pyproject.toml", "README.md", "gpus", "deviceplugin", "gfd", "protos"}
+    find = pyproject()["tool"]["setuptools"]["packages"]["find"]  # type: ignore[index]
+    packages = {pattern.rstrip("*") for pattern in find["include"]}
+    assert packages >= {"gpus", "deviceplugin", "gfd", "protos"}
+    assert tops == {"pyproject.toml", "README.md", *packages}
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 
 

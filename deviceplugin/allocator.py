@@ -474,9 +474,13 @@ def _best_split(
     # Enumerate whichever side is smaller; the C-level map pipeline keeps this the hot loop.
     if partners <= remaining:
         groups = list(map(sum, combinations(rest, partners), repeat(low)))
-        return max(map(add, map(set_score, groups), map(packed, map(sub, repeat(subset), groups))))
+        # Annotated rather than int()-ed: operator.add is untyped, and this is the hot loop.
+        best: int = max(map(add, map(set_score, groups),
+                            map(packed, map(sub, repeat(subset), groups))))
+        return best
     others = list(map(sum, combinations(rest, remaining)))
-    return max(map(add, map(set_score, map(sub, repeat(subset), others)), map(packed, others)))
+    best = max(map(add, map(set_score, map(sub, repeat(subset), others)), map(packed, others)))
+    return best
 
 
 def _typecode(bound: int) -> str:

@@ -13,11 +13,10 @@ from gpus.nvml import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID,
-    EventWatcher,
     Nvml,
     NvmlError,
-    NvmlEvent,
 )
+from gpus.nvmlevents import EventWatcher, NvmlEvent
 
 FakeFactory = Callable[..., FakeNvml]
 

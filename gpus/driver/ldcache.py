@@ -146,7 +146,7 @@ def _new_header_offset(data: bytes) -> int:
         return 0
     if len(data) < _OLD_HEADER.size:
         raise LdCacheError("truncated old-format header")
-    _, count = _OLD_HEADER.unpack_from(data)
+    count: int = _OLD_HEADER.unpack_from(data)[1]
     if count > (len(data) - _OLD_HEADER.size) // _OLD_ENTRY_SIZE:
         raise LdCacheError(f"old-format header claims {count} entries, the file holds fewer")
     end = _OLD_HEADER.size + count * _OLD_ENTRY_SIZE

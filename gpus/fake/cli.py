@@ -149,7 +149,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 def _event_wait(args: argparse.Namespace) -> float:
     """How long the fake may wait for a watcher of the event: --wait, within its bound."""
-    return min(max(args.wait, 0.0), MAX_EVENT_WAIT_S)
+    wait: float = args.wait
+    return min(max(wait, 0.0), MAX_EVENT_WAIT_S)
 
 
 def render(snapshot: Snapshot, title: str) -> str:

@@ -284,13 +284,14 @@ class FakeState:
 
     def precheck(self, function: str) -> int:
         """The error an injected fault or the init state makes ``function`` return, else 0."""
+        uninitialized: int = pynvml.NVML_ERROR_UNINITIALIZED
         if self.closed:
-            return pynvml.NVML_ERROR_UNINITIALIZED
+            return uninitialized
         code = self.take_failure(function)
         if code:
             return code
         if self.init_count == 0 and base_name(function) not in ("nvmlInit", "nvmlShutdown"):
-            return pynvml.NVML_ERROR_UNINITIALIZED
+            return uninitialized
         return 0
 
     def take_failure(self, function: str) -> int:

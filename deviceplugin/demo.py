@@ -30,6 +30,7 @@ from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_pl
 from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
 from gpus.config import Config
 from gpus.model import Snapshot
+from gpus.runtime.version import add_version_flag
 
 if TYPE_CHECKING:
     from gpus.fake import Profile
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pass device nodes in Allocate (the fake writes a driver root)")
     parser.add_argument("--exit-after", type=float, metavar="S", help="exit after S seconds")
     parser.add_argument("--verbose", action="store_true", help="show the daemons' logs")
+    add_version_flag(parser)
     return parser
 
 

@@ -36,6 +36,7 @@ from gpus.fake.controller import install, write_sysfs
 from gpus.fake.profile import ProfileError, list_profiles, load_profile
 from gpus.model import Snapshot, TopologyLevel
 from gpus.nvml import Nvml, NvmlError
+from gpus.runtime.version import add_version_flag
 
 CONTROL_ENV = "FAKE_NVML_CONTROL"
 # nvidia-smi topo -m abbreviations.
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fake-nvml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the shipped machine profiles")
     show = sub.add_parser("show", help="read a profile through pynvml and the fake, and print it")

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from deviceplugin.extras import add_extras
 from gpus.config import Config
 from gpus.resources import Device, Resource
 
@@ -168,7 +169,7 @@ def build_allocation(
         envs[VISIBLE_DEVICES_ENV] = VOLUME_MOUNTS_ROOT
         mounts = tuple(
             Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/{device_id}",
-                  host_path=VOLUME_MOUNTS_HOST_PATH)
+                  host_path=VOLUME_MOUNTS_HOST_PATH, read_only=False)  # as NVIDIA's
             for device_id in runtime_ids
         )
 
@@ -177,7 +178,7 @@ def build_allocation(
     if "cdi-annotations" in strategies or "cdi-cri" in strategies:
         cdi_names = tuple(cdi_device_name(device_id) for device_id in runtime_ids)
         if "cdi-annotations" in strategies:
-            key = f"{CDI_ANNOTATION_PREFIX}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
+            key = f"{plugin.cdi_annotation_prefix}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
             annotations[key] = ",".join(cdi_names)
         if "cdi-cri" in strategies:
             cdi_devices = cdi_names
@@ -186,8 +187,9 @@ def build_allocation(
     if plugin.pass_device_specs:
         specs = _device_specs(resource.name, devices, config, path_exists, mig_minors)
 
-    return ContainerAllocation(envs=envs, mounts=mounts, devices=specs,
-                               annotations=annotations, cdi_devices=cdi_devices)
+    return add_extras(ContainerAllocation(envs=envs, mounts=mounts, devices=specs,
+                                          annotations=annotations, cdi_devices=cdi_devices),
+                      config)  # GDS, MOFED, gdrcopy, IMEX channels (deviceplugin/extras.py)
 
 
 def device_index(resource: Resource) -> dict[str, Device]:

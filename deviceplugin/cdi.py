@@ -376,7 +376,41 @@ def write_cdi_spec(
     except OSError as err:
         raise CdiError(f"cannot write CDI spec {target}: {err.strerror or err}") from err
     LOG.info("wrote CDI spec %s (%d device names)", target, len(spec["devices"]))
+    write_extra_cdi_specs(config)
     return target
+
+
+def extra_spec_files(config: Config) -> dict[str, Path]:
+    """Where the extra classes' specs go (``k8s.device-plugin.nvidia.com-<class>.json``)."""
+    from deviceplugin.extras import CDI_VENDOR, EXTRA_CLASSES
+
+    directory = Path(config.flags.plugin.cdi_spec_dir)
+    return {name: directory / f"{CDI_VENDOR}-{name}.json" for name in EXTRA_CLASSES}
+
+
+def write_extra_cdi_specs(config: Config) -> list[Path]:
+    """Write the specs of the IMEX-channel, GDS, MOFED and gdrcopy classes that have device
+    nodes (deviceplugin/extras.py), and remove those of classes that no longer have any, so
+    Allocate never names a device no spec holds. CdiError when one cannot be written."""
+    from deviceplugin.extras import extra_cdi_specs
+
+    specs = extra_cdi_specs(config)
+    written = []
+    for name, target in extra_spec_files(config).items():
+        spec = specs.get(name)
+        if spec is None:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            continue
+        spec = {"cdiVersion": CDI_VERSION, **spec}
+        spec["cdiVersion"] = minimum_cdi_version(spec)
+        try:
+            _atomic_write(target, json.dumps(spec, indent=2) + "\n")
+        except OSError as err:
+            raise CdiError(f"cannot write CDI spec {target}: {err.strerror or err}") from err
+        LOG.info("wrote CDI spec %s (%d device names)", target, len(spec["devices"]))
+        written.append(target)
+    return written
 
 
 def remove_cdi_spec(config: Config) -> bool:
@@ -384,6 +418,9 @@ def remove_cdi_spec(config: Config) -> bool:
     is gone); True when a file was removed. Errors other than "already gone" are logged, not
     raised: stopping goes on."""
     target = Path(config.flags.plugin.cdi_spec_dir) / SPEC_FILE_NAME
+    for extra in extra_spec_files(config).values():
+        with contextlib.suppress(OSError):
+            extra.unlink()
     try:
         target.unlink()
     except FileNotFoundError:

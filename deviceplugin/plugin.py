@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from deviceplugin.extras import check_imex
 from deviceplugin.readiness import ReadinessFile
 from deviceplugin.session import NvmlSession, write_cdi
 from deviceplugin.socketdir import socket_dir_for, socket_dir_problem, socket_dir_unusable
@@ -144,6 +145,7 @@ class DevicePlugin:
         if problem is not None:
             raise InitError(problem)
         self.select_backend()
+        check_imex(self.config)  # --imex-required: a missing channel is an InitError
         self.session.open()
         snapshot = self.session.read_snapshot(self.config.flags.sysfs_root)
         resource_map = build_resource_map(snapshot, self.config)

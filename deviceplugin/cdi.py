@@ -115,6 +115,18 @@ class CdiOptions:
         """True when feature flag ``name`` is set."""
         return name in self.feature_flags
 
+    @classmethod
+    def from_config(cls, config: Config) -> CdiOptions:
+        """The options as the configuration's rows give them (``flags.plugin.cdi_*``,
+        ``--driver-root``, ``--driver-root-ctr-path``, ``--nvidia-cdi-hook-path``)."""
+        plugin = config.flags.plugin
+        return cls(driver_root=config.flags.nvidia_driver_root,
+                   driver_root_ctr_path=plugin.container_driver_root,
+                   hook_path=plugin.nvidia_cdi_hook_path,
+                   feature_flags=tuple(plugin.cdi_feature_flags),
+                   disabled_hooks=tuple(plugin.cdi_disable_hooks),
+                   annotation_prefix=plugin.cdi_annotation_prefix)
+
 
 def cdi_enabled(config: Config) -> bool:
     """True when a CDI device-list strategy is configured."""

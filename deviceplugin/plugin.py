@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from deviceplugin.extras import check_imex
 from deviceplugin.readiness import ReadinessFile
-from deviceplugin.session import NvmlSession, write_cdi
+from deviceplugin.session import NvmlSession, remove_cdi, write_cdi
 from deviceplugin.socketdir import socket_dir_for, socket_dir_problem, socket_dir_unusable
 from deviceplugin.status import plugin_status
 from gpus.config import Config
@@ -149,7 +149,7 @@ class DevicePlugin:
         self.session.open()
         snapshot = self.session.read_snapshot(self.config.flags.sysfs_root)
         resource_map = build_resource_map(snapshot, self.config)
-        self._cdi_problems = write_cdi(resource_map, self.config)
+        self._cdi_problems = self._write_cdi(resource_map, snapshot, self.config)
         self.snapshot = snapshot
         problem = socket_dir_unusable(self.config, self._socket_dir_override)
         if problem is not None:
@@ -174,6 +174,13 @@ class DevicePlugin:
         self.health.start()
         log.info("serving %s from %d GPUs in %s", ", ".join(result.started) or "nothing",
                  len(snapshot.gpus), self.socket_dir)
+
+    def _write_cdi(self, resource_map: ResourceMap, snapshot: Snapshot,
+                   config: Config) -> tuple[str, ...]:
+        """The CDI spec for ``resource_map`` (CDI mode only); InitError as write_cdi says.
+        Plain files stand in for device nodes only under a fake backend's simulated root."""
+        return write_cdi(resource_map, config, snapshot.system.driver_version or None,
+                         allow_plain_device_files=self.controller is not None)
 
     def publish_status(self) -> None:
         """Report the served resources and every known problem to the readiness files."""
@@ -272,7 +279,7 @@ class DevicePlugin:
         try:
             snapshot = self.session.read_snapshot(new_config.flags.sysfs_root)
             resource_map = build_resource_map(snapshot, new_config)
-            cdi_problems = write_cdi(resource_map, new_config)
+            cdi_problems = self._write_cdi(resource_map, snapshot, new_config)
         except InitError as err:
             self.config = old_config
             log.error("reload: keeping the running state: %s", err)
@@ -317,6 +324,7 @@ class DevicePlugin:
             self.readiness.set(False)
             self._cdi_problems = ()
             self.publish_status()
+            remove_cdi(self.config)  # no CDI name of ours outlives the plugin
             self.session.close()
 
     def close(self) -> None:

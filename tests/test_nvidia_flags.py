@@ -9,14 +9,18 @@ issue, nor generated from our table): a name we drop or mis-route fails here.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_server_support import short_tmpdir
 
 from deviceplugin import main as plugin_main
+from deviceplugin.mockkubelet import MockKubelet
 from gfd import main as gfd_main
 from gpus.config import Config, ConfigError, parse_config, resolve
 from gpus.runtime import version as versionmod
@@ -257,3 +261,78 @@ def test_commit_from_a_checkout(tmp_path: Path) -> None:
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], check=True,
                           capture_output=True, text=True).stdout.strip()
     assert versionmod.git_commit(tmp_path / "none", checkout=tmp_path) == head
+
+
+# --- an NVIDIA Helm-chart deployment's arguments start our daemons -----------------------------
+
+# What NVIDIA's chart (v0.20 templates, values with gds/mofed and IMEX set) puts in the
+# containers' env and args, plus, last, what a GPU-less test run needs (fake NVML, temp paths).
+HELM_PLUGIN_ENV = {
+    "MPS_ROOT": "/run/nvidia/mps",
+    "NVIDIA_MIG_MONITOR_DEVICES": "all",  # for the container toolkit: ignored by the plugin
+    "NVIDIA_VISIBLE_DEVICES": "all",
+    "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+    "MIG_STRATEGY": "single",
+    "FAIL_ON_INIT_ERROR": "true",
+    "PASS_DEVICE_SPECS": "false",
+    "DEVICE_LIST_STRATEGY": "envvar",
+    "DEVICE_ID_STRATEGY": "uuid",
+    "NVIDIA_DRIVER_ROOT": "/",
+    "CONTAINER_DRIVER_ROOT": "/driver-root",
+    "NVIDIA_CDI_HOOK_PATH": "/usr/bin/nvidia-cdi-hook",
+    "CDI_ANNOTATION_PREFIX": "cdi.k8s.io/",
+    "GDS_ENABLED": "true",
+    "MOFED_ENABLED": "true",
+    "DEVICE_DISCOVERY_STRATEGY": "auto",
+    "IMEX_CHANNEL_IDS": "0",
+    "IMEX_REQUIRED": "false",
+}
+HELM_PLUGIN_ARGS = ["--mig-strategy=single", "--fail-on-init-error=true",
+                    "--device-discovery-strategy=auto"]
+HELM_GFD_ENV = {
+    "GFD_USE_NODE_FEATURE_API": "false",
+    "MIG_STRATEGY": "single",
+    "GFD_MIG_STRATEGY": "single",
+    "FAIL_ON_INIT_ERROR": "true",
+    "GFD_FAIL_ON_INIT_ERROR": "true",
+    "GFD_SLEEP_INTERVAL": "60s",
+    "GFD_NO_TIMESTAMP": "false",
+    "NODE_NAME": "gpu-node-1",
+    "NAMESPACE": "nvidia-device-plugin",
+    "POD_NAME": "gpu-feature-discovery-abcde",
+    "DEVICE_DISCOVERY_STRATEGY": "auto",
+    "DRIVER_ROOT_CTR_PATH": "/driver-root",
+    "KUBE_API_QPS": "5",
+    "KUBE_API_BURST": "10",
+}
+
+
+def test_helm_style_env_and_args_start_the_plugin(tmp_path: Path) -> None:
+    with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
+        env = {**os.environ, **HELM_PLUGIN_ENV, "PYTHONPATH": str(Path(__file__).parents[1]),
+               "NVML_BACKEND": "fake:dgx-a100", "KUBELET_SOCKET": kubelet.socket_path,
+               "DP_READY_FILE": "", "SYSFS_ROOT": str(tmp_path / "sys")}
+        proc = subprocess.Popen([sys.executable, "-m", "deviceplugin.main", *HELM_PLUGIN_ARGS],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert kubelet.wait_for_registration("nvidia.com/gpu", 30)
+            response = kubelet.allocate("nvidia.com/gpu", 1).response
+            assert response.envs["NVIDIA_GDS"] == response.envs["NVIDIA_MOFED"] == "enabled"
+            assert response.envs["NVIDIA_VISIBLE_DEVICES"].startswith("GPU-")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+
+
+def test_helm_style_env_starts_gfd(tmp_path: Path, sysfs_root: Any) -> None:
+    out = tmp_path / "features.d" / "gfd"
+    environ = {**HELM_GFD_ENV, "NVML_BACKEND": "fake:dgx-a100", "SYSFS_ROOT": sysfs_root(),
+               "GFD_OUTPUT_FILE": str(out), "GFD_HEALTH_FILE": str(tmp_path / "health"),
+               "GFD_MACHINE_TYPE_FILE": str(tmp_path / "none")}
+    assert gfd_main.main(["--oneshot"], environ=environ) == 0
+    assert "nvidia.com/gpu.count=8" in out.read_text().splitlines()

@@ -153,6 +153,10 @@ def discover_for_cdi(config: Config, options: CdiOptions, driver_version: str | 
     for flag in unknown_feature_flags(options):
         LOG.warning("ignoring unknown CDI feature flag %r (known: %s)", flag,
                     ", ".join(sorted(FEATURE_FLAGS)))
+    for hook in options.disabled_hooks:
+        if hook not in HOOK_NAMES and hook != "all":
+            LOG.warning("--cdi-disable-hooks: unknown hook %r ignored (known: %s, all)", hook,
+                        ", ".join(HOOK_NAMES))
     roots = DriverRoots(driver_root=options.driver_root,
                         driver_root_ctr_path=options.driver_root_ctr_path,
                         dev_root=config.flags.nvidia_dev_root)

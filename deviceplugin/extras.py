@@ -148,11 +148,18 @@ def check_imex(config: Config) -> None:
     imex_channels(config)
 
 
+def wants_extras(config: Config) -> bool:
+    """True when any extra is configured (Allocate's fast path: False by default)."""
+    flags = config.flags
+    return bool(flags.gds_enabled or flags.mofed_enabled or flags.gdrcopy_enabled
+                or config.imex.channel_ids)
+
+
 def compute_extras(config: Config) -> Extras:
     """What ``config`` adds to every allocation, from the devices present now."""
-    features = enabled_features(config)
-    if not features and not config.imex.channel_ids:
+    if not wants_extras(config):
         return NOTHING
+    features = enabled_features(config)
     dev_root = config.flags.dev_root
     try:
         channels = imex_channels(config)
@@ -173,6 +180,8 @@ def compute_extras(config: Config) -> Extras:
 
 def add_extras(allocation: ContainerAllocation, config: Config) -> ContainerAllocation:
     """``allocation`` with this configuration's extras added per strategy (module docstring)."""
+    if not wants_extras(config):
+        return allocation
     extras = compute_extras(config)
     if extras.empty:
         return allocation

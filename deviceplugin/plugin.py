@@ -274,12 +274,17 @@ class DevicePlugin:
 
     def _reload_in_place(self, new_config: Config, manager: PluginManager) -> str | None:
         """Same sockets and backend: re-enumerate and apply the new map to the running servers."""
+        from deviceplugin.cdi import cdi_enabled
+
         old_config = self.config
         self.config = new_config
         try:
+            check_imex(new_config)
             snapshot = self.session.read_snapshot(new_config.flags.sysfs_root)
             resource_map = build_resource_map(snapshot, new_config)
             cdi_problems = self._write_cdi(resource_map, snapshot, new_config)
+            if not cdi_enabled(new_config):  # left CDI mode: our names must not resolve
+                remove_cdi(old_config)
         except InitError as err:
             self.config = old_config
             log.error("reload: keeping the running state: %s", err)

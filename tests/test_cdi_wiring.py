@@ -173,3 +173,15 @@ def test_missing_driver_exits_1_with_one_line(strategy: str, code: int,
     assert len(lines) == 1
     assert lines[0].startswith(f"nvidia-device-plugin: initialisation failed: CDI device-list "
                                f"strategy {strategy}: NVIDIA driver not found: no libcuda")
+
+
+def test_reload_out_of_cdi_mode_removes_the_spec() -> None:
+    with short_tmpdir() as directory:
+        config = cdi_config(directory, "t4", "cdi-cri")
+        with started(config) as (_, plugin, _):
+            spec = os.path.join(config.flags.plugin.cdi_spec_dir, SPEC)
+            assert os.path.exists(spec)
+            new = replace_plugin_flags(config, device_list_strategy=("envvar",))
+            plugin._reload_config = lambda current: (new, None)
+            assert plugin.reload() is None
+            assert not os.path.exists(spec)

@@ -189,6 +189,19 @@ def test_tegra_exits_2_with_one_line(module: Any, capsys: pytest.CaptureFixture[
     assert len(lines) == 1 and "Tegra (integrated GPUs) is not supported" in lines[0]
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--mps-root", " "], "invalid --mps-root ' ': must not be empty"),
+    (["--cdi-annotation-prefix", ""], "invalid --cdi-annotation-prefix '': must not be empty"),
+    (["--gds-enabled=maybe"], "invalid --gds-enabled 'maybe': must be one of true, false"),
+    (["--device-discovery-strategy", "csv"],
+     "invalid --device-discovery-strategy 'csv': must be one of auto, nvml"),
+])
+def test_bad_values_are_one_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved("plugin", argv, {})
+    assert str(err.value).startswith(message)
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("0", ("0",)), ("all", ("all",)), ("0,3,3", ("0", "3")), (" 007 , 1", ("7", "1"))])
 def test_imex_channel_ids_forms(text: str, expected: tuple[str, ...]) -> None:
@@ -220,7 +233,7 @@ SCRIPTS = {
 
 
 def test_every_console_script_is_covered() -> None:
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     pyproject = Path(__file__).parents[1] / "pyproject.toml"
     scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]

@@ -10,11 +10,15 @@ serves until Ctrl-C (or ``--exit-after`` seconds); inject faults meanwhile with
 ``--mig-strategy`` and a MIG profile (``--profile a100-mig-1g``) show MIG resources;
 ``--pass-device-specs`` makes the fake write a driver root (``mig-minors``) and device nodes in
 the temporary directory, so Allocate lists device nodes as on a real node.
+``--device-list-strategy cdi-cri`` (or ``cdi-annotations``) writes a fake driver root for the
+profile's driver version there too (libraries, binaries, firmware: gpus/fake/driverroot.py), so
+the CDI spec the plugin writes is complete, and prints what it holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -26,11 +30,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deviceplugin.allocate import CDI_STRATEGIES
+from deviceplugin.cdi import SPEC_FILE_NAME, cdi_enabled
 from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_plugin_flags
 from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
-from gpus.config import Config
+from gpus.config import Config, ConfigError, parse_device_list_strategy
+from gpus.fake.driverroot import write_fake_driver_root
 from gpus.model import Snapshot
 from gpus.resources import GPU_RESOURCE
+from gpus.runtime.version import add_version_flag
 
 if TYPE_CHECKING:
     from gpus.fake import Profile
@@ -48,19 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MIG strategy (default none)")
     parser.add_argument("--pass-device-specs", action="store_true",
                         help="pass device nodes in Allocate (the fake writes a driver root)")
+    parser.add_argument("--device-list-strategy", default="envvar", metavar="LIST",
+                        help="comma list of envvar, volume-mounts, cdi-annotations, cdi-cri "
+                        "(default envvar); a CDI one writes a fake driver root and the spec")
     parser.add_argument("--exit-after", type=float, metavar="S", help="exit after S seconds")
     parser.add_argument("--verbose", action="store_true", help="show the daemons' logs")
+    add_version_flag(parser)
     return parser
 
 
 def demo_config(
-    workdir: str, profile: str, mig_strategy: str = "none", pass_device_specs: bool = False
+    workdir: str, profile: str, mig_strategy: str = "none", pass_device_specs: bool = False,
+    device_list_strategy: str = "envvar",
 ) -> Config:
     """Defaults, pointed at the temporary directory and the fake backend.
 
-    With ``pass_device_specs`` the driver (and dev) root is ``<workdir>/driver``, which
-    :func:`run` fills with the fake's files.
+    With ``pass_device_specs`` or a CDI strategy the driver (and dev) root is
+    ``<workdir>/driver``, which :func:`run` fills with the fake's files; the plugin reads it
+    there too (``--driver-root-ctr-path``: no container here).
     """
+    strategies = parse_device_list_strategy([device_list_strategy], "--device-list-strategy")
     control = os.path.join(workdir, "fake-nvml.sock")
     config = replace_flags(
         Config(),
@@ -68,16 +83,33 @@ def demo_config(
         sysfs_root=os.path.join(workdir, "root"),
         mig_strategy=mig_strategy,
     )
-    if pass_device_specs:
-        config = replace_flags(config, nvidia_driver_root=os.path.join(workdir, "driver"))
+    driver = os.path.join(workdir, "driver")
+    if pass_device_specs or CDI_STRATEGIES.intersection(strategies):
+        config = replace_flags(config, nvidia_driver_root=driver)
     return replace_plugin_flags(
         config,
+        device_list_strategy=strategies,
+        container_driver_root=driver,
         kubelet_socket=os.path.join(workdir, "kubelet.sock"),
         cdi_spec_dir=os.path.join(workdir, "cdi"),
         pass_device_specs=pass_device_specs,
         health_recovery_interval=1.0,
         health_quiet_period=5.0,
     )
+
+
+def describe_cdi_spec(config: Config) -> str:
+    """One line about the CDI spec the plugin wrote, and how to look at it."""
+    path = os.path.join(config.flags.plugin.cdi_spec_dir, SPEC_FILE_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+    except (OSError, ValueError) as err:
+        return f"[demo] no CDI spec at {path}: {err}"
+    common = spec.get("containerEdits", {})
+    return (f"[demo] CDI spec {path}: cdiVersion {spec['cdiVersion']}, "
+            f"{len(spec['devices'])} devices, {len(common.get('mounts', []))} mounts, "
+            f"{len(common.get('hooks', []))} hooks (python -m json.tool {path})")
 
 
 def machine_type(profile: Profile | None) -> str:
@@ -122,7 +154,12 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
     """The demo proper, in ``workdir``."""
     kubelet = MockKubelet(workdir, on_update=out.update)
     kubelet.start()
-    config = demo_config(workdir, args.profile, args.mig_strategy, args.pass_device_specs)
+    try:
+        config = demo_config(workdir, args.profile, args.mig_strategy, args.pass_device_specs,
+                             args.device_list_strategy)
+    except ConfigError as err:
+        out(f"[demo] {err}")
+        return 2
     plugin = DevicePlugin(config, os.environ)
     try:
         controller = plugin.select_backend()
@@ -130,6 +167,8 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
             controller.write_sysfs(Path(config.flags.sysfs_root))
             if config.flags.plugin.pass_device_specs:
                 controller.write_driver_root(config.flags.nvidia_driver_root, config.flags.dev_root)
+            if cdi_enabled(config):
+                write_fake_driver_root(controller.profile, config.flags.nvidia_driver_root)
         plugin.start()
         out(f"[demo] fake NVML profile {args.profile}; kubelet socket {kubelet.socket_path}")
         for problem in plugin.resource_map.problems:
@@ -145,6 +184,8 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
             target = GPU_RESOURCE if GPU_RESOURCE in served else served[0]
             count = min(args.allocate, len(plugin.resource_map.resources[target].devices))
             out(format_allocation(kubelet.allocate(target, count)))
+            if cdi_enabled(config):
+                out(describe_cdi_spec(config))
         else:
             out("[demo] nothing to allocate: no resource has devices")
         assert plugin.snapshot is not None

@@ -19,11 +19,14 @@ Strategies (``flags.plugin.deviceListStrategy``, combinable), as NVIDIA's plugin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from deviceplugin import extras as extras_mod
 from gpus.config import Config
 from gpus.resources import Device, Resource
 
@@ -163,7 +166,7 @@ def build_allocation(
         envs[VISIBLE_DEVICES_ENV] = VOLUME_MOUNTS_ROOT
         mounts = tuple(
             Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/{device_id}",
-                  host_path=VOLUME_MOUNTS_HOST_PATH)
+                  host_path=VOLUME_MOUNTS_HOST_PATH, read_only=False)  # as NVIDIA's
             for device_id in runtime_ids
         )
 
@@ -172,7 +175,7 @@ def build_allocation(
     if "cdi-annotations" in strategies or "cdi-cri" in strategies:
         cdi_names = tuple(cdi_device_name(device_id) for device_id in runtime_ids)
         if "cdi-annotations" in strategies:
-            key = f"{CDI_ANNOTATION_PREFIX}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
+            key = f"{plugin.cdi_annotation_prefix}{CDI_ANNOTATION_PLUGIN}_{uuid_factory()}"
             annotations[key] = ",".join(cdi_names)
         if "cdi-cri" in strategies:
             cdi_devices = cdi_names
@@ -181,8 +184,9 @@ def build_allocation(
     if plugin.pass_device_specs:
         specs = _device_specs(resource.name, devices, config, path_exists, mig_minors)
 
-    return ContainerAllocation(envs=envs, mounts=mounts, devices=specs,
-                               annotations=annotations, cdi_devices=cdi_devices)
+    return add_extras(ContainerAllocation(envs=envs, mounts=mounts, devices=specs,
+                                          annotations=annotations, cdi_devices=cdi_devices),
+                      config)  # GDS, MOFED, gdrcopy, IMEX channels (deviceplugin/extras.py)
 
 
 def device_index(resource: Resource) -> dict[str, Device]:
@@ -272,3 +276,35 @@ def _device_specs(
             ) from err
     return tuple(DeviceSpec(container_path=path, host_path=host_path(dev_root, path))
                  for path in _unique(paths))
+
+
+def add_extras(allocation: ContainerAllocation, config: Config) -> ContainerAllocation:
+    """``allocation`` with the configuration's extras (GDS, MOFED, gdrcopy, IMEX channels:
+    :mod:`deviceplugin.extras` decides which) added as each device-list strategy carries them."""
+    if not extras_mod.wants_extras(config):
+        return allocation
+    extras = extras_mod.compute_extras(config)
+    if extras.empty:
+        return allocation
+    plugin = config.flags.plugin
+    strategies = set(plugin.device_list_strategy)
+    changes: dict[str, Any] = {}
+    if extras.cdi_names:
+        joined = ",".join(extras.cdi_names)
+        changes["annotations"] = {key: f"{value},{joined}"
+                                  for key, value in allocation.annotations.items()}
+        if allocation.cdi_devices:
+            changes["cdi_devices"] = allocation.cdi_devices + extras.cdi_names
+    if not strategies <= CDI_STRATEGIES:  # NVIDIA adds env vars only with a non-CDI strategy
+        envs = dict(allocation.envs)
+        envs.update(extras.envs)
+        if "envvar" in strategies and extras.imex_env:
+            envs[extras_mod.IMEX_ENV] = extras.imex_env
+        changes["envs"] = envs
+        if plugin.pass_device_specs and extras.device_paths:
+            dev_root = config.flags.dev_root
+            known = {spec.container_path for spec in allocation.devices}
+            changes["devices"] = allocation.devices + tuple(
+                DeviceSpec(container_path=path, host_path=host_path(dev_root, path))
+                for path in extras.device_paths if path not in known)
+    return dataclasses.replace(allocation, **changes)

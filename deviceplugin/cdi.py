@@ -115,6 +115,18 @@ class CdiOptions:
         """True when feature flag ``name`` is set."""
         return name in self.feature_flags
 
+    @classmethod
+    def from_config(cls, config: Config) -> CdiOptions:
+        """The options as the configuration's rows give them (``flags.plugin.cdi_*``,
+        ``--driver-root``, ``--driver-root-ctr-path``, ``--nvidia-cdi-hook-path``)."""
+        plugin = config.flags.plugin
+        return cls(driver_root=config.flags.nvidia_driver_root,
+                   driver_root_ctr_path=plugin.container_driver_root,
+                   hook_path=plugin.nvidia_cdi_hook_path,
+                   feature_flags=tuple(plugin.cdi_feature_flags),
+                   disabled_hooks=tuple(plugin.cdi_disable_hooks),
+                   annotation_prefix=plugin.cdi_annotation_prefix)
+
 
 def cdi_enabled(config: Config) -> bool:
     """True when a CDI device-list strategy is configured."""
@@ -141,6 +153,10 @@ def discover_for_cdi(config: Config, options: CdiOptions, driver_version: str | 
     for flag in unknown_feature_flags(options):
         LOG.warning("ignoring unknown CDI feature flag %r (known: %s)", flag,
                     ", ".join(sorted(FEATURE_FLAGS)))
+    for hook in options.disabled_hooks:
+        if hook not in HOOK_NAMES and hook != "all":
+            LOG.warning("--cdi-disable-hooks: unknown hook %r ignored (known: %s, all)", hook,
+                        ", ".join(HOOK_NAMES))
     roots = DriverRoots(driver_root=options.driver_root,
                         driver_root_ctr_path=options.driver_root_ctr_path,
                         dev_root=config.flags.nvidia_dev_root)
@@ -376,7 +392,41 @@ def write_cdi_spec(
     except OSError as err:
         raise CdiError(f"cannot write CDI spec {target}: {err.strerror or err}") from err
     LOG.info("wrote CDI spec %s (%d device names)", target, len(spec["devices"]))
+    write_extra_cdi_specs(config)
     return target
+
+
+def extra_spec_files(config: Config) -> dict[str, Path]:
+    """Where the extra classes' specs go (``k8s.device-plugin.nvidia.com-<class>.json``)."""
+    from deviceplugin.extras import CDI_VENDOR, EXTRA_CLASSES
+
+    directory = Path(config.flags.plugin.cdi_spec_dir)
+    return {name: directory / f"{CDI_VENDOR}-{name}.json" for name in EXTRA_CLASSES}
+
+
+def write_extra_cdi_specs(config: Config) -> list[Path]:
+    """Write the specs of the IMEX-channel, GDS, MOFED and gdrcopy classes that have device
+    nodes (deviceplugin/extras.py), and remove those of classes that no longer have any, so
+    Allocate never names a device no spec holds. CdiError when one cannot be written."""
+    from deviceplugin.extras import extra_cdi_specs
+
+    specs = extra_cdi_specs(config)
+    written = []
+    for name, target in extra_spec_files(config).items():
+        spec = specs.get(name)
+        if spec is None:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            continue
+        spec = {"cdiVersion": CDI_VERSION, **spec}
+        spec["cdiVersion"] = minimum_cdi_version(spec)
+        try:
+            _atomic_write(target, json.dumps(spec, indent=2) + "\n")
+        except OSError as err:
+            raise CdiError(f"cannot write CDI spec {target}: {err.strerror or err}") from err
+        LOG.info("wrote CDI spec %s (%d device names)", target, len(spec["devices"]))
+        written.append(target)
+    return written
 
 
 def remove_cdi_spec(config: Config) -> bool:
@@ -384,6 +434,9 @@ def remove_cdi_spec(config: Config) -> bool:
     is gone); True when a file was removed. Errors other than "already gone" are logged, not
     raised: stopping goes on."""
     target = Path(config.flags.plugin.cdi_spec_dir) / SPEC_FILE_NAME
+    for extra in extra_spec_files(config).values():
+        with contextlib.suppress(OSError):
+            extra.unlink()
     try:
         target.unlink()
     except FileNotFoundError:

@@ -56,6 +56,7 @@ from gpus.runtime import (
     run_daemon,
     setup_logging,
 )
+from gpus.runtime.version import add_version_flag
 
 __all__ = [  # re-exported: tests, bench and the demo import them from here
     "DEFAULT_READY_FILE",
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The daemon's flags, every one a row of the configuration table."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     configmod.add_flags(parser, "plugin")
+    add_version_flag(parser)
     return parser
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gpus.runtime.version import add_version_flag
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from protos.podresources.v1 import api_pb2 as pr_pb2
 from protos.podresources.v1 import api_pb2_grpc as pr_pb2_grpc
@@ -638,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart-after", type=float, metavar="S", help="simulate a kubelet restart after S s"
     )
     parser.add_argument("--exit-after", type=float, metavar="S", help="exit after S seconds")
+    add_version_flag(parser)
     return parser
 
 

@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from deviceplugin.extras import check_imex
 from deviceplugin.readiness import ReadinessFile
-from deviceplugin.session import NvmlSession, write_cdi
+from deviceplugin.session import NvmlSession, remove_cdi, write_cdi
 from deviceplugin.socketdir import socket_dir_for, socket_dir_problem, socket_dir_unusable
 from deviceplugin.status import plugin_status
 from gpus.config import Config
@@ -144,10 +145,11 @@ class DevicePlugin:
         if problem is not None:
             raise InitError(problem)
         self.select_backend()
+        check_imex(self.config)  # --imex-required: a missing channel is an InitError
         self.session.open()
         snapshot = self.session.read_snapshot(self.config.flags.sysfs_root)
         resource_map = build_resource_map(snapshot, self.config)
-        self._cdi_problems = write_cdi(resource_map, self.config)
+        self._cdi_problems = self._write_cdi(resource_map, snapshot, self.config)
         self.snapshot = snapshot
         problem = socket_dir_unusable(self.config, self._socket_dir_override)
         if problem is not None:
@@ -172,6 +174,13 @@ class DevicePlugin:
         self.health.start()
         log.info("serving %s from %d GPUs in %s", ", ".join(result.started) or "nothing",
                  len(snapshot.gpus), self.socket_dir)
+
+    def _write_cdi(self, resource_map: ResourceMap, snapshot: Snapshot,
+                   config: Config) -> tuple[str, ...]:
+        """The CDI spec for ``resource_map`` (CDI mode only); InitError as write_cdi says.
+        Plain files stand in for device nodes only under a fake backend's simulated root."""
+        return write_cdi(resource_map, config, snapshot.system.driver_version or None,
+                         allow_plain_device_files=self.controller is not None)
 
     def publish_status(self) -> None:
         """Report the served resources and every known problem to the readiness files."""
@@ -265,12 +274,17 @@ class DevicePlugin:
 
     def _reload_in_place(self, new_config: Config, manager: PluginManager) -> str | None:
         """Same sockets and backend: re-enumerate and apply the new map to the running servers."""
+        from deviceplugin.cdi import cdi_enabled
+
         old_config = self.config
         self.config = new_config
         try:
+            check_imex(new_config)
             snapshot = self.session.read_snapshot(new_config.flags.sysfs_root)
             resource_map = build_resource_map(snapshot, new_config)
-            cdi_problems = write_cdi(resource_map, new_config)
+            cdi_problems = self._write_cdi(resource_map, snapshot, new_config)
+            if not cdi_enabled(new_config):  # left CDI mode: our names must not resolve
+                remove_cdi(old_config)
         except InitError as err:
             self.config = old_config
             log.error("reload: keeping the running state: %s", err)
@@ -315,6 +329,7 @@ class DevicePlugin:
             self.readiness.set(False)
             self._cdi_problems = ()
             self.publish_status()
+            remove_cdi(self.config)  # no CDI name of ours outlives the plugin
             self.session.close()
 
     def close(self) -> None:

@@ -82,14 +82,33 @@ class NvmlSession:
         self.backend.close()
 
 
-def write_cdi(resource_map: ResourceMap, config: Config) -> tuple[str, ...]:
-    """Write the CDI spec; returns its problems (MIG devices left out of it). InitError when
-    it cannot be written."""
-    from deviceplugin.cdi import CdiError, write_cdi_spec
+def write_cdi(resource_map: ResourceMap, config: Config, driver_version: str | None = None,
+              *, allow_plain_device_files: bool = False) -> tuple[str, ...]:
+    """In CDI mode, discover the driver (as NVIDIA's plugin, under ``--driver-root-ctr-path``)
+    and write the CDI spec; returns its problems (MIG devices left out of it). InitError when
+    the driver cannot be found (NVIDIA refuses to start then) or the spec cannot be written.
+    Without a CDI strategy nothing is read or written.
 
+    ``allow_plain_device_files``: accept regular files as device nodes (a fake backend's
+    simulated driver root, where mknod is not possible); never with real NVML.
+    """
+    from deviceplugin.cdi import CdiError, CdiOptions, discover_for_cdi, write_cdi_spec
+    from gpus.driver.discover import DriverError
+
+    options = CdiOptions.from_config(config)
     problems: list[str] = []
     try:
-        write_cdi_spec(resource_map, config, problems=problems)
-    except CdiError as err:
+        driver = discover_for_cdi(config, options, driver_version,
+                                  allow_plain_device_files=allow_plain_device_files)
+        write_cdi_spec(resource_map, config, problems=problems, driver=driver, options=options)
+    except (CdiError, DriverError) as err:
         raise InitError(str(err)) from err
     return tuple(problems)
+
+
+def remove_cdi(config: Config) -> None:
+    """On a clean stop, remove the CDI specs we wrote (CDI mode only)."""
+    from deviceplugin.cdi import cdi_enabled, remove_cdi_spec
+
+    if cdi_enabled(config):
+        remove_cdi_spec(config)

@@ -45,6 +45,7 @@ from gpus.runtime import (
     run_daemon,
     setup_logging,
 )
+from gpus.runtime.version import add_version_flag
 
 __all__ = [  # re-exported: tests and the bench import them from here
     "DEFAULT_HEALTH_FILE",
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, allow_abbrev=False,
         description="Generate nvidia.com/ node labels describing the node's GPUs.")
     add_flags(parser, "gfd")
+    add_version_flag(parser)
     return parser
 
 

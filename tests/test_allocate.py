@@ -105,9 +105,11 @@ def test_volume_mounts() -> None:
     cfg = config(device_list_strategy="volume-mounts")
     alloc = allocate(RESOURCE, ["GPU-0001", "GPU-0003"], cfg)
     assert alloc.envs == {"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"}
+    # NVIDIA's volume mounts are not read-only (its Mount leaves ReadOnly false); ours were,
+    # which broke the drop-in promise (issue 12).
     assert alloc.mounts == (
-        Mount("/var/run/nvidia-container-devices/GPU-0001", "/dev/null"),
-        Mount("/var/run/nvidia-container-devices/GPU-0003", "/dev/null"),
+        Mount("/var/run/nvidia-container-devices/GPU-0001", "/dev/null", read_only=False),
+        Mount("/var/run/nvidia-container-devices/GPU-0003", "/dev/null", read_only=False),
     )
 
 

@@ -182,10 +182,8 @@ def test_kube_api_rate_limits_are_checked(env: str, value: str, reason: str) -> 
 
 
 def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
-    text = ("version: v1\nflags:\n  gdsEnabled: true\n  mofedEnabled: false\n"
-            "  useNodeFeatureAPI: true\n  deviceDiscoveryStrategy: auto\n"
-            "  plugin:\n    containerDriverRoot: /driver-root\n    cdiAnnotationPrefix: x\n"
-            "    nvidiaCTKPath: /usr/bin/nvidia-ctk\nresources:\n  gpus: []\n"
+    text = ("version: v1\nflags:\n  restartOnDeviceUnhealthy: true\n"
+            "  useNodeFeatureAPI: true\nresources:\n  gpus: []\n"
             "sharing:\n  timeSlicing:\n    strategy: x\n")
     with caplog.at_level(logging.WARNING, logger="gpus.config"):
         config = parse_config(text, "cm.yaml")
@@ -193,10 +191,30 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
     assert config == dataclasses.replace(
         Config(), flags=dataclasses.replace(Config().flags, use_node_feature_api=True))
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 8  # useNodeFeatureAPI is implemented (GFD's NodeFeature output)
+    assert len(messages) == 3  # useNodeFeatureAPI is implemented (GFD's NodeFeature output)
     assert not any("useNodeFeatureAPI" in m for m in messages)
-    assert any(m.startswith("cm.yaml:8: flags.plugin.containerDriverRoot is part of NVIDIA's v1 "
+    assert any(m.startswith("cm.yaml:3: flags.restartOnDeviceUnhealthy is part of NVIDIA's v1 "
                             "config but not implemented here; ignored") for m in messages)
+
+
+def test_nvidia_keys_once_ignored_now_land_in_their_settings(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 12: these were warned about and dropped; a migrated ConfigMap now means them.
+    text = ("version: v1\nflags:\n  gdsEnabled: true\n  mofedEnabled: true\n"
+            "  gdrcopyEnabled: true\n  mpsRoot: /run/mps\n  deviceDiscoveryStrategy: nvml\n"
+            "  plugin:\n    containerDriverRoot: /drv\n    cdiAnnotationPrefix: x.io/\n"
+            "    nvidiaCTKPath: /opt/nvidia-ctk\n    cdiFeatureFlags: [disable-ipc-discoverer]\n"
+            "imex:\n  channelIDs: [0]\n  required: true\n")
+    with caplog.at_level(logging.WARNING, logger="gpus.config"):
+        config = parse_config(text, "cm.yaml")
+    assert caplog.records == []
+    flags, plugin = config.flags, config.flags.plugin
+    assert (flags.gds_enabled, flags.mofed_enabled, flags.gdrcopy_enabled) == (True, True, True)
+    assert (flags.mps_root, flags.device_discovery_strategy) == ("/run/mps", "nvml")
+    assert (plugin.container_driver_root, plugin.cdi_annotation_prefix,
+            plugin.nvidia_cdi_hook_path, plugin.cdi_feature_flags) == (
+        "/drv", "x.io/", "/opt/nvidia-ctk", ("disable-ipc-discoverer",))
+    assert (config.imex.channel_ids, config.imex.required) == (("0",), True)
 
 
 # --- file errors, with lines ---------------------------------------------------------------
@@ -212,7 +230,8 @@ def test_nvidia_keys_we_do_not_implement_are_warnings(caplog: pytest.LogCaptureF
     ("version: v2\n", "config.yaml:1: version: unknown version 'v2': must be v1"),
     ("version: v1\nflags:\n  migStrategie: mixed\n",
      "config.yaml:3: flags.migStrategie: unknown key 'migStrategie' (allowed: migStrategy, "
-     "failOnInitError, nvidiaDriverRoot, nvidiaDevRoot, mpsRoot, useNodeFeatureAPI, plugin, gfd)"),
+     "failOnInitError, nvidiaDriverRoot, nvidiaDevRoot, deviceDiscoveryStrategy, "
+     "gdrcopyEnabled, gdsEnabled, mofedEnabled, mpsRoot, useNodeFeatureAPI, plugin, gfd)"),
     ("flags:\n  failOnInitError: maybe\n",
      "config.yaml:2: flags.failOnInitError: must be a boolean (true or false), got 'maybe'"),
     ("flags:\n  plugin:\n    deviceIDStrategy: serial\n",

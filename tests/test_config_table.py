@@ -42,9 +42,11 @@ from gpus.config.values import (
     ChoiceKind,
     ChoiceListKind,
     DurationKind,
+    ImexChannelsKind,
     Kind,
     NumberKind,
     TextKind,
+    TextListKind,
     VersionKind,
 )
 from gpus.model import Snapshot
@@ -69,6 +71,14 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
                               "flags.nvidiaDevRoot"),
     "flags.nvml": (("--nvml",), both("NVML_BACKEND"), None),
     "flags.sysfs_root": (("--sysfs-root",), both("SYSFS_ROOT"), None),
+    "flags.device_discovery_strategy": (("--device-discovery-strategy",),
+                                        both("DEVICE_DISCOVERY_STRATEGY"),
+                                        "flags.deviceDiscoveryStrategy"),
+    "flags.gdrcopy_enabled": (("--gdrcopy-enabled",), {"plugin": ("GDRCOPY_ENABLED",)},
+                              "flags.gdrcopyEnabled"),
+    "flags.gds_enabled": (("--gds-enabled",), {"plugin": ("GDS_ENABLED",)}, "flags.gdsEnabled"),
+    "flags.mofed_enabled": (("--mofed-enabled",), {"plugin": ("MOFED_ENABLED",)},
+                            "flags.mofedEnabled"),
     "flags.mps_root": (("--mps-root",), {"plugin": ("MPS_ROOT",)}, "flags.mpsRoot"),
     # NodeFeature output (GFD), together:
     "flags.use_node_feature_api": (("--use-node-feature-api",), {
@@ -100,6 +110,20 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
     "flags.plugin.health_quiet_period": (("--health-quiet-period",),
                                          {"plugin": ("HEALTH_QUIET_PERIOD",)},
                                          "flags.plugin.healthQuietPeriod"),
+    "flags.plugin.cdi_annotation_prefix": (("--cdi-annotation-prefix",),
+                                           {"plugin": ("CDI_ANNOTATION_PREFIX",)},
+                                           "flags.plugin.cdiAnnotationPrefix"),
+    "flags.plugin.nvidia_cdi_hook_path": (("--nvidia-cdi-hook-path", "--nvidia-ctk-path"),
+                                          {"plugin": ("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH")},
+                                          "flags.plugin.nvidiaCTKPath"),
+    "flags.plugin.container_driver_root": (("--driver-root-ctr-path", "--container-driver-root"),
+                                           both("DRIVER_ROOT_CTR_PATH", "CONTAINER_DRIVER_ROOT"),
+                                           "flags.plugin.containerDriverRoot"),
+    "flags.plugin.cdi_feature_flags": (("--cdi-feature-flags",),
+                                       {"plugin": ("CDI_FEATURE_FLAGS",)},
+                                       "flags.plugin.cdiFeatureFlags"),
+    "flags.plugin.cdi_disable_hooks": (("--cdi-disable-hooks",),
+                                       {"plugin": ("CDI_DISABLE_HOOKS",)}, None),
     "flags.gfd.oneshot": (("--oneshot",), {"gfd": ("GFD_ONESHOT",)}, "flags.gfd.oneshot"),
     "flags.gfd.no_timestamp": (("--no-timestamp",), {"gfd": ("GFD_NO_TIMESTAMP",)},
                                "flags.gfd.noTimestamp"),
@@ -118,6 +142,9 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
     "sharing.mps.fail_requests_greater_than_one": (
         (), {}, "sharing.mps.failRequestsGreaterThanOne"),
     "sharing.mps.resources": ((), {}, "sharing.mps.resources"),
+    "imex.channel_ids": (("--imex-channel-ids",), {"plugin": ("IMEX_CHANNEL_IDS",)},
+                         "imex.channelIDs"),
+    "imex.required": (("--imex-required",), {"plugin": ("IMEX_REQUIRED",)}, "imex.required"),
     "config_file": (("--config-file",), {"plugin": ("CONFIG_FILE",),
                                          "gfd": ("GFD_CONFIG_FILE", "CONFIG_FILE")}, None),
     # The daemons' own options: flags and variables only, never in the file.
@@ -130,7 +157,8 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
     "daemon.plugin.enable_healthchecks": ((), {"plugin": ("DP_ENABLE_HEALTHCHECKS",)}, None),
     "daemon.gfd.output_mode": (("--output-mode",), {"gfd": ("GFD_OUTPUT_MODE",)}, None),
     "daemon.gfd.node_name": (("--node-name",), {"gfd": ("NODE_NAME",)}, None),
-    "daemon.gfd.kubeconfig": (("--kubeconfig",), {"gfd": ("GFD_KUBECONFIG",)}, None),
+    "daemon.gfd.kubeconfig": (("--kubeconfig",), {"gfd": ("GFD_KUBECONFIG", "KUBECONFIG")},
+                              None),
     "daemon.gfd.health_file": (("--health-file",), {"gfd": ("GFD_HEALTH_FILE",)}, None),
     "daemon.gfd.dry_run": (("--dry-run",), {"gfd": ()}, None),  # flag only
 }
@@ -224,6 +252,14 @@ def _resources_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Sam
                    (ReplicatedResource("nvidia.com/gpu", 2),)))
 
 
+def _text_list_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Sample]:
+    return (Sample("a,b", ["a", "b"], ("a", "b")), Sample("c", ["c"], ("c",)))
+
+
+def _imex_samples(kind: Kind, default: Any, name: str) -> tuple[Sample, Sample]:
+    return (Sample("0,3", [0, 3], ("0", "3")), Sample("all", "all", ("all",)))
+
+
 _KIND_SAMPLES: dict[type, Callable[[Kind, Any, str], tuple[Sample, Sample]]] = {
     BoolKind: _bool_samples,
     NumberKind: _number_samples,
@@ -233,6 +269,8 @@ _KIND_SAMPLES: dict[type, Callable[[Kind, Any, str], tuple[Sample, Sample]]] = {
     DurationKind: _duration_samples,
     VersionKind: _version_samples,
     ResourceListKind: _resources_samples,
+    TextListKind: _text_list_samples,
+    ImexChannelsKind: _imex_samples,
 }
 
 

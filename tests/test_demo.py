@@ -58,3 +58,15 @@ def test_machine_type_comes_from_the_profile() -> None:
     assert machine_type(load_profile("dgx-h100")) == "DGX-H100-simulated"
     assert machine_type(load_profile("hetero")) == "hetero-simulated"  # no machine: the name
     assert machine_type(None) == "unknown"
+
+
+def test_demo_in_cdi_mode_writes_a_fake_driver_root_and_a_complete_spec() -> None:
+    out = run_demo("--profile", "t4", "--device-list-strategy", "cdi-cri", "--allocate", "1",
+                   "--exit-after", "0")
+    assert "cdi k8s.device-plugin.nvidia.com/gpu=GPU-" in out
+    assert "env NVIDIA_VISIBLE_DEVICES" not in out
+    (line,) = [line for line in out.splitlines() if line.startswith("[demo] CDI spec ")]
+    assert "/driver" not in line.split(":")[0]  # the spec lives in the work dir's cdi/
+    assert "4 devices" in line and " 6 hooks" in line
+    mounts = int(line.split(" mounts")[0].rsplit(" ", 1)[1])
+    assert mounts >= 30  # the fake root's libraries, binaries, firmware, configs

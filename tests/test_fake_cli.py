@@ -143,3 +143,23 @@ class _PipeClosedAtFlush(io.StringIO):
 def test_a_pipe_closed_after_buffering_ends_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdout", _PipeClosedAtFlush())
     assert main(["list"]) == 1  # the failure shows inside main, not at interpreter exit
+
+
+def test_driver_root_writes_what_discovery_finds(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from gpus.driver.discover import DriverRoots, discover_driver
+
+    root = tmp_path / "driver"
+    assert main(["driver-root", "t4", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fake NVIDIA driver 535.129.03 in ") and "libraries" in out
+    found = discover_driver(DriverRoots(str(root), str(root)), allow_plain_device_files=True)
+    assert found.version == "535.129.03"
+    assert any(f.path.endswith("/nvidia-smi") for f in found.binaries)
+
+
+def test_driver_root_for_an_unknown_profile_is_one_line(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["driver-root", "no-such-machine", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("fake-nvml: ") and "no-such-machine" in line

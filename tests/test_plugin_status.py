@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from test_server_support import short_tmpdir
 
+from deviceplugin.cdi import cdi_enabled
 from deviceplugin.main import (
     DevicePlugin,
     InitError,
@@ -25,6 +26,7 @@ from deviceplugin.main import (
 from deviceplugin.mockkubelet import MockKubelet
 from deviceplugin.readiness import ReadinessFile, ResourceStatus, Status
 from gpus.config import Config
+from gpus.fake.driverroot import write_fake_driver_root
 from protos.deviceplugin.v1beta1 import api_pb2
 
 TIMEOUT = 10.0
@@ -99,6 +101,8 @@ def plugin_config(directory: str, profile: str, strategy: str = "none",
                            sysfs_root=os.path.join(directory, "root"),
                            nvidia_driver_root=os.path.join(directory, "driver"))
     flags: dict[str, Any] = {
+        # The plugin reads the driver where the host's is (no container here): CDI mode.
+        "container_driver_root": os.path.join(directory, "driver"),
         "kubelet_socket": os.path.join(directory, "kubelet.sock") if kubelet else "",
         "cdi_spec_dir": os.path.join(directory, "cdi"),
         "health_recovery_interval": 0.0,  # an XID-marked device stays Unhealthy
@@ -120,6 +124,8 @@ def running(config: Config, directory: str, *, mig_minors: bool = True
         assert controller is not None
         controller.write_sysfs(Path(config.flags.sysfs_root))
         controller.write_driver_root(config.flags.nvidia_driver_root)
+        if cdi_enabled(config):  # the CDI spec needs a driver: the profile's fake one
+            write_fake_driver_root(controller.profile, config.flags.nvidia_driver_root)
         if not mig_minors:
             os.unlink(os.path.join(config.flags.nvidia_driver_root,
                                    "proc/driver/nvidia-caps/mig-minors"))

@@ -49,6 +49,14 @@ class AllocationPolicy(Choice):
     PACKED = "packed"
 
 
+class DeviceDiscoveryStrategy(Choice):
+    """``--device-discovery-strategy``: how GPUs are found. NVIDIA's ``tegra`` (integrated
+    GPUs, found through CSV files) is refused with a reason (see the row in model.py)."""
+
+    AUTO = "auto"
+    NVML = "nvml"
+
+
 class LogLevel(Choice):
     """``--log-level`` (ours, both daemons): logging verbosity; read in any case."""
 
@@ -84,5 +92,6 @@ MIG_STRATEGIES = values(MigStrategy)
 DEVICE_LIST_STRATEGIES = values(DeviceListStrategy)
 DEVICE_ID_STRATEGIES = values(DeviceIdStrategy)
 ALLOCATION_POLICIES = values(AllocationPolicy)
+DEVICE_DISCOVERY_STRATEGIES = values(DeviceDiscoveryStrategy)
 LOG_LEVELS = values(LogLevel)
 OUTPUT_MODES = values(OutputMode)

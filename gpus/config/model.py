@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .enums import (
     AllocationPolicy,
+    DeviceDiscoveryStrategy,
     DeviceIdStrategy,
     DeviceListStrategy,
     LogLevel,
@@ -32,8 +33,10 @@ from .values import (
     ChoiceKind,
     ChoiceListKind,
     DurationKind,
+    ImexChannelsKind,
     NumberKind,
     TextKind,
+    TextListKind,
     VersionKind,
 )
 
@@ -47,11 +50,10 @@ SECONDS = DurationKind()
 POSITIVE_SECONDS = DurationKind(allow_zero=False)
 
 # NVIDIA's keys that we accept but do not implement: each is a warning naming file and line.
-_TOP_IGNORED = ("resources", "imex")  # NVIDIA ignores "resources" too
-_FLAGS_IGNORED = ("gdrcopyEnabled", "gdsEnabled", "mofedEnabled",
-                  "deviceDiscoveryStrategy", "restartOnDeviceUnhealthy")
-_PLUGIN_IGNORED = ("cdiAnnotationPrefix", "nvidiaCTKPath", "containerDriverRoot",
-                   "cdiFeatureFlags")
+_TOP_IGNORED = ("resources",)  # NVIDIA ignores it too
+_FLAGS_IGNORED = ("restartOnDeviceUnhealthy",)
+_PLUGIN_IGNORED: tuple[str, ...] = ()
+TEGRA_UNSUPPORTED = "Tegra (integrated GPUs) is not supported"
 _TIME_SLICING_IGNORED = ("strategy",)  # an early NVIDIA field
 
 
@@ -111,6 +113,31 @@ class PluginFlags:
         env=_plugin("HEALTH_QUIET_PERIOD"), file="healthQuietPeriod",
         help="seconds without a critical XID before a device is Healthy again "
         "(default {default})")
+    # -- the CDI spec's settings (deviceplugin/cdi.py: CdiOptions); rows kept together -------
+    cdi_annotation_prefix: str = setting(
+        "cdi.k8s.io/", kind=NONEMPTY, flags=("--cdi-annotation-prefix",),
+        env=_plugin("CDI_ANNOTATION_PREFIX"), file="cdiAnnotationPrefix",
+        help="prefix of the CDI annotation keys Allocate returns (default {default})")
+    nvidia_cdi_hook_path: str = setting(
+        "/usr/bin/nvidia-ctk", kind=NONEMPTY,
+        flags=("--nvidia-cdi-hook-path", "--nvidia-ctk-path"),
+        env=_plugin("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"), file="nvidiaCTKPath",
+        help="nvidia-cdi-hook (or nvidia-ctk) the CDI spec's hooks run (default {default})")
+    # Read by GFD too (NVIDIA's GFD accepts it); the file key is NVIDIA's, under plugin.
+    container_driver_root: str = setting(
+        "/driver-root", kind=NONEMPTY, flags=("--driver-root-ctr-path", "--container-driver-root"),
+        env=_both("DRIVER_ROOT_CTR_PATH", "CONTAINER_DRIVER_ROOT"), file="containerDriverRoot",
+        help="where the host's driver root (--driver-root) is mounted in this container; "
+        "the CDI spec's driver is read there (default {default})")
+    cdi_feature_flags: tuple[str, ...] = setting(
+        (), kind=TextListKind(), flags=("--cdi-feature-flags",),
+        env=_plugin("CDI_FEATURE_FLAGS"), file="cdiFeatureFlags",
+        help="container-toolkit CDI feature flags, comma list (default none)")
+    cdi_disable_hooks: tuple[str, ...] = setting(  # NVIDIA's has no file key
+        (), kind=TextListKind(), flags=("--cdi-disable-hooks",),
+        env=_plugin("CDI_DISABLE_HOOKS"),
+        help="CDI hooks to leave out of the spec, comma list, or all (default none)")
+    # -- end of the CDI rows ------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         coerce_settings(self)
@@ -138,6 +165,23 @@ class GfdFlags:
         "/sys/class/dmi/id/product_name", kind=NONEMPTY, flags=("--machine-type-file",),
         env=_gfd("GFD_MACHINE_TYPE_FILE"), file="machineTypeFile",
         help="file holding the machine type (default {default})")
+
+
+@dataclass(frozen=True)
+class Imex:
+    """``imex``: the IMEX channels every allocation gets (deviceplugin/extras.py)."""
+
+    channel_ids: tuple[str, ...] = setting(
+        (), kind=ImexChannelsKind(), flags=("--imex-channel-ids",),
+        env=_plugin("IMEX_CHANNEL_IDS"), file="channelIDs",
+        help="IMEX channels added to every allocation: all, or a comma list of numbers "
+        "(default none)")
+    required: bool = setting(
+        False, kind=BOOL, flags=("--imex-required",), env=_plugin("IMEX_REQUIRED"),
+        file="required", help="a missing IMEX channel is a start-up error (default {default})")
+
+    def __post_init__(self) -> None:
+        coerce_settings(self)
 
 
 @dataclass(frozen=True)
@@ -169,6 +213,26 @@ class Flags:
     sysfs_root: str = setting(  # ours: tests and simulation point it elsewhere; not in the file
         "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_both("SYSFS_ROOT"),
         help="where /sys is read from (default {default})")
+    # "tegra" refused with one line (exit 2): integrated GPUs have no NVML device list.
+    device_discovery_strategy: DeviceDiscoveryStrategy = setting(
+        DeviceDiscoveryStrategy.AUTO,
+        kind=ChoiceKind(DeviceDiscoveryStrategy, unsupported={"tegra": TEGRA_UNSUPPORTED}),
+        flags=("--device-discovery-strategy",), env=_both("DEVICE_DISCOVERY_STRATEGY"),
+        file="deviceDiscoveryStrategy",
+        help="how GPUs are found: {choices} (both NVML here; default {default})")
+    # -- what Allocate adds besides the GPUs (deviceplugin/extras.py) --------------------------
+    gdrcopy_enabled: bool = setting(
+        False, kind=BOOL, flags=("--gdrcopy-enabled",), env=_plugin("GDRCOPY_ENABLED"),
+        file="gdrcopyEnabled",
+        help="give containers gdrcopy (/dev/gdrdrv, NVIDIA_GDRCOPY=enabled) (default {default})")
+    gds_enabled: bool = setting(
+        False, kind=BOOL, flags=("--gds-enabled",), env=_plugin("GDS_ENABLED"),
+        file="gdsEnabled", help="give containers GPUDirect Storage (/dev/nvidia-fs*, "
+        "NVIDIA_GDS=enabled) (default {default})")
+    mofed_enabled: bool = setting(
+        False, kind=BOOL, flags=("--mofed-enabled",), env=_plugin("MOFED_ENABLED"),
+        file="mofedEnabled", help="give containers MOFED (/dev/infiniband/*, "
+        "NVIDIA_MOFED=enabled) (default {default})")
     # NVIDIA's flag has no default (its Helm chart passes /run/nvidia/mps); MPS sharing needs it.
     mps_root: str = setting(
         "", kind=TEXT, flags=("--mps-root",), env=_plugin("MPS_ROOT"), file="mpsRoot",
@@ -260,7 +324,7 @@ class GfdOptions:
         "", kind=TEXT, flags=("--node-name",), env=_gfd("NODE_NAME"),
         help="the Node to label in node-api mode")
     kubeconfig: str = setting(
-        "", kind=TEXT, flags=("--kubeconfig",), env=_gfd("GFD_KUBECONFIG"),
+        "", kind=TEXT, flags=("--kubeconfig",), env=_gfd("GFD_KUBECONFIG", "KUBECONFIG"),
         help="kubeconfig for node-api mode (default: in-cluster config, then $KUBECONFIG or "
         "~/.kube/config)")
     health_file: str = setting(
@@ -363,6 +427,7 @@ class Config:
                            help="the format's version; a missing one means v1")
     flags: Flags = section(Flags, file="flags", ignored=_FLAGS_IGNORED)
     sharing: Sharing = section(Sharing, file="sharing", check=check_sharing)
+    imex: Imex = section(Imex, file="imex")
     # The file this came from ("" when none), for logs and reloads; read before the rest.
     config_file: str = setting(
         "", kind=TEXT, flags=("--config-file",),

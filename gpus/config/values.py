@@ -183,11 +183,14 @@ class ChoiceKind(Kind):
     """One member of a :class:`Choice` Enum, given by its value (in any case with
     ``any_case``, for flags and env vars: ``--log-level DEBUG``)."""
 
-    __slots__ = ("choice", "any_case")
+    __slots__ = ("choice", "any_case", "unsupported")
 
-    def __init__(self, choice: type[Choice], any_case: bool = False) -> None:
+    def __init__(self, choice: type[Choice], any_case: bool = False,
+                 unsupported: Mapping[str, str] | None = None) -> None:
         self.choice = choice
         self.any_case = any_case
+        # NVIDIA's values we refuse on purpose -> the reason (one line, not "must be one of").
+        self.unsupported = dict(unsupported or {})
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -195,6 +198,8 @@ class ChoiceKind(Kind):
 
     def from_text(self, raw: Any, label: str) -> Choice:
         text = str(raw).strip().lower() if self.any_case else str(raw)
+        if text.strip() in self.unsupported:
+            raise _invalid(label, raw, self.unsupported[text.strip()])
         try:
             return self.choice(parse_choice(text, label, self.choices))
         except ConfigError:
@@ -203,6 +208,8 @@ class ChoiceKind(Kind):
     def from_file(self, value: object) -> Choice:
         if not isinstance(value, str):
             raise ValueProblem(f"must be a string, got {type_name(value)} {value!r}")
+        if value in self.unsupported:
+            raise ValueProblem(f"{self.unsupported[value]}, got {value!r}")
         if value not in self.choices:
             raise ValueProblem(f"{_one_of(self.choices)}, got {value!r}")
         return self.choice(value)
@@ -386,3 +393,75 @@ class NumberKind(Kind):
 
     def show(self, value: Any) -> str:
         return f"{value:g}"
+
+
+def _split_text(raw: Any) -> list[str]:
+    """A comma list, or several (repeated flag) comma lists, as stripped non-empty items."""
+    chunks = [raw] if isinstance(raw, str) else [str(chunk) for chunk in raw]
+    return [part.strip() for chunk in chunks for part in chunk.split(",") if part.strip()]
+
+
+class TextListKind(Kind):
+    """Names, in order, duplicates dropped: from text a comma list (the flag may repeat), in
+    the file a string or a list of strings (``--cdi-feature-flags``, ``--cdi-disable-hooks``).
+    Which names mean something is the user's business (unknown ones are logged there)."""
+
+    __slots__ = ()
+    arg_form: ClassVar[ArgForm] = "multi"
+
+    def from_text(self, raw: Any, label: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_split_text(raw)))
+
+    def from_file(self, value: object) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueProblem(f"must be a string or a list of strings, got {type_name(value)}")
+        return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+
+    def show(self, value: Any) -> str:
+        return ",".join(value) or "none"
+
+
+IMEX_ALL = "all"
+
+
+class ImexChannelsKind(Kind):
+    """IMEX channel IDs: ``all``, or channel numbers (``0``, ``0,1``); from text a comma list,
+    in the file (``imex.channelIDs``) a list of numbers or the string ``all``. Kept as
+    strings, numbers in canonical decimal form, duplicates dropped."""
+
+    __slots__ = ()
+    arg_form: ClassVar[ArgForm] = "multi"
+    _REASON = "must be 'all' or a comma list of channel numbers >= 0"
+
+    def _items(self, items: Sequence[object]) -> tuple[str, ...] | None:
+        if [str(i).strip() for i in items] == [IMEX_ALL]:
+            return (IMEX_ALL,)
+        result: list[str] = []
+        for item in items:
+            if isinstance(item, bool):
+                return None
+            text = str(item).strip()
+            if not text.isdigit():
+                return None
+            result.append(str(int(text)))
+        return tuple(dict.fromkeys(result))
+
+    def from_text(self, raw: Any, label: str) -> tuple[str, ...]:
+        items = _split_text(raw)
+        checked = self._items(items)
+        if checked is None:
+            raise _invalid(label, ",".join(items), self._REASON)
+        return checked
+
+    def from_file(self, value: object) -> tuple[str, ...]:
+        items = [value] if isinstance(value, (str, int)) else value
+        checked = None
+        if isinstance(items, list) and all(isinstance(i, (str, int)) for i in items):
+            checked = self._items(items)
+        if checked is None:
+            raise ValueProblem(f"{self._REASON}, got {type_name(value)} {value!r}")
+        return checked
+
+    def show(self, value: Any) -> str:
+        return ",".join(value) or "none"

@@ -2,6 +2,7 @@
 
 fake-nvml list
 fake-nvml show dgx-a100-mig [--json]
+fake-nvml driver-root dgx-a100 /tmp/driver     # a fake driver root for CDI-mode runs
 fake-nvml inject --control /run/fake-nvml.sock xid 3 79
 fake-nvml inject --control /run/fake-nvml.sock xid MIG-... 94
 fake-nvml inject --control /run/fake-nvml.sock fail nvmlDeviceGetUUID NVML_ERROR_UNKNOWN --count 1
@@ -36,6 +37,7 @@ from gpus.fake.controller import install, write_sysfs
 from gpus.fake.profile import ProfileError, list_profiles, load_profile
 from gpus.model import Snapshot, TopologyLevel
 from gpus.nvml import Nvml, NvmlError
+from gpus.runtime.version import add_version_flag
 
 CONTROL_ENV = "FAKE_NVML_CONTROL"
 # nvidia-smi topo -m abbreviations.
@@ -59,11 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fake-nvml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the shipped machine profiles")
     show = sub.add_parser("show", help="read a profile through pynvml and the fake, and print it")
     show.add_argument("profile", help="profile name or path to a .yaml")
     show.add_argument("--json", action="store_true", help="print the Snapshot as JSON")
+    driver = sub.add_parser("driver-root", help="write a fake NVIDIA driver root for a profile "
+                            "(libraries, binaries, firmware, device nodes as plain files)")
+    driver.add_argument("profile", help="profile name or path to a .yaml")
+    driver.add_argument("directory", help="the driver root to create or refresh")
+    driver.add_argument("--dev-root", help="where dev/ goes (default: the driver root)")
 
     inject = sub.add_parser("inject", help="inject a fault through a daemon's control socket")
     _socket_options(
@@ -195,6 +203,15 @@ def _show(profile_ref: str, as_json: bool) -> str:
     return render(snapshot, f"{profile.name}: {profile.description} ({profile.source})")
 
 
+def _driver_root(profile_ref: str, directory: str, dev_root: str | None) -> str:
+    """Write the fake driver root; a one-line summary (gpus/fake/driverroot.py)."""
+    from gpus.fake.driverroot import write_fake_driver_root
+
+    made = write_fake_driver_root(load_profile(profile_ref), directory, dev_root)
+    return (f"fake NVIDIA driver {made.version} in {made.root}: {len(made.libraries)} "
+            f"libraries, {len(made.binaries)} binaries, {len(made.firmware)} firmware files")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     try:
@@ -216,6 +233,13 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(f"{name:<18} {load_profile(name).description}")
         elif args.command == "show":
             print(_show(args.profile, args.json))
+        elif args.command == "driver-root":
+            try:
+                summary = _driver_root(args.profile, args.directory, args.dev_root)
+            except OSError as exc:  # not BrokenPipeError from print: main() handles that
+                print(f"fake-nvml: driver-root: {exc}", file=sys.stderr)
+                return 1
+            print(summary)
         else:
             if not args.control:
                 print(f"fake-nvml: --control (or {CONTROL_ENV}) is required", file=sys.stderr)

@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from gpus.runtime.version import add_version_flag
+
 REAL_NAME = "nvidia-cuda-mps-control"
 STATE_FILE = "fake-mps-state.json"
 CONTROL_LOG = "control.log"
@@ -181,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start the control daemon for CUDA_MPS_PIPE_DIRECTORY")
     parser.add_argument("--install-as", metavar="DIR",
                         help=f"write DIR/{REAL_NAME} running this fake, and exit")
+    add_version_flag(parser)
     args = parser.parse_args(argv)
     if args.install_as:
         print(install_as(args.install_as))

@@ -26,6 +26,8 @@ from deviceplugin.health import HealthMonitor, parse_health_env
 from deviceplugin.main import DevicePlugin, main
 from deviceplugin.mockkubelet import MockKubelet
 from gpus.config import Config
+from gpus.fake.driverroot import write_fake_driver_root
+from gpus.fake.profile import load_profile
 from protos.deviceplugin.v1beta1 import api_pb2
 
 from .support import GPU, TIMEOUT, run_main_while
@@ -37,7 +39,10 @@ PLUGIN_ENV = (
     "DEVICE_ID_STRATEGY", "SHARED_DEVICES_ALLOCATION_POLICY", "KUBELET_SOCKET", "CDI_SPEC_DIR",
     "HEALTH_RECOVERY_INTERVAL", "HEALTH_QUIET_PERIOD", "CONFIG_FILE", "PLUGIN_SOCKET_DIR",
     "DP_READY_FILE", "DP_STATUS_FILE", "DP_DISABLE_HEALTHCHECKS", "DP_ENABLE_HEALTHCHECKS",
-    "DP_LOG_LEVEL",
+    "DP_LOG_LEVEL", "DRIVER_ROOT_CTR_PATH", "CONTAINER_DRIVER_ROOT", "CDI_ANNOTATION_PREFIX",
+    "NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH", "CDI_FEATURE_FLAGS", "CDI_DISABLE_HOOKS",
+    "GDS_ENABLED", "MOFED_ENABLED", "GDRCOPY_ENABLED", "MPS_ROOT", "DEVICE_DISCOVERY_STRATEGY",
+    "IMEX_CHANNEL_IDS", "IMEX_REQUIRED",
 )
 
 
@@ -207,7 +212,11 @@ def test_sighup_keeps_a_configuration_made_only_of_environment_variables(
     config_file = tmp_path / "config.yaml"
     config_file.write_text("version: v1\nflags:\n  migStrategy: mixed\n")
     with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
+        driver = os.path.join(directory, "driver")  # CDI mode needs a driver: the fake one
+        write_fake_driver_root(load_profile("dgx-a100"), driver)
         env = {
+            "NVIDIA_DRIVER_ROOT": driver,
+            "DRIVER_ROOT_CTR_PATH": driver,
             "NVML_BACKEND": "fake:dgx-a100",
             "KUBELET_SOCKET": os.path.join(directory, "kubelet.sock"),
             "SYSFS_ROOT": os.path.join(directory, "root"),
@@ -229,6 +238,7 @@ def test_sighup_keeps_a_configuration_made_only_of_environment_variables(
     assert (flags.mig_strategy, flags.fail_on_init_error) == ("single", False)
     assert flags.plugin.device_list_strategy == ("volume-mounts", "cdi-annotations")
     assert (flags.plugin.device_id_strategy, flags.plugin.pass_device_specs) == ("index", True)
+    assert flags.plugin.container_driver_root == env["DRIVER_ROOT_CTR_PATH"]
     assert reloaded.after == reloaded.before
     assert reloaded.same_server  # reloaded in place, not restarted elsewhere
 

@@ -1,0 +1,154 @@
+"""The exporter end to end over the fake NVML: /metrics, /health, OpenMetrics, promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from exporter.http import WebConfigError, load_web_config
+from exporter.service import Exporter, ExporterOptions, build_exporter
+from gpus.fake import FakeNvml
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def running(fake_nvml) -> Iterator[tuple[FakeNvml, Exporter]]:
+    fake = fake_nvml("h100-mig-mixed")
+    exporter = build_exporter(ExporterOptions(
+        address=("127.0.0.1", 0), hostname="gpu-node-1", collect_interval_ms=60000,
+        sysfs_root=fake.use_scratch_sysfs()))
+    exporter.start()
+    yield fake, exporter
+    exporter.stop()
+
+
+def get(exporter: Exporter, path: str, accept: str | None = None) -> tuple[int, str, str]:
+    assert exporter.server is not None
+    request = urllib.request.Request(f"http://127.0.0.1:{exporter.server.port}{path}")
+    if accept:
+        request.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def test_metrics_text_keeps_dcgm_names_and_formats(running) -> None:
+    _, exporter = running
+    status, content_type, body = get(exporter, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n" in body
+    power = next(line for line in body.splitlines()
+                 if line.startswith("DCGM_FI_DEV_POWER_USAGE{"))
+    assert power.startswith('DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-')
+    assert len(power.rsplit(" ", 1)[1].split(".")[1]) == 6  # Go's %f
+    temp = next(line for line in body.splitlines() if line.startswith("DCGM_FI_DEV_GPU_TEMP{"))
+    assert "." not in temp.rsplit(" ", 1)[1]
+    assert 'GPU_I_PROFILE="3g.40gb",GPU_I_ID="1",Hostname="gpu-node-1"' in body
+
+
+def test_openmetrics_on_request(running) -> None:
+    _, exporter = running
+    status, content_type, body = get(exporter, "/metrics", "application/openmetrics-text")
+    assert status == 200 and content_type.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+    assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION unknown" in body
+
+
+def test_health_follows_sample_freshness(running) -> None:
+    _, exporter = running
+    assert get(exporter, "/health")[0] == 200
+    assert exporter.sampler is not None
+    exporter.sampler.interval_s = -1.0  # every sample is now "too old"
+    assert get(exporter, "/health")[0] == 503
+    assert get(exporter, "/nope")[0] == 404
+
+
+def test_concurrent_scrapes_share_one_reading(running) -> None:
+    _, exporter = running
+    assert exporter.sampler is not None
+    reading = exporter.sampler.latest()
+    bodies: list[str] = []
+    threads = [threading.Thread(target=lambda: bodies.append(get(exporter, "/metrics")[2]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert exporter.sampler.latest() is reading  # no scrape read NVML
+    gpu_lines = [[ln for ln in b.splitlines() if ln.startswith("DCGM_")] for b in bodies]
+    assert len(bodies) == 8 and all(lines == gpu_lines[0] for lines in gpu_lines)
+
+
+def test_lost_gpu_disappears_and_comes_back(running) -> None:
+    fake, exporter = running
+    assert exporter.sampler is not None
+    uuid = fake.uuids()[1]
+    fake.lose_gpu(1, xid=None)
+    exporter.sampler.sample_now()
+    body = get(exporter, "/metrics")[2]
+    assert f'DCGM_FI_DEV_GPU_TEMP{{gpu="1",UUID="{uuid}"' not in body
+    assert f'gpu_exporter_gpu_lost{{UUID="{uuid}"}} 1.0' in body
+    fake.restore_gpu(1)
+    exporter.sampler.sample_now()
+    assert f'DCGM_FI_DEV_GPU_TEMP{{gpu="1",UUID="{uuid}"' in get(exporter, "/metrics")[2]
+
+
+def test_one_failing_call_omits_one_series_and_is_counted(running) -> None:
+    fake, exporter = running
+    assert exporter.sampler is not None
+    fake.fail("nvmlDeviceGetTemperature", "NVML_ERROR_UNKNOWN", count=1)
+    exporter.sampler.sample_now()
+    body = get(exporter, "/metrics")[2]
+    temps = [ln for ln in body.splitlines() if ln.startswith("DCGM_FI_DEV_GPU_TEMP{")]
+    assert len(temps) == len(fake.uuids()) - 1
+    assert ('gpu_exporter_nvml_errors_total{call="nvmlDeviceGetTemperature",'
+            'error="NVML_ERROR_UNKNOWN"} 1.0') in body
+
+
+def test_xid_reaches_the_series(running) -> None:
+    fake, exporter = running
+    fake.inject_xid(0, 79, wait=TIMEOUT)
+    collector = exporter.collector
+    assert collector is not None and collector.xids is not None
+    deadline = threading.Event()
+    for _ in range(100):
+        if collector.xids.view().last:
+            break
+        deadline.wait(0.05)
+    assert 'err_code="79",err_msg="GPU has fallen off the bus"} 79' in get(
+        exporter, "/metrics")[2]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool not installed (Debian: apt-get install prometheus)")
+def test_promtool_accepts_our_output(running) -> None:
+    _, exporter = running
+    body = get(exporter, "/metrics")[2]
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, text=True,
+                            capture_output=True, timeout=60)
+    # promtool lints too (counters without _total, for example, which are dcgm-exporter's
+    # names): only a parse error fails the check.
+    assert "error while linting" not in result.stderr and "parse" not in result.stderr.lower(), \
+        result.stderr
+
+
+def test_web_config_basic_auth_is_refused_with_a_reason(tmp_path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n  alice: $2y$10$abc\n")
+    with pytest.raises(WebConfigError, match="basic_auth_users is not supported"):
+        load_web_config(str(path))
+    path.write_text("tls_server_config:\n  cert_file: c.pem\n")
+    with pytest.raises(WebConfigError, match="both cert_file and key_file"):
+        load_web_config(str(path))
+    path.write_text("nonsense: 1\n")
+    with pytest.raises(WebConfigError, match="unknown keys"):
+        load_web_config(str(path))

@@ -95,6 +95,10 @@ class Sampler:
         self._thread.start()
 
     def _run(self) -> None:
+        # A reading taken before start() (the exporter samples once before serving) counts
+        # as this interval's: sampling again at once would race a caller's own sample_now.
+        if self._latest is not None:
+            self._stop.wait(self.interval_s)
         while not self._stop.is_set():
             try:
                 self.sample_now()

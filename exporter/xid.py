@@ -71,6 +71,7 @@ class XidTracker:
         self.window_ms = window_ms
         self._clock = clock
         self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)
         self._last: dict[DeviceKey, int] = {}
         self._events: dict[DeviceKey, deque[tuple[float, int]]] = {}
 
@@ -79,6 +80,13 @@ class XidTracker:
         with self._lock:
             self._last[key] = xid
             self._events.setdefault(key, deque()).append((self._clock(), xid))
+            self._recorded.notify_all()
+
+    def wait_for_xid(self, key: DeviceKey, timeout: float) -> int | None:
+        """Wait until ``key`` has an XID; returns it (None on timeout)."""
+        with self._recorded:
+            self._recorded.wait_for(lambda: key in self._last, timeout)
+            return self._last.get(key)
 
     def view(self) -> XidView:
         """Last XIDs and the counts within the window now (old events are dropped)."""

@@ -167,3 +167,21 @@ def test_cgroup_paths_of_every_runtime() -> None:
     assert parse_log_name(f"job-0_ml_trainer-{cid}.log") == (cid, PodOwner("ml", "job-0",
                                                                             "trainer"))
     assert parse_log_name("random.log") is None
+
+
+def test_xid_counts_leave_the_window_but_the_last_xid_stays() -> None:
+    from exporter.xid import XidTracker
+
+    now = [100.0]
+    tracker = XidTracker(window_ms=10_000, clock=lambda: now[0])
+    key = DeviceKey(G0)
+    tracker.record(key, 79)
+    now[0] += 5
+    tracker.record(key, 79)
+    tracker.record(key, 13)
+    assert tracker.view().counts == {key: {79: 2, 13: 1}}
+    now[0] += 6  # the first 79 is 11 s old
+    assert tracker.view().counts == {key: {79: 1, 13: 1}}
+    now[0] += 10
+    view = tracker.view()
+    assert view.counts == {} and view.last == {key: 13}

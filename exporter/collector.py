@@ -23,7 +23,7 @@ from exporter.attribution import Attribution, AttributionRefresher
 from exporter.fields import Collector, ValueFormat
 from exporter.pods import PidMapper, PodOwner
 from exporter.series import Family, Inputs, SeriesOptions, build_families
-from exporter.xid import XidTracker
+from exporter.xid import XidTracker, XidView
 from gpus.model import Snapshot
 from gpus.telemetry import Sample, TelemetryReader
 
@@ -130,6 +130,7 @@ class ExporterCollector(PromCollector):
         self._clock = clock
         self.formats: dict[str, ValueFormat] = {c.name: c.field.value for c in self.collectors}
         self._scrape_lock = threading.Lock()
+        self._cached: tuple[tuple[Reading, int | None, XidView | None], list[Family]] | None = None
         self._scrapes = 0
         self._scrape_seconds = 0.0
 
@@ -138,11 +139,19 @@ class ExporterCollector(PromCollector):
         reading = self.sampler.latest()
         if reading is None:
             return []
-        attribution = (Attribution() if self.refresher is None
-                       else self.refresher.current().attribution)
-        inputs = Inputs(self.sampler.snapshot, reading.sample, attribution, reading.owners,
-                        None if self.xids is None else self.xids.view())
-        return build_families(inputs, self.collectors, self.options)
+        current = None if self.refresher is None else self.refresher.current()
+        attribution = Attribution() if current is None else current.attribution
+        xids = None if self.xids is None else self.xids.view()
+        # Scrapes between two samples (and mapping or XID changes) render the same families:
+        # built once, shared.
+        key = (reading, None if current is None else current.generation, xids)
+        cached = self._cached
+        if cached is not None and cached[0][0] is reading and cached[0][1:] == key[1:]:
+            return cached[1]
+        inputs = Inputs(self.sampler.snapshot, reading.sample, attribution, reading.owners, xids)
+        families = build_families(inputs, self.collectors, self.options)
+        self._cached = (key, families)
+        return families
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's entry point."""

@@ -60,6 +60,8 @@ def _escape_label(text: str) -> str:
 def generate_text(collector: PromCollector, formats: dict[str, ValueFormat]) -> bytes:
     """Prometheus text format 0.0.4, labels in the order the collector gave them."""
     out: list[str] = []
+    # A device's labels repeat in every family: escape each label set once per scrape.
+    rendered: dict[tuple[tuple[str, str], ...], str] = {}
     for metric in collector.collect():
         name = metric.name
         if metric.type == "counter" and any(s.name == f"{name}_total" for s in metric.samples):
@@ -72,9 +74,11 @@ def generate_text(collector: PromCollector, formats: dict[str, ValueFormat]) -> 
         for sample in metric.samples:
             if sample.name.endswith("_created"):
                 continue
-            labels = ",".join(f'{k}="{_escape_label(v)}"'
-                              for k, v in sample.labels.items())
-            labels = f"{{{labels}}}" if labels else ""
+            items = tuple(sample.labels.items())
+            labels = rendered.get(items)
+            if labels is None:
+                joined = ",".join(f'{k}="{_escape_label(v)}"' for k, v in items)
+                labels = rendered[items] = f"{{{joined}}}" if joined else ""
             out.append(f"{sample.name}{labels} {_value(sample.value, fmt)}\n")
     return "".join(out).encode()
 

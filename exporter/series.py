@@ -194,15 +194,16 @@ def build_families(inputs: Inputs, collectors: Iterable[Collector],
                    options: SeriesOptions) -> list[Family]:
     """Every family the collectors ask for, in collectors order; empty families left out."""
     rows = tuple(collectors)
-    devices = _devices(inputs)
+    # Labels and holders once per device, not once per device and family.
+    devices = [(sample, key, _device_labels(gpu, mig, label_rows(rows, inputs.snapshot, gpu),
+                                            options), inputs.attribution.pods_of(key))
+               for gpu, mig, sample, key in _devices(inputs)]
     families = []
     for row in rows:
         if row.prom_type is PromType.LABEL:
             continue
         series: list[Series] = []
-        for gpu, mig, sample, key in devices:
-            base = _device_labels(gpu, mig, label_rows(rows, inputs.snapshot, gpu), options)
-            holders = inputs.attribution.pods_of(key)
+        for sample, key, base, holders in devices:
             series += _family_series(row.name, base, sample, key, holders, inputs, options)
         if series:
             families.append(Family(row.name, row.prom_type.value, row.help, row.field.value,

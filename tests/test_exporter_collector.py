@@ -181,3 +181,12 @@ def test_scrapes_never_read_nvml(tmp_path) -> None:
         controller.clear_faults()
     assert s.sampler.latest() is reading and len(texts) == 6
     assert all(len(series(parse(t), "DCGM_FI_DEV_GPU_TEMP")) == 8 for t in texts)
+
+
+def test_a_new_mapping_shows_without_a_new_sample(tmp_path) -> None:
+    with scraper(lambda d: mig_config(d, "dgx-a100", "none"), tmp_path) as s:
+        assert not any("pod" in lab for _, lab, _ in s.scrape())
+        s.env.kubelet.allocate(GPU_RES, 1, pod="late")
+        s.refresher.refresh_now()  # same NVML reading, new pod mapping
+        text = generate_text(s.collector, s.collector.formats).decode()
+    assert any(lab.get("pod") == "late" for _, lab, _ in parse(text))

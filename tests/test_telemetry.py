@@ -71,13 +71,25 @@ def test_unsupported_values_are_none_never_zero(fake_nvml) -> None:
 
 
 def test_gpm_ratios_on_hopper_from_the_second_read(fake_nvml) -> None:
-    fake, nvml, snap, reader = reading(fake_nvml, "h100-mig-mixed")
+    fake, nvml, snap, reader = reading(fake_nvml, "dgx-h100")
     assert first_gpu(reader.read(snap)).gr_engine_active is None  # GPM needs two samples
+    fake.advance_telemetry()
+    gpu = first_gpu(reader.read(snap))
+    assert gpu.gr_engine_active == pytest.approx(gpu.gpu_util / 100)
+    assert 0 <= gpu.tensor_active <= 1 and gpu.pcie_rx_bytes is not None
+    reader.close()
+    nvml.shutdown()
+
+
+def test_mig_gpus_have_per_instance_gpm_but_no_device_utilisation(fake_nvml) -> None:
+    fake, nvml, snap, reader = reading(fake_nvml, "h100-mig-mixed")
+    reader.read(snap)
     fake.advance_telemetry()
     sample = reader.read(snap)
     gpu = first_gpu(sample)
-    assert gpu.gr_engine_active == pytest.approx(gpu.gpu_util / 100)
-    assert 0 <= gpu.tensor_active <= 1 and gpu.pcie_rx_bytes is not None
+    # NVML: utilisation rates are not supported on a MIG-enabled GPU; GPM is
+    assert gpu.gpu_util is None and gpu.gr_engine_active is not None
+    assert sample.errors == {}
     migs = [d for d in sample.devices if d.gpu_instance_id is not None]
     assert len(migs) == 3 * len(snap.gpus)
     assert all(m.gr_engine_active == 0.0 and m.power_w is None for m in migs)
@@ -134,6 +146,27 @@ def test_processes_with_memory_and_sm_utilisation(fake_nvml) -> None:
         (101, 2048, 30), (202, 1024, 15)]
     assert gpu.gpu_util == 45 and gpu.fb_used_mib == 3072
     assert reader.read(snap).devices[1].processes == ()
+    nvml.shutdown()
+
+
+def test_processes_and_telemetry_through_the_control_socket(fake_nvml, sockdir) -> None:
+    import os
+
+    from gpus.fake.control import ControlError, send
+
+    path = os.path.join(sockdir, "ctl.sock")
+    fake = fake_nvml("t4", control_socket=path)
+    nvml = Nvml()
+    nvml.init()
+    snap = nvml.read_snapshot(fake.use_scratch_sysfs())
+    reply = send(path, {"op": "processes", "gpu": 1,
+                        "processes": [{"pid": 42, "used_mib": 300, "sm_util": 20}]})
+    assert reply["ok"], reply
+    assert send(path, {"op": "advance", "steps": 3})["step"] == 3
+    with pytest.raises(ControlError, match="unknown process keys"):
+        send(path, {"op": "processes", "gpu": 1, "processes": [{"pid": 1, "x": 2}]})
+    gpu = TelemetryReader().read(snap).devices[1]
+    assert [(p.pid, p.used_memory_mib, p.sm_util) for p in gpu.processes] == [(42, 300, 20)]
     nvml.shutdown()
 
 

@@ -250,8 +250,11 @@ class TelemetryFunctions:
         return self.s.telemetry.counters[gpu.spec.uuid]
 
     def nvmlDeviceGetUtilizationRates(self, handle: int, out: int) -> int:  # noqa: N802
-        """nvmlUtilization_t: GPU and memory-copy utilisation in percent."""
+        """nvmlUtilization_t: GPU and memory-copy utilisation in percent (NOT_SUPPORTED on
+        a MIG-enabled GPU, as NVML documents: GPM is the per-instance source there)."""
         gpu = self.s.gpu(handle)
+        if gpu.spec.mig_enabled:
+            raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)
         util = self._util(gpu)
         info = _struct(out, pynvml.c_nvmlUtilization_t)
         info.gpu, info.memory = util, util * 3 // 5
@@ -394,8 +397,10 @@ class TelemetryFunctions:
     def nvmlDeviceGetProcessUtilization(self, handle: int, samples: int, count: int,  # noqa: N802
                                         since: int) -> int:
         """Per-process SM utilisation samples newer than ``since`` (microseconds);
-        NOT_FOUND when there are none, as NVML answers."""
+        NOT_FOUND when there are none, as NVML answers; NOT_SUPPORTED in MIG mode."""
         gpu = self.s.gpu(handle)
+        if gpu.spec.mig_enabled:
+            raise NvmlReturn(pynvml.NVML_ERROR_NOT_SUPPORTED)
         timestamp = (self.s.telemetry.step + 1) * 1_000_000
         procs = [p for p, _, _ in self._processes(gpu)] if timestamp > since else []
         if not procs:

@@ -168,6 +168,12 @@ def load_web_config(path: str) -> WebConfig:
     return config
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up or spoke plain HTTP to TLS: its problem, one debug line.
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+
 class MetricsServer:
     """Serves /metrics and /health on ``address`` (host, port); port 0 picks a free one."""
 
@@ -175,11 +181,14 @@ class MetricsServer:
                  formats: dict[str, ValueFormat], healthy: Callable[[], bool],
                  web_config: WebConfig | None = None) -> None:
         handler = _handler(collector, formats, healthy)
-        self._server = ThreadingHTTPServer(address, handler)
+        self._server = _Server(address, handler)
         self._server.daemon_threads = True
         context = None if web_config is None else web_config.ssl_context()
         if context is not None:
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            # The handshake happens on the connection's own thread (first read), not in
+            # accept(): a client that stalls its handshake must not stall the accept loop.
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         self._thread: threading.Thread | None = None
 
     @property
@@ -195,7 +204,8 @@ class MetricsServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        self._server.shutdown()
+        if self._thread is not None:  # shutdown() waits for a serve_forever that never ran
+            self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(5.0)

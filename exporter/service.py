@@ -89,7 +89,14 @@ class Exporter:
         self._reader: TelemetryReader | None = None
 
     def start(self) -> None:
-        """Initialise NVML, sample once, then serve."""
+        """Initialise NVML, sample once, then serve; on an error nothing is left running."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         opts = self.options
         self.nvml.init()
         snapshot = self.nvml.read_snapshot(opts.sysfs_root)
@@ -123,6 +130,7 @@ class Exporter:
         for part in (self.server, self.refresher, self.sampler, self.listener):
             if part is not None:
                 part.stop()
+        self.server = self.refresher = self.sampler = self.listener = None
         if self._client is not None:
             self._client.close()
         if self._reader is not None:
@@ -130,6 +138,21 @@ class Exporter:
         self.nvml.shutdown()
 
 
+def check_options(options: ExporterOptions) -> None:
+    """ValueError naming the flag for options no exporter could run with."""
+    if options.collect_interval_ms <= 0:
+        raise ValueError(f"-c/--collect-interval must be > 0 ms, got {options.collect_interval_ms}")
+    if options.xid_count_window_ms <= 0:
+        raise ValueError("-x/--xid-count-window-size must be > 0 ms, got "
+                         f"{options.xid_count_window_ms}")
+    if options.kubernetes_gpu_id_type not in ("uid", "device-name"):
+        raise ValueError("--kubernetes-gpu-id-type must be uid or device-name, got "
+                         f"{options.kubernetes_gpu_id_type!r}")
+    if not options.collectors:
+        raise ValueError("-f/--collectors: no fields to collect")
+
+
 def build_exporter(options: ExporterOptions) -> Exporter:
-    """An exporter for ``options`` (not started)."""
+    """An exporter for ``options`` (not started); ValueError for unusable options."""
+    check_options(options)
     return Exporter(options)

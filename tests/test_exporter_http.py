@@ -169,3 +169,72 @@ def test_web_config_basic_auth_is_refused_with_a_reason(tmp_path) -> None:
     path.write_text("nonsense: 1\n")
     with pytest.raises(WebConfigError, match="unknown keys"):
         load_web_config(str(path))
+
+
+def test_a_slow_client_does_not_stall_others(running) -> None:
+    import socket
+
+    _, exporter = running
+    assert exporter.server is not None
+    with socket.create_connection(("127.0.0.1", exporter.server.port), timeout=TIMEOUT) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finishes its request
+        assert get(exporter, "/health")[0] == 200
+        assert get(exporter, "/metrics")[0] == 200
+
+
+def test_bad_options_are_refused_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match="-c/--collect-interval"):
+        build_exporter(ExporterOptions(collect_interval_ms=0))
+    with pytest.raises(ValueError, match="-x/--xid-count-window-size"):
+        build_exporter(ExporterOptions(xid_count_window_ms=-1))
+    with pytest.raises(ValueError, match="--kubernetes-gpu-id-type"):
+        build_exporter(ExporterOptions(kubernetes_gpu_id_type="index"))
+
+
+def test_a_failed_start_leaves_nothing_running(fake_nvml) -> None:
+    import socket
+
+    fake = fake_nvml("t4")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        exporter = build_exporter(ExporterOptions(address=("127.0.0.1", taken.getsockname()[1]),
+                                                  sysfs_root=fake.use_scratch_sysfs()))
+        with pytest.raises(OSError):
+            exporter.start()
+    assert fake.status()["initialized"] == 0
+    assert exporter.sampler is None and exporter.listener is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_from_a_web_config_file(fake_nvml, tmp_path) -> None:
+    import ssl
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True,
+                   timeout=60)
+    (tmp_path / "web.yml").write_text(
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n")
+    config = load_web_config(str(tmp_path / "web.yml"))
+    fake = fake_nvml("t4")
+    exporter = build_exporter(ExporterOptions(address=("127.0.0.1", 0), web_config=config,
+                                              sysfs_root=fake.use_scratch_sysfs()))
+    exporter.start()
+    try:
+        assert exporter.server is not None
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        context.check_hostname = False
+        url = f"https://127.0.0.1:{exporter.server.port}/metrics"
+        with urllib.request.urlopen(url, context=context, timeout=TIMEOUT) as response:
+            assert b"DCGM_FI_DEV_GPU_TEMP{" in response.read()
+        with pytest.raises(OSError):  # plain HTTP is not served
+            urllib.request.urlopen(url.replace("https", "http"), timeout=TIMEOUT).read()
+        # a client that never starts its handshake does not stall the others
+        import socket
+
+        with socket.create_connection(("127.0.0.1", exporter.server.port), timeout=TIMEOUT), \
+                urllib.request.urlopen(url, context=context, timeout=TIMEOUT) as response:
+            assert response.status == 200
+    finally:
+        exporter.stop()

@@ -185,3 +185,18 @@ def test_xid_counts_leave_the_window_but_the_last_xid_stays() -> None:
     now[0] += 10
     view = tracker.view()
     assert view.counts == {} and view.last == {key: 13}
+
+
+def test_device_name_gpu_ids_resolve_by_minor() -> None:
+    import pytest
+
+    from exporter.service import gpu_id_resolver
+
+    snap = snapshot()
+    resolve = gpu_id_resolver(snap, "device-name")
+    gpu1 = snap.gpus[1]
+    assert resolve(f"nvidia{gpu1.minor}") == DeviceKey(gpu1.uuid)
+    assert resolve(G0) == DeviceKey(G0) and resolve("nvidia99") is None
+    assert gpu_id_resolver(snap, "uid")(f"nvidia{gpu1.minor}") is None
+    with pytest.raises(ValueError, match="uid or device-name"):
+        gpu_id_resolver(snap, "bogus")

@@ -113,7 +113,7 @@ def _device_labels(gpu: GPU, mig: MigDevice | None, labels: Mapping[str, str],
                    options: SeriesOptions) -> list[tuple[str, str]]:
     model = gpu.name.replace(" ", "-") if options.replace_blanks_in_model_name else gpu.name
     result = [("gpu", str(gpu.index)), ("uuid" if options.use_old_namespace else "UUID", gpu.uuid),
-              ("pci_bus_id", gpu.pci_bus_id), ("device", f"nvidia{gpu.minor}"),
+              ("pci_bus_id", gpu.pci_bus_id), ("device", f"nvidia{gpu.index}"),
               ("modelName", model)]
     if mig is not None:
         result += [("GPU_I_PROFILE", mig.profile), ("GPU_I_ID", str(mig.gpu_instance_id))]

@@ -59,17 +59,18 @@ class ExporterOptions:
 
 
 def gpu_id_resolver(snapshot: Snapshot, id_type: str) -> Resolver:
-    """The snapshot's resolver; with ``device-name`` also ``nvidia<minor>`` device ids."""
+    """The snapshot's resolver; with ``device-name`` also ``nvidia<index>`` device ids
+    (dcgm-exporter's ``device`` label: ``nvidia`` + the GPU id, which is NVML's index)."""
     if id_type not in ("uid", "device-name"):
         raise ValueError(f"--kubernetes-gpu-id-type must be uid or device-name, got {id_type!r}")
     base = resolver_from_snapshot(snapshot)
     if id_type == "uid":
         return base
-    by_minor = {gpu.minor: DeviceKey(gpu.uuid) for gpu in snapshot.gpus}
+    by_index = {gpu.index: DeviceKey(gpu.uuid) for gpu in snapshot.gpus}
 
     def resolve(device_id: str) -> DeviceKey | None:
         match = _DEVICE_NAME.match(device_id)
-        return by_minor.get(int(match.group(1))) if match else base(device_id)
+        return by_index.get(int(match.group(1))) if match else base(device_id)
 
     return resolve
 

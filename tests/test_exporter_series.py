@@ -187,7 +187,7 @@ def test_xid_counts_leave_the_window_but_the_last_xid_stays() -> None:
     assert view.counts == {} and view.last == {key: 13}
 
 
-def test_device_name_gpu_ids_resolve_by_minor() -> None:
+def test_device_name_gpu_ids_resolve_by_index() -> None:
     import pytest
 
     from exporter.service import gpu_id_resolver
@@ -195,8 +195,20 @@ def test_device_name_gpu_ids_resolve_by_minor() -> None:
     snap = snapshot()
     resolve = gpu_id_resolver(snap, "device-name")
     gpu1 = snap.gpus[1]
-    assert resolve(f"nvidia{gpu1.minor}") == DeviceKey(gpu1.uuid)
+    assert resolve(f"nvidia{gpu1.index}") == DeviceKey(gpu1.uuid)
     assert resolve(G0) == DeviceKey(G0) and resolve("nvidia99") is None
-    assert gpu_id_resolver(snap, "uid")(f"nvidia{gpu1.minor}") is None
+    assert gpu_id_resolver(snap, "uid")(f"nvidia{gpu1.index}") is None
     with pytest.raises(ValueError, match="uid or device-name"):
         gpu_id_resolver(snap, "bogus")
+
+
+def test_device_label_is_nvidia_and_the_gpu_index_not_the_minor() -> None:
+    import dataclasses
+
+    snap = snapshot()
+    permuted = dataclasses.replace(snap, gpus=(dataclasses.replace(snap.gpus[0], minor=5),
+                                               snap.gpus[1]))
+    fams = {f.name: f for f in build_families(
+        Inputs(permuted, sample(gpu0(gpu_util=1)), Attribution(), {}), DEFAULT_COLLECTORS, HOST)}
+    (series,) = fams["DCGM_FI_DEV_GPU_UTIL"].series
+    assert dict(series.labels)["device"] == "nvidia0"

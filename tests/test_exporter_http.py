@@ -238,3 +238,22 @@ def test_tls_from_a_web_config_file(fake_nvml, tmp_path) -> None:
             assert response.status == 200
     finally:
         exporter.stop()
+
+
+def test_kubernetes_mode_without_a_kubelet_serves_and_counts(fake_nvml, sockdir) -> None:
+    import os
+
+    fake = fake_nvml("t4")
+    exporter = build_exporter(ExporterOptions(
+        address=("127.0.0.1", 0), kubernetes=True, sysfs_root=fake.use_scratch_sysfs(),
+        pod_resources_socket=os.path.join(sockdir, "missing.sock")))
+    exporter.start()
+    try:
+        assert exporter.refresher is not None
+        assert exporter.refresher.wait_for(lambda c: c.health.kind == "no-socket", TIMEOUT)
+        body = get(exporter, "/metrics")[2]
+    finally:
+        exporter.stop()
+    assert body.count("DCGM_FI_DEV_GPU_TEMP{") == 4 and 'pod="' not in body
+    assert 'gpu_exporter_podresources_failures_total{kind="no-socket"}' in body
+    assert "gpu_exporter_pod_mapping_stale 0.0" in body

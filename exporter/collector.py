@@ -56,6 +56,9 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0
+        # Called on the sampling thread with each new reading (the collector builds its
+        # families there, so the first scrape after a sample does not).
+        self.listeners: list[Callable[[Reading], None]] = []
 
     def latest(self) -> Reading | None:
         """The latest reading (None before the first)."""
@@ -72,6 +75,11 @@ class Sampler:
         with self._changed:
             self._latest = reading
             self._changed.notify_all()
+        for listener in self.listeners:
+            try:
+                listener(reading)
+            except Exception:  # a rendering bug must not stop sampling
+                log.exception("after a sample: %r failed", listener)
         return reading
 
     def wait_for(self, predicate: Callable[[Reading], bool], timeout: float) -> Reading | None:
@@ -133,6 +141,11 @@ class ExporterCollector(PromCollector):
         self._cached: tuple[tuple[Reading, int | None, XidView | None], list[Family]] | None = None
         self._scrapes = 0
         self._scrape_seconds = 0.0
+        sampler.listeners.append(self._prepare)
+
+    def _prepare(self, reading: Reading) -> None:
+        """Build the new reading's families on the sampling thread."""
+        self.families()
 
     def families(self) -> list[Family]:
         """The GPU families for the current reading (empty before the first sample)."""

@@ -257,3 +257,23 @@ def test_kubernetes_mode_without_a_kubelet_serves_and_counts(fake_nvml, sockdir)
     assert body.count("DCGM_FI_DEV_GPU_TEMP{") == 4 and 'pod="' not in body
     assert 'gpu_exporter_podresources_failures_total{kind="no-socket"}' in body
     assert "gpu_exporter_pod_mapping_stale 0.0" in body
+
+
+def test_families_are_built_on_the_sampling_thread_not_by_scrapes(running, monkeypatch) -> None:
+    import exporter.collector as collector_module
+
+    _, exporter = running
+    assert exporter.sampler is not None
+    built: list[str] = []
+    real = collector_module.build_families
+
+    def counting(*args, **kwargs):
+        built.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collector_module, "build_families", counting)
+    exporter.sampler.sample_now()
+    assert built == [threading.current_thread().name]  # the sampling thread (here: this one)
+    for _ in range(3):
+        assert get(exporter, "/metrics")[0] == 200
+    assert len(built) == 1

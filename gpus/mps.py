@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpus.model import MIB
 from gpus.resources import Resource
 
 CONTROL_BINARY = "nvidia-cuda-mps-control"
@@ -31,7 +32,6 @@ PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
 CONTROL_LOG = "control.log"  # written by the control daemon into its log directory
 HEALTH_COMMAND = "get_default_active_thread_percentage"
-MIB = 1 << 20
 # How long one nvidia-cuda-mps-control invocation may take before it counts as failed.
 CONTROL_TIMEOUT_S = 10.0
 

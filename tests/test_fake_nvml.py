@@ -66,7 +66,7 @@ def test_unimplemented_function_is_function_not_found(fake_nvml: FakeFactory) ->
     with Nvml():
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         with pytest.raises(pynvml.NVMLError_FunctionNotFound):
-            pynvml.nvmlDeviceGetPowerUsage(handle)
+            pynvml.nvmlDeviceGetFanSpeed(handle)  # not in the fake
 
 
 def test_fail_maps_to_nvml_error_naming_call(fake_nvml: FakeFactory) -> None:

@@ -6,8 +6,10 @@ the returned :class:`FakeNvml` injects faults (XIDs, ECC errors, lost GPUs, fail
 
 from gpus.fake.controller import FakeNvml, install, write_driver_root, write_sysfs
 from gpus.fake.profile import Profile, ProfileError, list_profiles, load_profile
+from gpus.fake.telemetry import FakeProcess
 
 __all__ = [
+    "FakeProcess",
     "FakeNvml",
     "Profile",
     "ProfileError",

@@ -9,6 +9,9 @@ Each request is one JSON object on one line; each reply is one line: ``{"ok": tr
 - ``{"op": "fail", "function": "nvmlDeviceGetUUID", "error": "NVML_ERROR_UNKNOWN", "count": 1}``
 - ``{"op": "fail_event_wait", "error": "..."}`` / ``{"op": "fail_init", "error": "..."}``
 - ``{"op": "clear"}`` / ``{"op": "status"}`` / ``{"op": "ping"}``
+- ``{"op": "advance", "steps": 1}``: move the telemetry on (simulated seconds)
+- ``{"op": "processes", "gpu": 0, "processes": [{"pid": 1234, "used_mib": 512, "sm_util": 30}]}``:
+  what runs on a GPU or MIG device (an empty list: nothing)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gpus.fake.controller import FakeNvml
+    from gpus.fake.telemetry import FakeProcess
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,22 @@ def _int(request: dict[str, Any], key: str, optional: bool = False) -> int | Non
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key!r} must be an integer")
     return value
+
+
+def _processes(request: dict[str, Any]) -> list[FakeProcess]:
+    from gpus.fake.telemetry import FakeProcess
+
+    items = request.get("processes")
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ValueError("'processes' must be a list of {pid, used_mib, sm_util} objects")
+    result = []
+    for item in items:
+        unknown = set(item) - {"pid", "used_mib", "sm_util"}
+        if unknown:
+            raise ValueError(f"unknown process keys {sorted(unknown)}")
+        result.append(FakeProcess(_int(item, "pid") or 0, _int(item, "used_mib") or 0,
+                                  _int(item, "sm_util", optional=True) or 0))
+    return result
 
 
 # A request may hold the control connection this long waiting for a watcher, no longer.
@@ -108,6 +128,8 @@ def handle_request(fake: FakeNvml, request: Any) -> dict[str, Any]:
         "fail_event_wait": lambda: fake.fail_event_wait(_error(request, "NVML_ERROR_UNKNOWN")),
         "fail_init": lambda: fake.fail_init(_error(request, "NVML_ERROR_DRIVER_NOT_LOADED")),
         "clear": fake.clear_faults,
+        "advance": lambda: {"step": fake.advance_telemetry(_int(request, "steps") or 0)},
+        "processes": lambda: fake.set_processes(_gpu(request), _processes(request)),
     }
     handler = handlers.get(op) if isinstance(op, str) else None
     if handler is None:

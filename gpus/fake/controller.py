@@ -18,6 +18,7 @@ import pynvml
 from gpus.fake.lib import FakeNvmlLib, NvmlFunctions
 from gpus.fake.profile import VGPU_FIELD_BYTES, GpuSpec, Profile, VgpuSpec, load_profile
 from gpus.fake.state import NOT_APPLICABLE, XID_FALLEN_OFF_BUS, FakeGpu, FakeState, error_code
+from gpus.fake.telemetry import FakeProcess
 
 if TYPE_CHECKING:
     from gpus.fake.control import ControlServer
@@ -190,6 +191,7 @@ class FakeNvml:
             if wait > 0:
                 self._state.wait_watched(target, event, wait)
             log.info("fake NVML: XID %d on GPU %d (gi=%#x ci=%#x)", xid, target.spec.index, gi, ci)
+            self._state.telemetry.on_xid(target.spec.uuid, xid)
             return self._state.post(target, event, xid, gi, ci)
 
     def inject_ecc(self, gpu: int | str, double_bit: bool = True, wait: float = 0.0) -> int:
@@ -211,6 +213,7 @@ class FakeNvml:
                 "double" if double_bit else "single",
                 target.spec.index,
             )
+            self._state.telemetry.on_ecc(target.spec.uuid, double_bit)
             return self._state.post(target, event, 0, NOT_APPLICABLE, NOT_APPLICABLE)
 
     def lose_gpu(self, gpu: int | str, xid: int | None = XID_FALLEN_OFF_BUS) -> None:
@@ -274,6 +277,32 @@ class FakeNvml:
             for gpu in self._state.gpus:
                 gpu.lost = False
         log.info("fake NVML: faults cleared")
+
+    # -- telemetry ------------------------------------------------------------------------------
+
+    def advance_telemetry(self, steps: int = 1) -> int:
+        """Move the telemetry ``steps`` simulated seconds on; returns the step now."""
+        with self._state.lock:
+            self._state.telemetry.advance(steps)
+            return self._state.telemetry.step
+
+    def telemetry_follows_time(self, on: bool = True) -> None:
+        """Also advance the telemetry one step per wall-clock second (demos), or stop."""
+        with self._state.lock:
+            self._state.telemetry.follow_time(on)
+
+    def set_processes(self, device: int | str, processes: list[FakeProcess]) -> None:
+        """The processes running on a GPU (index or UUID) or a MIG device (MIG UUID)."""
+        for proc in processes:
+            if proc.pid <= 0 or proc.used_mib < 0 or not 0 <= proc.sm_util <= 100:
+                raise ValueError(f"implausible process {proc!r}")
+        with self._state.lock:
+            target, mig = self._state.find(device)
+            uuid = mig.uuid if mig is not None else target.spec.uuid
+            if processes:
+                self._state.telemetry.processes[uuid] = list(processes)
+            else:
+                self._state.telemetry.processes.pop(uuid, None)
 
     def _gpu(self, gpu: int | str) -> FakeGpu:
         return self._state.find(gpu)[0]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pynvml
 
 from gpus.fake.profile import ComputeInstance, GpuInstance, GpuSpec, Profile, ProfileError
+from gpus.fake.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ class FakeMig:
         return f"{prefix}{gi.name}"
 
 
+@dataclass
+class GpmRecord:
+    """A GPM sample buffer: the device, GPU instance and step it was last filled at."""
+
+    handle: int
+    gpu_uuid: str | None = None
+    gpu_instance_id: int | None = None
+    step: int = 0
+    timestamp_ns: int = 0
+
+
 @dataclass(frozen=True)
 class PendingEvent:
     """An event waiting in an event set."""
@@ -147,6 +159,9 @@ class FakeState:
         self._next_handle = 0x1000
         self.gpus = [self._build_gpu(spec) for spec in profile.gpus]
         self._check_unique_uuids()
+        self.telemetry = Telemetry([gpu.spec.uuid for gpu in self.gpus])
+        # GPM samples (nvmlGpmSampleAlloc handles) -> what they recorded
+        self.gpm_samples: dict[int, GpmRecord] = {}
 
     # -- construction ---------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ def test_a_bare_file_name_is_written_in_the_working_directory(
     assert (tmp_path / "status.json").read_text() == "{}"
 
 
-def test_text_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+def test_replace_writes_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
     # A container without a locale may run Python with an ASCII default encoding; product
     # names and paths can still hold non-ASCII characters. In-process (not in a subprocess) so
     # that mutation testing links this test to replace_file.

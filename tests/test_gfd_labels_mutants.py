@@ -10,10 +10,13 @@ from gfd.labels import (
     arch_family,
     dominant,
     full_gpu_labels,
+    is_valid_label_value,
     label_problems,
+    label_value,
     mig_mixed_labels,
     mig_single_labels,
     node_labels,
+    product_value,
     version_labels,
 )
 from gpus.resources import build_resource_map
@@ -76,10 +79,22 @@ def test_one_resource_map_per_labelling_pass(
         return build_resource_map(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(gfd.labels, "build_resource_map", counting_map)
-    snapshot = snap(gpu(0, mig_enabled=True, migs=(mig(0, 0),)), gpu(1))
+    second = gpu(1, mig_enabled=True, migs=(mig(1, 0),)) if strategy == "single" else gpu(1)
+    snapshot = snap(gpu(0, mig_enabled=True, migs=(mig(0, 0),)), second)
     labels = node_labels(snapshot, cfg(strategy, replicas=2))
     assert len(calls) == 1
-    assert labels[N + "gpu.replicas"] == ("0" if strategy == "single" else "2")
+    assert labels[N + "gpu.replicas"] == "2"
+
+
+def test_label_values_keep_a_long_suffix_whole_and_drop_the_text() -> None:
+    suffix = "-" + "x" * 63
+    assert label_value("model", suffix) == "x" * 62
+    assert product_value() == product_value("", "") == ""
+
+
+def test_label_values_longer_than_63_are_invalid() -> None:
+    assert is_valid_label_value("a" * 63)
+    assert not is_valid_label_value("a" * 64)
 
 
 def test_label_problems() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from math import comb
 
 import pytest
 from test_allocator_shared import mig as shared_mig
 from test_allocator_shared import replica
 from test_resources import make_gpu
 
+from deviceplugin import allocator
 from deviceplugin.allocator import Allocator, preferred_shared
 from gpus.model import Snapshot, SystemInfo
 from gpus.resources import Device
@@ -91,3 +93,34 @@ def test_a_gpu_missing_from_the_counts_has_nothing_in_use() -> None:
     assert preferred_shared(available, [], 1, allocated_counts={"GPU-0": 1}) == ["GPU-1::0"]
     assert preferred_shared(available, [], 1, policy="packed",
                             allocated_counts={"GPU-0": 1}) == ["GPU-0::1"]
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def ring(count: int) -> list[list[int]]:
+    """Pair scores that differ by distance on a ring, so no two sets tie by accident."""
+    return [[0 if i == j else 10 * (count - min(abs(i - j), count - abs(i - j)))
+             for j in range(count)] for i in range(count)]
+
+
+def test_only_sizes_below_half_the_node_get_a_packing_table() -> None:
+    # With 2k >= n the rest of a request fits in one group: pack is the score table itself.
+    alloc = Allocator([f"g{i}" for i in range(8)], ring(8))
+    assert alloc.stats().sizes_built == (2, 3)
+
+
+@pytest.mark.parametrize(("count", "size"), [(6, 2), (8, 2), (8, 3), (9, 2), (9, 4), (10, 3)])
+def test_packing_steps_counts_the_groups_packing_table_examines(
+        count: int, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The constructor decides from this cost model which tables to build eagerly.
+    examined = [0]
+    real_split = allocator._best_split
+
+    def counting_split(subset, low, rest, partners, set_score, packed):  # type: ignore[no-untyped-def]
+        examined[0] += comb(len(rest), partners)
+        return real_split(subset, low, rest, partners, set_score, packed)
+
+    monkeypatch.setattr(allocator, "_best_split", counting_split)
+    allocator.packing_table(allocator.subset_scores(ring(count)), count, size)
+    assert allocator.packing_steps(count, size) == examined[0]

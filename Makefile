@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos bench image clean venv
+.PHONY: run test lint protos bench image clean venv mutate
 
 venv: $(STAMP)
 
@@ -36,10 +36,24 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
+# Mutation testing (docs/testing.md); not part of CI. MODULES picks source files, e.g.
+# `make mutate MODULES=deviceplugin/allocator.py`; results accumulate in mutants/ across runs.
+MODULES ?= deviceplugin/allocator.py gpus/resources.py deviceplugin/allocate.py \
+	deviceplugin/health.py deviceplugin/kubelet.py gfd/labels.py gfd/nodepatch.py \
+	gpus/config.py gpus/atomicfile.py
+MUTATE_JOBS ?= 2
+# Address-space cap per process (KiB): a mutant that grows a list forever must fail, not take
+# the machine's memory with it.
+MUTATE_VMEM_KIB ?= 4194304
+mutate: $(STAMP)
+	ulimit -v $(MUTATE_VMEM_KIB) && nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) \
+		$(foreach m,$(MODULES),'$(subst /,.,$(m:.py=)).*')
+	$(VENV)/bin/mutmut results | grep -v ': not checked$$' || true
+
 # The image tag follows the package version (a test keeps them equal). Needs BuildKit.
 IMAGE ?= nvidia-k8s-py:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 image:
 	docker build -t $(IMAGE) .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) mutants build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""The plugin's MPS readiness gate: an MPS resource is served only once its daemon answers.
+
+NVIDIA's plugin (``internal/plugin/server.go`` Start -> ``waitForDaemon``) runs
+``nvidia-cuda-mps-control`` with the resource's pipe directory and sends
+``get_default_active_thread_percentage`` before serving; a failure aborts its start. Ours holds
+the resource back instead (:class:`deviceplugin.manager.PluginManager`'s gate): not registered,
+the status names why, and it is checked again with backoff until the daemon answers.
+
+Where the plugin sees the MPS root: at ``/mps`` in its pod (NVIDIA's chart and our overlay
+mount the host root there), else at ``--mps-root`` itself (a plugin run on the host).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+from gpus.mps import CONTAINER_ROOT, MpsError, MpsRoot
+from gpus.resources import Resource
+
+log = logging.getLogger(__name__)
+
+
+def plugin_view_of_root(mps_root: str, container_root: str = CONTAINER_ROOT) -> str:
+    """The directory holding the MPS root in the plugin: ``/mps`` when mounted, else
+    ``mps_root`` (the host path)."""
+    return container_root if os.path.isdir(container_root) else mps_root
+
+
+def mps_gate(root: str, environ: Mapping[str, str]) -> Callable[[Resource], str | None]:
+    """A gate for :class:`~deviceplugin.manager.PluginManager`: None for a resource that may
+    be served (not MPS, or its daemon answers), else why not."""
+    mps_root = MpsRoot(root)
+
+    def gate(resource: Resource) -> str | None:
+        if not resource.mps:
+            return None
+        try:
+            mps_root.control(resource.name, environ=environ).assert_healthy()
+        except MpsError as error:
+            return f"its MPS control daemon does not answer: {error}"
+        log.info("%s: the MPS control daemon answers", resource.name)
+        return None
+
+    return gate

@@ -13,19 +13,12 @@ mount the host root there), else at ``--mps-root`` itself (a plugin run on the h
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 
-from gpus.mps import CONTAINER_ROOT, MpsError, MpsRoot
+from gpus.mps import MpsError, MpsRoot
 from gpus.resources import Resource
 
 log = logging.getLogger(__name__)
-
-
-def plugin_view_of_root(mps_root: str, container_root: str = CONTAINER_ROOT) -> str:
-    """The directory holding the MPS root in the plugin: ``/mps`` when mounted, else
-    ``mps_root`` (the host path)."""
-    return container_root if os.path.isdir(container_root) else mps_root
 
 
 def mps_gate(root: str, environ: Mapping[str, str]) -> Callable[[Resource], str | None]:

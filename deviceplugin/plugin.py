@@ -196,11 +196,12 @@ class DevicePlugin:
         self.readiness.report(resources, problems)
 
     def _mps_gate(self) -> Callable[[Resource], str | None]:
-        from deviceplugin.mpsgate import mps_gate, plugin_view_of_root
+        from deviceplugin.mpsgate import mps_gate
+        from gpus.mps import local_root
 
         root = self._mps_root_view
         if root is None:
-            root = plugin_view_of_root(self.config.flags.mps_root)
+            root = local_root(self.config.flags.mps_root)
         return mps_gate(root, self.environ)
 
     def _context(self, snapshot: Snapshot) -> NodeManagers:

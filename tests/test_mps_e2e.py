@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pynvml
+import pytest
 from test_plugin_mig_e2e import TIMEOUT, mig_config
 from test_server_support import short_tmpdir
 
@@ -35,6 +37,7 @@ from gpus.mps import MIB, MpsRoot
 from gpus.nvml import Nvml
 from gpus.runtime import EXIT_OK, Signals
 from mpsdaemon.main import serve
+from protos.deviceplugin.v1beta1 import api_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = "nvidia.com/gpu"
@@ -136,6 +139,16 @@ def test_mps_end_to_end() -> None:
             mounts = [(m.host_path, m.container_path, m.read_only) for m in response.mounts]
             assert mounts == [(str(root.pipe_dir(GPU)), "/mps/nvidia.com/gpu/pipe", False),
                               (str(root.shm_dir), "/dev/shm", False)]
+
+            # failRequestsGreaterThanOne (true for MPS by default), with NVIDIA's text.
+            request = api_pb2.AllocateRequest(container_requests=[
+                api_pb2.ContainerAllocateRequest(devices_ids=ids[:2])])
+            with pytest.raises(grpc.RpcError) as info:
+                kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == (
+                'invalid allocation request for "nvidia.com/gpu": invalid request: '
+                "maximum request size for shared resources is 1; found 2")
 
             # The daemon's defaults: memory / replicas per GPU (MiB), 100 / replicas.
             state = read_state(root.pipe_dir(GPU))

@@ -324,7 +324,8 @@ def test_build_context_holds_the_package_and_nothing_else() -> None:
             "gfd/__init__.py", "protos/deviceplugin/v1beta1/api.proto",
             "protos/deviceplugin/v1beta1/api_pb2.py"} <= set(files)
     tops = {f.split("/")[0] for f in files}
-    assert tops == {"pyproject.toml", "README.md", "gpus", "deviceplugin", "gfd", "protos"}
+    assert tops == {"pyproject.toml", "README.md", "gpus", "deviceplugin", "gfd", "protos",
+                    "exporter", "mpsdaemon"}
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 
 
@@ -473,7 +474,7 @@ def test_image_install_console_scripts(image_install: Installed, script: str) ->
 # --------------------------------------------------------------------------------------------
 # Bytecode: a read-only image must not recompile anything at start, whatever the .py mtimes.
 
-PACKAGES = ("gpus", "deviceplugin", "gfd", "protos")
+PACKAGES = ("gpus", "deviceplugin", "gfd", "protos", "mpsdaemon")
 # 1980-01-01, the earliest zip time: what a builder that normalises timestamps may leave.
 NORMALISED_MTIME = 315532800
 # The console scripts' modules import 29 of the project's modules today.

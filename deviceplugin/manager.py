@@ -251,7 +251,7 @@ class PluginManager:
                 continue
             self._servers[name] = server
             started.append(name)
-        for name in set(new_map.resources) - set(wanted):
+        for name in set(new_map.resources) - set(wanted) - set(held):
             log.info("not advertising %s: it has no devices", name)
         self.errors = errors
         return ApplyResult(tuple(started), tuple(updated), tuple(stopped), errors, dict(held))

@@ -15,6 +15,11 @@ Strategies (``flags.plugin.deviceListStrategy``, combinable), as NVIDIA's plugin
 - ``cdi-annotations``: one ``cdi.k8s.io/nvidia-device-plugin_<uuid>`` annotation naming the CDI
   devices; ``cdi-cri``: the same names in the response's ``cdi_devices``.
 - Only CDI strategies: no environment variable and no mounts.
+
+MPS resources (``Resource.mps``) get, whatever the strategies (NVIDIA's ``updateReponse`` runs
+after them, CDI included), ``CUDA_MPS_PIPE_DIRECTORY`` and two read-write mounts: the
+resource's pipe directory and the MPS shm at ``/dev/shm`` (:func:`gpus.mps.client_env`,
+:func:`gpus.mps.client_mounts`, host paths under ``--mps-root``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deviceplugin import extras as extras_mod
+from gpus import mps
 from gpus.config import Config
 from gpus.resources import Device, Resource
 
@@ -180,6 +186,10 @@ def build_allocation(
         if "cdi-cri" in strategies:
             cdi_devices = cdi_names
 
+    if resource.mps:
+        envs.update(mps.client_env(resource.name))
+        mounts += mps_mounts(resource.name, config.flags.mps_root)
+
     specs: tuple[DeviceSpec, ...] = ()
     if plugin.pass_device_specs:
         specs = _device_specs(resource.name, devices, config, path_exists, mig_minors)
@@ -187,6 +197,13 @@ def build_allocation(
     return add_extras(ContainerAllocation(envs=envs, mounts=mounts, devices=specs,
                                           annotations=annotations, cdi_devices=cdi_devices),
                       config)  # GDS, MOFED, gdrcopy, IMEX channels (deviceplugin/extras.py)
+
+
+def mps_mounts(resource_name: str, mps_root: str) -> tuple[Mount, ...]:
+    """The pipe and shm mounts of an MPS client, read-write as NVIDIA's (``mps_root`` is the
+    host's ``--mps-root``)."""
+    return tuple(Mount(container_path=m.container_path, host_path=m.host_path, read_only=False)
+                 for m in mps.client_mounts(resource_name, mps_root))
 
 
 def device_index(resource: Resource) -> dict[str, Device]:

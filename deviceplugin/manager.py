@@ -5,19 +5,27 @@ whole new :class:`ResourceMap` and the manager works out the difference against 
 runs: start new resources, hand existing ones the resource manager of their new version
 (their ListAndWatch streams get a changed list at once), stop removed ones. A resource with no
 devices is not served.
+
+A ``gate`` may hold a resource back before it is first served (MPS: until its control daemon
+answers, :mod:`deviceplugin.mpsgate`). A held resource is not served nor registered, the node
+is not ready, and :attr:`PluginManager.unserved` says why; the watch thread applies the last
+map again after a capped backoff, so the resource is served once the gate opens. Resources
+already served are never gated again (as NVIDIA, which checks only before serving).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from deviceplugin.kubelet import RegistrationLoop
 from deviceplugin.rm import ResourceManager, ResourceManagers
 from deviceplugin.server import PluginServer, ServeError
-from gpus.resources import ResourceMap
+from gpus.backoff import Backoff
+from gpus.resources import Resource, ResourceMap
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ class ApplyResult:
     updated: tuple[str, ...] = ()
     stopped: tuple[str, ...] = ()
     errors: dict[str, str] = field(default_factory=dict)  # resource -> why it is not served
+    held: dict[str, str] = field(default_factory=dict)  # resource -> why the gate holds it
 
 
 class PluginManager:
@@ -55,6 +64,9 @@ class PluginManager:
         poll_interval: float = 0.1,
         server_factory: Callable[[ResourceManager, str], PluginServer] = PluginServer,
         on_ready: Callable[[bool], None] | None = None,
+        gate: Callable[[Resource], str | None] | None = None,
+        gate_backoff: Callable[[], Backoff] = lambda: Backoff(initial=1.0, cap=30.0),
+        on_status: Callable[[], None] | None = None,
     ) -> None:
         self.socket_dir = socket_dir
         self.kubelet_socket = kubelet_socket
@@ -64,6 +76,11 @@ class PluginManager:
         self._servers: dict[str, PluginServer] = {}
         self._map = ResourceMap()
         self.errors: dict[str, str] = {}
+        self.held: dict[str, str] = {}  # resource -> why the gate holds it back
+        self._gate = gate
+        self._gate_backoff = gate_backoff()
+        self._retry_at = 0.0
+        self._on_status = on_status
         self._on_ready = on_ready
         self._ready: bool | None = None  # last readiness reported
         self._warmed: ResourceManagers | None = None  # the last managers warmed
@@ -97,18 +114,26 @@ class PluginManager:
         """Start watching the kubelet (servers start as maps are applied)."""
         self._loop.start()
 
+    @property
+    def unserved(self) -> Mapping[str, str]:
+        """Resources with devices that are not served, and why (held, or failed to serve)."""
+        with self._lock:
+            return {**self.held, **self.errors}
+
     def ready(self) -> bool:
         """Every resource with devices served and registered (see the class docstring)."""
         with self._lock:
-            if self.errors:
+            if self.errors or self.held:
                 return False
         return self._loop.all_registered()
 
     def check_ready(self) -> None:
         """Report a readiness change, and start warming new managers once ready.
 
-        Runs on the watch thread after every tick.
+        Runs on the watch thread after every tick; retries held resources when their backoff
+        is over.
         """
+        self._retry_held()
         ready = self.ready()
         if ready != self._ready:
             self._ready = ready
@@ -132,14 +157,48 @@ class PluginManager:
         self.warm_thread = thread
         thread.start()
 
+    def _retry_held(self) -> None:
+        """Apply the last map again once the held resources' backoff is over."""
+        with self._lock:
+            if not self.held or time.monotonic() < self._retry_at:
+                return
+            current, before = self._map, dict(self.held)
+        result = self._apply(current, None, expected=current)
+        if result is not None and result.held != before and self._on_status is not None:
+            self._on_status()  # the status's problems changed
+
     def apply(
         self, new_map: ResourceMap, managers: ResourceManagers | None = None
     ) -> ApplyResult:
         """Make the running servers match ``new_map`` (with new managers after a reload)."""
+        result = self._apply(new_map, managers)
+        assert result is not None  # only a retry (expected=...) can be superseded
+        return result
+
+    def _held(self, new_map: ResourceMap) -> dict[str, str]:
+        """The gate's verdict on the resources of ``new_map`` not served yet (outside the
+        lock: a gate may run a program)."""
+        if self._gate is None:
+            return {}
+        running = {server.resource.name for server in self.servers()}
+        held: dict[str, str] = {}
+        for name, resource in sorted(new_map.resources.items()):
+            if resource.devices and name not in running:
+                reason = self._gate(resource)
+                if reason is not None:
+                    held[name] = reason
+        return held
+
+    def _apply(self, new_map: ResourceMap, managers: ResourceManagers | None,
+               expected: ResourceMap | None = None) -> ApplyResult | None:
+        held = self._held(new_map)
         with self._lock:
+            if expected is not None and self._map is not expected:
+                return None  # a newer map was applied meanwhile; it decided already
             if managers is not None:
                 self._managers = managers
-            result = self._reconcile(new_map)
+            result = self._reconcile(new_map, held)
+            self._schedule_retry(result.held)
             old_problems = set(self._map.problems)
             self._map = new_map
         if result.started or result.errors:
@@ -152,8 +211,22 @@ class PluginManager:
                 log.error("resource map: %s", problem)
         return result
 
-    def _reconcile(self, new_map: ResourceMap) -> ApplyResult:
-        wanted = {name: r for name, r in new_map.resources.items() if r.devices}
+    def _schedule_retry(self, held: Mapping[str, str]) -> None:
+        """Log changes of the held set and set when to look again (call with ``_lock``)."""
+        for name, reason in sorted(held.items()):
+            if self.held.get(name) != reason:
+                log.warning("not serving %s yet: %s", name, reason)
+        for name in sorted(set(self.held) - set(held)):
+            log.info("%s: no longer held back", name)
+        self.held = dict(held)
+        if held:
+            self._retry_at = time.monotonic() + self._gate_backoff.next_delay()
+        else:
+            self._gate_backoff.reset()
+
+    def _reconcile(self, new_map: ResourceMap, held: Mapping[str, str]) -> ApplyResult:
+        wanted = {name: r for name, r in new_map.resources.items()
+                  if r.devices and name not in held}
         started: list[str] = []
         updated: list[str] = []
         stopped: list[str] = []
@@ -178,10 +251,10 @@ class PluginManager:
                 continue
             self._servers[name] = server
             started.append(name)
-        for name in set(new_map.resources) - set(wanted):
+        for name in set(new_map.resources) - set(wanted) - set(held):
             log.info("not advertising %s: it has no devices", name)
         self.errors = errors
-        return ApplyResult(tuple(started), tuple(updated), tuple(stopped), errors)
+        return ApplyResult(tuple(started), tuple(updated), tuple(stopped), errors, dict(held))
 
     def stop(self) -> None:
         """Stop the watch and every server; removes our sockets."""

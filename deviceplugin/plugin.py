@@ -20,10 +20,11 @@ from deviceplugin.readiness import ReadinessFile
 from deviceplugin.session import NvmlSession, remove_cdi, write_cdi
 from deviceplugin.socketdir import socket_dir_for, socket_dir_problem, socket_dir_unusable
 from deviceplugin.status import plugin_status
+from gpus.backoff import Backoff
 from gpus.config import Config
 from gpus.errors import InitError
 from gpus.model import Snapshot
-from gpus.resources import ResourceMap, build_resource_map
+from gpus.resources import Resource, ResourceMap, build_resource_map
 
 if TYPE_CHECKING:  # imported lazily at run time: start-up time matters (docs/benchmarks.md)
     from deviceplugin.health import HealthMonitor
@@ -51,6 +52,9 @@ class DevicePlugin:
     a reload re-enumerates with the current configuration. ``ready_file`` is the readiness file
     and ``status_file`` the always-present status file (:mod:`deviceplugin.readiness`; ""
     disables either). ``environ`` is the environment the configuration came from.
+    ``mps_root_view`` is where this process sees the MPS root (None: ``/mps`` if mounted, else
+    ``--mps-root``); MPS resources are served once their daemon answers there
+    (:mod:`deviceplugin.mpsgate`), checked again after ``mps_backoff`` delays until then.
 
     Locking: ``_lock`` guards the state (config, snapshot, manager, health) and is never held
     while waiting for a thread: health callbacks take it, so joining the health monitor under it
@@ -67,12 +71,16 @@ class DevicePlugin:
         poll_interval: float = 0.1,
         ready_file: str = "",
         status_file: str = "",
+        mps_root_view: str | None = None,
+        mps_backoff: Callable[[], Backoff] = lambda: Backoff(initial=1.0, cap=30.0),
     ) -> None:
         self.config = config
         self.environ = dict(environ)
         self._socket_dir_override = socket_dir
         self._reload_config = reload_config
         self._poll_interval = poll_interval
+        self._mps_root_view = mps_root_view
+        self._mps_backoff = mps_backoff
         self._lock = threading.RLock()
         self._reload_lock = threading.RLock()
         # Bumped whenever the health monitor is replaced or stopped: a late callback of an old
@@ -160,13 +168,16 @@ class DevicePlugin:
             self._context(snapshot),
             poll_interval=self._poll_interval,
             on_ready=self.readiness.set,
+            gate=self._mps_gate(),
+            gate_backoff=self._mps_backoff,
+            on_status=self.publish_status,
         )
         result = self.manager.apply(resource_map)
         if result.errors and not result.started:
             name, error = next(iter(result.errors.items()))
             raise InitError(f"cannot serve {name}: {error}")
         self.publish_status()
-        if not result.started:
+        if not result.started and not result.held:
             log.warning("no devices to advertise on this node (%d GPUs)", len(snapshot.gpus))
         self.manager.start()
         with self._lock:
@@ -190,8 +201,17 @@ class DevicePlugin:
             extra.append(self._init_problem)
         resources, problems = plugin_status(
             manager.resource_map if manager is not None else None,
-            manager.errors if manager is not None else {}, extra)
+            manager.unserved if manager is not None else {}, extra)
         self.readiness.report(resources, problems)
+
+    def _mps_gate(self) -> Callable[[Resource], str | None]:
+        from deviceplugin.mpsgate import mps_gate
+        from gpus.mps import local_root
+
+        root = self._mps_root_view
+        if root is None:
+            root = local_root(self.config.flags.mps_root)
+        return mps_gate(root, self.environ)
 
     def _context(self, snapshot: Snapshot) -> NodeManagers:
         from deviceplugin.rm import NodeManagers

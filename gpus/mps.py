@@ -36,6 +36,12 @@ HEALTH_COMMAND = "get_default_active_thread_percentage"
 CONTROL_TIMEOUT_S = 10.0
 
 
+def local_root(mps_root: str, container_root: str = CONTAINER_ROOT) -> str:
+    """Where this process sees the MPS root: ``/mps`` when mounted there (NVIDIA's pods: the
+    plugin and the control daemon), else ``mps_root`` itself (a process on the host)."""
+    return container_root if os.path.isdir(container_root) else mps_root
+
+
 class MpsError(Exception):
     """An MPS control daemon could not be started, configured or reached."""
 

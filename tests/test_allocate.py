@@ -16,7 +16,7 @@ from deviceplugin.allocate import (
     build_allocation,
     read_mig_minors,
 )
-from gpus.config import Config, Flags, PluginFlags
+from gpus.config import Config, Flags, PluginFlags, SharingStrategy
 from gpus.model import GPU, MigDevice, Snapshot
 from gpus.resources import Device, Resource, build_resource_map
 
@@ -345,3 +345,53 @@ def test_every_device_of_real_profiles_allocates(fake_snapshot: Callable[..., Sn
         assert len(alloc.cdi_devices) == len(ids)
         assert {f"/dev/nvidia{d.gpu.minor}" for d in resource.devices} <= {
             s.container_path for s in alloc.devices}
+
+
+# --- MPS -------------------------------------------------------------------------------------
+
+MPS_ENV = {"CUDA_MPS_PIPE_DIRECTORY": "/mps/nvidia.com/gpu/pipe"}
+MPS_MOUNTS = (
+    Mount(container_path="/mps/nvidia.com/gpu/pipe",
+          host_path="/run/nvidia/mps/nvidia.com/gpu/pipe", read_only=False),
+    Mount(container_path="/dev/shm", host_path="/run/nvidia/mps/shm", read_only=False),
+)
+
+
+def mps_resource(gpus: Iterable[GPU], replicas: int, *, fail: bool = True) -> Resource:
+    shared = replicated(gpus, replicas, fail=fail)
+    return dataclasses.replace(shared, name="nvidia.com/gpu", sharing=SharingStrategy.MPS)
+
+
+def mps_config(strategies: tuple[str, ...]) -> Config:
+    base = config(device_list_strategy=strategies)
+    return dataclasses.replace(base, flags=dataclasses.replace(base.flags,
+                                                               mps_root="/run/nvidia/mps"))
+
+
+@pytest.mark.parametrize("strategies", [
+    ("envvar",), ("volume-mounts",), ("cdi-annotations",), ("cdi-cri",),
+    ("envvar", "cdi-cri"),
+])
+def test_mps_adds_nvidias_env_and_mounts_in_every_strategy(strategies: tuple[str, ...]) -> None:
+    resource = mps_resource(GPUS[:2], 4)
+    plain = allocate(dataclasses.replace(resource, sharing=SharingStrategy.TIME_SLICING),
+                     ["GPU-0001::2"], mps_config(strategies))
+    alloc = allocate(resource, ["GPU-0001::2"], mps_config(strategies))
+    # Exactly NVIDIA's additions on top of what the strategies give (CDI names included).
+    assert alloc.envs == {**plain.envs, **MPS_ENV}
+    assert alloc.mounts == (*plain.mounts, *MPS_MOUNTS)
+    assert (alloc.annotations, alloc.cdi_devices) == (plain.annotations, plain.cdi_devices)
+
+
+def test_time_slicing_gets_no_mps_additions() -> None:
+    resource = dataclasses.replace(mps_resource(GPUS[:1], 2), sharing=SharingStrategy.TIME_SLICING)
+    alloc = allocate(resource, ["GPU-0000::0"], mps_config(("envvar",)))
+    assert alloc.envs == {"NVIDIA_VISIBLE_DEVICES": "GPU-0000"} and alloc.mounts == ()
+
+
+def test_mps_more_than_one_replica_fails_with_nvidias_text() -> None:
+    with pytest.raises(AllocationError) as info:
+        allocate(mps_resource(GPUS[:2], 4), ["GPU-0000::0", "GPU-0001::0"],
+                 mps_config(("envvar",)))
+    assert str(info.value) == ('invalid allocation request for "nvidia.com/gpu": invalid '
+                               "request: maximum request size for shared resources is 1; found 2")

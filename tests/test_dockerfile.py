@@ -481,7 +481,7 @@ def test_image_install_console_scripts(image_install: Installed, script: str) ->
 # --------------------------------------------------------------------------------------------
 # Bytecode: a read-only image must not recompile anything at start, whatever the .py mtimes.
 
-PACKAGES = ("gpus", "deviceplugin", "gfd", "protos")
+PACKAGES = ("gpus", "deviceplugin", "gfd", "protos", "exporter", "mpsdaemon", "demo")
 # 1980-01-01, the earliest zip time: what a builder that normalises timestamps may leave.
 NORMALISED_MTIME = 315532800
 # The console scripts' modules import 29 of the project's modules today.

@@ -282,3 +282,47 @@ def test_a_problem_is_logged_when_it_appears_not_on_every_rebuild(env, snapshot,
         manager.apply(with_problem)
     logged = [(r.levelname, r.getMessage()) for r in caplog.records if problem in r.getMessage()]
     assert logged == [("ERROR", f"resource map: {problem}")] * 2
+
+
+def test_gate_holds_a_resource_until_it_opens_then_registers(snapshot) -> None:
+    """A held resource is neither served nor registered, the node is not ready and ``unserved``
+    says why; the watch thread retries and serves it once the gate opens (MPS readiness)."""
+    from gpus.backoff import Backoff
+
+    gate_open = threading.Event()
+    asked = threading.Event()
+    status_changes = threading.Event()
+
+    def gate(resource: Resource) -> str | None:
+        asked.set()
+        return None if gate_open.is_set() else "its MPS control daemon does not answer: no"
+
+    with short_tmpdir() as directory:
+        kubelet = MockKubelet(directory)
+        kubelet.start()
+        manager = PluginManager(
+            directory, kubelet.socket_path, fake_context(snapshot), poll_interval=0.02,
+            gate=gate, gate_backoff=lambda: Backoff(initial=0.01, cap=0.05),
+            on_status=status_changes.set,
+        )
+        manager.start()
+        try:
+            result = manager.apply(make_map(make_resource(snapshot)))
+            assert result.started == () and result.errors == {}
+            assert result.held == {GPU: "its MPS control daemon does not answer: no"}
+            assert manager.unserved == result.held and not manager.ready()
+            assert manager.server(GPU) is None and kubelet.registrations(GPU) == []
+            asked.clear()
+            assert asked.wait(TIMEOUT)  # retried on the watch thread
+            assert kubelet.registrations(GPU) == []
+            gate_open.set()
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+            assert status_changes.wait(TIMEOUT)
+            assert manager.unserved == {} and manager.held == {}
+            # Once served, a resource is not gated again (NVIDIA checks only before serving).
+            gate_open.clear()
+            assert manager.apply(make_map(make_resource(snapshot))).held == {}
+            assert manager.server(GPU) is not None
+        finally:
+            manager.stop()
+            kubelet.stop()

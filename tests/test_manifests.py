@@ -33,6 +33,7 @@ from kubernetes_validate.utils import latest_version
 
 import deviceplugin.main as plugin_main
 import gfd.main as gfd_main
+import mpsdaemon.main as mps_main
 from deviceplugin.readiness import READY_FILE_ENV
 from gfd.labels import node_labels
 from gfd.output import HealthFile
@@ -49,10 +50,15 @@ KUSTOMIZATIONS = (
     "daemonset/overlays/runtimeclass",
     "daemonset/overlays/nfd",
     "daemonset/overlays/node-feature-api",
+    "daemonset/overlays/mps",
 )
+# Kustomizations deploying DaemonSets besides the plugin's (with GFD), by name; every other
+# kustomization deploys exactly one DaemonSet.
+EXTRA_DAEMONSETS = {"daemonset/overlays/mps": ("nvidia-mps-control-daemon",)}
 SCHEMA_VERSIONS = ("1.29", "1.33", latest_version())
 PLUGIN = "nvidia-device-plugin-ctr"
 GFD = "gpu-feature-discovery"
+MPS_CONTROL = "mps-control-daemon-ctr"
 SIMULATED_LABEL = "nvk8s.io/simulated-gpu"
 NFD_GPU_LABEL = "feature.node.kubernetes.io/pci-10de.present"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
@@ -119,10 +125,34 @@ def only(objects: Iterable[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def plugin_daemonset(path: str) -> dict[str, Any]:
+    """The plugin's DaemonSet in kustomization ``path``: its only one, or the one besides
+    those EXTRA_DAEMONSETS names (which must all be there)."""
+    daemonsets = [obj for obj in rendered(path) if obj["kind"] == "DaemonSet"]
+    extra = set(EXTRA_DAEMONSETS.get(path, ()))
+    assert extra <= {d["metadata"]["name"] for d in daemonsets}, (path, sorted(extra))
+    plugin = [d for d in daemonsets if d["metadata"]["name"] not in extra]
+    assert len(plugin) == 1, f"{path}: expected one plugin DaemonSet, found {len(plugin)}"
+    return plugin[0]
+
+
 def pod_spec(path: str) -> dict[str, Any]:
-    """The DaemonSet's pod spec in kustomization ``path``."""
-    spec: dict[str, Any] = only(rendered(path), "DaemonSet")["spec"]["template"]["spec"]
+    """The plugin DaemonSet's pod spec in kustomization ``path``."""
+    spec: dict[str, Any] = plugin_daemonset(path)["spec"]["template"]["spec"]
     return spec
+
+
+def pod_specs(path: str) -> list[dict[str, Any]]:
+    """The pod spec of every DaemonSet in kustomization ``path``, the plugin's first."""
+    names = EXTRA_DAEMONSETS.get(path, ())
+    extra = [o["spec"]["template"]["spec"] for o in rendered(path)
+             if o["kind"] == "DaemonSet" and o["metadata"]["name"] in names]
+    return [pod_spec(path), *extra]
+
+
+def all_containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The pod's containers and init containers."""
+    return [*spec["containers"], *spec.get("initContainers", [])]
 
 
 def container(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -238,6 +268,7 @@ def test_renders_the_expected_objects(path: str) -> None:
     kinds = sorted(obj["kind"] for obj in rendered(path))
     # node-feature-api adds a namespaced Role for the NodeFeature object and the pod look-up.
     extra = ["Role", "RoleBinding"] if path.endswith("/node-feature-api") else []
+    extra += ["DaemonSet"] * len(EXTRA_DAEMONSETS.get(path, ()))
     assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
                             "ServiceAccount", *extra])
 
@@ -349,7 +380,7 @@ def test_kustomize_refuses_broken_overlays_and_changes_nothing(
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_pod_basics(path: str) -> None:
-    daemonset = only(rendered(path), "DaemonSet")
+    daemonset = plugin_daemonset(path)
     spec = daemonset["spec"]["template"]["spec"]
     assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     assert spec["priorityClassName"] == "system-node-critical"
@@ -369,14 +400,15 @@ def test_pod_basics(path: str) -> None:
 def test_commands_are_console_scripts_of_the_package(path: str) -> None:
     with (REPO / "pyproject.toml").open("rb") as handle:
         scripts = tomllib.load(handle)["project"]["scripts"]
-    for ctr in pod_spec(path)["containers"]:
-        assert ctr["command"][0] in scripts
+    for spec in pod_specs(path):
+        for ctr in all_containers(spec):
+            assert ctr["command"][0] in scripts, (path, ctr["name"])
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_image_is_the_project_version(path: str) -> None:
     expected = f"nvidia-k8s-py:{project_version()}"
-    assert {c["image"] for c in pod_spec(path)["containers"]} == {expected}
+    assert {c["image"] for spec in pod_specs(path) for c in all_containers(spec)} == {expected}
     assert expected in (REPO / "Dockerfile").read_text()
     assert f"docker build -t {expected} ." in DOCS.read_text()
 
@@ -399,12 +431,14 @@ def test_container_security_contexts(path: str) -> None:
 def test_every_container_falls_back_to_its_logs_as_termination_message(path: str) -> None:
     # The daemons write no termination-message file: without the fallback a crash-looping pod
     # shows no reason in `kubectl describe pod`.
-    spec = pod_spec(path)
-    containers = spec["containers"] + spec.get("initContainers", [])
-    for ctr in containers:
-        assert ctr.get("terminationMessagePolicy") == "FallbackToLogsOnError", (
-            path, ctr["name"])
-    assert {c["name"] for c in containers} == {PLUGIN, GFD}
+    for spec in pod_specs(path):
+        for ctr in all_containers(spec):
+            assert ctr.get("terminationMessagePolicy") == "FallbackToLogsOnError", (
+                path, ctr["name"])
+    assert {c["name"] for c in all_containers(pod_spec(path))} == {PLUGIN, GFD}
+
+
+WRITABLE_PLUGIN_HOST_MOUNTS = {"daemonset/overlays/mps": ("/mps", "/dev/shm")}
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
@@ -417,13 +451,15 @@ def test_host_mounts(path: str) -> None:
     for ctr in (plugin, gfd):
         assert mount_source(spec, ctr, "/sys")["hostPath"]["path"] == "/sys"
         assert mounts(ctr)["/sys"]["readOnly"] is True
-    # Every other host path is mounted read-only, except the NFD features directory.
+    # Every other host path is mounted read-only, except the NFD features directory and (mps
+    # overlay) the MPS root and shm, which the plugin shares with the MPS daemons read-write.
+    writable = ("/var/lib/kubelet/device-plugins",
+                "/etc/kubernetes/node-feature-discovery/features.d",
+                *WRITABLE_PLUGIN_HOST_MOUNTS.get(path, ()))
     for ctr in (plugin, gfd):
         for path_in, mount in mounts(ctr).items():
             volume = volumes(spec)[mount["name"]]
-            if "hostPath" in volume and path_in not in (
-                    "/var/lib/kubelet/device-plugins",
-                    "/etc/kubernetes/node-feature-discovery/features.d"):
+            if "hostPath" in volume and path_in not in writable:
                 assert mount.get("readOnly") is True, path_in
 
 
@@ -649,7 +685,10 @@ EXPECTED_SETTINGS = {
     "daemonset/overlays/runtimeclass": ("none", "real", None),
     "daemonset/overlays/nfd": ("none", "real", None),
     "daemonset/overlays/node-feature-api": ("none", "real", None),
+    "daemonset/overlays/mps": ("none", "real", None),
 }
+# MPS replicas of nvidia.com/gpu, where a kustomization shares it with MPS.
+EXPECTED_MPS_REPLICAS = {"daemonset/overlays/mps": 4}
 
 
 PROGRAMS: tuple[gpus_config.Program, ...] = ("plugin", "gfd")
@@ -681,6 +720,38 @@ def test_daemons_resolve_the_manifest_settings(path: str, tmp_path: Path) -> Non
         assert resolved.flags.nvml == nvml, (path, program)
         shared = {r.name: r.replicas for r in resolved.sharing.time_slicing.resources}
         assert shared.get("nvidia.com/gpu") == replicas, (path, program)
+        mps = {r.name: r.replicas for r in resolved.sharing.mps.resources}
+        assert mps.get("nvidia.com/gpu") == EXPECTED_MPS_REPLICAS.get(path), (path, program)
+
+
+@pytest.mark.parametrize("path", list(EXPECTED_MPS_REPLICAS))
+def test_the_mps_control_daemon_commands_are_its_cli(path: str) -> None:
+    # The init step and the daemon, as NVIDIA's chart runs them; argparse exits 2 on a
+    # command or flag the console script does not have.
+    (spec,) = pod_specs(path)[1:]
+    commands = {c["name"]: c["command"] for c in all_containers(spec)}
+    assert sorted(commands.values()) == [["mps-control-daemon"],
+                                         ["mps-control-daemon", "mount-shm"]]
+    for command in commands.values():
+        args = mps_main.build_parser().parse_args(command[1:])
+        assert args.command == (command[1] if len(command) > 1 else None)
+
+
+@pytest.mark.parametrize("path", list(EXPECTED_MPS_REPLICAS))
+def test_the_mps_control_daemon_resolves_the_plugins_settings(path: str,
+                                                              tmp_path: Path) -> None:
+    # The control daemon reads the plugin's config file, env and checks (mps-control-daemon's
+    # flags are rows of the plugin's table): it must see the same MPS resources and root.
+    config_map = only(rendered(path), "ConfigMap")
+    (spec,) = pod_specs(path)[1:]
+    environ = env_values(container(spec, MPS_CONTROL))
+    local = tmp_path / Path(environ["CONFIG_FILE"]).name
+    local.write_text(config_map["data"][local.name])
+    environ["CONFIG_FILE"] = local.as_posix()
+    resolved = gpus_config.resolve(mps_main.build_parser().parse_args([]), environ)
+    plugin = daemon_config(path, "plugin", tmp_path)
+    assert resolved.sharing == plugin.sharing and resolved.flags == plugin.flags
+    assert resolved.flags.mps_root == "/run/nvidia/mps"
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
@@ -705,7 +776,8 @@ def test_gfd_resolves_its_output_mode(path: str) -> None:
 # Every env var a manifest sets is one a daemon reads (a misspelt name is silently ignored).
 
 # Set for someone other than the daemon: the probes' shell and the NVIDIA container runtime.
-PROBE_ENV = {GFD: frozenset({"PROBE_MAX_AGE_SECONDS"}), PLUGIN: frozenset()}
+PROBE_ENV = {GFD: frozenset({"PROBE_MAX_AGE_SECONDS"}), PLUGIN: frozenset(),
+             MPS_CONTROL: frozenset()}
 RUNTIME_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"})
 
 
@@ -724,6 +796,8 @@ def env_read_by(name: str) -> frozenset[str]:
     if name == PLUGIN:
         names = _documented_env(plugin_main.build_parser())
         names |= {READY_FILE_ENV, plugin_main.SOCKET_DIR_ENV}
+    elif name == MPS_CONTROL:
+        names = _documented_env(mps_main.build_parser())
     else:
         names = _documented_env(gfd_main.build_parser()) | set(gfd_main.OPTION_ENV_VARS)
     return frozenset(names)
@@ -749,8 +823,9 @@ def test_env_tables_hold_what_the_daemons_read() -> None:
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_every_manifest_env_var_is_read(path: str) -> None:
-    for ctr in pod_spec(path)["containers"]:
-        assert unread_env(ctr) == [], (path, ctr["name"])
+    for spec in pod_specs(path):
+        for ctr in spec["containers"]:
+            assert unread_env(ctr) == [], (path, ctr["name"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,19 +859,19 @@ def another_profile(tmp_path: Path, profile: str) -> Path:
     return copy_dir
 
 
-def coexisting_daemonsets(tmp_path: Path) -> list[list[dict[str, Any]]]:
-    """Sets of DaemonSets one cluster may run together: each real kustomization with the
-    simulated overlay and a copy of it for another profile."""
+def coexisting_daemonsets(tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Sets of DaemonSets one cluster may run together, by real kustomization: its own with
+    the simulated overlay and a copy of it for another profile."""
     simulated = list(_daemonsets(rendered("daemonset/overlays/simulated")).values())
     t4 = list(_daemonsets(kustomize(another_profile(tmp_path, "t4"))).values())
-    return [list(_daemonsets(rendered(path)).values()) + simulated + t4
-            for path in KUSTOMIZATIONS if not path.endswith("simulated")]
+    return {path: list(_daemonsets(rendered(path)).values()) + simulated + t4
+            for path in KUSTOMIZATIONS if not path.endswith("simulated")}
 
 
 def test_no_daemonset_selects_another_ones_pods(tmp_path: Path) -> None:
-    for group in coexisting_daemonsets(tmp_path):
+    for path, group in coexisting_daemonsets(tmp_path).items():
         names = [d["metadata"]["name"] for d in group]
-        assert len(set(names)) == len(names) == 3, names
+        assert len(set(names)) == len(names) == 3 + len(EXTRA_DAEMONSETS.get(path, ())), names
         for owner in group:
             selector = owner["spec"]["selector"]
             assert selects(selector, owner["spec"]["template"]["metadata"]["labels"])

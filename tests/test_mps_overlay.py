@@ -1,7 +1,7 @@
 """The mps overlay: the control daemon DaemonSet, the plugin's MPS root and mounts, the config.
 
-Rendered with ``kubectl kustomize`` through the helpers of test_manifests (which will take the
-overlay into its shared checks once the control daemon's console script exists).
+Rendered with ``kubectl kustomize`` through the helpers of test_manifests (whose shared checks
+take the overlay too, the control daemon's DaemonSet included).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from .checks import check_plugin
@@ -23,8 +23,11 @@ _CONFIG_FILE = "config_file"  # the row naming the file the others are read over
 _UNSET: Any = object()
 
 
-def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
-    """Define the shared flags of ``program`` ("plugin" or "gfd") on ``parser``.
+def add_flags(parser: argparse.ArgumentParser, program: Program,
+              only: Collection[str] | None = None) -> None:
+    """Define the shared flags of ``program`` ("plugin" or "gfd") on ``parser``; ``only``
+    (row names) limits them to a few, for a daemon reading ``program``'s settings (the MPS
+    control daemon reads the plugin's), the others coming from env and file as usual.
 
     Every default is None so :func:`resolve` can tell an unset flag from one set to the default.
     Values are validated by :func:`resolve`, not argparse, so errors are ConfigErrors.
@@ -35,7 +38,7 @@ def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
     parser.set_defaults(**{PROGRAM_DEST: program})
     group = parser.add_argument_group("configuration (flag > env > config file > default)")
     for row in rows_for(Config, program):
-        if row.setting.flags:
+        if row.setting.flags and (only is None or row.name in only):
             _add_argument(group, row, program)
 
 

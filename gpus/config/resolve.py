@@ -24,7 +24,7 @@ _UNSET: Any = object()
 
 
 def add_flags(parser: argparse.ArgumentParser, program: Program) -> None:
-    """Define the shared flags of ``program`` ("plugin" or "gfd") on ``parser``.
+    """Define the flags of ``program`` ("plugin", "gfd" or "exporter") on ``parser``.
 
     Every default is None so :func:`resolve` can tell an unset flag from one set to the default.
     Values are validated by :func:`resolve`, not argparse, so errors are ConfigErrors.

@@ -229,6 +229,7 @@ SCRIPTS = {
     "fake-nvml": "gpus.fake.cli",
     "nvk8s-demo": "demo.node",
     "fake-mps-control": "gpus.fake.mpscontrol",
+    "gpu-metrics-exporter": "exporter.main",
 }
 
 

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos bench image clean venv mutate
+.PHONY: run test lint protos bench image clean venv mutate prometheus
 
 venv: $(STAMP)
 
@@ -29,6 +29,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# Debian's prometheus and promtool, for tests/test_exporter_prometheus.py and the promtool
+# checks (skipped without them, failed without them when CI is set). Needs root for apt-get.
+prometheus:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then \
+		echo "prometheus and promtool are installed"; \
+	else \
+		apt-get update && apt-get install -y --no-install-recommends prometheus; \
+	fi
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

@@ -132,16 +132,29 @@ class ExporterCollector(PromCollector):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.sampler = sampler
         self.collectors = tuple(collectors)
+        self._collectors_version = 0
         self.options = options
         self.refresher = refresher
         self.xids = xids
         self._clock = clock
         self.formats: dict[str, ValueFormat] = {c.name: c.field.value for c in self.collectors}
         self._scrape_lock = threading.Lock()
-        self._cached: tuple[tuple[Reading, int | None, XidView | None], list[Family]] | None = None
+        self._cached: tuple[tuple[Reading, int | None, XidView | None, int],
+                            list[Family]] | None = None
         self._scrapes = 0
         self._scrape_seconds = 0.0
         sampler.listeners.append(self._prepare)
+
+    def set_collectors(self, collectors: Iterable[Collector]) -> None:
+        """Serve ``collectors`` from the next scrape on (a reloaded collectors file).
+
+        ``formats`` only grows: a field's value format is the field's own, so a name keeps
+        its format in every set, and a scrape rendering the old set still finds its names.
+        """
+        rows = tuple(collectors)
+        self.formats.update({c.name: c.field.value for c in rows})
+        self.collectors = rows
+        self._collectors_version += 1  # cached families of the old set are not reused
 
     def _prepare(self, reading: Reading) -> None:
         """Build the new reading's families on the sampling thread."""
@@ -157,12 +170,14 @@ class ExporterCollector(PromCollector):
         xids = None if self.xids is None else self.xids.view()
         # Scrapes between two samples (and mapping or XID changes) render the same families:
         # built once, shared.
-        key = (reading, None if current is None else current.generation, xids)
+        key = (reading, None if current is None else current.generation, xids,
+               self._collectors_version)
+        collectors = self.collectors
         cached = self._cached
         if cached is not None and cached[0][0] is reading and cached[0][1:] == key[1:]:
             return cached[1]
         inputs = Inputs(self.sampler.snapshot, reading.sample, attribution, reading.owners, xids)
-        families = build_families(inputs, self.collectors, self.options)
+        families = build_families(inputs, collectors, self.options)
         self._cached = (key, families)
         return families
 

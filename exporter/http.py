@@ -19,6 +19,7 @@ clear error rather than served without the authentication it asks for.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -175,6 +176,10 @@ class _Server(ThreadingHTTPServer):
         log.debug("connection from %s failed", client_address, exc_info=True)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """Serves /metrics and /health on ``address`` (host, port); port 0 picks a free one."""
 
@@ -182,7 +187,9 @@ class MetricsServer:
                  formats: dict[str, ValueFormat], healthy: Callable[[], bool],
                  web_config: WebConfig | None = None) -> None:
         handler = _handler(collector, formats, healthy)
-        self._server = _Server(address, handler)
+        # An IPv6 host ("::", from -a [::]:9400) needs an IPv6 socket.
+        server_class = _Server6 if ":" in address[0] else _Server
+        self._server = server_class(address, handler)
         self._server.daemon_threads = True
         context = None if web_config is None else web_config.ssl_context()
         if context is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exporter.attribution import (
     POD_RESOURCES_SOCKET,
@@ -125,6 +125,18 @@ class Exporter:
         self.server.start()
         log.info("gpu-metrics-exporter serving on port %d: %d GPUs, %d collectors",
                  self.server.port, len(snapshot.gpus), len(opts.collectors))
+
+    def set_collectors(self, collectors: tuple[Collector, ...]) -> None:
+        """Serve another collectors set (SIGHUP); a field new to the set appears from the next
+        NVML sample on. ValueError for an empty set, and the old set keeps serving."""
+        if not collectors:
+            raise ValueError("-f/--collectors: no fields to collect")
+        if self.collector is None or self._reader is None:
+            raise RuntimeError("the exporter is not running")
+        self.options = replace(self.options, collectors=collectors)
+        self._reader.wanted = wanted_attributes(collectors)
+        self.collector.set_collectors(collectors)
+        log.info("serving %d collectors", len(collectors))
 
     def stop(self) -> None:
         """Stop every thread and release NVML."""

@@ -230,6 +230,7 @@ SCRIPTS = {
     "nvk8s-demo": "demo.node",
     "fake-mps-control": "gpus.fake.mpscontrol",
     "mps-control-daemon": "mpsdaemon.main",
+    "gpu-metrics-exporter": "exporter.main",
 }
 
 

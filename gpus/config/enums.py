@@ -75,6 +75,13 @@ class OutputMode(Choice):
     NODE_FEATURE = "node-feature"
 
 
+class GpuIdType(Choice):
+    """``--kubernetes-gpu-id-type`` (the exporter): how device ids in PodResources name GPUs."""
+
+    UID = "uid"
+    DEVICE_NAME = "device-name"
+
+
 class SharingStrategy(Choice):
     """How GPUs are shared (``gpu.sharing-strategy``); derived from ``sharing``, not a flag."""
 

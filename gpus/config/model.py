@@ -14,6 +14,7 @@ from .enums import (
     DeviceDiscoveryStrategy,
     DeviceIdStrategy,
     DeviceListStrategy,
+    GpuIdType,
     LogLevel,
     MigStrategy,
     OutputMode,
@@ -67,6 +68,14 @@ def _gfd(*names: str) -> dict[str, tuple[str, ...]]:
 
 def _both(*names: str) -> dict[str, tuple[str, ...]]:
     return {"plugin": names, "gfd": names}
+
+
+def _exporter(*names: str) -> dict[str, tuple[str, ...]]:
+    return {"exporter": names}
+
+
+def _all(*names: str) -> dict[str, tuple[str, ...]]:
+    return {"plugin": names, "gfd": names, "exporter": names}
 
 
 @dataclass(frozen=True)
@@ -208,10 +217,10 @@ class Flags:
         "", kind=TEXT, flags=("--dev-root", "--nvidia-dev-root"), env=_both("NVIDIA_DEV_ROOT"),
         file="nvidiaDevRoot", help="root of the NVIDIA device nodes (default: the driver root)")
     nvml: str = setting(  # ours: "real" or "fake:<profile name or path>"; not in the file
-        "real", kind=NONEMPTY, flags=("--nvml",), env=_both("NVML_BACKEND"),
+        "real", kind=NONEMPTY, flags=("--nvml",), env=_all("NVML_BACKEND"),
         help='NVML backend: "real" or "fake:<profile>" (default {default})')
     sysfs_root: str = setting(  # ours: tests and simulation point it elsewhere; not in the file
-        "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_both("SYSFS_ROOT"),
+        "/", kind=NONEMPTY, flags=("--sysfs-root",), env=_all("SYSFS_ROOT"),
         help="where /sys is read from (default {default})")
     # "tegra" refused with one line (exit 2): integrated GPUs have no NVML device list.
     device_discovery_strategy: DeviceDiscoveryStrategy = setting(
@@ -339,16 +348,82 @@ class GfdOptions:
         coerce_settings(self)
 
 
+DEFAULT_EXPORTER_INTERVAL_MS = 30000  # dcgm-exporter's -c default
+DEFAULT_XID_WINDOW_MS = 300000  # dcgm-exporter's -x default
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+
+@dataclass(frozen=True)
+class ExporterOptions:
+    """``daemon.exporter``: gpu-metrics-exporter's options, dcgm-exporter's flags and variables
+    where they mean something without DCGM (the others are refused by exporter.main)."""
+
+    collectors: str = setting(  # "": the built-in set, dcgm-exporter's default-counters.csv
+        "", kind=TEXT, flags=("-f", "--collectors"), env=_exporter("DCGM_EXPORTER_COLLECTORS"),
+        help="collectors CSV file (FIELD, gauge|counter|label, help); SIGHUP re-reads it "
+        "(default: the built-in copy of dcgm-exporter's default-counters.csv)")
+    address: str = setting(
+        ":9400", kind=NONEMPTY, flags=("-a", "--address"), env=_exporter("DCGM_EXPORTER_LISTEN"),
+        help="address to serve /metrics and /health on, [host]:port (default {default})")
+    collect_interval: int = setting(
+        DEFAULT_EXPORTER_INTERVAL_MS, kind=NumberKind(integer=True, minimum=1),
+        flags=("-c", "--collect-interval"), env=_exporter("DCGM_EXPORTER_INTERVAL"),
+        help="milliseconds between NVML samples (default {default})")
+    kubernetes: bool = setting(
+        False, kind=BOOL, flags=("-k", "--kubernetes"), env=_exporter("DCGM_EXPORTER_KUBERNETES"),
+        help="label series with the pods holding each device (default {default})")
+    kubernetes_gpu_id_type: GpuIdType = setting(
+        GpuIdType.UID, kind=ChoiceKind(GpuIdType), flags=("--kubernetes-gpu-id-type",),
+        env=_exporter("DCGM_EXPORTER_KUBERNETES_GPU_ID_TYPE"),
+        help="device ids the device plugin hands the kubelet: {choices} (default {default})")
+    pod_resources_kubelet_socket: str = setting(
+        DEFAULT_POD_RESOURCES_SOCKET, kind=NONEMPTY, flags=("--pod-resources-kubelet-socket",),
+        env=_exporter("DCGM_POD_RESOURCES_KUBELET_SOCKET"),
+        help="the kubelet's PodResources socket (default {default})")
+    nvidia_resource_names: tuple[str, ...] = setting(
+        (), kind=TextListKind(), flags=("--nvidia-resource-names",),
+        env=_exporter("NVIDIA_RESOURCE_NAMES"),
+        help="more resource names to attribute, comma list (default: nvidia.com/ names)")
+    no_hostname: bool = setting(
+        False, kind=BOOL, flags=("-n", "--no-hostname"), env=_exporter("DCGM_EXPORTER_NO_HOSTNAME"),
+        help="leave out the Hostname label (default {default})")
+    replace_blanks_in_model_name: bool = setting(
+        False, kind=BOOL, flags=("--replace-blanks-in-model-name", "-rbmn"),
+        env=_exporter("DCGM_EXPORTER_REPLACE_BLANKS_IN_MODEL_NAME"),
+        help="spaces in modelName become '-' (default {default})")
+    use_old_namespace: bool = setting(
+        False, kind=BOOL, flags=("--use-old-namespace", "-o"),
+        env=_exporter("DCGM_EXPORTER_USE_OLD_NAMESPACE"),
+        help="dcgm-exporter 1.x label names: uuid, pod_name, pod_namespace, container_name "
+        "(default {default})")
+    xid_count_window_size: int = setting(
+        DEFAULT_XID_WINDOW_MS, kind=NumberKind(integer=True, minimum=1),
+        flags=("-x", "--xid-count-window-size"),
+        env=_exporter("DCGM_EXPORTER_XID_COUNT_WINDOW_SIZE"),
+        help="milliseconds DCGM_EXP_XID_ERRORS_COUNT counts over (default {default})")
+    web_config_file: str = setting(
+        "", kind=TEXT, flags=("--web-config-file",), env=_exporter("DCGM_EXPORTER_WEB_CONFIG_FILE"),
+        help="exporter-toolkit web config (TLS) (default: plain HTTP)")
+    node_name: str = setting(  # variable only, as dcgm-exporter's
+        "", kind=TEXT, env=_exporter("NODE_NAME"),
+        help="the Hostname label's value (default: the host's name)")
+
+    def __post_init__(self) -> None:
+        coerce_settings(self)
+
+
 @dataclass(frozen=True)
 class DaemonOptions:
     """``daemon``: options of the daemon processes themselves, not of NVIDIA's format."""
 
     log_level: LogLevel = setting(
         LogLevel.INFO, kind=ChoiceKind(LogLevel, any_case=True), flags=("--log-level",),
-        env={"plugin": ("DP_LOG_LEVEL",), "gfd": ("GFD_LOG_LEVEL",)},
+        env={"plugin": ("DP_LOG_LEVEL",), "gfd": ("GFD_LOG_LEVEL",),
+             "exporter": ("GPU_EXPORTER_LOG_LEVEL",)},
         help="logging verbosity, any case: {choices} (default {default})")
     plugin: PluginOptions = section(PluginOptions, file=None)
     gfd: GfdOptions = section(GfdOptions, file=None)
+    exporter: ExporterOptions = section(ExporterOptions, file=None)
 
     def __post_init__(self) -> None:
         coerce_settings(self)

@@ -25,7 +25,7 @@ _UNSET: Any = object()
 
 def add_flags(parser: argparse.ArgumentParser, program: Program,
               only: Collection[str] | None = None) -> None:
-    """Define the shared flags of ``program`` ("plugin" or "gfd") on ``parser``; ``only``
+    """Define the flags of ``program`` ("plugin", "gfd" or "exporter") on ``parser``; ``only``
     (row names) limits them to a few, for a daemon reading ``program``'s settings (the MPS
     control daemon reads the plugin's), the others coming from env and file as usual.
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from .values import Kind
 
-Program = Literal["plugin", "gfd"]
-PROGRAMS: tuple[Program, ...] = ("plugin", "gfd")
+Program = Literal["plugin", "gfd", "exporter"]
+PROGRAMS: tuple[Program, ...] = ("plugin", "gfd", "exporter")
 _SETTING = "nvk8s.setting"
 _SECTION = "nvk8s.section"
 

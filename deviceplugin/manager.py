@@ -9,6 +9,7 @@ devices is not served.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from deviceplugin.kubelet import RegistrationLoop
 from deviceplugin.rm import ResourceManager, ResourceManagers
 from deviceplugin.server import PluginServer, ServeError
 from gpus.resources import ResourceMap
+from gpus.runtime.metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,13 @@ class PluginManager:
         poll_interval: float = 0.1,
         server_factory: Callable[[ResourceManager, str], PluginServer] = PluginServer,
         on_ready: Callable[[bool], None] | None = None,
+        metrics: PluginMetrics | None = None,
     ) -> None:
         self.socket_dir = socket_dir
         self.kubelet_socket = kubelet_socket
         self._managers = managers
+        if metrics is not None and server_factory is PluginServer:
+            server_factory = functools.partial(PluginServer, metrics=metrics)
         self._factory = server_factory
         self._lock = threading.Lock()
         self._servers: dict[str, PluginServer] = {}
@@ -69,7 +74,8 @@ class PluginManager:
         self._warmed: ResourceManagers | None = None  # the last managers warmed
         self.warm_thread: threading.Thread | None = None
         self._loop = RegistrationLoop(
-            kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready
+            kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready,
+            metrics=metrics,
         )
 
     @property

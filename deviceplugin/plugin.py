@@ -24,6 +24,7 @@ from gpus.config import Config
 from gpus.errors import InitError
 from gpus.model import Snapshot
 from gpus.resources import ResourceMap, build_resource_map
+from gpus.runtime.metrics import PluginMetrics
 
 if TYPE_CHECKING:  # imported lazily at run time: start-up time matters (docs/benchmarks.md)
     from deviceplugin.health import HealthMonitor
@@ -67,8 +68,10 @@ class DevicePlugin:
         poll_interval: float = 0.1,
         ready_file: str = "",
         status_file: str = "",
+        metrics: PluginMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics  # None: --metrics-address unset
         self.environ = dict(environ)
         self._socket_dir_override = socket_dir
         self._reload_config = reload_config
@@ -160,6 +163,7 @@ class DevicePlugin:
             self._context(snapshot),
             poll_interval=self._poll_interval,
             on_ready=self.readiness.set,
+            metrics=self.metrics,
         )
         result = self.manager.apply(resource_map)
         if result.errors and not result.started:
@@ -221,6 +225,7 @@ class DevicePlugin:
             recovery_interval=plugin.health_recovery_interval,
             quiet_period=plugin.health_quiet_period,
             previous=previous,
+            metrics=self.metrics,
         )
 
     def _on_health_change(self, generation: int, unhealthy: frozenset[str]) -> None:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from gpus.backoff import Backoff
 from gpus.model import Snapshot
+from gpus.runtime.metrics import PluginMetrics
 
 LOG = logging.getLogger(__name__)
 
@@ -179,6 +180,15 @@ def _error_name(err: BaseException) -> str:
     return str(getattr(err, "name", "") or "")
 
 
+def reason_kind(reason: str) -> str:
+    """A bounded metric label for a free-text Unhealthy reason."""
+    for prefix, kind in (("critical XID", "xid"), ("GPU lost", "gpu_lost"),
+                         ("probe failed", "probe_failed")):
+        if reason.startswith(prefix):
+            return kind
+    return "nvml_events"  # the event set could not be created, registered or waited on
+
+
 # --- the monitor -------------------------------------------------------------------------------
 
 
@@ -208,6 +218,7 @@ class HealthMonitor:
         watcher_factory: WatcherFactory = nvml_watcher,
         wait_timeout_ms: int = WAIT_TIMEOUT_MS,
         previous: HealthMonitor | None = None,
+        metrics: PluginMetrics | None = None,
     ) -> None:
         """Nothing runs until :meth:`start`.
 
@@ -223,6 +234,7 @@ class HealthMonitor:
         """
         self._nvml = nvml
         self._snapshot = snapshot
+        self._metrics = metrics
         self._on_change = on_change
         self._recovery_interval = recovery_interval
         self._quiet_period = quiet_period
@@ -386,6 +398,9 @@ class HealthMonitor:
                 self._mark(lost, f"GPU lost ({err})")
                 return
         LOG.error("waiting for NVML events failed: %s; marking all GPUs unhealthy", err)
+        if self._metrics is not None:
+            self._metrics.nvml_errors.labels(
+                "nvmlEventSetWait", _error_name(err) or type(err).__name__).inc()
         self._mark(self._gpu_uuids, f"NVML event wait failed: {err}")
 
     # --- probe side ----------------------------------------------------------------------------
@@ -424,6 +439,9 @@ class HealthMonitor:
         try:
             self._nvml.probe(uuid)
         except Exception as err:  # any failure means "does not answer"
+            if self._metrics is not None:
+                self._metrics.nvml_errors.labels(
+                    "probe", _error_name(err) or type(err).__name__).inc()
             return err
         return None
 
@@ -447,6 +465,7 @@ class HealthMonitor:
                     mark.rewatch = mark.rewatch or rewatch
                     LOG.debug("device %s still unhealthy: %s", uuid, reason)
         if added:
+            self._count("Unhealthy", reason_kind(reason), len(added))
             self._notify()
 
     def _recover(self, generations: Mapping[str, int], now: float) -> None:
@@ -464,7 +483,15 @@ class HealthMonitor:
                 LOG.info("device %s healthy again: probe answered and no critical event for "
                          "%.0fs (was: %s)", uuid, now - mark.last_bad, mark.reason)
         if removed:
+            self._count("Healthy", "recovered", len(removed))
             self._notify()
+
+    def _count(self, state: str, reason: str, devices: int) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.health_transitions.labels(state, reason).inc(devices)
+        with self._lock:
+            self._metrics.unhealthy_devices.set(len(self._marks))
 
     def _notify(self) -> None:
         """Call on_change with the whole current set, unless it was the last one reported.

@@ -28,6 +28,7 @@ import grpc
 
 from gpus.backoff import Backoff
 from gpus.errors import KubeletError
+from gpus.runtime.metrics import PluginMetrics
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class RegistrationLoop:
         poll_interval: float = POLL_INTERVAL_S,
         register_fn: Callable[[str, str, str], None] = register,
         on_tick: Callable[[], None] | None = None,
+        metrics: PluginMetrics | None = None,
     ) -> None:
         """``on_tick()`` runs after each tick of the thread, and before a tick's Register calls
         when a registration was lost (readiness checks: the loss is reported before a Register
@@ -229,6 +231,9 @@ class RegistrationLoop:
         self._on_tick = on_tick
         # The kubelet socket's identity at the last tick; None while it is missing or broken.
         self._identity: tuple[int, int, int] | None = None
+        # The last kubelet socket identity seen up: another one later is a kubelet restart.
+        self._known_kubelet: tuple[int, int, int] | None = None
+        self._metrics = metrics
         self._state: dict[str, _Registration] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -321,6 +326,7 @@ class RegistrationLoop:
             self._log.set("kubelet", level, kubelet.problem + "; waiting for the kubelet")
             return
         self._log.set("kubelet", logging.INFO, f"kubelet socket {self.kubelet_socket} is up")
+        self._note_kubelet(kubelet.identity)
         with self._lock:
             names = {s.name for s in servers}
             for gone in set(self._state) - names:
@@ -334,6 +340,17 @@ class RegistrationLoop:
             self._report()
         for server in due:
             self._register_one(server, kubelet.identity, now)
+
+    def _note_kubelet(self, identity: tuple[int, int, int] | None) -> None:
+        if identity is None or identity == self._known_kubelet:
+            return
+        if self._known_kubelet is not None and self._metrics is not None:
+            self._metrics.kubelet_restarts.inc()
+        self._known_kubelet = identity
+
+    def _count(self, name: str, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.registrations.labels(name, result).inc()
 
     def _rebind_vanished(self, servers: Sequence[Endpoint]) -> None:
         for server in servers:
@@ -378,7 +395,9 @@ class RegistrationLoop:
                 reg.backoff = reg.backoff or Backoff(initial=BACKOFF_INITIAL_S, cap=BACKOFF_CAP_S)
                 reg.next_try = now + reg.backoff.next_delay()
             self._log.set(server.name, logging.WARNING, f"{err}; retrying with backoff")
+            self._count(server.name, "failed")
             return
+        self._count(server.name, "ok")
         with self._lock:
             lost_at, why = reg.lost_at, reg.lost_why
             reg.identity, reg.generation, reg.backoff, reg.next_try = (

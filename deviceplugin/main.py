@@ -20,6 +20,9 @@ start: the kubelet resolves the endpoint we register, a base name, in its own di
 
 Logging: ``--log-level`` (env ``DP_LOG_LEVEL``), any case, for every package's loggers.
 
+Metrics: ``--metrics-address`` (env ``DP_METRICS_ADDRESS``, default "" = off), ``[host]:port``,
+serves the plugin's own Prometheus metrics (gpus.runtime.metrics, docs/metrics.md).
+
 Exit status (gpus.runtime.exits): 0 after a signal; 1 for an initialisation error with
 ``--fail-on-init-error`` (the default), after one line on stderr; 2 for invalid flags or
 configuration, including an ``--nvml`` backend that cannot be used as given (unknown or invalid
@@ -56,6 +59,8 @@ from gpus.runtime import (
     run_daemon,
     setup_logging,
 )
+from gpus.runtime.metrics import MetricsAddressError, MetricsEndpoint, PluginMetrics, serve
+from gpus.runtime.metrics import parse_address as parse_metrics_address
 from gpus.runtime.version import add_version_flag
 
 __all__ = [  # re-exported: tests, bench and the demo import them from here
@@ -91,8 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The daemon's flags, every one a row of the configuration table."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     configmod.add_flags(parser, "plugin")
+    # Not (yet) a row of the configuration table: see docs/metrics.md.
+    parser.add_argument("--metrics-address", default=None, metavar="[HOST]:PORT",
+                        help=f"serve the plugin's own metrics here (env {METRICS_ADDRESS_ENV}; "
+                             "default empty: off)")
     add_version_flag(parser)
     return parser
+
+
+METRICS_ADDRESS_ENV = "DP_METRICS_ADDRESS"
+
+
+def metrics_address(flag: str | None, environ: Mapping[str, str]) -> tuple[str, int] | None:
+    """Where to serve metrics (flag > env > off); ConfigError (exit 2) for a bad address."""
+    text = flag if flag is not None else environ.get(METRICS_ADDRESS_ENV, "")
+    try:
+        return parse_metrics_address(text)
+    except MetricsAddressError as err:
+        raise ConfigError(str(err)) from None
 
 
 def ready_file_path(flag: str | None, environ: Mapping[str, str]) -> str:
@@ -120,7 +141,12 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     problem = socket_dir_problem(config, options.socket_dir)
     if problem is not None:
         raise ConfigError(problem)
+    address = metrics_address(args.metrics_address, environ)
     undo_logging = setup_logging(config.daemon.log_level)
+    metrics = PluginMetrics() if address is not None else None
+    endpoint: MetricsEndpoint | None = None
+    if metrics is not None and address is not None:
+        endpoint = serve(address, metrics.registry)
     signals = Signals().install()
     plugin = DevicePlugin(
         config,
@@ -129,6 +155,7 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         reload_config=lambda current: configmod.reload(current, args, environ),
         ready_file=options.ready_file,
         status_file=options.status_file,
+        metrics=metrics,
     )
     plugin.readiness.clear()  # a previous run's file (the emptyDir outlives the container)
     try:
@@ -141,6 +168,8 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     finally:
         plugin.close()
         signals.restore()
+        if endpoint is not None:
+            endpoint.stop()
         undo_logging()
 
 

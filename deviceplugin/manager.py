@@ -15,6 +15,7 @@ already served are never gated again (as NVIDIA, which checks only before servin
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from deviceplugin.rm import ResourceManager, ResourceManagers
 from deviceplugin.server import PluginServer, ServeError
 from gpus.backoff import Backoff
 from gpus.resources import Resource, ResourceMap
+from gpus.runtime.metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,13 @@ class PluginManager:
         gate: Callable[[Resource], str | None] | None = None,
         gate_backoff: Callable[[], Backoff] = lambda: Backoff(initial=1.0, cap=30.0),
         on_status: Callable[[], None] | None = None,
+        metrics: PluginMetrics | None = None,
     ) -> None:
         self.socket_dir = socket_dir
         self.kubelet_socket = kubelet_socket
         self._managers = managers
+        if metrics is not None and server_factory is PluginServer:
+            server_factory = functools.partial(PluginServer, metrics=metrics)
         self._factory = server_factory
         self._lock = threading.Lock()
         self._servers: dict[str, PluginServer] = {}
@@ -86,7 +91,8 @@ class PluginManager:
         self._warmed: ResourceManagers | None = None  # the last managers warmed
         self.warm_thread: threading.Thread | None = None
         self._loop = RegistrationLoop(
-            kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready
+            kubelet_socket, self.servers, poll_interval=poll_interval, on_tick=self.check_ready,
+            metrics=metrics,
         )
 
     @property

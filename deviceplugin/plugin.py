@@ -25,6 +25,7 @@ from gpus.config import Config
 from gpus.errors import InitError
 from gpus.model import Snapshot
 from gpus.resources import Resource, ResourceMap, build_resource_map
+from gpus.runtime.metrics import PluginMetrics
 
 if TYPE_CHECKING:  # imported lazily at run time: start-up time matters (docs/benchmarks.md)
     from deviceplugin.health import HealthMonitor
@@ -73,8 +74,10 @@ class DevicePlugin:
         status_file: str = "",
         mps_root_view: str | None = None,
         mps_backoff: Callable[[], Backoff] = lambda: Backoff(initial=1.0, cap=30.0),
+        metrics: PluginMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics  # None: --metrics-address unset
         self.environ = dict(environ)
         self._socket_dir_override = socket_dir
         self._reload_config = reload_config
@@ -171,6 +174,7 @@ class DevicePlugin:
             gate=self._mps_gate(),
             gate_backoff=self._mps_backoff,
             on_status=self.publish_status,
+            metrics=self.metrics,
         )
         result = self.manager.apply(resource_map)
         if result.errors and not result.started:
@@ -241,6 +245,7 @@ class DevicePlugin:
             recovery_interval=plugin.health_recovery_interval,
             quiet_period=plugin.health_quiet_period,
             previous=previous,
+            metrics=self.metrics,
         )
 
     def _on_health_change(self, generation: int, unhealthy: frozenset[str]) -> None:

@@ -17,6 +17,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,7 @@ from deviceplugin.allocate import AllocationError, ContainerAllocation
 from deviceplugin.rm import ResourceManager
 from gpus.config import RESOURCE_PREFIX
 from gpus.resources import HEALTHY, UNHEALTHY, Device, Resource
+from gpus.runtime.metrics import PluginMetrics
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -201,8 +203,15 @@ def fill_allocation(
 class PluginServer:
     """Serves ``v1beta1.DevicePlugin`` for one resource on ``<dir>/nvidia-<name>.sock``."""
 
-    def __init__(self, manager: ResourceManager, socket_dir: str) -> None:
+    def __init__(self, manager: ResourceManager, socket_dir: str,
+                 metrics: PluginMetrics | None = None) -> None:
         self.name = manager.resource.name
+        # One histogram child per RPC, bound once: a call costs one observe (None: metrics off).
+        self.metrics = metrics
+        self.allocate_seconds = (None if metrics is None
+                                 else metrics.rpc_seconds.labels("Allocate", self.name))
+        self.preferred_seconds = (None if metrics is None else metrics.rpc_seconds.labels(
+            "GetPreferredAllocation", self.name))
         self.socket_path = os.path.join(socket_dir, socket_name(self.name))
         self._cond = threading.Condition()
         # Swapped whole on update: handlers read it with a single attribute load (atomic in
@@ -413,10 +422,23 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
+        timer = self._server.preferred_seconds
+        if timer is None:
+            return self._preferred(request, context)
+        start = time.perf_counter()
+        try:
+            return self._preferred(request, context)
+        finally:
+            timer.observe(time.perf_counter() - start)
+
+    def _preferred(
+        self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreferredAllocationResponse:
         try:
             chosen = self._server.manager.preferred(request.container_requests)
         except AllocationError as err:
             log.warning("GetPreferredAllocation for %s refused: %s", self._server.name, err)
+            self._refused("GetPreferredAllocation")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         response = api_pb2.PreferredAllocationResponse()
         add = response.container_responses.add
@@ -427,10 +449,28 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
     def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
+        timer = self._server.allocate_seconds
+        if timer is None:
+            return self._allocate(request, context)
+        start = time.perf_counter()
+        try:
+            return self._allocate(request, context)
+        finally:
+            timer.observe(time.perf_counter() - start)
+
+    def _refused(self, rpc: str) -> None:
+        metrics = self._server.metrics
+        if metrics is not None:
+            metrics.rpc_errors.labels(rpc, self._server.name).inc()
+
+    def _allocate(
+        self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
+    ) -> api_pb2.AllocateResponse:
         try:
             allocations = self._server.manager.allocate(request.container_requests)
         except AllocationError as err:
             log.warning("Allocate for %s refused: %s", self._server.name, err)
+            self._refused("Allocate")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         response = api_pb2.AllocateResponse()
         add = response.container_responses.add

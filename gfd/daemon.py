@@ -33,6 +33,7 @@ from gfd.labels import (
     node_labels,
     timestamp_labels,
 )
+from gfd.metrics import CountingNodeApi
 from gfd.nodefeature import (
     KubeNodeFeatureApi,
     NodeFeatureApi,
@@ -46,6 +47,7 @@ from gpus.config import Config, ConfigError, GfdOptions, OutputMode, reload
 from gpus.errors import InitError, NvmlError
 from gpus.model import Snapshot
 from gpus.runtime import EXIT_FAILURE, EXIT_OK, NvmlBackend, Signals
+from gpus.runtime.metrics import GfdMetrics
 
 log = logging.getLogger("gfd")
 
@@ -150,6 +152,7 @@ class Daemon:
         stdout: TextIO | None = None,
         wakeup: Signals | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: GfdMetrics | None = None,
     ) -> None:
         """``reader``, ``node_api``, ``backoff`` and ``clock`` (wall-clock seconds, for the
         timestamp label) are injectable for tests and the bench.
@@ -159,6 +162,7 @@ class Daemon:
         """
         self.config = config
         self.options = options
+        self.metrics = metrics  # None: --metrics-address unset
         self.health = HealthFile("" if options.dry_run else options.health_file)
         self.health.reset()
         self._args = args
@@ -180,6 +184,8 @@ class Daemon:
                 refresh_only={TIMESTAMP_LABEL})
         if options.patches_node and not options.dry_run:
             api = node_api or KubeNodeApi.from_environment(options.kubeconfig or None)
+            if metrics is not None:
+                api = CountingNodeApi(api, metrics)
             # A new timestamp alone does not patch the Node: in steady state that would be
             # one write per node per pass, for a label nothing selects on.
             self.publisher = NodePublisher(api, options.node_name, backoff,
@@ -223,6 +229,8 @@ class Daemon:
         return labels
 
     def _nvml_failed(self, err: Exception, now: int) -> dict[str, str] | None:
+        if self.metrics is not None:
+            self.metrics.nvml_errors.labels(getattr(err, "name", "") or type(err).__name__).inc()
         if not self._ever_read and self.config.flags.fail_on_init_error:
             raise InitError(str(err)) from err
         if str(err) != self._nvml_state:
@@ -257,9 +265,16 @@ class Daemon:
         output could not be written. Raises InitError like :meth:`compute_labels`.
         """
         self._awaiting_patch = False
+        started = time.monotonic()
         labels = self.compute_labels()
         self.passes += 1
-        if labels is None or not self.publish(labels):
+        ok = labels is not None and self.publish(labels)
+        if self.metrics is not None:
+            self.metrics.pass_seconds.observe(time.monotonic() - started)
+            self.metrics.label_passes.labels("ok" if ok else "failed").inc()
+            if ok and labels is not None:
+                self.metrics.labels.set(len(labels))
+        if not ok:
             return False
         self.health.mark()
         return True

@@ -6,6 +6,10 @@ configuration table (gpus/config/model.py): NVIDIA's GFD settings, and our own o
 ``daemon`` (``--output-mode``, ``--node-name``, ``--kubeconfig``, ``--health-file``,
 ``--dry-run``, ``--log-level``/``GFD_LOG_LEVEL``, any case, for every package's loggers).
 
+Metrics: ``--metrics-address`` (env ``GFD_METRICS_ADDRESS``, default "" = off), ``[host]:port``,
+serves GFD's own Prometheus metrics (gpus.runtime.metrics, docs/metrics.md); not yet a row of
+the configuration table.
+
 Exit status (gpus.runtime.exits): 0 ok (after a signal, or a oneshot pass that succeeded);
 1 a runtime failure (NVML with --fail-on-init-error, the API server, a kubeconfig); 2 bad
 usage or configuration.
@@ -29,6 +33,7 @@ from gpus.config import (
     DEFAULT_HEALTH_FILE,
     OUTPUT_MODES,
     Config,
+    ConfigError,
     DaemonOptions,
     GfdOptions,
     add_flags,
@@ -45,6 +50,8 @@ from gpus.runtime import (
     run_daemon,
     setup_logging,
 )
+from gpus.runtime.metrics import GfdMetrics, MetricsAddressError, serve
+from gpus.runtime.metrics import parse_address as parse_metrics_address
 from gpus.runtime.version import add_version_flag
 
 __all__ = [  # re-exported: tests and the bench import them from here
@@ -82,8 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, allow_abbrev=False,
         description="Generate nvidia.com/ node labels describing the node's GPUs.")
     add_flags(parser, "gfd")
+    parser.add_argument("--metrics-address", default=None, metavar="[HOST]:PORT",
+                        help=f"serve GFD's own metrics here (env {METRICS_ADDRESS_ENV}; "
+                             "default empty: off)")
     add_version_flag(parser)
     return parser
+
+
+METRICS_ADDRESS_ENV = "GFD_METRICS_ADDRESS"
+
+
+def metrics_address(flag: str | None, environ: Mapping[str, str]) -> tuple[str, int] | None:
+    """Where to serve metrics (flag > env > off); ConfigError (exit 2) for a bad address."""
+    text = flag if flag is not None else environ.get(METRICS_ADDRESS_ENV, "")
+    try:
+        return parse_metrics_address(text)
+    except MetricsAddressError as err:
+        raise ConfigError(str(err)) from None
 
 
 def resolve_options(args: argparse.Namespace, environ: Mapping[str, str],
@@ -109,18 +131,23 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     config = resolve(args, environ)
     options = Options.from_config(config.daemon.gfd, config.daemon.log_level,
                                   config.flags.use_node_feature_api)
+    address = metrics_address(args.metrics_address, environ)
     undo_logging = setup_logging(options.log_level)
+    metrics = GfdMetrics() if address is not None else None
+    endpoint = serve(address, metrics.registry) if metrics and address else None
     backend = NvmlBackend(environ)
     signals = Signals().install()
     try:
         backend.select(config.flags.nvml, config.flags.sysfs_root)
         config = backend.effective(config)
         daemon = Daemon(config, options, args=args, environ=environ, backend=backend,
-                        wakeup=signals)
+                        wakeup=signals, metrics=metrics)
         return daemon.run()
     finally:
         signals.restore()
         backend.close()
+        if endpoint is not None:
+            endpoint.stop()
         undo_logging()
 
 

@@ -55,6 +55,10 @@ KUSTOMIZATIONS = (
 # Kustomizations deploying DaemonSets besides the plugin's (with GFD), by name; every other
 # kustomization deploys exactly one DaemonSet.
 EXTRA_DAEMONSETS = {"daemonset/overlays/mps": ("nvidia-mps-control-daemon",)}
+
+# Also applied by docs/deploy.md, but not the device plugin's DaemonSet, so the checks here do
+# not apply to them: tests/test_exporter_manifests.py renders and validates them.
+EXPORTER_KUSTOMIZATIONS = ("daemonset/exporter", "daemonset/exporter/hpa-example")
 SCHEMA_VERSIONS = ("1.29", "1.33", latest_version())
 PLUGIN = "nvidia-device-plugin-ctr"
 GFD = "gpu-feature-discovery"
@@ -319,7 +323,7 @@ def test_docs_apply_exactly_the_rendered_kustomizations() -> None:
     text = DOCS.read_text()
     applied = {p.rstrip("/") for p in re.findall(
         r"kubectl (?:(?:apply|delete|diff) -k|kustomize) ([\w./-]+)", text)}
-    assert applied == set(KUSTOMIZATIONS)
+    assert applied == set(KUSTOMIZATIONS) | set(EXPORTER_KUSTOMIZATIONS)
 
 
 def copy_of_daemonset(tmp_path: Path) -> Path:
@@ -928,7 +932,7 @@ class DeployDocChecker:
 
     def __init__(self, gfd_labels: Iterable[str]) -> None:
         self.gfd_labels = set(gfd_labels)
-        self.daemonsets = [d for path in KUSTOMIZATIONS
+        self.daemonsets = [d for path in (*KUSTOMIZATIONS, *EXPORTER_KUSTOMIZATIONS)
                            for d in _daemonsets(rendered(path)).values()]
         self.seen: set[str] = set()
 
@@ -977,10 +981,11 @@ class DeployDocChecker:
             namespace, rest = rest[1], rest[2:]
         verb, operands = rest[0], rest[1:]
         if verb in ("apply", "delete", "diff") and operands[0] == "-k":
-            assert operands[1].rstrip("/") in KUSTOMIZATIONS, operands
+            assert operands[1].rstrip("/") in (*KUSTOMIZATIONS, *EXPORTER_KUSTOMIZATIONS), (
+                operands)
         elif verb == "kustomize":
             path = operands[0].rstrip("/")
-            assert len(operands) == 1 and path in KUSTOMIZATIONS, (
+            assert len(operands) == 1 and path in (*KUSTOMIZATIONS, *EXPORTER_KUSTOMIZATIONS), (
                 f"{operands}: not a kustomization these tests render")
             assert rendered(path), path  # it renders (through kubectl kustomize itself)
         elif verb == "rollout":

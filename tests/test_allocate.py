@@ -16,7 +16,7 @@ from deviceplugin.allocate import (
     build_allocation,
     read_mig_minors,
 )
-from gpus.config import Config, Flags, PluginFlags
+from gpus.config import Config, DeviceListStrategy, Flags, MigStrategy, PluginFlags
 from gpus.model import GPU, MigDevice, Snapshot
 from gpus.resources import Device, Resource, build_resource_map
 
@@ -328,8 +328,9 @@ def test_malformed_mig_minors_is_an_allocation_error(tmp_path: Path) -> None:
 
 def test_every_device_of_real_profiles_allocates(fake_snapshot: Callable[..., Snapshot]) -> None:
     snapshot = fake_snapshot("dgx-a100-mig")
-    cfg = Config(flags=Flags(mig_strategy="mixed", plugin=PluginFlags(
-        pass_device_specs=True, device_list_strategy=("envvar", "cdi-cri"))))
+    cfg = Config(flags=Flags(mig_strategy=MigStrategy.MIXED, plugin=PluginFlags(
+        pass_device_specs=True,
+        device_list_strategy=(DeviceListStrategy.ENVVAR, DeviceListStrategy.CDI_CRI))))
     table = {}
     for g in snapshot.gpus:
         for m in g.mig_devices:

@@ -99,7 +99,8 @@ DGX1_CASES = [
 
 
 @pytest.mark.parametrize(("available", "must", "size", "expected"), DGX1_CASES)
-def test_dgx1_matches_nvidia(dgx1: Allocator, available, must, size, expected) -> None:
+def test_dgx1_matches_nvidia(dgx1: Allocator, available: tuple[int, ...], must: tuple[int, ...],
+                             size: int, expected: tuple[int, ...]) -> None:
     assert dgx1.preferred(uuids(available), uuids(must), size) == uuids(expected)
 
 
@@ -142,7 +143,9 @@ def test_empty_node() -> None:
         (["a", "b", "c"], ["a", "b"], 1),
     ],
 )
-def test_impossible_requests_are_empty_and_logged(caplog, available, must, size) -> None:
+def test_impossible_requests_are_empty_and_logged(caplog: pytest.LogCaptureFixture,
+                                                  available: list[str], must: list[str],
+                                                  size: int) -> None:
     alloc = Allocator(["a", "b", "c"], [[0, 1, 2], [1, 0, 3], [2, 3, 0]])
     with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):
         assert alloc.preferred(available, must, size) == []
@@ -163,7 +166,7 @@ def test_duplicates_in_request_are_ignored() -> None:
         (["a", "b"], [[0, -1], [-1, 0]], "negative"),
     ],
 )
-def test_bad_topology_is_rejected(ids, scores, message) -> None:
+def test_bad_topology_is_rejected(ids: list[str], scores: list[list[int]], message: str) -> None:
     original = [list(row) for row in scores]
     with pytest.raises(ValueError, match=message):
         Allocator(ids, scores)
@@ -186,7 +189,7 @@ def test_lazy_tables_are_built_once_and_reported() -> None:
     assert stats.exact and stats.table_bytes == 3 * 4 * (1 << n) + 4 * (comb(n, 2) + comb(n, 3))
 
 
-def test_beyond_exact_limit_stays_valid(caplog) -> None:
+def test_beyond_exact_limit_stays_valid(caplog: pytest.LogCaptureFixture) -> None:
     n = MAX_EXACT_GPUS + 1
     scores = [[0 if i == j else 10 + 100 * (i // 4 == j // 4) for j in range(n)] for i in range(n)]
     with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):

@@ -124,19 +124,20 @@ CASES = [
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
-def test_shared_policies(available, must, size, policy, counts, expected) -> None:
+def test_shared_policies(available: list[Device], must: list[str], size: int, policy: str,
+                         counts: dict[str, int] | None, expected: list[str]) -> None:
     before = list(available)
     assert preferred_shared(available, must, size, policy, counts) == expected
     assert available == before  # the caller's list is untouched
 
 
-def test_impossible_request_is_logged(caplog) -> None:
+def test_impossible_request_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="deviceplugin.shared_policy"):
         assert preferred_shared(FRESH, [], 9, "packed") == []
     assert "exceeds the 8 available" in caplog.text
 
 
-def test_unknown_policy_falls_back_to_distributed(caplog) -> None:
+def test_unknown_policy_falls_back_to_distributed(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="deviceplugin.shared_policy"):
         got = preferred_shared(FRESH, [], 2, "round-robin")
     assert got == [r(0, 0), r(1, 0)]

@@ -12,14 +12,22 @@ from gfd.labels import (
     arch_family,
     is_valid_label_value,
     label_problems,
-    label_value,
     node_labels,
     product_value,
     resource_labels,
-    sanitise,
     version_labels,
 )
-from gpus.config import Config, Flags, GfdFlags, Mps, ReplicatedResource, Sharing, TimeSlicing
+from gfd.values import label_value, sanitise
+from gpus.config import (
+    Config,
+    Flags,
+    GfdFlags,
+    MigStrategy,
+    Mps,
+    ReplicatedResource,
+    Sharing,
+    TimeSlicing,
+)
 from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
 from gpus.resources import build_resource_map
 
@@ -61,7 +69,7 @@ def cfg(strategy: str = "none", replicas: int = 0, resource: str = "nvidia.com/g
     entries = (ReplicatedResource(name=resource, replicas=replicas, rename=rename),) \
         if replicas else ()
     return Config(
-        flags=Flags(mig_strategy=strategy, gfd=GfdFlags(no_timestamp=no_timestamp)),
+        flags=Flags(mig_strategy=MigStrategy(strategy), gfd=GfdFlags(no_timestamp=no_timestamp)),
         sharing=Sharing(time_slicing=TimeSlicing(rename_by_default=rename_by_default,
                                                  resources=entries)))
 
@@ -481,7 +489,7 @@ def mps_cfg(replicas: int = 2, strategy: str = "none", rename_by_default: bool =
     entry = ReplicatedResource(name="nvidia.com/gpu", replicas=replicas, rename=rename)
     sliced = ((ReplicatedResource(name="nvidia.com/gpu", replicas=time_slicing),)
               if time_slicing else ())
-    return Config(flags=Flags(mig_strategy=strategy, mps_root="/run/nvidia/mps"),
+    return Config(flags=Flags(mig_strategy=MigStrategy(strategy), mps_root="/run/nvidia/mps"),
                   sharing=Sharing(TimeSlicing(resources=sliced),
                                   Mps(rename_by_default=rename_by_default, resources=(entry,))))
 

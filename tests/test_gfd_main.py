@@ -701,7 +701,9 @@ def test_hung_api_server_cannot_block_the_loop(
     assert int(health.read_text()) > 1
 
 
-def test_fake_backend_labels_come_from_the_profile_not_the_host_sysfs(capsys) -> None:
+def test_fake_backend_labels_come_from_the_profile_not_the_host_sysfs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # gpu.mode comes from the PCI class in sysfs: a simulated DGX A100 must say "compute"
     # whatever this host's /sys holds at the profile's bus ids.
     from gfd.main import main

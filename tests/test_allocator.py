@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from itertools import combinations
 from math import comb
 
+import builders
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -52,22 +53,16 @@ def dgx1_links() -> tuple[tuple[Link, ...], ...]:
 
 
 def make_gpu(index: int) -> GPU:
-    return GPU(
-        index=index,
-        uuid=f"GPU-{index:08x}-0000-0000-0000-000000000000",
-        name="Tesla V100-SXM2-16GB",
-        memory_bytes=16 << 30,
-        compute_capability=(7, 0),
-        architecture="volta",
-        brand="Tesla",
-        minor=index,
-        pci_bus_id=f"00000000:{index + 6:02X}:00.0",
-    )
+    """A DGX-1 V100 (PCI buses from 06)."""
+    return builders.gpu(index, uuid=f"GPU-{index:08x}-0000-0000-0000-000000000000",
+                        name="Tesla V100-SXM2-16GB", memory_bytes=16 * builders.GIB,
+                        compute_capability=(7, 0), architecture="volta", brand="Tesla",
+                        bus=index + 6)
 
 
 def dgx1_snapshot() -> Snapshot:
     gpus = tuple(make_gpu(i) for i in range(8))
-    return Snapshot(system=SystemInfo("535.129.03", 12020), gpus=gpus, links=dgx1_links())
+    return builders.snapshot(*gpus, links=dgx1_links())
 
 
 @pytest.fixture(scope="module")

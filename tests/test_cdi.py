@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import builders
 import pytest
 from cdi_checks import allocated_names, check_spec
 
@@ -32,24 +33,19 @@ from gpus.config import (
 from gpus.driver.discover import DeviceNode, DriverInfo
 from gpus.fake.driverroot import FakeDriverRoot, write_fake_driver_root
 from gpus.fake.profile import list_profiles, load_profile
-from gpus.model import GPU, MigDevice, Snapshot
+from gpus.model import GPU, Snapshot
 from gpus.resources import Device, Resource, ResourceMap, build_resource_map
 
 MINORS = {"gpu1/gi3/access": 40, "gpu1/gi3/ci0/access": 41}
 
 
 def gpu(index: int, migs: int = 0) -> GPU:
-    uuid = f"GPU-{index}"
-    mig_devices = tuple(
-        MigDevice(uuid=f"MIG-{index}-{i}", index=i, parent_index=index, parent_uuid=uuid,
-                  gpu_instance_id=3 + i, compute_instance_id=0, profile="3g.20gb",
-                  memory_bytes=20 << 30, gpu_instance_slices=3, compute_instance_slices=3)
-        for i in range(migs)
-    )
-    return GPU(index=index, uuid=uuid, name="NVIDIA A100-SXM4-40GB", memory_bytes=40 << 30,
-               compute_capability=(8, 0), architecture="ampere", brand="Nvidia", minor=index,
-               pci_bus_id=f"00000000:{index:02X}:00.0", mig_enabled=migs > 0,
-               mig_devices=mig_devices)
+    """A100 ``index`` with ``migs`` 3g.20gb MIG devices (GPU instances from 3)."""
+    return builders.gpu(index, migs=(
+        builders.mig_device(index, i, gpu_instance_id=3 + i, profile="3g.20gb",
+                            memory_bytes=20 * builders.GIB, gpu_instance_slices=3,
+                            compute_instance_slices=3)
+        for i in range(migs)))
 
 
 G0, G1 = gpu(0), gpu(1, migs=1)

@@ -174,7 +174,9 @@ def bench(scrapes: int, minutes: float) -> None:
             for _ in env.kubelet.devices(resource):
                 env.kubelet.allocate(resource, 1, pod=f"pod-{pods}", namespace="bench")
                 pods += 1
-        print(f"profile {PROFILE}: {len(env.plugin.snapshot.gpus)} GPUs, {pods} pods on "
+        snapshot = env.plugin.snapshot
+        assert snapshot is not None, "the plugin has no snapshot"
+        print(f"profile {PROFILE}: {len(snapshot.gpus)} GPUs, {pods} pods on "
               f"{pods} MIG devices ({', '.join(resources)})")
         port, empty_port = free_port(), free_port()
         exporter_args = [sys.executable, "-m", "exporter.main", "--nvml", f"fake:{PROFILE}",

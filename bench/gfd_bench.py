@@ -33,13 +33,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The API-server stub is imported as the tests import it (tests/ on the path, no package), so
+# mypy sees one module, `apiserver`, when it checks the bench and the tests together.
+sys.path.insert(0, str(REPO / "tests"))
+
+from apiserver import FakeApiServer  # noqa: E402
 
 from gfd.labels import node_labels  # noqa: E402
 from gfd.nodepatch import KubeNodeApi, NodePublisher  # noqa: E402
 from gpus.config import Config, Flags, MigStrategy  # noqa: E402
 from gpus.fake import install, load_profile, write_sysfs  # noqa: E402
 from gpus.nvml import Nvml  # noqa: E402
-from tests.apiserver import FakeApiServer  # noqa: E402
 
 PROFILE = "a100-mig-1g"
 TARGET_PASS_MS = 50.0

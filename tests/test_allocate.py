@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import builders
 import pytest
 
 from deviceplugin.allocate import (
@@ -16,8 +17,15 @@ from deviceplugin.allocate import (
     build_allocation,
     read_mig_minors,
 )
-from gpus.config import Config, Flags, PluginFlags, SharingStrategy
-from gpus.model import GPU, MigDevice, Snapshot
+from gpus.config import (
+    Config,
+    DeviceListStrategy,
+    Flags,
+    MigStrategy,
+    PluginFlags,
+    SharingStrategy,
+)
+from gpus.model import GPU, Snapshot
 from gpus.resources import Device, Resource, build_resource_map
 
 CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
@@ -30,16 +38,9 @@ MIG_MINORS = {
 def gpu(index: int, *, minor: int | None = None, migs: int = 0) -> GPU:
     """A GPU with ``migs`` 1g.5gb MIG devices (GI = i + 1, CI 0)."""
     uuid = f"GPU-{index:04d}"
-    mig_devices = tuple(
-        MigDevice(uuid=f"MIG-{index:04d}-{i}", index=i, parent_index=index, parent_uuid=uuid,
-                  gpu_instance_id=i + 1, compute_instance_id=0, profile="1g.5gb",
-                  memory_bytes=5 << 30, gpu_instance_slices=1, compute_instance_slices=1)
-        for i in range(migs)
-    )
-    return GPU(index=index, uuid=uuid, name="NVIDIA A100-SXM4-40GB", memory_bytes=40 << 30,
-               compute_capability=(8, 0), architecture="ampere", brand="Nvidia",
-               minor=index if minor is None else minor, pci_bus_id=f"00000000:{index:02X}:00.0",
-               mig_capable=True, mig_enabled=migs > 0, mig_devices=mig_devices)
+    return builders.gpu(index, uuid=uuid, minor=minor, mig_capable=True, migs=(
+        builders.mig_device(index, i, uuid=f"MIG-{index:04d}-{i}", parent_uuid=uuid)
+        for i in range(migs)))
 
 
 def whole(gpus: Iterable[GPU], name: str = "nvidia.com/gpu") -> Resource:
@@ -328,8 +329,9 @@ def test_malformed_mig_minors_is_an_allocation_error(tmp_path: Path) -> None:
 
 def test_every_device_of_real_profiles_allocates(fake_snapshot: Callable[..., Snapshot]) -> None:
     snapshot = fake_snapshot("dgx-a100-mig")
-    cfg = Config(flags=Flags(mig_strategy="mixed", plugin=PluginFlags(
-        pass_device_specs=True, device_list_strategy=("envvar", "cdi-cri"))))
+    cfg = Config(flags=Flags(mig_strategy=MigStrategy.MIXED, plugin=PluginFlags(
+        pass_device_specs=True,
+        device_list_strategy=(DeviceListStrategy.ENVVAR, DeviceListStrategy.CDI_CRI))))
     table = {}
     for g in snapshot.gpus:
         for m in g.mig_devices:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from plugin_support import controller_of, installed_fake, monitor_of, snapshot_of
 from test_server_support import short_tmpdir
 
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags
@@ -43,7 +44,7 @@ def env() -> Iterator[tuple[MockKubelet, DevicePlugin]]:
         kubelet = MockKubelet(directory)
         kubelet.start()
         plugin = DevicePlugin(config, {}, poll_interval=0.02)
-        plugin.select_backend().write_sysfs(Path(config.flags.sysfs_root))
+        installed_fake(plugin.select_backend()).write_sysfs(Path(config.flags.sysfs_root))
         plugin.start()
         try:
             assert kubelet.wait_for_registration(GPU, TIMEOUT)
@@ -57,7 +58,8 @@ def allocate(kubelet: MockKubelet, ids: list[str]) -> api_pb2.AllocateResponse:
     request = api_pb2.AllocateRequest(
         container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids)]
     )
-    return kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
+    response: api_pb2.AllocateResponse = kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
+    return response
 
 
 def preferred(kubelet: MockKubelet, ids: list[str], size: int) -> list[str]:
@@ -68,16 +70,18 @@ def preferred(kubelet: MockKubelet, ids: list[str], size: int) -> list[str]:
     return list(response.container_responses[0].deviceIDs)
 
 
-def test_allocate_refuses_a_device_that_became_unhealthy(env) -> None:
+def test_allocate_refuses_a_device_that_became_unhealthy(
+    env: tuple[MockKubelet, DevicePlugin],
+) -> None:
     kubelet, plugin = env
-    uuids = [g.uuid for g in plugin.snapshot.gpus]
+    uuids = [g.uuid for g in snapshot_of(plugin).gpus]
     sick = uuids[SICK]
     # Warm every cache on the request path with the Healthy device.
     assert allocate(kubelet, [sick]).container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == sick
     assert preferred(kubelet, uuids, 1)
 
-    assert plugin.health.wait_watching(TIMEOUT)
-    plugin.controller.inject_xid(SICK, 79)
+    assert monitor_of(plugin).wait_watching(TIMEOUT)
+    controller_of(plugin).inject_xid(SICK, 79)
     seen = kubelet.wait_for_devices(
         GPU, lambda ds: any(d.id == sick and d.health == "Unhealthy" for d in ds), TIMEOUT
     )

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from itertools import combinations
 from math import comb
 
+import builders
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -52,22 +53,16 @@ def dgx1_links() -> tuple[tuple[Link, ...], ...]:
 
 
 def make_gpu(index: int) -> GPU:
-    return GPU(
-        index=index,
-        uuid=f"GPU-{index:08x}-0000-0000-0000-000000000000",
-        name="Tesla V100-SXM2-16GB",
-        memory_bytes=16 << 30,
-        compute_capability=(7, 0),
-        architecture="volta",
-        brand="Tesla",
-        minor=index,
-        pci_bus_id=f"00000000:{index + 6:02X}:00.0",
-    )
+    """A DGX-1 V100 (PCI buses from 06)."""
+    return builders.gpu(index, uuid=f"GPU-{index:08x}-0000-0000-0000-000000000000",
+                        name="Tesla V100-SXM2-16GB", memory_bytes=16 * builders.GIB,
+                        compute_capability=(7, 0), architecture="volta", brand="Tesla",
+                        bus=index + 6)
 
 
 def dgx1_snapshot() -> Snapshot:
     gpus = tuple(make_gpu(i) for i in range(8))
-    return Snapshot(system=SystemInfo("535.129.03", 12020), gpus=gpus, links=dgx1_links())
+    return builders.snapshot(*gpus, links=dgx1_links())
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +94,8 @@ DGX1_CASES = [
 
 
 @pytest.mark.parametrize(("available", "must", "size", "expected"), DGX1_CASES)
-def test_dgx1_matches_nvidia(dgx1: Allocator, available, must, size, expected) -> None:
+def test_dgx1_matches_nvidia(dgx1: Allocator, available: tuple[int, ...], must: tuple[int, ...],
+                             size: int, expected: tuple[int, ...]) -> None:
     assert dgx1.preferred(uuids(available), uuids(must), size) == uuids(expected)
 
 
@@ -142,7 +138,9 @@ def test_empty_node() -> None:
         (["a", "b", "c"], ["a", "b"], 1),
     ],
 )
-def test_impossible_requests_are_empty_and_logged(caplog, available, must, size) -> None:
+def test_impossible_requests_are_empty_and_logged(caplog: pytest.LogCaptureFixture,
+                                                  available: list[str], must: list[str],
+                                                  size: int) -> None:
     alloc = Allocator(["a", "b", "c"], [[0, 1, 2], [1, 0, 3], [2, 3, 0]])
     with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):
         assert alloc.preferred(available, must, size) == []
@@ -163,7 +161,7 @@ def test_duplicates_in_request_are_ignored() -> None:
         (["a", "b"], [[0, -1], [-1, 0]], "negative"),
     ],
 )
-def test_bad_topology_is_rejected(ids, scores, message) -> None:
+def test_bad_topology_is_rejected(ids: list[str], scores: list[list[int]], message: str) -> None:
     original = [list(row) for row in scores]
     with pytest.raises(ValueError, match=message):
         Allocator(ids, scores)
@@ -186,7 +184,7 @@ def test_lazy_tables_are_built_once_and_reported() -> None:
     assert stats.exact and stats.table_bytes == 3 * 4 * (1 << n) + 4 * (comb(n, 2) + comb(n, 3))
 
 
-def test_beyond_exact_limit_stays_valid(caplog) -> None:
+def test_beyond_exact_limit_stays_valid(caplog: pytest.LogCaptureFixture) -> None:
     n = MAX_EXACT_GPUS + 1
     scores = [[0 if i == j else 10 + 100 * (i // 4 == j // 4) for j in range(n)] for i in range(n)]
     with caplog.at_level(logging.WARNING, logger="deviceplugin.allocator"):

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import logging
 
+import builders
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deviceplugin.shared_policy import device_order, preferred_shared, preferred_shared_ordered
-from gpus.model import GPU, MigDevice
+from gpus.model import GPU
 from gpus.resources import Device
 
 
 def make_gpu(index: int) -> GPU:
-    return GPU(
-        index=index,
-        uuid=f"GPU-{index}",
-        name="NVIDIA A100-SXM4-40GB",
-        memory_bytes=40 << 30,
-        compute_capability=(8, 0),
-        architecture="ampere",
-        brand="Nvidia",
-        minor=index,
-        pci_bus_id=f"00000000:{index + 7:02X}:00.0",
-    )
+    return builders.gpu(index, bus=index + 7)
 
 
 GPUS = [make_gpu(i) for i in range(3)]
@@ -38,20 +29,8 @@ def replica(gpu: int, n: int) -> Device:
 
 def mig(gpu: int, index: int) -> Device:
     g = GPUS[gpu]
-    uuid = f"MIG-{gpu}-{index}"
-    device = MigDevice(
-        uuid=uuid,
-        index=index,
-        parent_index=gpu,
-        parent_uuid=g.uuid,
-        gpu_instance_id=index + 1,
-        compute_instance_id=0,
-        profile="1g.5gb",
-        memory_bytes=5 << 30,
-        gpu_instance_slices=1,
-        compute_instance_slices=1,
-    )
-    return Device(id=uuid, uuid=uuid, gpu=g, mig=device)
+    device = builders.mig_device(gpu, index, parent_uuid=g.uuid)
+    return Device(id=device.uuid, uuid=device.uuid, gpu=g, mig=device)
 
 
 def ids(devices: list[Device]) -> list[str]:
@@ -124,19 +103,20 @@ CASES = [
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
-def test_shared_policies(available, must, size, policy, counts, expected) -> None:
+def test_shared_policies(available: list[Device], must: list[str], size: int, policy: str,
+                         counts: dict[str, int] | None, expected: list[str]) -> None:
     before = list(available)
     assert preferred_shared(available, must, size, policy, counts) == expected
     assert available == before  # the caller's list is untouched
 
 
-def test_impossible_request_is_logged(caplog) -> None:
+def test_impossible_request_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="deviceplugin.shared_policy"):
         assert preferred_shared(FRESH, [], 9, "packed") == []
     assert "exceeds the 8 available" in caplog.text
 
 
-def test_unknown_policy_falls_back_to_distributed(caplog) -> None:
+def test_unknown_policy_falls_back_to_distributed(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="deviceplugin.shared_policy"):
         got = preferred_shared(FRESH, [], 2, "round-robin")
     assert got == [r(0, 0), r(1, 0)]

@@ -23,4 +23,4 @@ def test_factor_and_an_initial_above_the_cap() -> None:
 def test_arguments_are_keywords_only() -> None:
     # Two earlier copies took (initial, cap) and (initial, factor, cap) positionally.
     with pytest.raises(TypeError):
-        Backoff(1, 2)  # type: ignore[misc]
+        Backoff(1, 2)  # type: ignore[call-arg]  # the old positional call, refused

@@ -6,7 +6,9 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import builders
 import pytest
 from cdi_checks import allocated_names, check_spec
 
@@ -20,28 +22,30 @@ from deviceplugin.cdi import (
     remove_cdi_spec,
     write_cdi_spec,
 )
-from gpus.config import Config, Flags, PluginFlags
+from gpus.config import (
+    Config,
+    DeviceIdStrategy,
+    DeviceListStrategy,
+    Flags,
+    MigStrategy,
+    PluginFlags,
+)
 from gpus.driver.discover import DeviceNode, DriverInfo
 from gpus.fake.driverroot import FakeDriverRoot, write_fake_driver_root
 from gpus.fake.profile import list_profiles, load_profile
-from gpus.model import GPU, MigDevice, Snapshot
+from gpus.model import GPU, Snapshot
 from gpus.resources import Device, Resource, ResourceMap, build_resource_map
 
 MINORS = {"gpu1/gi3/access": 40, "gpu1/gi3/ci0/access": 41}
 
 
 def gpu(index: int, migs: int = 0) -> GPU:
-    uuid = f"GPU-{index}"
-    mig_devices = tuple(
-        MigDevice(uuid=f"MIG-{index}-{i}", index=i, parent_index=index, parent_uuid=uuid,
-                  gpu_instance_id=3 + i, compute_instance_id=0, profile="3g.20gb",
-                  memory_bytes=20 << 30, gpu_instance_slices=3, compute_instance_slices=3)
-        for i in range(migs)
-    )
-    return GPU(index=index, uuid=uuid, name="NVIDIA A100-SXM4-40GB", memory_bytes=40 << 30,
-               compute_capability=(8, 0), architecture="ampere", brand="Nvidia", minor=index,
-               pci_bus_id=f"00000000:{index:02X}:00.0", mig_enabled=migs > 0,
-               mig_devices=mig_devices)
+    """A100 ``index`` with ``migs`` 3g.20gb MIG devices (GPU instances from 3)."""
+    return builders.gpu(index, migs=(
+        builders.mig_device(index, i, gpu_instance_id=3 + i, profile="3g.20gb",
+                            memory_bytes=20 * builders.GIB, gpu_instance_slices=3,
+                            compute_instance_slices=3)
+        for i in range(migs)))
 
 
 G0, G1 = gpu(0), gpu(1, migs=1)
@@ -59,8 +63,8 @@ RESOURCES = ResourceMap(resources={
 def config(spec_dir: Path | str = "/var/run/cdi", strategies: tuple[str, ...] = ("cdi-cri",),
            dev_root: str = "", id_strategy: str = "uuid") -> Config:
     return Config(flags=Flags(nvidia_dev_root=dev_root, plugin=PluginFlags(
-        device_list_strategy=strategies, cdi_spec_dir=str(spec_dir),
-        device_id_strategy=id_strategy)))
+        device_list_strategy=tuple(map(DeviceListStrategy, strategies)), cdi_spec_dir=str(spec_dir),
+        device_id_strategy=DeviceIdStrategy(id_strategy))))
 
 
 def only(paths: set[str]) -> Callable[[str], bool]:
@@ -168,7 +172,7 @@ def test_missing_mig_minors_leaves_mig_devices_out_and_reports_it(
     # Whole GPUs need no capability minors: the spec still serves them, and the MIG devices'
     # absence is a reported problem (Allocate refuses them with the same cause).
     cfg = Config(flags=Flags(nvidia_driver_root=str(tmp_path), plugin=PluginFlags(
-        device_list_strategy=("cdi-cri",), cdi_spec_dir=str(tmp_path / "cdi"))))
+        device_list_strategy=(DeviceListStrategy.CDI_CRI,), cdi_spec_dir=str(tmp_path / "cdi"))))
     problems: list[str] = []
     with caplog.at_level("ERROR", logger="deviceplugin.cdi"):
         path = write_cdi_spec(RESOURCES, cfg, path_exists=only(set()), problems=problems)
@@ -220,8 +224,9 @@ def test_spec_for_real_profiles_covers_every_allocatable_name(
         fake_snapshot: Callable[..., Snapshot], profile: str, strategy: str,
         id_strategy: str) -> None:
     snapshot = fake_snapshot(profile)
-    cfg = Config(flags=Flags(mig_strategy=strategy, plugin=PluginFlags(
-        device_list_strategy=("cdi-cri",), device_id_strategy=id_strategy)))
+    cfg = Config(flags=Flags(mig_strategy=MigStrategy(strategy), plugin=PluginFlags(
+        device_list_strategy=(DeviceListStrategy.CDI_CRI,),
+        device_id_strategy=DeviceIdStrategy(id_strategy))))
     resource_map = build_resource_map(snapshot, cfg)
     table = {}
     for g in snapshot.gpus:
@@ -251,8 +256,8 @@ def driver_setup(tmp_path: Path, profile: str, strategy: str = "cdi-cri",
                  ) -> tuple[Config, CdiOptions, FakeDriverRoot]:
     root = tmp_path / "driver"
     fake = write_fake_driver_root(load_profile(profile), root)
-    cfg = Config(flags=Flags(nvidia_driver_root=str(root), mig_strategy="mixed",
-                             plugin=PluginFlags(device_list_strategy=(strategy,),
+    cfg = Config(flags=Flags(nvidia_driver_root=str(root), mig_strategy=MigStrategy.MIXED,
+                             plugin=PluginFlags(device_list_strategy=(DeviceListStrategy(strategy),),
                                                 cdi_spec_dir=str(tmp_path / "cdi"))))
     options = CdiOptions(driver_root=host_root or str(root), driver_root_ctr_path=str(root),
                          **option_fields)  # type: ignore[arg-type]
@@ -438,7 +443,7 @@ def test_unknown_feature_flag_is_logged(tmp_path: Path, caplog: pytest.LogCaptur
     (lambda s: s["devices"][0].pop("containerEdits"), "AssertionError"),
     (lambda s: s.update(cdiVersion="0.3.0"), "below what the content needs"),
 ])
-def test_checks_catch_broken_specs(tmp_path: Path, breakage: Callable[[dict], object],
+def test_checks_catch_broken_specs(tmp_path: Path, breakage: Callable[[dict[str, Any]], object],
                                    message: str) -> None:
     cfg, options, fake = driver_setup(tmp_path, "t4")
     driver = discover_for_cdi(cfg, options, fake.version, allow_plain_device_files=True)

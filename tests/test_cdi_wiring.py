@@ -75,7 +75,8 @@ def allocate_all(kubelet: MockKubelet, resource: str) -> Any:
 
 def spec_of(config: Config) -> dict[str, Any]:
     path = os.path.join(config.flags.plugin.cdi_spec_dir, SPEC)
-    return json.loads(Path(path).read_text())
+    spec: dict[str, Any] = json.loads(Path(path).read_text())
+    return spec
 
 
 @pytest.mark.parametrize("profile", list_profiles())

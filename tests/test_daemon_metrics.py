@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,8 @@ from deviceplugin.kubelet import RegistrationLoop
 from deviceplugin.server import PluginServer
 from gfd.nodepatch import KubeNodeApi
 from gpus.backoff import Backoff
-from gpus.config import ConfigError
+from gpus.config import Config, ConfigError
+from gpus.model import Snapshot
 from gpus.nvml import NvmlError
 from gpus.runtime.metrics import (
     GfdMetrics,
@@ -45,6 +46,7 @@ from gpus.runtime.metrics import (
     parse_address,
     serve,
 )
+from protos.deviceplugin.v1beta1 import api_pb2_grpc
 
 TIMEOUT = 10.0
 
@@ -109,8 +111,11 @@ def test_served_over_http_on_its_own_registry() -> None:
 # Device plugin.
 
 
+Served = tuple[PluginMetrics, api_pb2_grpc.DevicePluginStub, list[str]]
+
+
 @pytest.fixture
-def served(sockdir: str) -> Iterator[tuple[PluginMetrics, object, list[str]]]:
+def served(sockdir: str) -> Iterator[Served]:
     snapshot = make_snapshot(4)
     metrics = PluginMetrics()
     server = PluginServer(fake_manager(make_resource(snapshot), snapshot, FakeAllocator()),
@@ -122,7 +127,8 @@ def served(sockdir: str) -> Iterator[tuple[PluginMetrics, object, list[str]]]:
     server.stop()
 
 
-def test_allocate_and_preferred_are_timed_and_refusals_counted(served) -> None:
+def test_allocate_and_preferred_are_timed_and_refusals_counted(
+        served: Served) -> None:
     metrics, stub, uuids = served
     reg, res = metrics.registry, "nvidia.com/gpu"
     count = "nvidia_device_plugin_rpc_duration_seconds_count"
@@ -223,7 +229,8 @@ def test_health_transitions_and_nvml_errors() -> None:
 # GFD.
 
 
-def test_gfd_label_passes_and_api_server_errors(tmp_path: Path, fake_snapshot) -> None:
+def test_gfd_label_passes_and_api_server_errors(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot]) -> None:
     snapshot = fake_snapshot("dgx-a100")
     metrics = GfdMetrics()
     reg = metrics.registry
@@ -243,11 +250,12 @@ def test_gfd_label_passes_and_api_server_errors(tmp_path: Path, fake_snapshot) -
     assert value(reg, "gpu_feature_discovery_labels") > 10
 
 
-def test_gfd_nvml_errors(tmp_path: Path, fake_snapshot) -> None:
+def test_gfd_nvml_errors(tmp_path: Path, fake_snapshot: Callable[..., Snapshot]) -> None:
     snapshot = fake_snapshot("dgx-a100")
-    answers: list[object] = [snapshot, NvmlError("nvmlDeviceGetCount", 9, "Driver Not Loaded")]
+    answers: list[Snapshot | NvmlError] = [
+        snapshot, NvmlError("nvmlDeviceGetCount", 9, "Driver Not Loaded")]
 
-    def reader(config: object) -> object:
+    def reader(config: Config) -> Snapshot:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer

@@ -417,7 +417,7 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     options = [word for word in shlex.split(commands["pip install"])
                if word.startswith("--") and not word.startswith("--find-links")]
     _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install",
-          *options, "--no-deps", f"--find-links={wheels}", _project()["name"]], cwd=tmp)
+          *options, "--no-deps", f"--find-links={wheels}", str(_project()["name"])], cwd=tmp)
     _run(["bash", "-c", commands["compileall"]], cwd=tmp,
          extra_env={"PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"})
     site = _run([venv / "bin" / "python", "-c",

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import FakeFactory
 
 from exporter.fields import DEFAULT_COLLECTORS
 from exporter.main import (
@@ -245,7 +246,7 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("gpu-metrics-exporter ")
 
 
-def test_a_new_set_is_served_from_the_cached_reading_at_once(fake_nvml) -> None:
+def test_a_new_set_is_served_from_the_cached_reading_at_once(fake_nvml: FakeFactory) -> None:
     fake = fake_nvml("t4")
     exporter = build_exporter(ExporterOptions(address=("127.0.0.1", 0),
                                               collect_interval_ms=600000,

@@ -106,7 +106,8 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str], tuple[int, subprocess
             proc.stderr.close()
 
 
-def test_prometheus_scrapes_gpu_series_with_pod_labels(prometheus) -> None:
+def test_prometheus_scrapes_gpu_series_with_pod_labels(
+        prometheus: Callable[[str], tuple[int, subprocess.Popen[bytes]]]) -> None:
     require_prometheus()
     with short_tmpdir() as directory:
         config = mig_config(directory, "dgx-a100", "none")

@@ -6,25 +6,35 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TypedDict, Unpack
 
+import builders
 import pytest
 from cdi_checks import allocated_names, check_spec
 
 from deviceplugin.allocate import DeviceSpec, build_allocation
 from deviceplugin.cdi import remove_cdi_spec, write_cdi_spec
 from deviceplugin.extras import check_imex, compute_extras, extra_cdi_specs
-from gpus.config import Config, Flags, Imex, PluginFlags
+from gpus.config import Config, DeviceListStrategy, Flags, Imex, PluginFlags
 from gpus.errors import InitError
-from gpus.model import GPU
 from gpus.resources import Device, Resource, ResourceMap
 
-G0 = GPU(index=0, uuid="GPU-0", name="NVIDIA H100", memory_bytes=80 << 30,
-         compute_capability=(9, 0), architecture="hopper", brand="Nvidia", minor=0,
-         pci_bus_id="00000000:01:00.0")
+G0 = builders.gpu(0, name="NVIDIA H100", memory_bytes=80 * builders.GIB,
+                  compute_capability=(9, 0), architecture="hopper", bus=1)
 RESOURCE = Resource("nvidia.com/gpu", (Device(id="GPU-0", uuid="GPU-0", gpu=G0),))
 FEATURE_NODES = ("dev/nvidia-fs0", "dev/nvidia-fs1", "dev/nvidia-fs10", "dev/nvidia-fs2",
                  "dev/infiniband/uverbs0", "dev/infiniband/rdma_cm", "dev/gdrdrv")
-ALL_ON = {"gds_enabled": True, "mofed_enabled": True, "gdrcopy_enabled": True}
+
+
+class Switches(TypedDict, total=False):
+    """The Flags switches these tests turn on (typed, so ``**ALL_ON`` reaches only them)."""
+
+    gds_enabled: bool
+    mofed_enabled: bool
+    gdrcopy_enabled: bool
+
+
+ALL_ON: Switches = {"gds_enabled": True, "mofed_enabled": True, "gdrcopy_enabled": True}
 
 
 def dev_root(tmp_path: Path, nodes: tuple[str, ...] = FEATURE_NODES,
@@ -38,10 +48,11 @@ def dev_root(tmp_path: Path, nodes: tuple[str, ...] = FEATURE_NODES,
 
 def config(root: Path, strategies: tuple[str, ...] = ("envvar",), channels: tuple[str, ...] = (),
            required: bool = False, specs: bool = False, prefix: str = "cdi.k8s.io/",
-           **flags: bool) -> Config:
+           **flags: Unpack[Switches]) -> Config:
     return Config(
         flags=Flags(nvidia_driver_root=str(root), plugin=PluginFlags(
-            device_list_strategy=strategies, pass_device_specs=specs,
+            device_list_strategy=tuple(map(DeviceListStrategy, strategies)),
+            pass_device_specs=specs,
             cdi_annotation_prefix=prefix, cdi_spec_dir=str(root / "cdi")), **flags),
         imex=Imex(channel_ids=channels, required=required))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pynvml
 import pytest
@@ -354,7 +355,7 @@ def test_h100_answers_like_the_real_one(fake_nvml: FakeFactory) -> None:
         assert pynvml.nvmlDeviceGetSupportedEventTypes(handle) == 0xFF9F
 
 
-def test_driver_root_has_mig_minors_and_device_nodes(tmp_path) -> None:
+def test_driver_root_has_mig_minors_and_device_nodes(tmp_path: Path) -> None:
     from deviceplugin.allocate import read_mig_minors
     from gpus.fake import load_profile, write_driver_root
 

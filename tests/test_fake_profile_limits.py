@@ -19,7 +19,6 @@ import pytest
 from deviceplugin.main import main as plugin_main
 from gfd.main import main as gfd_main
 from gpus.fake import FakeNvml, ProfileError, load_profile
-from gpus.fake import profile as profilemod
 from gpus.fake.profile import (
     C_ULLONG_MAX,
     MAX_GPUS,
@@ -100,7 +99,7 @@ def test_a_file_whose_size_lies_is_read_only_up_to_the_limit(
     size = path.stat().st_size
     real_fstat = os.fstat
     monkeypatch.setattr(
-        profilemod.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, 0, 0, 0))
+        os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, 0, 0, 0))
     )
     assert load_profile(path, max_bytes=size).name == "limits"
     message = error_of(path, max_bytes=size - 1)

@@ -6,6 +6,7 @@ import ctypes
 from collections.abc import Callable
 from pathlib import Path
 
+import builders
 import pynvml
 import pytest
 
@@ -13,7 +14,7 @@ from gfd.imex import CLIQUE_LABEL, imex_labels, imex_problems
 from gfd.labels import label_problems, node_labels
 from gpus.config import Config
 from gpus.fake import FakeNvml, ProfileError, list_profiles, load_profile
-from gpus.model import GPU, ZERO_UUID, GpuFabric, Snapshot, SystemInfo
+from gpus.model import GPU, ZERO_UUID, GpuFabric, Snapshot
 from gpus.nvml import Nvml
 
 Reader = Callable[..., Snapshot]
@@ -26,14 +27,14 @@ WITH_FABRIC = {"gb200-nvl": "6f1c3a52-9d4e-4b8a-a0f7-2c5e8d1b3a90.32766",
 
 
 def gpu(index: int, fabric: GpuFabric | None) -> GPU:
-    return GPU(index=index, uuid=f"GPU-{index}", name="NVIDIA GB200", memory_bytes=1 << 30,
-               compute_capability=(10, 0), architecture="blackwell", brand="Nvidia", minor=index,
-               pci_bus_id=f"00000000:0{index}:00.0", fabric=fabric)
+    return builders.gpu(index, name="NVIDIA GB200", memory_bytes=builders.GIB,
+                        compute_capability=(10, 0), architecture="blackwell",
+                        pci_bus_id=f"00000000:0{index}:00.0", fabric=fabric)
 
 
 def snap(*fabrics: GpuFabric | None) -> Snapshot:
-    return Snapshot(system=SystemInfo("570.124.06", 12080),
-                    gpus=tuple(gpu(i, f) for i, f in enumerate(fabrics)))
+    return builders.snapshot(*(gpu(i, f) for i, f in enumerate(fabrics)),
+                             driver="570.124.06", cuda=12080)
 
 
 def fab(cluster: str = CLUSTER, clique: int = 7, state: int = COMPLETED, status: int = 0,
@@ -108,12 +109,10 @@ def test_gb200_profile_is_four_blackwell_gpus(fake_snapshot: Reader) -> None:
 
 
 def _profile(tmp_path: Path, *gpus: str, defaults: str = "") -> Path:
-    path = tmp_path / "p.yaml"
     lines = ["name: p", 'driver_version: "570.124.06"', "cuda_driver_version: 12080",
              f"defaults: {{model: H100-SXM5-80GB{defaults}}}", "gpus:"]
     lines += [f'  - {{bus_id: "00000000:{i + 1:02X}:00.0"{extra}}}' for i, extra in enumerate(gpus)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return builders.write_profile(tmp_path, lines)
 
 
 def test_reader_through_pynvml(tmp_path: Path, fake_snapshot: Reader) -> None:

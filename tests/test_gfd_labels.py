@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Unpack
 
+import builders
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,15 +14,23 @@ from gfd.labels import (
     arch_family,
     is_valid_label_value,
     label_problems,
-    label_value,
     node_labels,
     product_value,
     resource_labels,
-    sanitise,
     version_labels,
 )
-from gpus.config import Config, Flags, GfdFlags, Mps, ReplicatedResource, Sharing, TimeSlicing
-from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
+from gfd.values import label_value, sanitise
+from gpus.config import (
+    Config,
+    Flags,
+    GfdFlags,
+    MigStrategy,
+    Mps,
+    ReplicatedResource,
+    Sharing,
+    TimeSlicing,
+)
+from gpus.model import GPU, MigDevice, Snapshot
 from gpus.resources import build_resource_map
 
 MIB = 1 << 20
@@ -32,26 +42,23 @@ def gpu(index: int = 0, name: str = "MOCKMODEL", memory_mib: int = 300,
         migs: tuple[MigDevice, ...] = (), pci_class: int | None = 0x0302,
         mig_capable: bool = False) -> GPU:
     """A GPU with just the facts the labels read."""
-    return GPU(index=index, uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000", name=name,
-               memory_bytes=memory_mib * MIB, compute_capability=cc, architecture="ampere",
-               brand="Nvidia", minor=index, pci_bus_id=f"00000000:{index:02x}:00.0",
-               pci_class=pci_class, mig_capable=mig_capable or mig_enabled,
-               mig_enabled=mig_enabled, mig_devices=migs)
+    return builders.gpu(index, uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000", name=name,
+                        memory_bytes=memory_mib * MIB, compute_capability=cc,
+                        pci_bus_id=f"00000000:{index:02x}:00.0", pci_class=pci_class,
+                        mig_capable=mig_capable or mig_enabled, mig_enabled=mig_enabled,
+                        migs=migs)
 
 
 def mig(parent: int, index: int, profile: str = "1g.5gb", memory_mib: int = 4864,
-        gi: int = 1, ci: int = 1, **attrs: int) -> MigDevice:
+        gi: int = 1, ci: int = 1, **engines: Unpack[builders.Engines]) -> MigDevice:
     """A MIG device of ``profile`` on GPU ``parent``."""
-    return MigDevice(uuid=f"MIG-{parent}-{index}", index=index, parent_index=parent,
-                     parent_uuid=f"GPU-{parent}", gpu_instance_id=index + 1,
-                     compute_instance_id=0, profile=profile, memory_bytes=memory_mib * MIB,
-                     gpu_instance_slices=gi, compute_instance_slices=ci, **attrs)
+    return builders.mig_device(parent, index, profile=profile, memory_bytes=memory_mib * MIB,
+                               gpu_instance_slices=gi, compute_instance_slices=ci, **engines)
 
 
 def snap(*gpus: GPU, driver: str = "400.300", cuda: int = 8000) -> Snapshot:
     """A snapshot of ``gpus``."""
-    return Snapshot(system=SystemInfo(driver_version=driver, cuda_driver_version=cuda),
-                    gpus=tuple(gpus))
+    return builders.snapshot(*gpus, driver=driver, cuda=cuda)
 
 
 def cfg(strategy: str = "none", replicas: int = 0, resource: str = "nvidia.com/gpu",
@@ -61,7 +68,7 @@ def cfg(strategy: str = "none", replicas: int = 0, resource: str = "nvidia.com/g
     entries = (ReplicatedResource(name=resource, replicas=replicas, rename=rename),) \
         if replicas else ()
     return Config(
-        flags=Flags(mig_strategy=strategy, gfd=GfdFlags(no_timestamp=no_timestamp)),
+        flags=Flags(mig_strategy=MigStrategy(strategy), gfd=GfdFlags(no_timestamp=no_timestamp)),
         sharing=Sharing(time_slicing=TimeSlicing(rename_by_default=rename_by_default,
                                                  resources=entries)))
 
@@ -481,7 +488,7 @@ def mps_cfg(replicas: int = 2, strategy: str = "none", rename_by_default: bool =
     entry = ReplicatedResource(name="nvidia.com/gpu", replicas=replicas, rename=rename)
     sliced = ((ReplicatedResource(name="nvidia.com/gpu", replicas=time_slicing),)
               if time_slicing else ())
-    return Config(flags=Flags(mig_strategy=strategy, mps_root="/run/nvidia/mps"),
+    return Config(flags=Flags(mig_strategy=MigStrategy(strategy), mps_root="/run/nvidia/mps"),
                   sharing=Sharing(TimeSlicing(resources=sliced),
                                   Mps(rename_by_default=rename_by_default, resources=(entry,))))
 

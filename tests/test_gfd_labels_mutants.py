@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from test_gfd_labels import N, cfg, gpu, mig, snap
 
@@ -12,13 +14,15 @@ from gfd.labels import (
     full_gpu_labels,
     is_valid_label_value,
     label_problems,
-    label_value,
     mig_mixed_labels,
     mig_single_labels,
     node_labels,
     product_value,
     version_labels,
 )
+from gfd.values import label_value
+from gpus.config import Config
+from gpus.model import Snapshot
 from gpus.resources import build_resource_map
 
 
@@ -61,7 +65,8 @@ def test_no_cuda_labels_without_a_cuda_version() -> None:
       "mig-2g.10gb.replicas": "1", "mig-2g.10gb.product": "MOCKMODEL-MIG-2g.10gb"}),
 ], ids=["full", "single", "mixed"])
 def test_labelers_called_alone_read_sharing_from_the_config(
-        labeler, snapshot, config, expected) -> None:  # type: ignore[no-untyped-def]
+        labeler: Callable[..., dict[str, str]], snapshot: Snapshot, config: Config,
+        expected: dict[str, str]) -> None:
     labels = labeler(snapshot, config)
     assert {key: labels[N + key] for key in expected} == expected
     table = gfd.labels.sharing_table(snapshot, config)

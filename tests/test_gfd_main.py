@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import builders
 import pytest
 from apiserver import FakeApiServer
 
@@ -30,7 +31,7 @@ from gfd.nodepatch import OWNERSHIP_ANNOTATION, KubeNodeApi
 from gfd.output import parse_features
 from gpus.backoff import Backoff
 from gpus.config import Config, Flags, GfdFlags, resolve
-from gpus.model import Snapshot, SystemInfo
+from gpus.model import Snapshot
 from gpus.nvml import NvmlError
 
 N = "nvidia.com/"
@@ -212,7 +213,7 @@ def test_later_nvml_failure_keeps_the_last_labels(tmp_path: Path) -> None:
         calls.append(1)
         if len(calls) > 1:
             raise NvmlError("nvmlDeviceGetCount", 15, "GPU is lost")
-        return Snapshot(system=SystemInfo("535.129.03", 12020))
+        return builders.snapshot()
 
     d = daemon(tmp_path, flaky, oneshot=False)
     assert d.compute_labels() is not None
@@ -250,7 +251,7 @@ def test_oneshot_node_api_end_to_end(tmp_path: Path, machine_file: str,
 def test_oneshot_node_api_gives_up_with_exit_1(tmp_path: Path, server: FakeApiServer) -> None:
     server.fail_next(100, 503)
     api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
-    d = daemon(tmp_path, lambda c: Snapshot(system=SystemInfo("535.129.03", 12020)),
+    d = daemon(tmp_path, lambda c: builders.snapshot(),
                mode="both", node_api=api, backoff=Backoff(initial=0.001, cap=0.002))
     assert d.run() == 1
     assert (tmp_path / "gfd").exists()  # the file is written whatever the API server does
@@ -331,7 +332,7 @@ def test_oneshot_gives_up_on_malformed_answers_with_exit_1(
         tmp_path: Path, server: FakeApiServer) -> None:
     server.answer_next(100, b'{"metadata": "not an object"}')
     api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
-    d = daemon(tmp_path, lambda c: Snapshot(system=SystemInfo("535.129.03", 12020)),
+    d = daemon(tmp_path, lambda c: builders.snapshot(),
                mode="node-api", node_api=api, backoff=Backoff(initial=0.001, cap=0.002))
     assert d.run() == 1
     assert server.requests("PATCH") == []
@@ -553,7 +554,7 @@ def test_stdout_stream_injection(tmp_path: Path) -> None:
     stream = io.StringIO()
     config = Config(flags=Flags(gfd=GfdFlags(oneshot=True, output_file="-", no_timestamp=True,
                                              machine_type_file="")))
-    d = Daemon(config, Options(), reader=lambda c: Snapshot(system=SystemInfo("1.2", 0)),
+    d = Daemon(config, Options(), reader=lambda c: builders.snapshot(driver="1.2", cuda=0),
                stdout=stream)
     assert d.run() == 0
     assert stream.getvalue() == ""  # no GPUs: no labels at all
@@ -653,7 +654,7 @@ def test_oneshot_patch_failure_leaves_no_health_file(tmp_path: Path,
     health = tmp_path / "health"
     health.write_text(STALE)
     api = KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kc")))
-    d = daemon(tmp_path, lambda c: Snapshot(system=SystemInfo("535.129.03", 12020)),
+    d = daemon(tmp_path, lambda c: builders.snapshot(),
                mode="node-api", node_api=api, backoff=Backoff(initial=0.001, cap=0.002),
                health=health)
     assert d.run() == 1
@@ -701,7 +702,9 @@ def test_hung_api_server_cannot_block_the_loop(
     assert int(health.read_text()) > 1
 
 
-def test_fake_backend_labels_come_from_the_profile_not_the_host_sysfs(capsys) -> None:
+def test_fake_backend_labels_come_from_the_profile_not_the_host_sysfs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # gpu.mode comes from the PCI class in sysfs: a simulated DGX A100 must say "compute"
     # whatever this host's /sys holds at the profile's bus ids.
     from gfd.main import main

@@ -435,7 +435,7 @@ TS = "nvidia.com/gfd.timestamp"
 
 
 def test_plan_a_new_timestamp_alone_is_no_change() -> None:
-    node = {"metadata": {"labels": {"nvidia.com/gpu.count": "8", TS: "1000"},
+    node: dict[str, Any] = {"metadata": {"labels": {"nvidia.com/gpu.count": "8", TS: "1000"},
                          "annotations": {OWNERSHIP_ANNOTATION: "gfd.timestamp,gpu.count"},
                          "resourceVersion": "7"}}
     desired = {"nvidia.com/gpu.count": "8", TS: "1060"}

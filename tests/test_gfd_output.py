@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from gfd import output
 from gfd.output import FeaturesFile, HealthFile, format_features, parse_features, render_table
 
 
@@ -58,7 +57,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(output.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
         features.write({"a": "2"})
     assert path.read_text() == "a=1\n"

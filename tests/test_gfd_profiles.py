@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from gfd.labels import is_valid_label_value, label_problems, node_labels
-from gpus.config import Config, Flags, ReplicatedResource, Sharing, TimeSlicing
+from gpus.config import Config, Flags, MigStrategy, ReplicatedResource, Sharing, TimeSlicing
 from gpus.model import Snapshot
 
 N = "nvidia.com/"
@@ -17,7 +17,7 @@ _KEY_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 
 
 def cfg(strategy: str = "none", *shared: ReplicatedResource) -> Config:
-    return Config(flags=Flags(mig_strategy=strategy),
+    return Config(flags=Flags(mig_strategy=MigStrategy(strategy)),
                   sharing=Sharing(time_slicing=TimeSlicing(resources=shared)))
 
 

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import builders
 import pytest
 from health_support import WAIT_S, Changes, Clock
 
@@ -17,29 +18,20 @@ from deviceplugin.health import (
     HealthPolicy,
     parse_health_env,
 )
-from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
+from gpus.model import GPU, Snapshot
 
 # --- fixtures ------------------------------------------------------------------------------------
 
 
 def make_gpu(index: int, migs: tuple[tuple[int, int], ...] = ()) -> GPU:
-    uuid = f"GPU-{index}"
-    mig_devices = tuple(
-        MigDevice(uuid=f"MIG-{index}-{gi}-{ci}", index=i, parent_index=index, parent_uuid=uuid,
-                  gpu_instance_id=gi, compute_instance_id=ci, profile="1g.5gb",
-                  memory_bytes=5 << 30, gpu_instance_slices=1, compute_instance_slices=1)
-        for i, (gi, ci) in enumerate(migs)
-    )
-    return GPU(index=index, uuid=uuid, name="NVIDIA A100-SXM4-40GB", memory_bytes=40 << 30,
-               compute_capability=(8, 0), architecture="ampere", brand="Nvidia", minor=index,
-               pci_bus_id=f"00000000:{index:02X}:00.0", mig_enabled=bool(migs),
-               mig_devices=mig_devices)
+    """A100 ``index`` with a 1g.5gb MIG device per (GPU instance, compute instance) pair."""
+    return builders.gpu(index, migs=(
+        builders.mig_device(index, i, uuid=f"MIG-{index}-{gi}-{ci}", gpu_instance_id=gi,
+                            compute_instance_id=ci)
+        for i, (gi, ci) in enumerate(migs)))
 
 
-SNAPSHOT = Snapshot(
-    system=SystemInfo(driver_version="535.129.03", cuda_driver_version=12020),
-    gpus=(make_gpu(0), make_gpu(1), make_gpu(2, migs=((1, 0), (1, 1), (2, 0)))),
-)
+SNAPSHOT = builders.snapshot(make_gpu(0), make_gpu(1), make_gpu(2, migs=((1, 0), (1, 1), (2, 0))))
 ALL_GPUS = frozenset({"GPU-0", "GPU-1", "GPU-2"})
 
 

@@ -50,7 +50,9 @@ def env() -> Iterator[tuple[MockKubelet, DevicePlugin]]:
             kubelet.stop()
 
 
-def test_visible_devices_carry_the_index_and_device_nodes_the_minor(env) -> None:
+def test_visible_devices_carry_the_index_and_device_nodes_the_minor(
+    env: tuple[MockKubelet, DevicePlugin],
+) -> None:
     kubelet, plugin = env
     assert plugin.snapshot is not None
     for gpu in plugin.snapshot.gpus:
@@ -61,7 +63,7 @@ def test_visible_devices_carry_the_index_and_device_nodes_the_minor(env) -> None
         assert f"/dev/nvidia{gpu.index}" not in nodes, gpu
 
 
-def test_several_devices_list_every_index(env) -> None:
+def test_several_devices_list_every_index(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, plugin = env
     assert plugin.snapshot is not None
     gpus = plugin.snapshot.gpus

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+from plugin_support import server_of
 from test_server_support import (
     default_config,
     fake_context,
@@ -19,6 +20,7 @@ from test_server_support import (
 
 from deviceplugin.manager import PluginManager
 from deviceplugin.mockkubelet import DeviceInfo, MockKubelet
+from deviceplugin.rm import NodeManagers
 from gpus.model import Snapshot
 from gpus.resources import Resource
 
@@ -52,7 +54,10 @@ def healthy_ids(devices: list[DeviceInfo]) -> set[str]:
     return {d.id for d in devices if d.health == "Healthy"}
 
 
-def test_apply_starts_and_registers(env, snapshot) -> None:
+def test_apply_starts_and_registers(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+) -> None:
     kubelet, manager = env
     result = manager.apply(make_map(make_resource(snapshot)))
     assert result.started == (GPU,)
@@ -64,7 +69,10 @@ def test_apply_starts_and_registers(env, snapshot) -> None:
     assert devices[0].numa_nodes == (0,)
 
 
-def test_empty_resources_are_not_served(env, snapshot) -> None:
+def test_empty_resources_are_not_served(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+) -> None:
     kubelet, manager = env
     empty = Resource(name=MIG, devices=())
     result = manager.apply(make_map(make_resource(snapshot), empty))
@@ -73,7 +81,10 @@ def test_empty_resources_are_not_served(env, snapshot) -> None:
     assert not os.path.exists(os.path.join(manager.socket_dir, "nvidia-mig-1g.5gb.sock"))
 
 
-def test_changes_are_pushed_and_removals_stop(env, snapshot) -> None:
+def test_changes_are_pushed_and_removals_stop(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+) -> None:
     kubelet, manager = env
     manager.apply(make_map(make_resource(snapshot)))
     assert kubelet.wait_for_registration(GPU, TIMEOUT)
@@ -87,7 +98,7 @@ def test_changes_are_pushed_and_removals_stop(env, snapshot) -> None:
     mig = make_resource(snapshot, name=MIG)
     manager.apply(make_map(make_resource(snapshot), mig))
     assert kubelet.wait_for_registration(MIG, TIMEOUT)
-    socket_path = manager.server(GPU).socket_path
+    socket_path = server_of(manager, GPU).socket_path
     result = manager.apply(make_map(mig))
     assert result.stopped == (GPU,)
     assert not os.path.exists(socket_path)
@@ -95,26 +106,35 @@ def test_changes_are_pushed_and_removals_stop(env, snapshot) -> None:
     assert [s.name for s in manager.servers()] == [MIG]
 
 
-def test_kubelet_restart_reregisters(env, snapshot) -> None:
+def test_kubelet_restart_reregisters(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+) -> None:
     kubelet, manager = env
     manager.apply(make_map(make_resource(snapshot)))
     assert kubelet.wait_for_registration(GPU, TIMEOUT)
     kubelet.restart()
     assert kubelet.wait_for_registration(GPU, TIMEOUT, count=2)
     assert len(kubelet.devices(GPU)) == 4
-    assert manager.server(GPU).intact()
+    assert server_of(manager, GPU).intact()
 
 
-def test_our_socket_removed_rebinds_and_reregisters(env, snapshot) -> None:
+def test_our_socket_removed_rebinds_and_reregisters(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+) -> None:
     kubelet, manager = env
     manager.apply(make_map(make_resource(snapshot)))
     assert kubelet.wait_for_registration(GPU, TIMEOUT)
-    os.unlink(manager.server(GPU).socket_path)
+    os.unlink(server_of(manager, GPU).socket_path)
     assert kubelet.wait_for_registration(GPU, TIMEOUT, count=2)
-    assert manager.server(GPU).intact()
+    assert server_of(manager, GPU).intact()
 
 
-def test_one_bad_resource_does_not_stop_the_others(env, snapshot) -> None:
+def test_one_bad_resource_does_not_stop_the_others(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+) -> None:
     kubelet, manager = env
     long_name = "nvidia.com/" + "x" * 120
     result = manager.apply(make_map(make_resource(snapshot), make_resource(snapshot, long_name)))
@@ -123,7 +143,7 @@ def test_one_bad_resource_does_not_stop_the_others(env, snapshot) -> None:
     assert kubelet.wait_for_registration(GPU, TIMEOUT)
 
 
-def test_kubelet_socket_not_a_socket_keeps_serving(snapshot) -> None:
+def test_kubelet_socket_not_a_socket_keeps_serving(snapshot: Snapshot) -> None:
     with short_tmpdir() as directory:
         bogus = os.path.join(directory, "kubelet.sock")
         open(bogus, "w").close()
@@ -147,7 +167,7 @@ def test_kubelet_socket_not_a_socket_keeps_serving(snapshot) -> None:
             manager.stop()
 
 
-def test_no_kubelet_socket_serves_without_registering(snapshot) -> None:
+def test_no_kubelet_socket_serves_without_registering(snapshot: Snapshot) -> None:
     with short_tmpdir() as directory:
         manager = PluginManager(directory, "", fake_context(snapshot))
         manager.start()
@@ -161,7 +181,8 @@ def test_no_kubelet_socket_serves_without_registering(snapshot) -> None:
 
 
 def readiness_env(
-    snapshot: Snapshot, directory: str, kubelet: MockKubelet, context=None
+    snapshot: Snapshot, directory: str, kubelet: MockKubelet,
+    context: NodeManagers | None = None,
 ) -> tuple[PluginManager, list[bool], threading.Condition]:
     """A manager reporting readiness changes into a list (with a condition to wait on)."""
     reports: list[bool] = []
@@ -184,7 +205,7 @@ def wait_report(reports: list[bool], cond: threading.Condition, ready: bool) -> 
         return cond.wait_for(lambda: bool(reports) and reports[-1] is ready, timeout=TIMEOUT)
 
 
-def test_ready_once_registered_lost_with_the_kubelet_and_back(snapshot) -> None:
+def test_ready_once_registered_lost_with_the_kubelet_and_back(snapshot: Snapshot) -> None:
     with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
         manager, reports, cond = readiness_env(snapshot, directory, kubelet)
         try:
@@ -203,7 +224,7 @@ def test_ready_once_registered_lost_with_the_kubelet_and_back(snapshot) -> None:
             manager.stop()
 
 
-def test_ready_with_nothing_to_serve(snapshot) -> None:
+def test_ready_with_nothing_to_serve(snapshot: Snapshot) -> None:
     with short_tmpdir() as directory, MockKubelet(directory) as kubelet:
         manager, reports, cond = readiness_env(snapshot, directory, kubelet)
         try:
@@ -215,7 +236,7 @@ def test_ready_with_nothing_to_serve(snapshot) -> None:
             manager.stop()
 
 
-def test_not_ready_before_the_kubelet_is_up(snapshot) -> None:
+def test_not_ready_before_the_kubelet_is_up(snapshot: Snapshot) -> None:
     with short_tmpdir() as directory:
         kubelet = MockKubelet(directory)  # not started: no kubelet.sock yet
         manager, reports, cond = readiness_env(snapshot, directory, kubelet)
@@ -230,7 +251,7 @@ def test_not_ready_before_the_kubelet_is_up(snapshot) -> None:
             kubelet.stop()
 
 
-def test_warm_runs_once_per_context_after_registration(snapshot) -> None:
+def test_warm_runs_once_per_context_after_registration(snapshot: Snapshot) -> None:
     warmed: list[str] = []
     done = threading.Event()
 
@@ -260,7 +281,7 @@ def test_warm_runs_once_per_context_after_registration(snapshot) -> None:
             manager.stop()
 
 
-def test_production_context_warms_only_big_nodes(fake_snapshot) -> None:
+def test_production_context_warms_only_big_nodes(fake_snapshot: Callable[..., Snapshot]) -> None:
     from deviceplugin.rm import NodeManagers
 
     assert NodeManagers.create(default_config(), fake_snapshot("dgx-a100")).warm is None
@@ -268,7 +289,11 @@ def test_production_context_warms_only_big_nodes(fake_snapshot) -> None:
     assert big.warm is not None
 
 
-def test_a_problem_is_logged_when_it_appears_not_on_every_rebuild(env, snapshot, caplog) -> None:
+def test_a_problem_is_logged_when_it_appears_not_on_every_rebuild(
+    env: tuple[MockKubelet, PluginManager],
+    snapshot: Snapshot,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Health changes rebuild the map many times a minute; the same layout problem must not
     # flood the log each time.
     _, manager = env
@@ -284,7 +309,7 @@ def test_a_problem_is_logged_when_it_appears_not_on_every_rebuild(env, snapshot,
     assert logged == [("ERROR", f"resource map: {problem}")] * 2
 
 
-def test_gate_holds_a_resource_until_it_opens_then_registers(snapshot) -> None:
+def test_gate_holds_a_resource_until_it_opens_then_registers(snapshot: Snapshot) -> None:
     """A held resource is neither served nor registered, the node is not ready and ``unserved``
     says why; the watch thread retries and serves it once the gate opens (MPS readiness)."""
     from gpus.backoff import Backoff

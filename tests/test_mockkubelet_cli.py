@@ -33,7 +33,10 @@ def only_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-def test_unwritable_directory_is_one_line_and_exit_2(capsys, monkeypatch) -> None:
+def test_unwritable_directory_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The suite runs as root, for whom chmod changes nothing: make os.access say "read-only"
     # for that one directory, as it does on a read-only mount.
     with short_tmpdir() as directory:
@@ -52,7 +55,9 @@ def test_unwritable_directory_is_one_line_and_exit_2(capsys, monkeypatch) -> Non
     )
 
 
-def test_kubelet_socket_path_held_by_a_directory_is_one_line_and_exit_2(capsys) -> None:
+def test_kubelet_socket_path_held_by_a_directory_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # A real failure, no mocks: the socket path cannot be replaced.
     with short_tmpdir() as directory:
         blocker = Path(directory, KUBELET_SOCKET)
@@ -63,7 +68,9 @@ def test_kubelet_socket_path_held_by_a_directory_is_one_line_and_exit_2(capsys) 
     assert line == f"{PROG} cannot replace {blocker}: Is a directory"
 
 
-def test_socket_path_too_long_to_bind_is_one_line_and_exit_2(capsys) -> None:
+def test_socket_path_too_long_to_bind_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with short_tmpdir() as directory:
         deep = os.path.join(directory, "d" * 100)
         os.mkdir(deep)

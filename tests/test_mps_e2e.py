@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pynvml
 import pytest
+from plugin_support import snapshot_of
 from test_plugin_mig_e2e import TIMEOUT, mig_config
 from test_server_support import short_tmpdir
 
@@ -33,7 +34,8 @@ from gpus.backoff import Backoff
 from gpus.config import Config, Mps, ReplicatedResource, Sharing
 from gpus.fake import FakeNvml
 from gpus.fake.mpscontrol import FAIL_ENV, install_as, read_state
-from gpus.mps import MIB, MpsRoot
+from gpus.model import MIB
+from gpus.mps import MpsRoot
 from gpus.nvml import Nvml
 from gpus.runtime import EXIT_OK, Signals
 from mpsdaemon.main import serve
@@ -131,7 +133,7 @@ def test_mps_end_to_end() -> None:
             assert all(fake.compute_mode(i) == EXCLUSIVE for i in range(8))
 
             # Replicas, and Allocate's additions exactly as NVIDIA's.
-            uuids = [g.uuid for g in plugin.snapshot.gpus]
+            uuids = [g.uuid for g in snapshot_of(plugin).gpus]
             ids = [d.id for d in kubelet.devices(GPU)]
             assert ids == [f"{u}::{n}" for u in uuids for n in range(REPLICAS)]
             response = kubelet.allocate(GPU, 1).response
@@ -154,10 +156,10 @@ def test_mps_end_to_end() -> None:
             state = read_state(root.pipe_dir(GPU))
             assert state["pinned_mem_limits"] == {
                 str(g.index): f"{g.memory_bytes // REPLICAS // MIB}M"
-                for g in plugin.snapshot.gpus}
+                for g in snapshot_of(plugin).gpus}
             assert state["active_thread_percentage"] == 100 // REPLICAS
 
-            labels = node_labels(plugin.snapshot, plugin.config, timestamp=1)
+            labels = node_labels(snapshot_of(plugin), plugin.config, timestamp=1)
             assert labels["nvidia.com/mps.capable"] == "true"
             assert labels["nvidia.com/gpu.sharing-strategy"] == "mps"
             assert labels["nvidia.com/gpu.replicas"] == str(REPLICAS)

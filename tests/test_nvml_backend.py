@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import tempfile
+from pathlib import Path
 
 import pynvml
 import pytest
@@ -96,7 +97,7 @@ def test_real_backend_without_driver_says_so_in_one_line(monkeypatch: pytest.Mon
     assert pynvml.nvmlLib is None
 
 
-def _pci_device(root, address: str, vendor: str, pci_class: str) -> None:
+def _pci_device(root: Path, address: str, vendor: str, pci_class: str) -> None:
     device = root / "sys" / "bus" / "pci" / "devices" / address
     device.mkdir(parents=True)
     (device / "vendor").write_text(vendor + "\n")
@@ -104,13 +105,13 @@ def _pci_device(root, address: str, vendor: str, pci_class: str) -> None:
 
 
 @pytest.fixture
-def gpu_node_sysfs(tmp_path):
+def gpu_node_sysfs(tmp_path: Path) -> Path:
     _pci_device(tmp_path, "0000:00:1f.0", "0x8086", "0x060100")  # an Intel bridge
     _pci_device(tmp_path, "0000:07:00.0", "0x10de", "0x030200")  # an NVIDIA 3D controller
     return tmp_path
 
 
-def test_fake_refused_in_a_pod_on_a_real_gpu_node(gpu_node_sysfs) -> None:
+def test_fake_refused_in_a_pod_on_a_real_gpu_node(gpu_node_sysfs: Path) -> None:
     env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
     before = pynvml.nvmlLib
     with pytest.raises(ValueError) as err:
@@ -122,7 +123,8 @@ def test_fake_refused_in_a_pod_on_a_real_gpu_node(gpu_node_sysfs) -> None:
     assert pynvml.nvmlLib is before  # nothing installed
 
 
-def test_fake_allowed_off_cluster_without_gpus_or_when_overridden(gpu_node_sysfs, tmp_path) -> None:
+def test_fake_allowed_off_cluster_without_gpus_or_when_overridden(
+        gpu_node_sysfs: Path, tmp_path: Path) -> None:
     cases = [
         ({}, str(gpu_node_sysfs)),  # a developer's laptop with an NVIDIA GPU
         ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, str(tmp_path / "empty")),  # CPU-only node
@@ -135,7 +137,7 @@ def test_fake_allowed_off_cluster_without_gpus_or_when_overridden(gpu_node_sysfs
         fake.uninstall()
 
 
-def test_nvidia_bridges_and_audio_are_not_gpus(tmp_path) -> None:
+def test_nvidia_bridges_and_audio_are_not_gpus(tmp_path: Path) -> None:
     from gpus.backend import nvidia_gpus_in_sysfs
 
     _pci_device(tmp_path, "0000:07:00.1", "0x10de", "0x040300")  # HDMI audio function
@@ -144,7 +146,7 @@ def test_nvidia_bridges_and_audio_are_not_gpus(tmp_path) -> None:
     assert nvidia_gpus_in_sysfs(str(tmp_path)) == ["0000:09:00.0"]
 
 
-def test_fake_writes_the_profiles_sysfs_under_a_scratch_root(tmp_path) -> None:
+def test_fake_writes_the_profiles_sysfs_under_a_scratch_root(tmp_path: Path) -> None:
     root = tmp_path / "sysfs"
     fake = select_backend("fake:dgx-a100", sysfs_root=str(root))
     assert fake is not None
@@ -178,7 +180,7 @@ def test_fake_with_the_default_root_uses_a_private_scratch_tree() -> None:
     assert not os.path.exists(root)  # the scratch tree goes with the fake
 
 
-def test_unwritable_sysfs_root_is_a_clear_error_and_installs_nothing(tmp_path) -> None:
+def test_unwritable_sysfs_root_is_a_clear_error_and_installs_nothing(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     before = pynvml.nvmlLib

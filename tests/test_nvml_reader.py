@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pynvml
 import pytest
 
-from gpus.config import Config, Flags
+from gpus.config import Config, Flags, MigStrategy
 from gpus.fake import list_profiles, load_profile
 from gpus.fake.profile import Profile
 from gpus.model import Snapshot, TopologyLevel
@@ -232,7 +232,7 @@ def test_h100_mig_profiles_resource_map(
     snap = fake_snapshot(name)
 
     def counts(strategy: str) -> dict[str, int]:
-        result = build_resource_map(snap, Config(flags=Flags(mig_strategy=strategy)))
+        result = build_resource_map(snap, Config(flags=Flags(mig_strategy=MigStrategy(strategy))))
         return {resource: len(r.devices) for resource, r in result.resources.items()}
 
     assert counts("mixed") == mixed

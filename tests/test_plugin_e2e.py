@@ -14,6 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from plugin_support import (
+    controller_of,
+    installed_fake,
+    manager_of,
+    monitor_of,
+    server_of,
+    snapshot_of,
+)
 from test_server_support import short_tmpdir
 
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags
@@ -40,7 +48,7 @@ def e2e_config(directory: str, profile: str = "dgx-a100") -> Config:
 
 def start_plugin(config: Config) -> DevicePlugin:
     plugin = DevicePlugin(config, {}, poll_interval=0.02)
-    controller = plugin.select_backend()
+    controller = installed_fake(plugin.select_backend())
     controller.write_sysfs(Path(config.flags.sysfs_root))
     plugin.start()
     return plugin
@@ -64,23 +72,25 @@ def health_of(devices: list[DeviceInfo]) -> dict[str, str]:
     return {d.id: d.health for d in devices}
 
 
-def test_eight_healthy_gpus_registered(env) -> None:
+def test_eight_healthy_gpus_registered(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, plugin = env
     (request,) = kubelet.registrations(GPU)
     assert request.endpoint == "nvidia-gpu.sock"
     devices = kubelet.devices(GPU)
     assert len(devices) == 8
     assert {d.health for d in devices} == {"Healthy"}
-    assert [d.id for d in devices] == [g.uuid for g in plugin.snapshot.gpus]
+    assert [d.id for d in devices] == [g.uuid for g in snapshot_of(plugin).gpus]
     # NUMA nodes come from the sysfs tree the fake wrote.
-    expected = [(g.numa_node,) if g.numa_node is not None else () for g in plugin.snapshot.gpus]
+    expected = [(g.numa_node,) if g.numa_node is not None else () for g in snapshot_of(plugin).gpus]
     assert [d.numa_nodes for d in devices] == expected
 
 
-def test_allocate_two_gets_the_preferred_nvlinked_pair(env) -> None:
+def test_allocate_two_gets_the_preferred_nvlinked_pair(
+    env: tuple[MockKubelet, DevicePlugin],
+) -> None:
     kubelet, plugin = env
     outcome = kubelet.allocate(GPU, 2)
-    snapshot = plugin.snapshot
+    snapshot = snapshot_of(plugin)
     # The fake DGX A100: every pair has 12 NVLinks (NVSwitch), so PCIe decides. GPUs 0-1,
     # 2-3, 4-5 and 6-7 share a PCIe switch tree (score 40 + 1200), every other pair crosses
     # NUMA nodes (10 + 1200). Taking one of those four pairs leaves the other three for the
@@ -91,12 +101,12 @@ def test_allocate_two_gets_the_preferred_nvlinked_pair(env) -> None:
     assert outcome.response.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(outcome.preferred)
 
 
-def test_xid_marks_unhealthy_then_recovers(env) -> None:
+def test_xid_marks_unhealthy_then_recovers(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, plugin = env
-    uuid = plugin.snapshot.gpus[3].uuid
+    uuid = snapshot_of(plugin).gpus[3].uuid
     # NVML only queues events for a registered event set: inject once the monitor watches.
-    assert plugin.health.wait_watching(TIMEOUT)
-    plugin.controller.inject_xid(3, 79)
+    assert monitor_of(plugin).wait_watching(TIMEOUT)
+    controller_of(plugin).inject_xid(3, 79)
     devices = kubelet.wait_for_devices(GPU, lambda ds: health_of(ds)[uuid] == "Unhealthy", TIMEOUT)
     assert devices is not None
     assert sum(h == "Healthy" for h in health_of(devices).values()) == 7
@@ -105,7 +115,7 @@ def test_xid_marks_unhealthy_then_recovers(env) -> None:
     assert devices is not None
 
 
-def test_kubelet_restart_reregisters(env) -> None:
+def test_kubelet_restart_reregisters(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, _ = env
     kubelet.restart()
     assert kubelet.wait_for_registration(GPU, TIMEOUT, count=2)
@@ -117,11 +127,13 @@ def allocate_ids(kubelet: MockKubelet, ids: list[str]) -> api_pb2.AllocateRespon
     request = api_pb2.AllocateRequest(
         container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids)]
     )
-    return kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
+    response: api_pb2.AllocateResponse = kubelet.stub(GPU).Allocate(request, timeout=TIMEOUT)
+    return response
 
 
 @pytest.mark.parametrize("ids", [["GPU-unknown"], [], [""]])
-def test_bad_allocate_is_refused_and_nothing_changes(env, ids) -> None:
+def test_bad_allocate_is_refused_and_nothing_changes(env: tuple[MockKubelet, DevicePlugin],
+                                                     ids: list[str]) -> None:
     kubelet, plugin = env
     before = kubelet.devices(GPU)
     with pytest.raises(grpc.RpcError) as info:
@@ -134,14 +146,14 @@ def test_bad_allocate_is_refused_and_nothing_changes(env, ids) -> None:
     assert kubelet.allocate(GPU, 2).response.envs["NVIDIA_VISIBLE_DEVICES"]
 
 
-def test_duplicate_ids_are_collapsed(env) -> None:
+def test_duplicate_ids_are_collapsed(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, plugin = env
-    uuid = plugin.snapshot.gpus[0].uuid
+    uuid = snapshot_of(plugin).gpus[0].uuid
     response = allocate_ids(kubelet, [uuid, uuid])
     assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == uuid
 
 
-def test_too_large_preferred_is_empty(env) -> None:
+def test_too_large_preferred_is_empty(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, _ = env
     ids = [d.id for d in kubelet.devices(GPU)]
     request = api_pb2.PreferredAllocationRequest(
@@ -155,9 +167,9 @@ def test_too_large_preferred_is_empty(env) -> None:
     assert list(response.container_responses[0].deviceIDs) == []
 
 
-def test_client_disconnect_mid_stream_keeps_serving(env) -> None:
+def test_client_disconnect_mid_stream_keeps_serving(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, plugin = env
-    server = plugin.manager.server(GPU)
+    server = server_of(manager_of(plugin), GPU)
     stream = kubelet.stub(GPU).ListAndWatch(api_pb2.Empty())
     next(stream)
     assert server.wait_streams(2, TIMEOUT)  # the kubelet's own stream plus ours
@@ -166,10 +178,10 @@ def test_client_disconnect_mid_stream_keeps_serving(env) -> None:
     assert kubelet.allocate(GPU, 1).preferred
 
 
-def test_reload_recomputes_the_map(env) -> None:
+def test_reload_recomputes_the_map(env: tuple[MockKubelet, DevicePlugin]) -> None:
     kubelet, plugin = env
     assert plugin.reload() is None
-    assert [s.name for s in plugin.manager.servers()] == [GPU]
+    assert [s.name for s in manager_of(plugin).servers()] == [GPU]
     assert len(kubelet.devices(GPU)) == 8
 
 
@@ -198,7 +210,7 @@ def slow_recovery_env(ready_file: str = "") -> Iterator[tuple[MockKubelet, Devic
         path = ready_file or os.path.join(directory, "ready")
         plugin = DevicePlugin(config, {}, poll_interval=0.02, ready_file=path)
         try:
-            plugin.select_backend().write_sysfs(Path(config.flags.sysfs_root))
+            installed_fake(plugin.select_backend()).write_sysfs(Path(config.flags.sysfs_root))
             plugin.start()
             assert kubelet.wait_for_registration(GPU, TIMEOUT)
             yield kubelet, plugin, path
@@ -237,20 +249,20 @@ def wait_unhealthy(kubelet: MockKubelet, uuid: str) -> list[DeviceInfo] | None:
 
 def test_reload_keeps_unhealthy_devices() -> None:
     with slow_recovery_env() as (kubelet, plugin, _):
-        assert plugin.health.wait_watching(TIMEOUT)
-        uuid = plugin.snapshot.gpus[3].uuid
-        plugin.controller.inject_xid(3, 79)
+        assert monitor_of(plugin).wait_watching(TIMEOUT)
+        uuid = snapshot_of(plugin).gpus[3].uuid
+        controller_of(plugin).inject_xid(3, 79)
         assert wait_unhealthy(kubelet, uuid) is not None
         old_monitor = plugin.health
         assert plugin.reload() is None
         assert plugin.health is not old_monitor
-        assert plugin.health.unhealthy == {uuid}
+        assert monitor_of(plugin).unhealthy == {uuid}
         assert plugin.resource_map.resources[GPU].devices[3].healthy is False
         # The kubelet never saw it Healthy again, and the new monitor still watches.
         assert health_of(kubelet.devices(GPU))[uuid] == "Unhealthy"
-        assert plugin.health.wait_watching(TIMEOUT)
-        other = plugin.snapshot.gpus[5].uuid
-        plugin.controller.inject_xid(5, 79)
+        assert monitor_of(plugin).wait_watching(TIMEOUT)
+        other = snapshot_of(plugin).gpus[5].uuid
+        controller_of(plugin).inject_xid(5, 79)
         devices = wait_unhealthy(kubelet, other)
         assert devices is not None and health_of(devices)[uuid] == "Unhealthy"
 
@@ -259,7 +271,7 @@ def test_reload_stops_the_old_monitor_without_holding_the_state_lock() -> None:
     # A health callback takes the plugin's state lock; a reload that joined the old monitor
     # while holding it would wait on a thread that waits on the reload (the reported deadlock).
     with slow_recovery_env() as (_, plugin, _path):
-        old = plugin.health
+        old = monitor_of(plugin)
         original_stop = old.stop
         lock_free: list[bool] = []
 
@@ -286,6 +298,6 @@ def test_late_callback_of_a_replaced_monitor_is_ignored() -> None:
     with slow_recovery_env() as (kubelet, plugin, _):
         old_generation = plugin._health_generation
         assert plugin.reload() is None
-        sick = frozenset({plugin.snapshot.gpus[0].uuid})
+        sick = frozenset({snapshot_of(plugin).gpus[0].uuid})
         plugin._on_health_change(old_generation, sick)  # what a blocked old callback would do
         assert all(d.healthy for d in plugin.resource_map.resources[GPU].devices)

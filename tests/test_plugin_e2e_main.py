@@ -25,27 +25,27 @@ def stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
-def test_invalid_flag_value_is_one_line_and_exit_2(capsys) -> None:
+def test_invalid_flag_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--mig-strategy", "bogus", "--kubelet-socket", ""]) == 2
     (line,) = stderr_lines(capsys)
     assert "--mig-strategy" in line
     assert "none" in line and "single" in line and "mixed" in line
 
 
-def test_unknown_backend_is_a_usage_error(capsys) -> None:
+def test_unknown_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--nvml", "bogus", "--kubelet-socket", ""]) == 2
     (line,) = stderr_lines(capsys)
     assert "--nvml 'bogus'" in line and "real" in line and "fake:" in line
 
 
-def test_unknown_fake_profile_fails_init_with_one_line(capsys) -> None:
+def test_unknown_fake_profile_fails_init_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     # A usage error (exit 2) as in GFD, not an init failure: a restart would not fix it.
     assert main(["--nvml", "fake:no-such-machine", "--kubelet-socket", ""]) == 2
     lines = [line for line in stderr_lines(capsys) if line.startswith("nvidia-device-plugin:")]
     assert len(lines) == 1 and "no-such-machine" in lines[0]
 
 
-def test_plugin_dir_missing_fails_init(capsys) -> None:
+def test_plugin_dir_missing_fails_init(capsys: pytest.CaptureFixture[str]) -> None:
     with short_tmpdir() as directory:
         missing = os.path.join(directory, "nope", "kubelet.sock")
         assert main(["--nvml", "fake:dgx-a100", "--kubelet-socket", missing]) == 1
@@ -53,7 +53,7 @@ def test_plugin_dir_missing_fails_init(capsys) -> None:
     assert len(lines) == 1 and "does not exist" in lines[0]
 
 
-def test_socket_path_too_long_fails_init(capsys) -> None:
+def test_socket_path_too_long_fails_init(capsys: pytest.CaptureFixture[str]) -> None:
     with short_tmpdir() as directory:
         deep = os.path.join(directory, "d" * 100)
         os.mkdir(deep)
@@ -107,7 +107,7 @@ def test_sigterm_exits_zero_and_removes_sockets() -> None:
         assert sorted(os.listdir(directory)) == ["kubelet.sock"]
 
 
-def test_idles_after_init_error_when_told_to(tmp_path) -> None:
+def test_idles_after_init_error_when_told_to(tmp_path: Path) -> None:
     with short_tmpdir() as directory:
         missing = os.path.join(directory, "nope", "kubelet.sock")
         with spawned(["--nvml", "fake:dgx-a100", "--kubelet-socket", missing,
@@ -133,7 +133,7 @@ def test_idle_after_init_error_is_ready() -> None:
         assert proc.returncode == 0
 
 
-def test_stale_ready_file_is_deleted_at_start(capsys) -> None:
+def test_stale_ready_file_is_deleted_at_start(capsys: pytest.CaptureFixture[str]) -> None:
     with short_tmpdir() as directory:
         ready = os.path.join(directory, "ready")
         Path(ready).write_text("left by a previous container\n")

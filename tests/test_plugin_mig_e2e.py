@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from plugin_support import controller_of, installed_fake, monitor_of, snapshot_of
 from test_server_support import short_tmpdir
 
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags
@@ -70,7 +71,7 @@ def running(config: Config, directory: str) -> Iterator[Env]:
     kubelet.start()
     plugin = DevicePlugin(config, {}, poll_interval=0.02)
     try:
-        controller = plugin.select_backend()
+        controller = installed_fake(plugin.select_backend())
         controller.write_sysfs(Path(config.flags.sysfs_root))
         controller.write_driver_root(config.flags.nvidia_driver_root, config.flags.dev_root)
         plugin.start()
@@ -162,7 +163,8 @@ PROBLEMS = {("a100-mig-mixed", "single"): 1, ("h100-mig-mixed", "single"): 1,
 
 
 @pytest.mark.parametrize(("profile", "strategy"), sorted(EXPECTED))
-def test_mig_strategies_register_and_allocate_with_device_specs(profile, strategy) -> None:
+def test_mig_strategies_register_and_allocate_with_device_specs(profile: str,
+                                                               strategy: str) -> None:
     with mig_env(profile, strategy) as env:
         kubelet, plugin = env.kubelet, env.plugin
         expected = EXPECTED[(profile, strategy)]
@@ -174,7 +176,7 @@ def test_mig_strategies_register_and_allocate_with_device_specs(profile, strateg
             name: "nvidia-" + name.removeprefix("nvidia.com/") + ".sock" for name in expected
         }
         assert kubelet.resources() == sorted(expected)
-        mig_uuids = [m.uuid for g in plugin.snapshot.gpus for m in g.mig_devices]
+        mig_uuids = [m.uuid for g in snapshot_of(plugin).gpus for m in g.mig_devices]
         for name, devices in served(env).items():
             seen = kubelet.devices(name)
             # IDs: MIG UUIDs (unless MIG-disabled GPUs are served whole), all Healthy.
@@ -194,7 +196,7 @@ def test_mig_strategies_register_and_allocate_with_device_specs(profile, strateg
 def test_single_strategy_serves_mig_devices_as_gpu() -> None:
     with mig_env("a100-mig-1g", "single") as env:
         ids = [d.id for d in env.kubelet.devices(GPU)]
-        snapshot = env.plugin.snapshot
+        snapshot = snapshot_of(env.plugin)
         assert ids == [m.uuid for g in snapshot.gpus for m in g.mig_devices]
         # Two MIG devices of one GPU in one container: one parent node, four capabilities.
         gpu0 = [m for m in snapshot.gpus[0].mig_devices][:2]
@@ -205,7 +207,7 @@ def test_single_strategy_serves_mig_devices_as_gpu() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["single", "mixed"])
-def test_empty_mig_layout_reports_and_serves_nothing(strategy) -> None:
+def test_empty_mig_layout_reports_and_serves_nothing(strategy: str) -> None:
     with mig_env("a100-mig-empty", strategy) as env:
         assert env.kubelet.registrations() == []
         problems = env.plugin.resource_map.problems
@@ -241,9 +243,9 @@ def test_missing_mig_minors_fails_only_mig_allocations() -> None:
 def test_xid_on_a_mig_device_marks_only_that_device() -> None:
     with mig_env("a100-mig-1g", "mixed") as env:
         resource = "nvidia.com/mig-1g.5gb"
-        assert env.plugin.health.wait_watching(TIMEOUT)
-        target = env.plugin.snapshot.gpus[1].mig_devices[3].uuid
-        env.plugin.controller.inject_xid(target, 79)
+        assert monitor_of(env.plugin).wait_watching(TIMEOUT)
+        target = snapshot_of(env.plugin).gpus[1].mig_devices[3].uuid
+        controller_of(env.plugin).inject_xid(target, 79)
         devices = env.kubelet.wait_for_devices(
             resource, lambda ds: health_of(ds)[target] == "Unhealthy", TIMEOUT
         )
@@ -253,10 +255,10 @@ def test_xid_on_a_mig_device_marks_only_that_device() -> None:
 
 def test_xid_on_a_whole_gpu_marks_all_its_mig_devices() -> None:
     with mig_env("a100-mig-1g", "single") as env:
-        assert env.plugin.health.wait_watching(TIMEOUT)
-        gpu = env.plugin.snapshot.gpus[2]
+        assert monitor_of(env.plugin).wait_watching(TIMEOUT)
+        gpu = snapshot_of(env.plugin).gpus[2]
         children = {m.uuid for m in gpu.mig_devices}
-        env.plugin.controller.inject_xid(2, 79)
+        controller_of(env.plugin).inject_xid(2, 79)
         devices = env.kubelet.wait_for_devices(
             GPU, lambda ds: {d.id for d in ds if d.health == "Unhealthy"} == children, TIMEOUT
         )
@@ -285,7 +287,7 @@ def preferred(env: Env, resource: str, available: list[str], size: int) -> list[
 
 def parents(env: Env, ids: list[str]) -> list[int]:
     """The parent GPU index of each MIG device."""
-    by_uuid = {m.uuid: g.index for g in env.plugin.snapshot.gpus for m in g.mig_devices}
+    by_uuid = {m.uuid: g.index for g in snapshot_of(env.plugin).gpus for m in g.mig_devices}
     return [by_uuid[i] for i in ids]
 
 
@@ -321,9 +323,9 @@ def test_unhealthy_mig_devices_do_not_count_as_in_use() -> None:
     # GPU 0 is as idle as GPUs 1 and 3 and distributed still starts there (index order).
     # Counted as in use, GPU 0 would go last.
     with mig_env("dgx-a100-mig", "mixed") as env:
-        assert env.plugin.health.wait_watching(TIMEOUT)
-        sick = env.plugin.snapshot.gpus[0].mig_devices[2].uuid
-        env.plugin.controller.inject_xid(sick, 79)
+        assert monitor_of(env.plugin).wait_watching(TIMEOUT)
+        sick = snapshot_of(env.plugin).gpus[0].mig_devices[2].uuid
+        controller_of(env.plugin).inject_xid(sick, 79)
         devices = env.kubelet.wait_for_devices(
             MIG_1G, lambda ds: health_of(ds)[sick] == "Unhealthy", TIMEOUT
         )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import grpc
 import pytest
+from plugin_support import controller_of, monitor_of, snapshot_of
 from test_plugin_mig_e2e import TIMEOUT, Env, mig_config, running
 from test_server_support import short_tmpdir
 
@@ -40,7 +41,7 @@ def sharing_env(
 
 def test_replicas_are_registered_as_uuid_and_number() -> None:
     with sharing_env(ReplicatedResource(GPU, 4)) as env:
-        uuids = [g.uuid for g in env.plugin.snapshot.gpus]
+        uuids = [g.uuid for g in snapshot_of(env.plugin).gpus]
         ids = [d.id for d in env.kubelet.devices(GPU)]
         assert ids == [f"{u}::{n}" for u in uuids for n in range(4)]
         # A replica allocates its physical GPU.
@@ -60,7 +61,9 @@ def allocate(env: Env, resource: str, ids: list[str]) -> api_pb2.AllocateRespons
     request = api_pb2.AllocateRequest(
         container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=ids)]
     )
-    return env.kubelet.stub(resource).Allocate(request, timeout=TIMEOUT)
+    stub = env.kubelet.stub(resource)
+    response: api_pb2.AllocateResponse = stub.Allocate(request, timeout=TIMEOUT)
+    return response
 
 
 def test_fail_requests_greater_than_one_reaches_the_kubelet() -> None:
@@ -82,7 +85,7 @@ def test_more_than_one_replica_is_allowed_by_default() -> None:
         ids = [d.id for d in env.kubelet.devices(GPU)]
         response = allocate(env, GPU, [ids[0], ids[1], ids[4]])
         # Replicas of one GPU collapse to that GPU, request order kept.
-        uuids = [g.uuid for g in env.plugin.snapshot.gpus]
+        uuids = [g.uuid for g in snapshot_of(env.plugin).gpus]
         assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == (
             f"{uuids[0]},{uuids[1]}"
         )
@@ -97,9 +100,10 @@ def test_more_than_one_replica_is_allowed_by_default() -> None:
         ("packed", lambda u: [f"{u[0]}::0", f"{u[0]}::1", f"{u[0]}::2"]),
     ],
 )
-def test_preferred_allocation_policies_through_the_kubelet(policy, expected) -> None:
+def test_preferred_allocation_policies_through_the_kubelet(
+        policy: str, expected: Callable[[list[str]], list[str]]) -> None:
     with sharing_env(ReplicatedResource(GPU, 4), policy=policy) as env:
-        uuids = [g.uuid for g in env.plugin.snapshot.gpus]
+        uuids = [g.uuid for g in snapshot_of(env.plugin).gpus]
         outcome = env.kubelet.allocate(GPU, 3)
         assert list(outcome.preferred) == expected(uuids)
         assert list(outcome.allocated) == expected(uuids)
@@ -107,7 +111,7 @@ def test_preferred_allocation_policies_through_the_kubelet(policy, expected) -> 
 
 def test_packed_policy_prefers_the_busiest_gpu() -> None:
     with sharing_env(ReplicatedResource(GPU, 4), policy="packed") as env:
-        uuids = [g.uuid for g in env.plugin.snapshot.gpus]
+        uuids = [g.uuid for g in snapshot_of(env.plugin).gpus]
         # GPU 3 has two replicas in use (not offered), every other GPU is free.
         available = [d.id for d in env.kubelet.devices(GPU)
                      if d.id not in (f"{uuids[3]}::0", f"{uuids[3]}::1")]
@@ -126,7 +130,7 @@ def test_time_sliced_mig_devices_under_mixed() -> None:
     resource = "nvidia.com/mig-1g.5gb"
     with sharing_env(ReplicatedResource(resource, 2), profile="a100-mig-1g",
                      strategy="mixed") as env:
-        migs = [m.uuid for g in env.plugin.snapshot.gpus for m in g.mig_devices]
+        migs = [m.uuid for g in snapshot_of(env.plugin).gpus for m in g.mig_devices]
         assert [d.id for d in env.kubelet.devices(resource)] == [
             f"{m}::{n}" for m in migs for n in range(2)
         ]
@@ -141,9 +145,9 @@ def test_time_sliced_mig_devices_under_mixed() -> None:
 
 def test_xid_marks_every_replica_of_the_gpu() -> None:
     with sharing_env(ReplicatedResource(GPU, 3)) as env:
-        assert env.plugin.health.wait_watching(TIMEOUT)
-        uuid = env.plugin.snapshot.gpus[5].uuid
-        env.plugin.controller.inject_xid(5, 79)
+        assert monitor_of(env.plugin).wait_watching(TIMEOUT)
+        uuid = snapshot_of(env.plugin).gpus[5].uuid
+        controller_of(env.plugin).inject_xid(5, 79)
         devices = env.kubelet.wait_for_devices(
             GPU, lambda ds: any(d.health == "Unhealthy" for d in ds), TIMEOUT
         )

@@ -44,7 +44,10 @@ def error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
 # --- an unusable plugin socket directory --------------------------------------------------------
 
 
-def test_unwritable_socket_dir_is_one_clear_line(capsys, monkeypatch) -> None:
+def test_unwritable_socket_dir_is_one_clear_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The suite runs as root, for whom chmod changes nothing: make os.access say "read-only"
     # for that one directory, as it does on a read-only mount.
     with short_tmpdir() as directory:
@@ -65,7 +68,7 @@ def test_unwritable_socket_dir_is_one_clear_line(capsys, monkeypatch) -> None:
                     f"writable{KUBELET_SOCKET_HINT.format(directory=directory)}")
 
 
-def test_socket_dir_that_is_a_file_is_one_clear_line(capsys) -> None:
+def test_socket_dir_that_is_a_file_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     with short_tmpdir() as directory:
         blocker = os.path.join(directory, "plugins")
         Path(blocker).write_text("not a directory")
@@ -147,7 +150,9 @@ def test_a_blocked_socket_keeps_the_other_resources_served() -> None:
 # --- --socket-dir and the kubelet socket --------------------------------------------------------
 
 
-def test_socket_dir_elsewhere_than_the_kubelet_socket_is_refused(capsys) -> None:
+def test_socket_dir_elsewhere_than_the_kubelet_socket_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with short_tmpdir() as directory:
         kubelet_socket = os.path.join(directory, "kubelet", "kubelet.sock")
         other = os.path.join(directory, "plugins")
@@ -160,7 +165,10 @@ def test_socket_dir_elsewhere_than_the_kubelet_socket_is_refused(capsys) -> None
                            "socket's directory")
 
 
-def test_socket_dir_from_the_environment_is_checked_too(capsys, monkeypatch) -> None:
+def test_socket_dir_from_the_environment_is_checked_too(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("PLUGIN_SOCKET_DIR", "/tmp/elsewhere")
     assert main(["--nvml", "fake:dgx-a100", "--kubelet-socket", "/tmp/k/kubelet.sock"]) == 2
     (line,) = error_lines(capsys)
@@ -209,7 +217,9 @@ def test_empty_kubelet_socket_variable_skips_registration() -> None:
     assert configmod.resolve(args, {"KUBELET_SOCKET": ""}).flags.plugin.kubelet_socket == "/f.sock"
 
 
-def test_empty_kubelet_socket_variable_serves_without_registering(monkeypatch) -> None:
+def test_empty_kubelet_socket_variable_serves_without_registering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with short_tmpdir() as directory:
         monkeypatch.setenv("KUBELET_SOCKET", "")
         config = replace_flags(resolve(dict(os.environ)), nvml="fake:dgx-a100",

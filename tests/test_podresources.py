@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from plugin_support import installed_fake
 from test_plugin_mig_e2e import TIMEOUT, Env, mig_config, served
 from test_plugin_sharing_e2e import shared
 from test_server_support import short_tmpdir
@@ -39,7 +40,7 @@ def pod_resources_env(config: Config, directory: str) -> Iterator[tuple[Env, str
     kubelet.start()
     plugin = DevicePlugin(config, {}, poll_interval=0.02)
     try:
-        controller = plugin.select_backend()
+        controller = installed_fake(plugin.select_backend())
         controller.write_sysfs(Path(config.flags.sysfs_root))
         controller.write_driver_root(config.flags.nvidia_driver_root, config.flags.dev_root)
         plugin.start()
@@ -81,7 +82,7 @@ def flat(response: pr_pb2.ListPodResourcesResponse) -> list[tuple[str, str, str,
     ]
 
 
-def test_list_reports_allocations_made_on_behalf_of_pods(whole_gpus) -> None:
+def test_list_reports_allocations_made_on_behalf_of_pods(whole_gpus: tuple[Env, str]) -> None:
     env, path = whole_gpus
     with lister(path) as stub:
         assert flat(stub.List(pr_pb2.ListPodResourcesRequest(), timeout=TIMEOUT)) == []
@@ -106,7 +107,9 @@ def test_list_reports_allocations_made_on_behalf_of_pods(whole_gpus) -> None:
             assert tuple(n.ID for n in entry.topology.nodes) == numa[device_id]
 
 
-def test_held_devices_are_not_offered_again_until_the_pod_is_freed(whole_gpus) -> None:
+def test_held_devices_are_not_offered_again_until_the_pod_is_freed(
+    whole_gpus: tuple[Env, str],
+) -> None:
     env, path = whole_gpus
     first = env.kubelet.allocate(GPU, 6, pod="big")
     second = env.kubelet.allocate(GPU, 2, pod="small")
@@ -123,7 +126,7 @@ def test_held_devices_are_not_offered_again_until_the_pod_is_freed(whole_gpus) -
     assert sorted(p.name for p in pods) == ["small", "third"]
 
 
-def test_freeing_a_pod_keeps_its_namesakes_in_other_namespaces(whole_gpus) -> None:
+def test_freeing_a_pod_keeps_its_namesakes_in_other_namespaces(whole_gpus: tuple[Env, str]) -> None:
     env, _ = whole_gpus
     env.kubelet.allocate(GPU, 1, pod="p", namespace="a")
     env.kubelet.allocate(GPU, 1, pod="p", namespace="b")
@@ -131,7 +134,7 @@ def test_freeing_a_pod_keeps_its_namesakes_in_other_namespaces(whole_gpus) -> No
     assert [(x.namespace, x.pod) for x in env.kubelet.pod_allocations()] == [("b", "p")]
 
 
-def test_allocations_without_a_pod_are_not_recorded(whole_gpus) -> None:
+def test_allocations_without_a_pod_are_not_recorded(whole_gpus: tuple[Env, str]) -> None:
     env, path = whole_gpus
     for _ in range(3):  # the old API: nothing held, the same devices may come back
         assert env.kubelet.allocate(GPU, 8).allocated
@@ -140,7 +143,7 @@ def test_allocations_without_a_pod_are_not_recorded(whole_gpus) -> None:
         assert not stub.List(pr_pb2.ListPodResourcesRequest(), timeout=TIMEOUT).pod_resources
 
 
-def test_get_returns_one_pod_or_not_found(whole_gpus) -> None:
+def test_get_returns_one_pod_or_not_found(whole_gpus: tuple[Env, str]) -> None:
     env, path = whole_gpus
     held = env.kubelet.allocate(GPU, 1, pod="p", namespace="ns")
     env.kubelet.allocate(GPU, 1, pod="p", namespace="other")  # same name, other namespace
@@ -157,7 +160,7 @@ def test_get_returns_one_pod_or_not_found(whole_gpus) -> None:
     assert caught.value.details() == "pod q in namespace ns not found"
 
 
-def test_allocatable_resources_are_the_listed_devices(whole_gpus) -> None:
+def test_allocatable_resources_are_the_listed_devices(whole_gpus: tuple[Env, str]) -> None:
     env, path = whole_gpus
     env.kubelet.allocate(GPU, 3, pod="p")  # allocated devices stay allocatable
     with lister(path) as stub:
@@ -195,7 +198,7 @@ def test_mig_devices_are_reported_by_their_uuid() -> None:
     assert flat(response) == [("default", "m", "main", resource, mig)]
 
 
-def test_restart_keeps_allocations_and_serves_again(whole_gpus) -> None:
+def test_restart_keeps_allocations_and_serves_again(whole_gpus: tuple[Env, str]) -> None:
     env, path = whole_gpus
     held = env.kubelet.allocate(GPU, 1, pod="survivor").allocated
     env.kubelet.restart()
@@ -207,7 +210,7 @@ def test_restart_keeps_allocations_and_serves_again(whole_gpus) -> None:
     assert not os.path.exists(path)
 
 
-def test_injected_error_and_delay(whole_gpus) -> None:
+def test_injected_error_and_delay(whole_gpus: tuple[Env, str]) -> None:
     env, path = whole_gpus
     env.kubelet.set_pod_resources_fault(PodResourcesFault(error=grpc.StatusCode.UNAVAILABLE))
     with lister(path) as stub:
@@ -228,7 +231,12 @@ def test_injected_error_and_delay(whole_gpus) -> None:
         pr_pb2.ListPodResourcesRequest(), timeout=TIMEOUT)
     assert env.kubelet.wait_for_pod_resources_calls(4, TIMEOUT)  # the server holds it now
     stopped = threading.Event()
-    threading.Thread(target=lambda: (env.kubelet.stop(), stopped.set()), daemon=True).start()
+
+    def stop() -> None:
+        env.kubelet.stop()
+        stopped.set()
+
+    threading.Thread(target=stop, daemon=True).start()
     assert stopped.wait(TIMEOUT)
     pending.cancel()
     channel.close()
@@ -259,14 +267,14 @@ def restore_signals() -> Any:
         signal.signal(sig, handler)
 
 
-def test_cli_serves_pod_resources_and_cleans_up(sockdir: str, restore_signals) -> None:
+def test_cli_serves_pod_resources_and_cleans_up(sockdir: str, restore_signals: Any) -> None:
     path = os.path.join(sockdir, "pod-resources.sock")
     assert main(["--dir", sockdir, "--pod-resources-socket", path, "--exit-after", "0"]) == 0
     assert not os.path.exists(path)
 
 
 def test_cli_pod_resources_directory_missing_is_one_line_and_exit_2(
-    sockdir: str, capsys, restore_signals
+    sockdir: str, capsys: pytest.CaptureFixture[str], restore_signals: Any
 ) -> None:
     path = os.path.join(sockdir, "absent", "kubelet.sock")
     assert main(["--dir", sockdir, "--pod-resources-socket", path, "--exit-after", "0"]) == 2

@@ -7,8 +7,6 @@ so that a reworded or garbled message (which GPUs, which strategy, what to do) i
 from __future__ import annotations
 
 from test_resources import (
-    GPU_RESOURCE,
-    ReplicatedResource,
     config,
     gpu_uuid,
     ids,
@@ -16,7 +14,8 @@ from test_resources import (
     make_snapshot,
 )
 
-from gpus.resources import build_resource_map
+from gpus.config import ReplicatedResource
+from gpus.resources import GPU_RESOURCE, build_resource_map
 
 
 def gpu_name(index: int) -> str:

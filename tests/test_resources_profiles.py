@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from gpus.config import MIG_STRATEGIES, Config, Flags, ReplicatedResource, Sharing, TimeSlicing
+from gpus.config import (
+    MIG_STRATEGIES,
+    Config,
+    Flags,
+    MigStrategy,
+    ReplicatedResource,
+    Sharing,
+    TimeSlicing,
+)
 from gpus.model import Snapshot
 from gpus.resources import GPU_RESOURCE, build_resource_map, mig_single_problems
 
@@ -43,15 +51,15 @@ def snapshot_of(profile: str) -> Snapshot:
 
 def resources(profile: str, strategy: str, *shared: ReplicatedResource,
               rename: bool = False) -> dict[str, int]:
-    cfg = Config(flags=Flags(mig_strategy=strategy),
+    cfg = Config(flags=Flags(mig_strategy=MigStrategy(strategy)),
                  sharing=Sharing(TimeSlicing(rename_by_default=rename, resources=shared)))
     result = build_resource_map(snapshot_of(profile), cfg)
     return {name: len(r.devices) for name, r in result.resources.items()}
 
 
 def problems(profile: str, strategy: str) -> tuple[str, ...]:
-    return build_resource_map(snapshot_of(profile), Config(flags=Flags(mig_strategy=strategy))
-                              ).problems
+    return build_resource_map(snapshot_of(profile),
+                              Config(flags=Flags(mig_strategy=MigStrategy(strategy)))).problems
 
 
 @pytest.mark.parametrize("strategy", MIG_STRATEGIES)
@@ -132,7 +140,7 @@ def test_h100_mig_single() -> None:
 @pytest.mark.parametrize("strategy", MIG_STRATEGIES)
 def test_invariants_over_every_profile(profile: str, strategy: str) -> None:
     snapshot = snapshot_of(profile)
-    cfg = Config(flags=Flags(mig_strategy=strategy),
+    cfg = Config(flags=Flags(mig_strategy=MigStrategy(strategy)),
                  sharing=Sharing(TimeSlicing(rename_by_default=True, resources=(
                      ReplicatedResource(GPU_RESOURCE, 2, devices=1),))))
     result = build_resource_map(snapshot, cfg, unhealthy={snapshot.gpus[0].uuid})

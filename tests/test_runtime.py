@@ -98,7 +98,7 @@ def test_run_daemon_lines_name_the_kind_of_failure() -> None:
 
 def test_run_daemon_leaves_bugs_their_traceback() -> None:
     with pytest.raises(KeyError):
-        run_daemon("p", lambda: {}["x"], stderr=io.StringIO())
+        run_daemon("p", lambda: dict[str, int]()["x"], stderr=io.StringIO())
 
 
 # --- signals ----------------------------------------------------------------------------------

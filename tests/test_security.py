@@ -15,6 +15,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pynvml
@@ -41,7 +42,15 @@ from deviceplugin.server import (
 from gfd.nodepatch import OWNERSHIP_ANNOTATION, plan_patch
 from gfd.output import write_atomically
 from gpus.backend import backend_from_env, parse_backend, select_backend
-from gpus.config import Config, ConfigError, Flags, PluginFlags, load_config_file, parse_config
+from gpus.config import (
+    Config,
+    ConfigError,
+    DeviceListStrategy,
+    Flags,
+    PluginFlags,
+    load_config_file,
+    parse_config,
+)
 from gpus.fake import FakeNvml
 from gpus.fake.control import MAX_LINE, send
 from gpus.fake.lib import FakeNvmlLib
@@ -144,14 +153,14 @@ def socket_watch(sockdir: str, monkeypatch: pytest.MonkeyPatch) -> SocketWatch:
             return getattr(self._inner, name)
 
         def add_insecure_port(self, address: str) -> int:
-            port = self._inner.add_insecure_port(address)
+            port: int = self._inner.add_insecure_port(address)
             watch.listening(address)  # gRPC listens inside add_insecure_port
             return port
 
     def server(*args: object, **kwargs: object) -> WatchedServer:
         return WatchedServer(real_server(*args, **kwargs))
 
-    def rename(source: str, target: str, **kwargs: object) -> None:
+    def rename(source: str, target: str, **kwargs: Any) -> None:  # os.rename's own kwargs
         watch.renaming(source, target)
         real_rename(source, target, **kwargs)
 
@@ -305,7 +314,8 @@ def test_features_directory_is_created_0755(umask: int, tmp_path: Path) -> None:
 
 def test_cdi_spec_is_0644_in_a_0755_directory(umask: int, tmp_path: Path) -> None:
     config = Config(flags=Flags(plugin=PluginFlags(
-        device_list_strategy=("cdi-cri",), cdi_spec_dir=str(tmp_path / "run" / "cdi"))))
+        device_list_strategy=(DeviceListStrategy.CDI_CRI,),
+        cdi_spec_dir=str(tmp_path / "run" / "cdi"))))
     written = write_cdi_spec(make_map(make_resource(make_snapshot(2))), config,
                              path_exists=lambda _: False)
     assert written is not None

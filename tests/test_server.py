@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -30,7 +31,7 @@ from deviceplugin.server import (
 )
 from deviceplugin.shared_policy import device_order
 from gpus.model import Snapshot
-from protos.deviceplugin.v1beta1 import api_pb2
+from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 TIMEOUT = 10.0
 
@@ -54,7 +55,7 @@ def server(sockdir: str, snapshot: Snapshot, allocator: FakeAllocator) -> Iterat
 
 
 @pytest.fixture
-def stub(server: PluginServer) -> Iterator[object]:
+def stub(server: PluginServer) -> Iterator[api_pb2_grpc.DevicePluginStub]:
     channel, stub = plugin_stub(server.socket_path)
     yield stub
     channel.close()
@@ -66,20 +67,24 @@ def test_socket_names_follow_nvidia() -> None:
     assert socket_name("nvidia.com/gpu.shared") == "nvidia-gpu.shared.sock"
 
 
-def test_options(stub) -> None:
+def test_options(stub: api_pb2_grpc.DevicePluginStub) -> None:
     options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=TIMEOUT)
     assert options.get_preferred_allocation_available is True
     assert options.pre_start_required is False
 
 
-def test_prestart_is_empty(stub) -> None:
+def test_prestart_is_empty(stub: api_pb2_grpc.DevicePluginStub) -> None:
     response = stub.PreStartContainer(
         api_pb2.PreStartContainerRequest(devices_ids=["x"]), timeout=TIMEOUT
     )
     assert response == api_pb2.PreStartContainerResponse()
 
 
-def test_list_and_watch_full_list_then_changes(server, stub, snapshot) -> None:
+def test_list_and_watch_full_list_then_changes(
+    server: PluginServer,
+    stub: api_pb2_grpc.DevicePluginStub,
+    snapshot: Snapshot,
+) -> None:
     stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
     first = next(stream)
     assert [d.ID for d in first.devices] == [g.uuid for g in snapshot.gpus]
@@ -95,11 +100,11 @@ def test_list_and_watch_full_list_then_changes(server, stub, snapshot) -> None:
     stream.cancel()
 
 
-def test_unchanged_update_pushes_nothing(server, snapshot) -> None:
+def test_unchanged_update_pushes_nothing(server: PluginServer, snapshot: Snapshot) -> None:
     assert server.update(fake_manager(make_resource(snapshot), snapshot)) is False
 
 
-def test_no_topology_when_numa_unknown(sockdir, allocator) -> None:
+def test_no_topology_when_numa_unknown(sockdir: str, allocator: FakeAllocator) -> None:
     snap = make_snapshot(2)
     gpus = tuple(g.__class__(**{**g.__dict__, "numa_node": None}) for g in snap.gpus)
     snap = Snapshot(system=snap.system, gpus=gpus)
@@ -116,7 +121,11 @@ def test_no_topology_when_numa_unknown(sockdir, allocator) -> None:
         srv.stop()
 
 
-def test_stream_ends_cleanly_on_stop_and_threads_go(sockdir, snapshot, allocator) -> None:
+def test_stream_ends_cleanly_on_stop_and_threads_go(
+    sockdir: str,
+    snapshot: Snapshot,
+    allocator: FakeAllocator,
+) -> None:
     srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), sockdir)
     srv.start()
     channel, stub = plugin_stub(srv.socket_path)
@@ -134,7 +143,10 @@ def test_stream_ends_cleanly_on_stop_and_threads_go(sockdir, snapshot, allocator
     assert leftovers == []
 
 
-def test_client_going_away_ends_the_stream(server, stub) -> None:
+def test_client_going_away_ends_the_stream(
+    server: PluginServer,
+    stub: api_pb2_grpc.DevicePluginStub,
+) -> None:
     stream = stub.ListAndWatch(api_pb2.Empty(), timeout=TIMEOUT)
     next(stream)
     assert server.wait_streams(1, TIMEOUT)
@@ -146,20 +158,24 @@ def test_client_going_away_ends_the_stream(server, stub) -> None:
     again.cancel()
 
 
-def allocate(stub, ids: Sequence[str]) -> api_pb2.AllocateResponse:
+def allocate(stub: api_pb2_grpc.DevicePluginStub, ids: Sequence[str]) -> api_pb2.AllocateResponse:
     request = api_pb2.AllocateRequest(
         container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=list(ids))]
     )
-    return stub.Allocate(request, timeout=TIMEOUT)
+    response: api_pb2.AllocateResponse = stub.Allocate(request, timeout=TIMEOUT)
+    return response
 
 
-def test_allocate_envvar(stub, snapshot) -> None:
+def test_allocate_envvar(stub: api_pb2_grpc.DevicePluginStub, snapshot: Snapshot) -> None:
     ids = [snapshot.gpus[1].uuid, snapshot.gpus[0].uuid]
     response = allocate(stub, ids)
     assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(ids)
 
 
-def test_allocate_several_containers(stub, snapshot) -> None:
+def test_allocate_several_containers(
+    stub: api_pb2_grpc.DevicePluginStub,
+    snapshot: Snapshot,
+) -> None:
     request = api_pb2.AllocateRequest(
         container_requests=[
             api_pb2.ContainerAllocateRequest(devices_ids=[snapshot.gpus[0].uuid]),
@@ -171,7 +187,10 @@ def test_allocate_several_containers(stub, snapshot) -> None:
     assert envs == [snapshot.gpus[0].uuid, snapshot.gpus[3].uuid]
 
 
-def test_allocate_duplicates_are_removed(stub, snapshot) -> None:
+def test_allocate_duplicates_are_removed(
+    stub: api_pb2_grpc.DevicePluginStub,
+    snapshot: Snapshot,
+) -> None:
     uuid = snapshot.gpus[0].uuid
     response = allocate(stub, [uuid, uuid])
     assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == uuid
@@ -190,7 +209,8 @@ def test_allocate_duplicates_are_removed(stub, snapshot) -> None:
     ],
 )
 def test_allocate_bad_ids_are_invalid_argument_and_change_nothing(
-    server, stub, snapshot, ids, message
+    server: PluginServer, stub: api_pb2_grpc.DevicePluginStub, snapshot: Snapshot, ids: list[str],
+    message: str,
 ) -> None:
     before = server.resource
     with pytest.raises(grpc.RpcError) as info:
@@ -202,7 +222,8 @@ def test_allocate_bad_ids_are_invalid_argument_and_change_nothing(
     assert allocate(stub, [snapshot.gpus[0].uuid]).container_responses
 
 
-def preferred(stub, available, must=(), size=1) -> list[str]:
+def preferred(stub: api_pb2_grpc.DevicePluginStub, available: Sequence[str],
+              must: Sequence[str] = (), size: int = 1) -> list[str]:
     request = api_pb2.PreferredAllocationRequest(
         container_requests=[
             api_pb2.ContainerPreferredAllocationRequest(
@@ -216,7 +237,11 @@ def preferred(stub, available, must=(), size=1) -> list[str]:
     return list(response.container_responses[0].deviceIDs)
 
 
-def test_preferred_uses_whole_gpu_allocator(stub, snapshot, allocator) -> None:
+def test_preferred_uses_whole_gpu_allocator(
+    stub: api_pb2_grpc.DevicePluginStub,
+    snapshot: Snapshot,
+    allocator: FakeAllocator,
+) -> None:
     uuids = [g.uuid for g in snapshot.gpus]
     assert preferred(stub, uuids, [uuids[3]], 2) == [uuids[3], uuids[0]]
     assert allocator.calls == [("whole", uuids, [uuids[3]], 2)]
@@ -232,7 +257,8 @@ def test_preferred_uses_whole_gpu_allocator(stub, snapshot, allocator) -> None:
     ],
 )
 def test_impossible_preferred_is_empty_and_logged(
-    stub, snapshot, allocator, available, must, size, why, caplog
+    stub: api_pb2_grpc.DevicePluginStub, snapshot: Snapshot, allocator: FakeAllocator,
+    available: list[int], must: list[int], size: int, why: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     uuids = [g.uuid for g in snapshot.gpus]
     with caplog.at_level(logging.WARNING, logger="deviceplugin.rm"):
@@ -244,7 +270,10 @@ def test_impossible_preferred_is_empty_and_logged(
     assert "nvidia.com/gpu" in record.getMessage() and why in record.getMessage()
 
 
-def test_preferred_ignores_unknown_available_ids(stub, snapshot) -> None:
+def test_preferred_ignores_unknown_available_ids(
+    stub: api_pb2_grpc.DevicePluginStub,
+    snapshot: Snapshot,
+) -> None:
     uuid = snapshot.gpus[0].uuid
     assert preferred(stub, ["GPU-gone", uuid], [], 1) == [uuid]
     assert preferred(stub, ["GPU-gone", uuid], [], 2) == []
@@ -257,7 +286,7 @@ class PaddingAllocator:
         return ["GPU-padding"] * size
 
 
-def test_bad_allocator_answer_is_empty_not_garbage(sockdir, snapshot) -> None:
+def test_bad_allocator_answer_is_empty_not_garbage(sockdir: str, snapshot: Snapshot) -> None:
     managers = NodeManagers(default_config(), snapshot, PaddingAllocator(),
                             shared=lambda *a: [])
     srv = PluginServer(managers.manager(make_resource(snapshot)), sockdir)
@@ -270,7 +299,11 @@ def test_bad_allocator_answer_is_empty_not_garbage(sockdir, snapshot) -> None:
         srv.stop()
 
 
-def test_replicas_use_shared_policy(sockdir, snapshot, allocator) -> None:
+def test_replicas_use_shared_policy(
+    sockdir: str,
+    snapshot: Snapshot,
+    allocator: FakeAllocator,
+) -> None:
     resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=2)
     srv = PluginServer(fake_manager(resource, snapshot, allocator), sockdir)
     srv.start()
@@ -287,7 +320,11 @@ def test_replicas_use_shared_policy(sockdir, snapshot, allocator) -> None:
         srv.stop()
 
 
-def test_shared_policy_gets_in_use_counts_from_the_full_list(sockdir, snapshot, allocator) -> None:
+def test_shared_policy_gets_in_use_counts_from_the_full_list(
+    sockdir: str,
+    snapshot: Snapshot,
+    allocator: FakeAllocator,
+) -> None:
     # GPU 1 is Unhealthy: its replicas are neither offered nor counted as in use. GPU 0's
     # replica 0 is allocated (Healthy and not offered); GPUs 2 and 3 are untouched.
     sick = snapshot.gpus[1].uuid
@@ -306,7 +343,11 @@ def test_shared_policy_gets_in_use_counts_from_the_full_list(sockdir, snapshot, 
         srv.stop()
 
 
-def test_request_index_follows_health_changes(sockdir, snapshot, allocator) -> None:
+def test_request_index_follows_health_changes(
+    sockdir: str,
+    snapshot: Snapshot,
+    allocator: FakeAllocator,
+) -> None:
     # The server indexes each resource version once; a health change must reach the in-use
     # counts of the next request (GPU 1's replicas, now Unhealthy, are no longer in use).
     resource = make_resource(snapshot, name="nvidia.com/gpu.shared", replicas=2)
@@ -333,7 +374,8 @@ def test_request_index_follows_health_changes(sockdir, snapshot, allocator) -> N
 @settings(max_examples=100, deadline=None)
 @given(st.sets(st.integers(0, 3), max_size=4), st.sets(st.integers(0, 11), max_size=12),
        st.randoms(use_true_random=False))
-def test_request_index_matches_the_reference(sick, offered, rng) -> None:
+def test_request_index_matches_the_reference(sick: set[int], offered: set[int],
+                                             rng: random.Random) -> None:
     snap = make_snapshot(4)
     resource = make_resource(snap, name="nvidia.com/gpu.shared", replicas=3,
                              unhealthy=[snap.gpus[i].uuid for i in sick])
@@ -345,7 +387,7 @@ def test_request_index_matches_the_reference(sick, offered, rng) -> None:
         (index.known[i] for i in available), key=device_order)
 
 
-def test_socket_path_too_long(snapshot, allocator) -> None:
+def test_socket_path_too_long(snapshot: Snapshot, allocator: FakeAllocator) -> None:
     with short_tmpdir() as base:
         deep = os.path.join(base, "d" * (MAX_UNIX_PATH - len(base)))
         os.mkdir(deep)
@@ -356,14 +398,14 @@ def test_socket_path_too_long(snapshot, allocator) -> None:
         assert os.listdir(deep) == []
 
 
-def test_missing_directory(snapshot, allocator, sockdir) -> None:
+def test_missing_directory(snapshot: Snapshot, allocator: FakeAllocator, sockdir: str) -> None:
     missing = os.path.join(sockdir, "missing")
     srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), missing)
     with pytest.raises(ServeError, match="does not exist"):
         srv.start()
 
 
-def test_directory_is_a_file(snapshot, allocator, sockdir) -> None:
+def test_directory_is_a_file(snapshot: Snapshot, allocator: FakeAllocator, sockdir: str) -> None:
     path = os.path.join(sockdir, "file")
     open(path, "w").close()
     srv = PluginServer(fake_manager(make_resource(snapshot), snapshot, allocator), path)
@@ -371,7 +413,11 @@ def test_directory_is_a_file(snapshot, allocator, sockdir) -> None:
         srv.start()
 
 
-def test_non_socket_in_the_way_is_left_alone(snapshot, allocator, sockdir) -> None:
+def test_non_socket_in_the_way_is_left_alone(
+    snapshot: Snapshot,
+    allocator: FakeAllocator,
+    sockdir: str,
+) -> None:
     path = os.path.join(sockdir, "nvidia-gpu.sock")
     with open(path, "w") as handle:
         handle.write("keep me")
@@ -382,7 +428,7 @@ def test_non_socket_in_the_way_is_left_alone(snapshot, allocator, sockdir) -> No
         assert handle.read() == "keep me"
 
 
-def test_restart_after_socket_removed(server, snapshot) -> None:
+def test_restart_after_socket_removed(server: PluginServer, snapshot: Snapshot) -> None:
     generation = server.generation
     os.unlink(server.socket_path)
     assert not server.intact()
@@ -396,6 +442,6 @@ def test_restart_after_socket_removed(server, snapshot) -> None:
         channel.close()
 
 
-def test_update_refuses_another_resource(server, snapshot) -> None:
+def test_update_refuses_another_resource(server: PluginServer, snapshot: Snapshot) -> None:
     with pytest.raises(ValueError, match="cannot serve"):
         server.update(fake_manager(make_resource(snapshot, name="nvidia.com/mig-1g.5gb"), snapshot))

@@ -7,7 +7,7 @@ response field by field, and an AllocationError becomes INVALID_ARGUMENT with it
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,7 +18,7 @@ from deviceplugin.allocate import AllocationError, ContainerAllocation, DeviceSp
 from deviceplugin.rm import AllocateRequest, PreferredRequest, ResourceManager
 from deviceplugin.server import PluginServer
 from gpus.resources import Resource
-from protos.deviceplugin.v1beta1 import api_pb2
+from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 TIMEOUT = 10.0
 FULL = ContainerAllocation(
@@ -59,7 +59,7 @@ def _typed(manager: FakeManager) -> ResourceManager:
 
 
 @pytest.fixture
-def fake(sockdir: str) -> Iterator[tuple[FakeManager, object]]:
+def fake(sockdir: str) -> Iterator[tuple[FakeManager, api_pb2_grpc.DevicePluginStub]]:
     manager = FakeManager(make_resource(make_snapshot(2)))
     server = PluginServer(_typed(manager), sockdir)
     server.start()
@@ -69,7 +69,9 @@ def fake(sockdir: str) -> Iterator[tuple[FakeManager, object]]:
     server.stop()
 
 
-def test_allocate_passes_ids_and_converts_every_field(fake) -> None:
+def test_allocate_passes_ids_and_converts_every_field(
+    fake: tuple[FakeManager, api_pb2_grpc.DevicePluginStub],
+) -> None:
     manager, stub = fake
     response = stub.Allocate(api_pb2.AllocateRequest(container_requests=[
         api_pb2.ContainerAllocateRequest(devices_ids=["a", "b"]),
@@ -89,7 +91,9 @@ def test_allocate_passes_ids_and_converts_every_field(fake) -> None:
     assert list(response.container_responses) == [expected, expected]
 
 
-def test_preferred_passes_the_request_and_returns_the_sets(fake) -> None:
+def test_preferred_passes_the_request_and_returns_the_sets(
+    fake: tuple[FakeManager, api_pb2_grpc.DevicePluginStub],
+) -> None:
     manager, stub = fake
     response = stub.GetPreferredAllocation(api_pb2.PreferredAllocationRequest(container_requests=[
         api_pb2.ContainerPreferredAllocationRequest(
@@ -100,9 +104,11 @@ def test_preferred_passes_the_request_and_returns_the_sets(fake) -> None:
 
 
 @pytest.mark.parametrize("method", ["Allocate", "GetPreferredAllocation"])
-def test_a_refusal_is_invalid_argument_with_the_managers_text(fake, method) -> None:
+def test_a_refusal_is_invalid_argument_with_the_managers_text(
+        fake: tuple[FakeManager, api_pb2_grpc.DevicePluginStub], method: str) -> None:
     manager, stub = fake
     manager.refuse = 'invalid allocation request for "nvidia.com/gpu": invalid request: no'
+    call: Callable[[], object]
     if method == "Allocate":
         call = lambda: stub.Allocate(api_pb2.AllocateRequest(container_requests=[  # noqa: E731
             api_pb2.ContainerAllocateRequest(devices_ids=["a"])]), timeout=TIMEOUT)

@@ -10,11 +10,12 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+import builders
 import grpc
 
 from deviceplugin.rm import GpuResourceManager, NodeManagers
 from gpus.config import Config
-from gpus.model import GPU, Snapshot, SystemInfo
+from gpus.model import GPU, Snapshot
 from gpus.resources import Device, Resource, ResourceMap
 from protos.deviceplugin.v1beta1 import api_pb2_grpc
 
@@ -33,24 +34,14 @@ def short_tmpdir() -> Iterator[str]:
 
 def make_gpu(index: int, numa: int | None = 0) -> GPU:
     """A plain A100-like GPU."""
-    return GPU(
-        index=index,
-        uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000",
-        name="NVIDIA A100-SXM4-40GB",
-        memory_bytes=40 * GIB,
-        compute_capability=(8, 0),
-        architecture="ampere",
-        brand="Nvidia",
-        minor=index,
-        pci_bus_id=f"00000000:{index + 7:02X}:00.0",
-        numa_node=numa,
-    )
+    return builders.gpu(index, uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000",
+                        bus=index + 7, numa_node=numa)
 
 
 def make_snapshot(count: int) -> Snapshot:
     """``count`` GPUs, the first half on NUMA node 0, the rest on node 1."""
     gpus = tuple(make_gpu(i, 0 if i < count // 2 else 1) for i in range(count))
-    return Snapshot(system=SystemInfo("535.129.03", 12020), gpus=gpus)
+    return builders.snapshot(*gpus)
 
 
 def make_resource(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from plugin_support import installed_fake, manager_of, monitor_of
 
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags
 from deviceplugin.server import advertised_state
@@ -51,7 +52,7 @@ def start_plugin(config: Config, *, socket_dir: str = "", poll_interval: float =
     """A started DevicePlugin on its fake backend, with the fake's sysfs tree written."""
     plugin = DevicePlugin(config, {}, socket_dir=socket_dir, poll_interval=poll_interval,
                           **kwargs)
-    controller = plugin.select_backend()
+    controller = installed_fake(plugin.select_backend())
     controller.write_sysfs(Path(config.flags.sysfs_root))
     try:
         plugin.start()
@@ -85,9 +86,9 @@ def run_main_while(run_main: Callable[[], int], operate: Callable[[], None],
 def served_state(plugin: DevicePlugin) -> dict[str, Any]:
     """Everything a request could change: each served resource's visible list, health marks."""
     state: dict[str, Any] = {
-        server.name: advertised_state(server.resource) for server in plugin.manager.servers()
+        server.name: advertised_state(server.resource) for server in manager_of(plugin).servers()
     }
-    state["<unhealthy>"] = plugin.health.unhealthy if plugin.health is not None else None
+    state["<unhealthy>"] = monitor_of(plugin).unhealthy if plugin.health is not None else None
     return state
 
 
@@ -97,6 +98,7 @@ def watch_until(socket_path: str, predicate: Callable[[api_pb2.ListAndWatchRespo
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         stream = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(
             api_pb2.Empty(), timeout=timeout)
+        response: api_pb2.ListAndWatchResponse
         try:
             for response in stream:
                 if predicate(response):

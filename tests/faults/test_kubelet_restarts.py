@@ -13,6 +13,7 @@ import stat
 from collections.abc import Iterator
 
 import pytest
+from plugin_support import manager_of
 from test_server_support import (
     fake_manager,
     make_resource,
@@ -73,9 +74,9 @@ def registered_lists(kubelet: MockKubelet, names: list[str],
     return lists
 
 
-def test_hundred_kubelet_restarts(env) -> None:
+def test_hundred_kubelet_restarts(env: tuple[str, MockKubelet, DevicePlugin]) -> None:
     directory, kubelet, plugin = env
-    names = sorted(s.name for s in plugin.manager.servers())
+    names = sorted(s.name for s in manager_of(plugin).servers())
     assert len(names) == 3  # MIG mixed: one resource per MIG profile
     expected = registered_lists(kubelet, names, {n: 0 for n in names})
     counts = {n: len(kubelet.registrations(n)) for n in names}
@@ -102,7 +103,7 @@ def test_hundred_kubelet_restarts(env) -> None:
         counts = {n: len(kubelet.registrations(n)) for n in names}
         # The kubelet can dial back and receive the list before the plugin's Register call
         # has returned and been recorded: wait for the plugin's own view to catch up.
-        assert wait_until(lambda: all(plugin.manager.registration.registered().values())), (
+        assert wait_until(lambda: all(manager_of(plugin).registration.registered().values())), (
             f"restart {i}")
 
     # gRPC closes the last restart's connections in the background: let the count settle.
@@ -113,7 +114,7 @@ def test_hundred_kubelet_restarts(env) -> None:
     assert after.threads == before.threads
     assert after.duplicate_workers == ()
     assert after.fds <= before.fds + FD_SLACK, (before.fds, after.fds)
-    assert plugin.manager.errors == {}
+    assert manager_of(plugin).errors == {}
 
 
 def test_failed_rebind_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from plugin_support import controller_of, manager_of, monitor_of, snapshot_of
 from test_server_support import short_tmpdir
 
 import gpus.fake
@@ -42,7 +43,7 @@ def env() -> Iterator[tuple[MockKubelet, DevicePlugin, list[dict[str, str]]]]:
         plugin = start_plugin(plugin_config(directory))
         try:
             assert kubelet.wait_for_registration(GPU, TIMEOUT)
-            assert plugin.health.wait_watching(TIMEOUT)
+            assert monitor_of(plugin).wait_watching(TIMEOUT)
             yield kubelet, plugin, history
         finally:
             plugin.close()
@@ -50,7 +51,7 @@ def env() -> Iterator[tuple[MockKubelet, DevicePlugin, list[dict[str, str]]]]:
 
 
 def uuid_of(plugin: DevicePlugin, index: int) -> str:
-    return plugin.snapshot.gpus[index].uuid
+    return snapshot_of(plugin).gpus[index].uuid
 
 
 def wait_health(kubelet: MockKubelet, uuid: str, state: str) -> dict[str, str]:
@@ -85,7 +86,10 @@ def daemon_args(directory: str, *extra: str) -> list[str]:
             "--ready-file", "", *extra]
 
 
-def test_init_failure_exits_1_with_one_line(failing_init, capsys) -> None:
+def test_init_failure_exits_1_with_one_line(
+    failing_init: list[FakeNvml],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with short_tmpdir() as directory:
         assert main(daemon_args(directory)) == 1
         # No socket left behind ("root" is the fake's sysfs tree, written at --sysfs-root).
@@ -99,7 +103,7 @@ def test_init_failure_exits_1_with_one_line(failing_init, capsys) -> None:
     assert not failing_init[0].installed  # the fake backend was removed on the way out
 
 
-def test_init_failure_tolerated_idles_then_sighup_starts(failing_init) -> None:
+def test_init_failure_tolerated_idles_then_sighup_starts(failing_init: list[FakeNvml]) -> None:
     """--fail-on-init-error=false: log, idle (no crash, no sockets), SIGHUP retries."""
     outcome: dict[str, Any] = {}
     with short_tmpdir() as directory, MockKubelet(directory) as kubelet, \
@@ -129,20 +133,24 @@ def test_init_failure_tolerated_idles_then_sighup_starts(failing_init) -> None:
 # --- faults while running -----------------------------------------------------------------------
 
 
-def test_event_wait_errors_mark_every_gpu_then_recover(env) -> None:
+def test_event_wait_errors_mark_every_gpu_then_recover(
+    env: tuple[MockKubelet, DevicePlugin, list[dict[str, str]]],
+) -> None:
     kubelet, plugin, _ = env
-    plugin.controller.fail_event_wait("NVML_ERROR_UNKNOWN")
+    controller_of(plugin).fail_event_wait("NVML_ERROR_UNKNOWN")
     assert kubelet.wait_for_devices(GPU, all_are("Unhealthy"), TIMEOUT) is not None
-    plugin.controller.clear_faults()
+    controller_of(plugin).clear_faults()
     assert kubelet.wait_for_devices(GPU, all_are("Healthy"), TIMEOUT) is not None
     assert kubelet.allocate(GPU, 8).response.envs["NVIDIA_VISIBLE_DEVICES"]
 
 
-def test_lost_gpu_only_it_unhealthy_others_allocate(env) -> None:
+def test_lost_gpu_only_it_unhealthy_others_allocate(
+    env: tuple[MockKubelet, DevicePlugin, list[dict[str, str]]],
+) -> None:
     kubelet, plugin, history = env
     lost = uuid_of(plugin, 3)
     with watching_logs("deviceplugin.health") as logs:
-        plugin.controller.lose_gpu(3)  # XID 79, then every call on it fails
+        controller_of(plugin).lose_gpu(3)  # XID 79, then every call on it fails
         states = wait_health(kubelet, lost, "Unhealthy")
         assert [u for u, s in states.items() if s != "Healthy"] == [lost]
         # Probe passes after the quiet period keep it Unhealthy while it is lost.
@@ -158,46 +166,52 @@ def test_lost_gpu_only_it_unhealthy_others_allocate(env) -> None:
     assert f"unhealthy device: {lost}" in info.value.details()
     # No other GPU ever went Unhealthy.
     assert all(s == "Healthy" for states in history for u, s in states.items() if u != lost)
-    plugin.controller.restore_gpu(3)
+    controller_of(plugin).restore_gpu(3)
     wait_health(kubelet, lost, "Healthy")
 
 
-def test_silently_lost_gpu_is_found_by_the_probe(env) -> None:
+def test_silently_lost_gpu_is_found_by_the_probe(
+    env: tuple[MockKubelet, DevicePlugin, list[dict[str, str]]],
+) -> None:
     kubelet, plugin, history = env
     lost = uuid_of(plugin, 5)
-    plugin.controller.lose_gpu(5, xid=None)  # no event: only the probe can notice
+    controller_of(plugin).lose_gpu(5, xid=None)  # no event: only the probe can notice
     states = wait_health(kubelet, lost, "Unhealthy")
     assert [u for u, s in states.items() if s != "Healthy"] == [lost]
     assert kubelet.allocate(GPU, 4).response.envs["NVIDIA_VISIBLE_DEVICES"]
-    plugin.controller.restore_gpu(5)
+    controller_of(plugin).restore_gpu(5)
     wait_health(kubelet, lost, "Healthy")
     assert all(s == "Healthy" for states in history for u, s in states.items() if u != lost)
 
 
-def test_failing_call_delays_recovery_until_it_answers(env) -> None:
+def test_failing_call_delays_recovery_until_it_answers(
+    env: tuple[MockKubelet, DevicePlugin, list[dict[str, str]]],
+) -> None:
     """A critical XID, then the probe's NVML call fails (not 'lost'): the GPU stays Unhealthy
     past its quiet period and the others stay Healthy; once the call answers, it recovers."""
     kubelet, plugin, history = env
     bad = uuid_of(plugin, 2)
     with watching_logs("deviceplugin.health") as logs:
-        plugin.controller.fail("nvmlDeviceGetMemoryInfo", "NVML_ERROR_UNKNOWN")
-        plugin.controller.inject_xid(2, 48)
+        controller_of(plugin).fail("nvmlDeviceGetMemoryInfo", "NVML_ERROR_UNKNOWN")
+        controller_of(plugin).inject_xid(2, 48)
         wait_health(kubelet, bad, "Unhealthy")
         assert logs.wait_for(f"device {bad} still unhealthy: probe failed", count=2)
         assert health(kubelet.devices(GPU))[bad] == "Unhealthy"
-        plugin.controller.clear_faults()
+        controller_of(plugin).clear_faults()
         wait_health(kubelet, bad, "Healthy")
     assert all(s == "Healthy" for states in history for u, s in states.items() if u != bad)
     assert kubelet.allocate(GPU, 8).response.envs["NVIDIA_VISIBLE_DEVICES"]
 
 
-def test_every_gpu_lost_then_back(env) -> None:
+def test_every_gpu_lost_then_back(
+    env: tuple[MockKubelet, DevicePlugin, list[dict[str, str]]],
+) -> None:
     kubelet, plugin, _ = env
     for index in range(8):
-        plugin.controller.lose_gpu(index)
+        controller_of(plugin).lose_gpu(index)
     assert kubelet.wait_for_devices(GPU, all_are("Unhealthy"), TIMEOUT) is not None
     with pytest.raises(ValueError, match="0 healthy devices"):
         kubelet.allocate(GPU, 1)
-    plugin.controller.clear_faults()
+    controller_of(plugin).clear_faults()
     assert kubelet.wait_for_devices(GPU, all_are("Healthy"), TIMEOUT) is not None
-    assert plugin.health is not None and plugin.manager.errors == {}
+    assert plugin.health is not None and manager_of(plugin).errors == {}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from plugin_support import manager_of, server_of, snapshot_of
 from test_server_support import short_tmpdir
 
 from deviceplugin.main import DevicePlugin, build_parser, main
@@ -97,10 +98,10 @@ def env(tmp_path: Path) -> Iterator[tuple[DevicePlugin, Path, MockKubelet]]:
             plugin.close()
 
 
-def test_reloads_while_allocating(env) -> None:
+def test_reloads_while_allocating(env: tuple[DevicePlugin, Path, MockKubelet]) -> None:
     plugin, config_file, _ = env
-    server = plugin.manager.server(GPU)
-    allocator = Allocator(server.socket_path, [g.uuid for g in plugin.snapshot.gpus])
+    server = server_of(manager_of(plugin), GPU)
+    allocator = Allocator(server.socket_path, [g.uuid for g in snapshot_of(plugin).gpus])
     allocator.start()
     try:
         assert allocator.wait_more()
@@ -127,7 +128,7 @@ def test_reloads_while_allocating(env) -> None:
             assert error == (f"cannot read config file {config_file}: "
                              "No such file or directory")
             assert plugin.config is running
-            assert plugin.manager.server(GPU) is server  # never restarted
+            assert manager_of(plugin).server(GPU) is server  # never restarted
             assert allocator.wait_more()
     finally:
         allocator.finish()
@@ -154,8 +155,9 @@ def test_sighup_with_bad_vanished_then_changed_config(tmp_path: Path) -> None:
             allocator.start()
             try:
                 assert allocator.wait_more()
-                for count, change in enumerate((lambda: config_file.write_text(INVALID),
-                                                config_file.unlink), start=1):
+                changes: tuple[Callable[[], object], ...] = (
+                    lambda: config_file.write_text(INVALID), config_file.unlink)
+                for count, change in enumerate(changes, start=1):
                     change()
                     os.kill(os.getpid(), signal.SIGHUP)
                     assert logs.wait_for("keeping the running configuration", count=count)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from plugin_support import manager_of, snapshot_of
 from test_server_support import short_tmpdir
 
 from deviceplugin import main as mainmod
@@ -95,12 +96,12 @@ def run_and_reload(directory: str, kubelet: MockKubelet, argv: list[str],
     def operator() -> None:
         assert kubelet.wait_for_registration(GPU, TIMEOUT)
         [plugin] = RecordingPlugin.made
-        before, server = plugin.config, plugin.manager.server(GPU)
+        before, server = plugin.config, manager_of(plugin).server(GPU)
         os.kill(os.getpid(), signal.SIGHUP)
         assert plugin.reloaded.wait(TIMEOUT), "SIGHUP never reached reload()"
         assert plugin.reloads == [None], f"reload failed: {plugin.reloads}"
         outcome["reloaded"] = Reloaded(before, plugin.config, plugin,
-                                       plugin.manager.server(GPU) is server)
+                                       manager_of(plugin).server(GPU) is server)
         if after_reload is not None:
             after_reload(plugin)
 
@@ -259,7 +260,7 @@ def test_sighup_keeps_the_health_check_variables(plugin_env: pytest.MonkeyPatch,
         assert health is not None and controller is not None and plugin.snapshot is not None
         seen["policy"] = health.policy
         assert health.wait_watching(TIMEOUT)
-        uuids = [gpu.uuid for gpu in plugin.snapshot.gpus]
+        uuids = [gpu.uuid for gpu in snapshot_of(plugin).gpus]
         # One event thread handles them in order: once GPU 2 shows, GPU 1's XID was handled.
         controller.inject_xid(1, 48)
         controller.inject_xid(2, 13)

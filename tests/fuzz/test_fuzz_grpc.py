@@ -19,9 +19,10 @@ from typing import Any
 import grpc
 import pytest
 from faults.support import plugin_config, served_state, start_plugin, watch_until
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from hypothesis import given
 from hypothesis import strategies as st
+from plugin_support import controller_of, manager_of, monitor_of
 
 from deviceplugin.main import DevicePlugin, replace_plugin_flags
 from deviceplugin.server import PluginServer
@@ -60,19 +61,19 @@ class Target:
     ids: list[str]  # every device ID of every resource
 
     def server(self, name: str) -> PluginServer:
-        server = self.plugin.manager.server(name)
+        server = manager_of(self.plugin).server(name)
         assert server is not None
         return server
 
 
 def make_unhealthy(plugin: DevicePlugin) -> None:
     """Mark one device Unhealthy for good (recovery is off) and wait until it is served so."""
-    assert plugin.health.wait_watching(RPC_TIMEOUT)
-    server = plugin.manager.servers()[0]
+    assert monitor_of(plugin).wait_watching(RPC_TIMEOUT)
+    server = manager_of(plugin).servers()[0]
     device = server.resource.devices[0]
     gpu = device.gpu
     target = device.mig.uuid if device.mig is not None else gpu.uuid
-    plugin.controller.inject_xid(target, 79)
+    controller_of(plugin).inject_xid(target, 79)
     watch_until(server.socket_path,
                 lambda r: any(d.health == "Unhealthy" for d in r.devices), RPC_TIMEOUT)
 
@@ -92,13 +93,13 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     channels: dict[str, grpc.Channel] = {}
     try:
         make_unhealthy(plugin)
-        servers = plugin.manager.servers()
+        servers = manager_of(plugin).servers()
         channels = {s.name: grpc.insecure_channel(f"unix:{s.socket_path}") for s in servers}
         stubs = {n: api_pb2_grpc.DevicePluginStub(c) for n, c in channels.items()}
         ids = [d.id for s in servers for d in s.resource.devices]
         yield Target(plugin, stubs, channels, ids)
         # Still serving after everything.
-        for server in plugin.manager.servers():
+        for server in manager_of(plugin).servers():
             first = watch_until(server.socket_path, lambda r: True, RPC_TIMEOUT)
             assert len(first.devices) == len(server.resource.devices)
     finally:
@@ -253,7 +254,7 @@ def test_prestart_options_and_list_and_watch(target: Target, data: st.DataObject
     assert served_state(target.plugin) == before
 
 
-MESSAGES = {
+MESSAGES: dict[str, type[Message]] = {
     "Allocate": api_pb2.AllocateRequest,
     "GetPreferredAllocation": api_pb2.PreferredAllocationRequest,
     "PreStartContainer": api_pb2.PreStartContainerRequest,

@@ -96,10 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The daemon's flags, every one a row of the configuration table."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     configmod.add_flags(parser, "plugin")
-    # Not (yet) a row of the configuration table: see docs/metrics.md.
-    parser.add_argument("--metrics-address", default=None, metavar="[HOST]:PORT",
-                        help=f"serve the plugin's own metrics here (env {METRICS_ADDRESS_ENV}; "
-                             "default empty: off)")
     add_version_flag(parser)
     return parser
 
@@ -109,7 +105,8 @@ METRICS_ADDRESS_ENV = "DP_METRICS_ADDRESS"
 
 def metrics_address(flag: str | None, environ: Mapping[str, str]) -> tuple[str, int] | None:
     """Where to serve metrics (flag > env > off); ConfigError (exit 2) for a bad address."""
-    text = flag if flag is not None else environ.get(METRICS_ADDRESS_ENV, "")
+    text: str = configmod.resolve_setting(PluginOptions, "metrics_address", flag, environ,
+                                          "plugin")
     try:
         return parse_metrics_address(text)
     except MetricsAddressError as err:

@@ -39,6 +39,7 @@ from gpus.config import (
     add_flags,
     resolve,
     resolve_section,
+    resolve_setting,
 )
 from gpus.errors import InitError
 from gpus.runtime import (
@@ -89,9 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, allow_abbrev=False,
         description="Generate nvidia.com/ node labels describing the node's GPUs.")
     add_flags(parser, "gfd")
-    parser.add_argument("--metrics-address", default=None, metavar="[HOST]:PORT",
-                        help=f"serve GFD's own metrics here (env {METRICS_ADDRESS_ENV}; "
-                             "default empty: off)")
     add_version_flag(parser)
     return parser
 
@@ -101,7 +99,7 @@ METRICS_ADDRESS_ENV = "GFD_METRICS_ADDRESS"
 
 def metrics_address(flag: str | None, environ: Mapping[str, str]) -> tuple[str, int] | None:
     """Where to serve metrics (flag > env > off); ConfigError (exit 2) for a bad address."""
-    text = flag if flag is not None else environ.get(METRICS_ADDRESS_ENV, "")
+    text: str = resolve_setting(GfdOptions, "metrics_address", flag, environ, "gfd")
     try:
         return parse_metrics_address(text)
     except MetricsAddressError as err:

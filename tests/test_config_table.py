@@ -163,6 +163,8 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
     "daemon.plugin.socket_dir": (("--socket-dir",), {"plugin": ("PLUGIN_SOCKET_DIR",)}, None),
     "daemon.plugin.ready_file": (("--ready-file",), {"plugin": ("DP_READY_FILE",)}, None),
     "daemon.plugin.status_file": (("--status-file",), {"plugin": ("DP_STATUS_FILE",)}, None),
+    "daemon.plugin.metrics_address": (("--metrics-address",), {"plugin": ("DP_METRICS_ADDRESS",)},
+                                      None),
     "daemon.plugin.disable_healthchecks": ((), {"plugin": ("DP_DISABLE_HEALTHCHECKS",)}, None),
     "daemon.plugin.enable_healthchecks": ((), {"plugin": ("DP_ENABLE_HEALTHCHECKS",)}, None),
     "daemon.gfd.output_mode": (("--output-mode",), {"gfd": ("GFD_OUTPUT_MODE",)}, None),
@@ -171,6 +173,8 @@ EXPECTED: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], str | Non
                               None),
     "daemon.gfd.health_file": (("--health-file",), {"gfd": ("GFD_HEALTH_FILE",)}, None),
     "daemon.gfd.dry_run": (("--dry-run",), {"gfd": ()}, None),  # flag only
+    "daemon.gfd.metrics_address": (("--metrics-address",), {"gfd": ("GFD_METRICS_ADDRESS",)},
+                                   None),
     # gpu-metrics-exporter: dcgm-exporter's flags and variables (pkg/cmd/app.go).
     "daemon.exporter.collectors": exporter(("-f", "--collectors"), "DCGM_EXPORTER_COLLECTORS"),
     "daemon.exporter.address": exporter(("-a", "--address"), "DCGM_EXPORTER_LISTEN"),

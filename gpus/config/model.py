@@ -299,6 +299,9 @@ class PluginOptions:
         DEFAULT_READY_FILE, kind=TEXT, flags=("--ready-file",), env=_plugin("DP_READY_FILE"),
         empty_is_value=True, help="readiness file for the DaemonSet's probes, created once "
         "every resource is registered; empty disables it (default {default})")
+    metrics_address: str = setting(
+        "", kind=TEXT, flags=("--metrics-address",), env=_plugin("DP_METRICS_ADDRESS"),
+        help="serve the plugin's own metrics at [host]:port, e.g. :9401 (default: off)")
     status_file: str = setting(
         "", kind=TEXT, flags=("--status-file",), env=_plugin("DP_STATUS_FILE"),
         empty_is_value=True, help="status file, always present: JSON with readiness, device "
@@ -343,6 +346,9 @@ class GfdOptions:
     dry_run: bool = setting(
         False, kind=BOOL, flags=("--dry-run",), env=_gfd(),
         help="print the labels as a table and exit; write nothing")
+    metrics_address: str = setting(
+        "", kind=TEXT, flags=("--metrics-address",), env=_gfd("GFD_METRICS_ADDRESS"),
+        help="serve GFD's own metrics at [host]:port, e.g. :9402 (default: off)")
 
     def __post_init__(self) -> None:
         coerce_settings(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from test_allocate import (
@@ -17,6 +18,9 @@ from test_allocate import (
     minors_table,
     replicated,
 )
+from test_extras import allocate as extras_allocate
+from test_extras import config as extras_config
+from test_extras import dev_root as extras_dev_root
 
 import deviceplugin.allocate
 import deviceplugin.rm
@@ -148,3 +152,20 @@ def test_mig_minors_are_read_once_per_allocation() -> None:
                      config(pass_device_specs=True, driver_root="/drv"), mig_minors=minors)
     assert len(alloc.devices) == 5
     assert reads == ["/drv"]
+
+
+def test_both_cdi_strategies_together_still_set_no_extra_env(tmp_path: Path) -> None:
+    # add_extras adds the extras' environment only when some strategy is not a CDI one; both
+    # CDI strategies at once are still CDI only (a `<` for the `<=` survived test_extras.py).
+    root = extras_dev_root(tmp_path)
+    cfg = extras_config(root, ("cdi-annotations", "cdi-cri"), channels=("0",),
+                        specs=True, gds_enabled=True, mofed_enabled=True)
+    alloc = extras_allocate(cfg)
+    assert alloc.envs == {}
+    # The GPU's own node only: the extras' nodes (nvidia-fs*, uverbs...) come with their env.
+    assert [spec.container_path for spec in alloc.devices] == ["/dev/nvidia0"]
+    names = ("k8s.device-plugin.nvidia.com/gpu=GPU-0",
+             "k8s.device-plugin.nvidia.com/imex-channel=0",
+             "k8s.device-plugin.nvidia.com/gds=all", "k8s.device-plugin.nvidia.com/mofed=all")
+    assert alloc.cdi_devices == names
+    assert alloc.annotations == {"cdi.k8s.io/nvidia-device-plugin_u1": ",".join(names)}

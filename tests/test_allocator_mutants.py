@@ -1,0 +1,127 @@
+"""deviceplugin.allocator guards that mutation testing found unprotected (docs/testing.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from math import comb
+
+import pytest
+from test_allocator_shared import mig as shared_mig
+from test_allocator_shared import replica
+from test_resources import make_gpu
+
+from deviceplugin import allocator
+from deviceplugin.allocator import Allocator
+from deviceplugin.shared_policy import preferred_shared
+from gpus.model import Snapshot, SystemInfo
+from gpus.resources import Device
+
+
+def no_topology(count: int) -> Snapshot:
+    return Snapshot(system=SystemInfo("535.129.03", 12020),
+                    gpus=tuple(make_gpu(i) for i in range(count)))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_no_topology_scores_every_pair_zero_and_says_so_once(
+        count: int, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="deviceplugin.allocator"):
+        alloc = Allocator.from_snapshot(no_topology(count))
+    warnings = [r.getMessage() for r in caplog.records]
+    # A single GPU has no pairs: nothing is missing.
+    assert warnings == ([] if count == 1 else
+                        [f"no topology for {count} GPUs: every pair scores the same"])
+    assert alloc.score(alloc.ids) == 0
+    assert alloc.preferred(alloc.ids, [], 1) == list(alloc.ids[:1])
+
+
+def test_stats_count_the_gpus() -> None:
+    stats = Allocator.from_snapshot(no_topology(3)).stats()
+    assert (stats.gpus, stats.exact) == (3, True)
+
+
+# --- preferred_shared (deviceplugin/shared_policy.py) ------------------------------------------
+
+
+def mig_with_uuid(gpu: int, index: int, uuid: str) -> Device:
+    return dataclasses.replace(shared_mig(gpu, index), id=uuid, uuid=uuid)
+
+
+def test_the_default_policy_is_distributed_and_silent(caplog: pytest.LogCaptureFixture) -> None:
+    available = [replica(0, 0), replica(1, 0)]
+    with caplog.at_level("WARNING", logger="deviceplugin.shared_policy"):
+        assert preferred_shared(available, [], 2) == ["GPU-0::0", "GPU-1::0"]
+    assert caplog.records == []
+
+
+def test_unknown_policy_and_impossible_requests_are_logged_whole(
+        caplog: pytest.LogCaptureFixture) -> None:
+    available = [replica(0, 0), replica(1, 0)]
+    with caplog.at_level("WARNING", logger="deviceplugin.shared_policy"):
+        assert preferred_shared(available, [], 2, policy="spread") == ["GPU-0::0", "GPU-1::0"]
+        assert preferred_shared(available, ["GPU-1::0"], 0) == []
+        assert preferred_shared(available, [], 0) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "unknown allocation policy 'spread'; using distributed",
+        "preferred allocation impossible: allocation size 0 is not positive "
+        "(available=['GPU-0::0', 'GPU-1::0'] must_include=['GPU-1::0'])",
+        "preferred allocation impossible: allocation size 0 is not positive "
+        "(available=['GPU-0::0', 'GPU-1::0'] must_include=[])",
+    ]
+
+
+def test_replicas_go_by_number_not_by_id_text() -> None:
+    # "GPU-0::10" sorts before "GPU-0::9" as text.
+    assert preferred_shared([replica(0, 10), replica(0, 9)], [], 1) == ["GPU-0::9"]
+
+
+def test_mig_devices_go_by_index_not_by_uuid() -> None:
+    available = [mig_with_uuid(0, 1, "MIG-a"), mig_with_uuid(0, 0, "MIG-b")]
+    assert preferred_shared(available, [], 1) == ["MIG-b"]
+    assert preferred_shared(available, [], 1, policy="packed") == ["MIG-b"]
+
+
+def test_must_include_devices_add_to_what_their_gpu_has_in_use() -> None:
+    # Both GPUs have 2 in use; taking GPU 0's replica makes it 3, so the next goes to GPU 1.
+    available = [replica(0, 2), replica(0, 3), replica(1, 2), replica(1, 3)]
+    counts = {"GPU-0": 2, "GPU-1": 2}
+    assert preferred_shared(available, ["GPU-0::2"], 2, allocated_counts=counts) == [
+        "GPU-0::2", "GPU-1::2"]
+
+
+def test_a_gpu_missing_from_the_counts_has_nothing_in_use() -> None:
+    available = [replica(0, 1), replica(1, 0)]
+    assert preferred_shared(available, [], 1, allocated_counts={"GPU-0": 1}) == ["GPU-1::0"]
+    assert preferred_shared(available, [], 1, policy="packed",
+                            allocated_counts={"GPU-0": 1}) == ["GPU-0::1"]
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def ring(count: int) -> list[list[int]]:
+    """Pair scores that differ by distance on a ring, so no two sets tie by accident."""
+    return [[0 if i == j else 10 * (count - min(abs(i - j), count - abs(i - j)))
+             for j in range(count)] for i in range(count)]
+
+
+def test_only_sizes_below_half_the_node_get_a_packing_table() -> None:
+    # With 2k >= n the rest of a request fits in one group: pack is the score table itself.
+    alloc = Allocator([f"g{i}" for i in range(8)], ring(8))
+    assert alloc.stats().sizes_built == (2, 3)
+
+
+@pytest.mark.parametrize(("count", "size"), [(6, 2), (8, 2), (8, 3), (9, 2), (9, 4), (10, 3)])
+def test_packing_steps_counts_the_groups_packing_table_examines(
+        count: int, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The constructor decides from this cost model which tables to build eagerly.
+    examined = [0]
+    real_split = allocator._best_split
+
+    def counting_split(subset, low, rest, partners, set_score, packed):  # type: ignore[no-untyped-def]
+        examined[0] += comb(len(rest), partners)
+        return real_split(subset, low, rest, partners, set_score, packed)
+
+    monkeypatch.setattr(allocator, "_best_split", counting_split)
+    allocator.packing_table(allocator.subset_scores(ring(count)), count, size)
+    assert allocator.packing_steps(count, size) == examined[0]

@@ -25,11 +25,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gpus.backoff import Backoff
 from gpus.model import Snapshot
-from gpus.runtime.metrics import PluginMetrics
+
+if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
+    from gpus.runtime.metrics import PluginMetrics
 
 LOG = logging.getLogger(__name__)
 

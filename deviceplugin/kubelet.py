@@ -22,14 +22,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from gpus.backoff import Backoff
 from gpus.errors import KubeletError
-from gpus.runtime.metrics import PluginMetrics
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
+    from gpus.runtime.metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from deviceplugin.kubelet import RegistrationLoop
 from deviceplugin.rm import ResourceManager, ResourceManagers
 from deviceplugin.server import PluginServer, ServeError
 from gpus.backoff import Backoff
 from gpus.resources import Resource, ResourceMap
-from gpus.runtime.metrics import PluginMetrics
+
+if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
+    from gpus.runtime.metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
 

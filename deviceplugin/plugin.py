@@ -25,14 +25,14 @@ from gpus.config import Config
 from gpus.errors import InitError
 from gpus.model import Snapshot
 from gpus.resources import Resource, ResourceMap, build_resource_map
-from gpus.runtime.metrics import PluginMetrics
 
-if TYPE_CHECKING:  # imported lazily at run time: start-up time matters (docs/benchmarks.md)
+if TYPE_CHECKING:
     from deviceplugin.health import HealthMonitor
     from deviceplugin.manager import PluginManager
     from deviceplugin.rm import NodeManagers
     from gpus.fake import FakeNvml
     from gpus.nvml import Nvml
+    from gpus.runtime.metrics import PluginMetrics  # prometheus_client: only with metrics on
 
 log = logging.getLogger("deviceplugin")
 

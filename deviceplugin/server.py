@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,8 +28,10 @@ from deviceplugin.allocate import AllocationError, ContainerAllocation
 from deviceplugin.rm import ResourceManager
 from gpus.config import RESOURCE_PREFIX
 from gpus.resources import HEALTHY, UNHEALTHY, Device, Resource
-from gpus.runtime.metrics import PluginMetrics
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
+    from gpus.runtime.metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
 

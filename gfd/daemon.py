@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from gfd.labels import (
     TIMESTAMP_LABEL,
@@ -47,7 +47,9 @@ from gpus.config import Config, ConfigError, GfdOptions, OutputMode, reload
 from gpus.errors import InitError, NvmlError
 from gpus.model import Snapshot
 from gpus.runtime import EXIT_FAILURE, EXIT_OK, NvmlBackend, Signals
-from gpus.runtime.metrics import GfdMetrics
+
+if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
+    from gpus.runtime.metrics import GfdMetrics
 
 log = logging.getLogger("gfd")
 

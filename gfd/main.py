@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from gfd.daemon import (
     ONESHOT_PATCH_ATTEMPTS,
@@ -51,9 +52,12 @@ from gpus.runtime import (
     run_daemon,
     setup_logging,
 )
-from gpus.runtime.metrics import GfdMetrics, MetricsAddressError, serve
-from gpus.runtime.metrics import parse_address as parse_metrics_address
+from gpus.runtime.metricsaddress import MetricsAddressError
+from gpus.runtime.metricsaddress import parse_address as parse_metrics_address
 from gpus.runtime.version import add_version_flag
+
+if TYPE_CHECKING:
+    from gpus.runtime.metrics import GfdMetrics, MetricsEndpoint
 
 __all__ = [  # re-exported: tests and the bench import them from here
     "DEFAULT_HEALTH_FILE",
@@ -131,8 +135,14 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                                   config.flags.use_node_feature_api)
     address = metrics_address(args.metrics_address, environ)
     undo_logging = setup_logging(options.log_level)
-    metrics = GfdMetrics() if address is not None else None
-    endpoint = serve(address, metrics.registry) if metrics and address else None
+    metrics: GfdMetrics | None = None
+    endpoint: MetricsEndpoint | None = None
+    if address is not None:
+        # prometheus_client and its HTTP server: ~30 ms of start-up, paid only when metrics are on.
+        from gpus.runtime.metrics import GfdMetrics, serve
+
+        metrics = GfdMetrics()
+        endpoint = serve(address, metrics.registry)
     backend = NvmlBackend(environ)
     signals = Signals().install()
     try:

@@ -20,27 +20,16 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
+from gpus.runtime.metricsaddress import MetricsAddressError, parse_address
+
+__all__ = ["GfdMetrics", "MetricsAddressError", "MetricsEndpoint", "PluginMetrics",
+           "parse_address", "serve"]
+
 log = logging.getLogger(__name__)
 
 # Allocate takes ~0.1-1 ms in-process (docs/benchmarks.md); the kubelet's own timeout is long.
 RPC_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 PASS_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class MetricsAddressError(ValueError):
-    """A ``--metrics-address`` that is not ``[host]:port``."""
-
-
-def parse_address(text: str) -> tuple[str, int] | None:
-    """``host:port`` / ``:port`` / ``[v6]:port`` -> (host, port); "" -> None (metrics off)."""
-    text = text.strip()
-    if not text:
-        return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise MetricsAddressError(
-            f"--metrics-address {text!r}: expected [host]:port, e.g. :9401 or 127.0.0.1:9401")
-    return host.strip("[]"), int(port)
 
 
 @dataclass

@@ -13,7 +13,6 @@ import argparse
 import platform
 import subprocess
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ _GIT_TIMEOUT_S = 2.0
 
 def package_version() -> str:
     """The installed distribution's version, or ``unknown`` when it is not installed."""
+    from importlib import metadata  # ~5 ms; only --version needs it, not every start
+
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
@@ -53,6 +54,8 @@ def git_commit(commit_file: Path = COMMIT_FILE, checkout: Path | None = None) ->
 
 def grpcio_version() -> str:
     """grpcio's version, from its metadata (importing grpc is not needed to know it)."""
+    from importlib import metadata
+
     try:
         return metadata.version("grpcio")
     except metadata.PackageNotFoundError:

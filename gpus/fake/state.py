@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pynvml
 
-from gpus.fake.profile import ComputeInstance, GpuInstance, GpuSpec, Profile, ProfileError
+from gpus.fake.profile_model import ComputeInstance, GpuInstance, GpuSpec, Profile, ProfileError
 from gpus.fake.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import builders
 import pytest
 from test_allocate import (
     GPUS,
@@ -26,7 +27,7 @@ import deviceplugin.allocate
 import deviceplugin.rm
 from deviceplugin.allocate import AllocationError, ContainerAllocation, device_index, host_path
 from deviceplugin.rm import GpuResourceManager, NodeManagers
-from gpus.model import Snapshot, SystemInfo
+from gpus.config import Config
 from gpus.resources import Device, Resource
 
 
@@ -74,14 +75,14 @@ def test_a_manager_indexes_its_resource_once_and_a_new_version_again(
     given: list[tuple[str, Mapping[str, Device]]] = []
     real_build = deviceplugin.allocate.build_allocation
 
-    def recording_build(resource: Resource, ids: Sequence[str], cfg: object,
+    def recording_build(resource: Resource, ids: Sequence[str], cfg: Config,
                         *, index: Mapping[str, Device]) -> ContainerAllocation:
         given.append((resource.name, index))
-        return real_build(resource, ids, cfg, index=index)  # type: ignore[arg-type]
+        return real_build(resource, ids, cfg, index=index)
 
     monkeypatch.setattr(deviceplugin.allocate, "device_index", no_rebuild)
     monkeypatch.setattr(deviceplugin.rm, "build_allocation", recording_build)
-    snapshot = Snapshot(system=SystemInfo("535.129.03", 12020), gpus=tuple(GPUS))
+    snapshot = builders.snapshot(*GPUS)
     managers = NodeManagers.create(config(), snapshot)
     whole, shared = managers.manager(RESOURCE), managers.manager(replicated(GPUS[:2], 2))
     assert envs(whole, "GPU-0002") == {"NVIDIA_VISIBLE_DEVICES": "GPU-0002"}

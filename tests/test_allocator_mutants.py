@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from math import comb
 
+import builders
 import pytest
 from test_allocator_shared import mig as shared_mig
 from test_allocator_shared import replica
@@ -13,13 +15,12 @@ from test_resources import make_gpu
 from deviceplugin import allocator
 from deviceplugin.allocator import Allocator
 from deviceplugin.shared_policy import preferred_shared
-from gpus.model import Snapshot, SystemInfo
+from gpus.model import Snapshot
 from gpus.resources import Device
 
 
 def no_topology(count: int) -> Snapshot:
-    return Snapshot(system=SystemInfo("535.129.03", 12020),
-                    gpus=tuple(make_gpu(i) for i in range(count)))
+    return builders.snapshot(*(make_gpu(i) for i in range(count)))
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
@@ -118,7 +119,8 @@ def test_packing_steps_counts_the_groups_packing_table_examines(
     examined = [0]
     real_split = allocator._best_split
 
-    def counting_split(subset, low, rest, partners, set_score, packed):  # type: ignore[no-untyped-def]
+    def counting_split(subset: int, low: int, rest: tuple[int, ...], partners: int,
+                       set_score: Callable[[int], int], packed: Callable[[int], int]) -> int:
         examined[0] += comb(len(rest), partners)
         return real_split(subset, low, rest, partners, set_score, packed)
 

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 
 from gpus.config import (
+    AllocationPolicy,
     Config,
     ConfigError,
+    DeviceIdStrategy,
+    DeviceListStrategy,
     GfdFlags,
+    MigStrategy,
     PluginFlags,
     ReplicatedResource,
     TimeSlicing,
@@ -64,7 +68,7 @@ sharing:
 
 def parse(program: str, argv: Sequence[str] = ()) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=program)
-    add_flags(parser, program)  # type: ignore[arg-type]
+    add_flags(parser, program)  # type: ignore[arg-type]  # parametrized names: plain str
     return parser.parse_args(list(argv))
 
 
@@ -103,8 +107,9 @@ def test_full_file(tmp_path: Path) -> None:
     assert flags.mig_strategy == "mixed" and not flags.fail_on_init_error
     assert flags.nvidia_driver_root == "/run/nvidia/driver" and flags.dev_root == "/"
     assert flags.plugin == PluginFlags(pass_device_specs=True,
-                                       device_list_strategy=("envvar", "cdi-annotations"),
-                                       device_id_strategy="index",
+                                       device_list_strategy=(DeviceListStrategy.ENVVAR,
+                                                             DeviceListStrategy.CDI_ANNOTATIONS),
+                                       device_id_strategy=DeviceIdStrategy.INDEX,
                                        kubelet_socket="/tmp/kubelet.sock")
     assert flags.gfd == GfdFlags(True, True, 90.0, "/tmp/gfd", "/tmp/product_name")
     assert cfg.sharing.time_slicing == TimeSlicing(
@@ -337,8 +342,10 @@ def test_plugin_flags() -> None:
     assert (flags.mig_strategy, flags.fail_on_init_error) == ("single", False)
     assert (flags.nvidia_driver_root, flags.dev_root) == ("/run/nvidia/driver", "/dev-root")
     assert (flags.nvml, flags.sysfs_root) == ("fake:dgx-a100", "/tmp/sys")
-    assert flags.plugin == PluginFlags(True, ("envvar", "cdi-cri", "volume-mounts"), "index",
-                                       "packed", "", "/tmp/cdi", 0.0, 60.0)
+    assert flags.plugin == PluginFlags(
+        True, (DeviceListStrategy.ENVVAR, DeviceListStrategy.CDI_CRI,
+               DeviceListStrategy.VOLUME_MOUNTS),
+        DeviceIdStrategy.INDEX, AllocationPolicy.PACKED, "", "/tmp/cdi", 0.0, 60.0)
 
 
 def test_plugin_env() -> None:
@@ -352,8 +359,9 @@ def test_plugin_env() -> None:
     flags = cfg.flags
     assert (flags.mig_strategy, flags.fail_on_init_error, flags.dev_root) == ("mixed", False,
                                                                               "/drv")
-    assert flags.plugin == PluginFlags(True, ("cdi-annotations", "envvar"), "index", "packed",
-                                       "/k.sock", "/cdi", 2.5, 10.0)
+    assert flags.plugin == PluginFlags(
+        True, (DeviceListStrategy.CDI_ANNOTATIONS, DeviceListStrategy.ENVVAR),
+        DeviceIdStrategy.INDEX, AllocationPolicy.PACKED, "/k.sock", "/cdi", 2.5, 10.0)
     assert (flags.nvml, flags.sysfs_root) == ("fake:t4", "/s")
     assert not flags.gfd.oneshot  # GFD_* variables are not the plugin's
 
@@ -448,7 +456,7 @@ def test_gfd_value_errors() -> None:
 
 def test_add_flags_rejects_unknown_program() -> None:
     with pytest.raises(ValueError, match="program must be one of plugin, gfd"):
-        add_flags(argparse.ArgumentParser(), "kubelet")  # type: ignore[arg-type]
+        add_flags(argparse.ArgumentParser(), "kubelet")  # type: ignore[arg-type]  # bad on purpose
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -519,7 +527,7 @@ def test_gfd_reads_its_section_from_the_shared_file(tmp_path: Path) -> None:
 def test_config_is_immutable() -> None:
     cfg = parse_config(FULL)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.flags.mig_strategy = "single"  # type: ignore[misc]
+        cfg.flags.mig_strategy = MigStrategy.SINGLE  # type: ignore[misc]  # frozen: on purpose
     assert isinstance(cfg.sharing.time_slicing.resources, tuple)
     assert isinstance(cfg.flags.plugin.device_list_strategy, tuple)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
 
+import builders
 import grpc
 import pytest
 from test_plugin_mig_e2e import TIMEOUT, mig_config
@@ -31,7 +33,7 @@ from exporter.attribution import (
     split_replica,
 )
 from gpus.config import ReplicatedResource
-from gpus.model import GPU, MigDevice, Snapshot, SystemInfo
+from gpus.model import GPU, MigDevice, Snapshot
 from protos.podresources.v1 import api_pb2 as pr_pb2
 
 G0 = "GPU-00000000-0000-0000-0000-000000000000"
@@ -42,9 +44,9 @@ GPU_RES = "nvidia.com/gpu"
 
 
 def mig(uuid: str, index: int, parent: GPU, gi: int) -> MigDevice:
-    return MigDevice(uuid=uuid, index=index, parent_index=parent.index, parent_uuid=parent.uuid,
-                     gpu_instance_id=gi, compute_instance_id=0, profile="3g.20gb",
-                     memory_bytes=20 << 30, gpu_instance_slices=3, compute_instance_slices=3)
+    return builders.mig_device(parent.index, index, uuid=uuid, parent_uuid=parent.uuid,
+                               gpu_instance_id=gi, profile="3g.20gb", memory_bytes=20 << 30,
+                               gpu_instance_slices=3, compute_instance_slices=3)
 
 
 def snapshot() -> Snapshot:
@@ -52,9 +54,9 @@ def snapshot() -> Snapshot:
     base = make_snapshot(2)
     g0, g1 = base.gpus
     assert (g0.uuid, g1.uuid) == (G0, G1)
-    g1 = GPU(**{**g1.__dict__, "mig_enabled": True, "mig_capable": True,
-                "mig_devices": (mig(MIG_A, 0, g1, 1), mig(MIG_B, 1, g1, 2))})
-    return Snapshot(SystemInfo("570.124.06", 12080), (g0, g1), base.links)
+    g1 = dataclasses.replace(g1, mig_enabled=True, mig_capable=True,
+                             mig_devices=(mig(MIG_A, 0, g1, 1), mig(MIG_B, 1, g1, 2)))
+    return builders.snapshot(g0, g1, driver="570.124.06", cuda=12080, links=base.links)
 
 
 def pod(namespace: str, name: str, *containers: tuple[str, list[tuple[str, list[str]]]]
@@ -164,7 +166,7 @@ def test_mapping_is_deterministic_and_immutable() -> None:
     assert forward == backward
     assert list(forward.pods_of(DeviceKey(G0))) == sorted(forward.pods_of(DeviceKey(G0)))
     with pytest.raises(TypeError):
-        forward.pods[DeviceKey(G1)] = ()  # type: ignore[index]
+        forward.pods[DeviceKey(G1)] = ()  # type: ignore[index]  # read-only: on purpose
 
 
 def test_split_replica() -> None:
@@ -207,7 +209,7 @@ class Script:
         return self.answer
 
 
-class RpcFailure(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+class RpcFailure(grpc.RpcError, grpc.Call):  # type: ignore[misc]  # grpc ships no types
     """What a failed unary call raises."""
 
     def __init__(self, code: grpc.StatusCode, details: str = "boom") -> None:
@@ -295,7 +297,8 @@ def test_failures_are_classified(error: BaseException, kind: str) -> None:
     assert refresher.refresh_now().health.kind == kind  # never raises
 
 
-def test_problems_are_logged_once_per_state_change_and_counted(caplog) -> None:
+def test_problems_are_logged_once_per_state_change_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="exporter.attribution")
     refresher, script, _ = scripted()
     script.answer = ONE_POD
@@ -335,13 +338,17 @@ def test_a_bad_resolver_is_an_internal_failure_not_a_crash() -> None:
 # the thread ------------------------------------------------------------------------------
 
 
+# Starts a refresher over a fetch function (the `running` fixture's value); stopped at teardown.
+Start = Callable[..., AttributionRefresher]
+
+
 @pytest.fixture
-def running() -> Iterator[Callable[..., AttributionRefresher]]:
+def running() -> Iterator[Start]:
     started: list[AttributionRefresher] = []
 
     def start(fetch: Callable[[], pr_pb2.ListPodResourcesResponse], **kwargs: object
               ) -> AttributionRefresher:
-        refresher = AttributionRefresher(fetch, RESOLVE, **kwargs)  # type: ignore[arg-type]
+        refresher = AttributionRefresher(fetch, RESOLVE, **kwargs)  # type: ignore[arg-type]  # options a test names
         started.append(refresher)
         refresher.start()
         return refresher
@@ -351,7 +358,7 @@ def running() -> Iterator[Callable[..., AttributionRefresher]]:
         refresher.stop()
 
 
-def test_thread_refreshes_on_start_and_on_request(running) -> None:
+def test_thread_refreshes_on_start_and_on_request(running: Start) -> None:
     script = Script()
     script.answer = ONE_POD
     refresher = running(script, interval_s=3600)
@@ -362,7 +369,7 @@ def test_thread_refreshes_on_start_and_on_request(running) -> None:
     assert refresher.current().attribution == Attribution()
 
 
-def test_a_scrape_reads_while_the_kubelet_hangs(running) -> None:
+def test_a_scrape_reads_while_the_kubelet_hangs(running: Start) -> None:
     entered, release = threading.Event(), threading.Event()
     answers = iter([ONE_POD])
 
@@ -400,6 +407,7 @@ def test_pods_through_the_mock_kubelet_appear_on_their_gpus() -> None:
             held = {n: env.kubelet.allocate(name, 1, pod=f"pod-{n}", must_include=())
                     .allocated[0] for n in range(3)}
             client = PodResourcesClient(path, timeout_s=TIMEOUT)
+            assert env.plugin.snapshot is not None
             refresher = AttributionRefresher(client.list,
                                              resolver_from_snapshot(env.plugin.snapshot))
             current = refresher.refresh_now()
@@ -420,6 +428,7 @@ def test_mig_pods_through_the_mock_kubelet_map_to_parent_and_instance() -> None:
         mig_config(directory, "a100-mig-mixed", "mixed"), directory
     ) as (env, path):
         snap = env.plugin.snapshot
+        assert snap is not None
         resource = next(r for r in env.kubelet.resources() if r.startswith("nvidia.com/mig-"))
         (mig_id,) = env.kubelet.allocate(resource, 1, pod="m", namespace="ns").allocated
         client = PodResourcesClient(path, timeout_s=TIMEOUT)
@@ -433,7 +442,8 @@ def test_mig_pods_through_the_mock_kubelet_map_to_parent_and_instance() -> None:
     assert key in allocatable
 
 
-def test_no_socket_then_a_kubelet_then_a_restart_then_errors(caplog) -> None:
+def test_no_socket_then_a_kubelet_then_a_restart_then_errors(
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="exporter.attribution")
     with short_tmpdir() as directory:
         path = os.path.join(directory, "pr.sock")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-from test_plugin_mig_e2e import TIMEOUT, mig_config
+from test_plugin_mig_e2e import TIMEOUT, Env, mig_config
 from test_plugin_sharing_e2e import shared
 from test_podresources import pod_resources_env
 from test_server_support import short_tmpdir
@@ -21,17 +21,19 @@ from exporter.fields import DEFAULT_COLLECTORS
 from exporter.http import generate_text
 from exporter.pods import PidMapper
 from exporter.series import SeriesOptions
-from gpus.config import ReplicatedResource
-from gpus.fake import FakeProcess
+from gpus.config import Config, ReplicatedResource
+from gpus.fake import FakeNvml, FakeProcess
 from gpus.telemetry import TelemetryReader
 
 GPU_RES = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"
 _LINE = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+# One sample line of the text format: (name, labels, value).
+Sample = tuple[str, dict[str, str], float]
 
 
-def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
+def parse(text: str) -> list[Sample]:
     """(name, labels, value) of every sample line with labels."""
     found = []
     for line in text.splitlines():
@@ -45,12 +47,13 @@ def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
 class Scraper:
     """A collector on the env's fake and kubelet, with fake /proc and container logs."""
 
-    def __init__(self, env, path: str, root: Path) -> None:
+    def __init__(self, env: Env, path: str, root: Path) -> None:
         self.env = env
         self.proc, self.logs = root / "proc", root / "containers"
         self.proc.mkdir()
         self.logs.mkdir()
         snap = env.plugin.snapshot
+        assert snap is not None
         self.reader = TelemetryReader()
         self.sampler = Sampler(snap, self.reader, 60.0, PidMapper(str(self.proc), str(self.logs)))
         self.client = PodResourcesClient(path, timeout_s=TIMEOUT)
@@ -67,11 +70,17 @@ class Scraper:
             f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/"
             f"cri-containerd-{cid}.scope\n")
         (self.logs / f"{pod}_{namespace}_{container}-{cid}.log").touch()
-        controller = self.env.plugin.controller
+        controller = self.controller()
         current = controller._state.telemetry.processes.get(device, [])
         controller.set_processes(device, [*current, FakeProcess(pid, used_mib, sm)])
 
-    def scrape(self) -> list[tuple[str, dict[str, str], float]]:
+    def controller(self) -> FakeNvml:
+        """The fake NVML beneath the env's plugin."""
+        controller = self.env.plugin.controller
+        assert controller is not None
+        return controller
+
+    def scrape(self) -> list[Sample]:
         self.refresher.refresh_now()
         self.sampler.sample_now()
         return parse(generate_text(self.collector, self.collector.formats).decode())
@@ -82,7 +91,7 @@ class Scraper:
 
 
 @contextmanager
-def scraper(config_for, tmp_path: Path) -> Iterator[Scraper]:
+def scraper(config_for: Callable[[str], Config], tmp_path: Path) -> Iterator[Scraper]:
     with short_tmpdir() as directory, pod_resources_env(config_for(directory),
                                                          directory) as (env, path):
         s = Scraper(env, path, tmp_path)
@@ -92,12 +101,13 @@ def scraper(config_for, tmp_path: Path) -> Iterator[Scraper]:
             s.close()
 
 
-def series(samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+def series(samples: Sequence[Sample], name: str,
+           **labels: str) -> list[tuple[dict[str, str], float]]:
     return [(lab, v) for n, lab, v in samples
             if n == name and all(lab.get(k) == want for k, want in labels.items())]
 
 
-def test_whole_gpu_pod_on_its_gpus_series(tmp_path) -> None:
+def test_whole_gpu_pod_on_its_gpus_series(tmp_path: Path) -> None:
     with scraper(lambda d: mig_config(d, "dgx-a100", "none"), tmp_path) as s:
         (held,) = s.env.kubelet.allocate(GPU_RES, 1, pod="train", namespace="ml").allocated
         samples = s.scrape()
@@ -110,11 +120,13 @@ def test_whole_gpu_pod_on_its_gpus_series(tmp_path) -> None:
     assert len(others) == 7 and all("pod" not in lab for lab in others)
 
 
-def test_mig_pod_on_its_instance_series(tmp_path) -> None:
+def test_mig_pod_on_its_instance_series(tmp_path: Path) -> None:
     with scraper(lambda d: mig_config(d, "a100-mig-mixed", "mixed"), tmp_path) as s:
         resource = next(r for r in s.env.kubelet.resources() if r.startswith("nvidia.com/mig-"))
         (mig_id,) = s.env.kubelet.allocate(resource, 1, pod="m", namespace="ns").allocated
-        mig = next(m for g in s.env.plugin.snapshot.gpus for m in g.mig_devices
+        snap = s.env.plugin.snapshot
+        assert snap is not None
+        mig = next(m for g in snap.gpus for m in g.mig_devices
                    if m.uuid == mig_id)
         samples = s.scrape()
     used = series(samples, "DCGM_FI_DEV_FB_USED", pod="m")
@@ -124,12 +136,12 @@ def test_mig_pod_on_its_instance_series(tmp_path) -> None:
     assert labels["GPU_I_PROFILE"] == mig.profile
 
 
-def _shared_config(directory: str):
+def _shared_config(directory: str) -> Config:
     return shared(mig_config(directory, "dgx-a100", "none"), ReplicatedResource(GPU_RES, 4),
                   rename_by_default=True)
 
 
-def test_time_sliced_pods_each_get_their_own_series(tmp_path) -> None:
+def test_time_sliced_pods_each_get_their_own_series(tmp_path: Path) -> None:
     with scraper(_shared_config, tmp_path) as s:
         held = {n: s.env.kubelet.allocate(SHARED, 1, pod=f"pod-{n}").allocated[0]
                 for n in range(10)}  # ten pods on eight GPUs: some GPUs are shared
@@ -152,7 +164,7 @@ def test_time_sliced_pods_each_get_their_own_series(tmp_path) -> None:
     assert len(temps) == len(sharers) and all(lab["shared"] == "true" for lab, _ in temps)
 
 
-def test_a_failing_kubelet_keeps_series_flowing_and_is_counted(tmp_path) -> None:
+def test_a_failing_kubelet_keeps_series_flowing_and_is_counted(tmp_path: Path) -> None:
     with scraper(lambda d: mig_config(d, "dgx-a100", "none"), tmp_path) as s:
         s.env.kubelet.allocate(GPU_RES, 1, pod="train")
         assert any("pod" in lab for _, lab, _ in s.scrape())
@@ -165,11 +177,11 @@ def test_a_failing_kubelet_keeps_series_flowing_and_is_counted(tmp_path) -> None
     assert "gpu_exporter_pod_mapping_age_seconds " in text
 
 
-def test_scrapes_never_read_nvml(tmp_path) -> None:
+def test_scrapes_never_read_nvml(tmp_path: Path) -> None:
     with scraper(lambda d: mig_config(d, "dgx-a100", "none"), tmp_path) as s:
         s.scrape()
         reading = s.sampler.latest()
-        controller = s.env.plugin.controller
+        controller = s.controller()
         controller.fail("nvmlDeviceGetTemperature", "NVML_ERROR_UNKNOWN")  # NVML now "broken"
         texts: list[str] = []
         threads = [threading.Thread(target=lambda: texts.append(
@@ -183,7 +195,7 @@ def test_scrapes_never_read_nvml(tmp_path) -> None:
     assert all(len(series(parse(t), "DCGM_FI_DEV_GPU_TEMP")) == 8 for t in texts)
 
 
-def test_a_new_mapping_shows_without_a_new_sample(tmp_path) -> None:
+def test_a_new_mapping_shows_without_a_new_sample(tmp_path: Path) -> None:
     with scraper(lambda d: mig_config(d, "dgx-a100", "none"), tmp_path) as s:
         assert not any("pod" in lab for _, lab, _ in s.scrape())
         s.env.kubelet.allocate(GPU_RES, 1, pod="late")

@@ -7,20 +7,26 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
+from conftest import FakeFactory
 
 from exporter.attribution import DeviceKey
+from exporter.fields import Collector
 from exporter.http import WebConfigError, load_web_config
+from exporter.series import Family, Inputs, SeriesOptions, build_families
 from exporter.service import Exporter, ExporterOptions, build_exporter
 from gpus.fake import FakeNvml
 
 TIMEOUT = 10.0
+# The running fake and the exporter serving it (the `running` fixture's value).
+Running = tuple[FakeNvml, Exporter]
 
 
 @pytest.fixture
-def running(fake_nvml) -> Iterator[tuple[FakeNvml, Exporter]]:
+def running(fake_nvml: FakeFactory) -> Iterator[Running]:
     fake = fake_nvml("h100-mig-mixed")
     exporter = build_exporter(ExporterOptions(
         address=("127.0.0.1", 0), hostname="gpu-node-1", collect_interval_ms=60000,
@@ -42,7 +48,7 @@ def get(exporter: Exporter, path: str, accept: str | None = None) -> tuple[int, 
         return err.code, err.headers["Content-Type"], err.read().decode()
 
 
-def test_metrics_text_keeps_dcgm_names_and_formats(running) -> None:
+def test_metrics_text_keeps_dcgm_names_and_formats(running: Running) -> None:
     _, exporter = running
     status, content_type, body = get(exporter, "/metrics")
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
@@ -56,7 +62,7 @@ def test_metrics_text_keeps_dcgm_names_and_formats(running) -> None:
     assert 'GPU_I_PROFILE="3g.40gb",GPU_I_ID="1",Hostname="gpu-node-1"' in body
 
 
-def test_openmetrics_on_request(running) -> None:
+def test_openmetrics_on_request(running: Running) -> None:
     _, exporter = running
     status, content_type, body = get(exporter, "/metrics", "application/openmetrics-text")
     assert status == 200 and content_type.startswith("application/openmetrics-text")
@@ -64,7 +70,7 @@ def test_openmetrics_on_request(running) -> None:
     assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION unknown" in body
 
 
-def test_health_follows_sample_freshness(running) -> None:
+def test_health_follows_sample_freshness(running: Running) -> None:
     _, exporter = running
     assert get(exporter, "/health")[0] == 200
     assert exporter.sampler is not None
@@ -73,7 +79,7 @@ def test_health_follows_sample_freshness(running) -> None:
     assert get(exporter, "/nope")[0] == 404
 
 
-def test_concurrent_scrapes_share_one_reading(running) -> None:
+def test_concurrent_scrapes_share_one_reading(running: Running) -> None:
     _, exporter = running
     assert exporter.sampler is not None
     reading = exporter.sampler.latest()
@@ -89,7 +95,7 @@ def test_concurrent_scrapes_share_one_reading(running) -> None:
     assert len(bodies) == 8 and all(lines == gpu_lines[0] for lines in gpu_lines)
 
 
-def test_lost_gpu_disappears_and_comes_back(running) -> None:
+def test_lost_gpu_disappears_and_comes_back(running: Running) -> None:
     fake, exporter = running
     assert exporter.sampler is not None
     uuid = fake.uuids()[1]
@@ -103,7 +109,7 @@ def test_lost_gpu_disappears_and_comes_back(running) -> None:
     assert f'DCGM_FI_DEV_GPU_TEMP{{gpu="1",UUID="{uuid}"' in get(exporter, "/metrics")[2]
 
 
-def test_one_failing_call_omits_one_series_and_is_counted(running) -> None:
+def test_one_failing_call_omits_one_series_and_is_counted(running: Running) -> None:
     fake, exporter = running
     assert exporter.sampler is not None
     fake.fail("nvmlDeviceGetTemperature", "NVML_ERROR_UNKNOWN", count=1)
@@ -115,7 +121,7 @@ def test_one_failing_call_omits_one_series_and_is_counted(running) -> None:
             'error="NVML_ERROR_UNKNOWN"} 1.0') in body
 
 
-def test_xid_reaches_the_series(running) -> None:
+def test_xid_reaches_the_series(running: Running) -> None:
     fake, exporter = running
     fake.inject_xid(0, 79, wait=TIMEOUT)
     collector = exporter.collector
@@ -147,7 +153,7 @@ def promtool_problems(text: str) -> list[str]:
 
 
 @NO_PROMTOOL
-def test_promtool_accepts_our_output(running) -> None:
+def test_promtool_accepts_our_output(running: Running) -> None:
     _, exporter = running
     assert promtool_problems(get(exporter, "/metrics")[2]) == []
 
@@ -158,7 +164,7 @@ def test_promtool_check_catches_a_broken_exposition() -> None:
     assert promtool_problems("# TYPE x gauge\n# TYPE x counter\nx 1\n")
 
 
-def test_web_config_basic_auth_is_refused_with_a_reason(tmp_path) -> None:
+def test_web_config_basic_auth_is_refused_with_a_reason(tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text("basic_auth_users:\n  alice: $2y$10$abc\n")
     with pytest.raises(WebConfigError, match="basic_auth_users is not supported"):
@@ -171,7 +177,7 @@ def test_web_config_basic_auth_is_refused_with_a_reason(tmp_path) -> None:
         load_web_config(str(path))
 
 
-def test_a_slow_client_does_not_stall_others(running) -> None:
+def test_a_slow_client_does_not_stall_others(running: Running) -> None:
     import socket
 
     _, exporter = running
@@ -191,7 +197,7 @@ def test_bad_options_are_refused_naming_the_flag() -> None:
         build_exporter(ExporterOptions(kubernetes_gpu_id_type="index"))
 
 
-def test_a_failed_start_leaves_nothing_running(fake_nvml) -> None:
+def test_a_failed_start_leaves_nothing_running(fake_nvml: FakeFactory) -> None:
     import socket
 
     fake = fake_nvml("t4")
@@ -207,7 +213,7 @@ def test_a_failed_start_leaves_nothing_running(fake_nvml) -> None:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
-def test_tls_from_a_web_config_file(fake_nvml, tmp_path) -> None:
+def test_tls_from_a_web_config_file(fake_nvml: FakeFactory, tmp_path: Path) -> None:
     import ssl
 
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -240,7 +246,8 @@ def test_tls_from_a_web_config_file(fake_nvml, tmp_path) -> None:
         exporter.stop()
 
 
-def test_kubernetes_mode_without_a_kubelet_serves_and_counts(fake_nvml, sockdir) -> None:
+def test_kubernetes_mode_without_a_kubelet_serves_and_counts(
+        fake_nvml: FakeFactory, sockdir: str) -> None:
     import os
 
     fake = fake_nvml("t4")
@@ -259,17 +266,19 @@ def test_kubernetes_mode_without_a_kubelet_serves_and_counts(fake_nvml, sockdir)
     assert "gpu_exporter_pod_mapping_stale 0.0" in body
 
 
-def test_families_are_built_on_the_sampling_thread_not_by_scrapes(running, monkeypatch) -> None:
+def test_families_are_built_on_the_sampling_thread_not_by_scrapes(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     import exporter.collector as collector_module
 
     _, exporter = running
     assert exporter.sampler is not None
     built: list[str] = []
-    real = collector_module.build_families
+    real = build_families  # what exporter.collector calls
 
-    def counting(*args, **kwargs):
+    def counting(inputs: Inputs, collectors: Iterable[Collector],
+                 options: SeriesOptions) -> list[Family]:
         built.append(threading.current_thread().name)
-        return real(*args, **kwargs)
+        return real(inputs, collectors, options)
 
     monkeypatch.setattr(collector_module, "build_families", counting)
     exporter.sampler.sample_now()

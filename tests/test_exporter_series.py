@@ -29,7 +29,7 @@ def sample(*devices: DeviceSample) -> Sample:
 
 
 def gpu0(**values: object) -> DeviceSample:
-    return DeviceSample(uuid=G0, gpu_uuid=G0, **values)  # type: ignore[arg-type]
+    return DeviceSample(uuid=G0, gpu_uuid=G0, **values)  # type: ignore[arg-type]  # fields a test names
 
 
 def families(inputs: Inputs, options: SeriesOptions = HOST) -> dict[str, Family]:

@@ -161,7 +161,7 @@ def all_containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def container(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
     """The container called ``name``."""
-    matches = [c for c in spec["containers"] if c["name"] == name]
+    matches: list[dict[str, Any]] = [c for c in spec["containers"] if c["name"] == name]
     assert len(matches) == 1, f"container {name!r} missing or duplicated"
     return matches[0]
 
@@ -515,7 +515,9 @@ def test_resources_have_requests_below_limits(path: str) -> None:
     units = {"Mi": 2**20, "Gi": 2**30, "m": 1e-3, "": 1}
 
     def quantity(text: str) -> float:
-        number, unit = re.fullmatch(r"([0-9.]+)(Mi|Gi|m|)", str(text)).groups()  # type: ignore[union-attr]
+        match = re.fullmatch(r"([0-9.]+)(Mi|Gi|m|)", str(text))
+        assert match is not None, f"unreadable quantity {text!r}"
+        number, unit = match.groups()
         return float(number) * units[unit]
 
     for ctr in pod_spec(path)["containers"]:

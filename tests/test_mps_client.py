@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import builders
+
 from gpus.config import Config, Flags, Mps, ReplicatedResource, Sharing
-from gpus.model import GPU, Snapshot, SystemInfo
+from gpus.model import GPU, MIB
 from gpus.mps import (
-    MIB,
     Mount,
     MpsRoot,
     active_thread_percentage,
@@ -36,14 +37,13 @@ def test_root_layout() -> None:
 
 
 def gpu(index: int, memory_mib: int) -> GPU:
-    return GPU(index=index, uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000", name="X",
-               memory_bytes=memory_mib * MIB, compute_capability=(8, 0), architecture="ampere",
-               brand="Nvidia", minor=index, pci_bus_id=f"00000000:{index:02x}:00.0")
+    return builders.gpu(index, uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000", name="X",
+                        memory_bytes=memory_mib * MIB, pci_bus_id=f"00000000:{index:02x}:00.0")
 
 
 def test_limits_are_memory_over_replicas_and_100_over_replicas() -> None:
-    snapshot = Snapshot(system=SystemInfo("550.54.15", 12040),
-                        gpus=(gpu(0, 40960), gpu(1, 81920), gpu(2, 0)))
+    snapshot = builders.snapshot(gpu(0, 40960), gpu(1, 81920), gpu(2, 0), driver="550.54.15",
+                                 cuda=12040)
     config = Config(flags=Flags(mps_root="/r"), sharing=Sharing(mps=Mps(resources=(
         ReplicatedResource("nvidia.com/gpu", 3),))))
     resource = build_resource_map(snapshot, config).resources["nvidia.com/gpu"]

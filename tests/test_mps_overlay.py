@@ -116,7 +116,7 @@ def daemon_config(program: str, tmp_path: Path) -> gpus_config.Config:
             local.write_text(config_map["data"][Path(environ[variable]).name])
             environ[variable] = local.as_posix()
     parser = argparse.ArgumentParser()
-    gpus_config.add_flags(parser, program)  # type: ignore[arg-type]
+    gpus_config.add_flags(parser, program)  # type: ignore[arg-type]  # parametrized: str
     return gpus_config.resolve(parser.parse_args([]), environ)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pynvml
@@ -15,7 +15,8 @@ from gpus.backoff import Backoff
 from gpus.config import Config, Flags, Mps, ReplicatedResource, Sharing
 from gpus.fake import FakeNvml
 from gpus.fake.mpscontrol import FAIL_ENV, inject, install_as, read_state
-from gpus.mps import MIB, MpsError, MpsRoot
+from gpus.model import MIB
+from gpus.mps import MpsError, MpsRoot
 from gpus.nvml import Nvml
 from gpus.resources import build_resource_map
 from mpsdaemon.daemon import MpsDaemon
@@ -210,7 +211,7 @@ class RecordingMounter:
     def unmount(self, path: Path) -> None:
         self.calls.append(("umount", path))
 
-    def mount(self, source: str, target: Path, fstype: str, options: list[str]) -> None:
+    def mount(self, source: str, target: Path, fstype: str, options: Sequence[str]) -> None:
         self.calls.append(("mount", source, target, fstype, tuple(options)))
 
 

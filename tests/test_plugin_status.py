@@ -74,7 +74,8 @@ def test_status_json_shape() -> None:
     }
 
 
-def test_unwritable_status_file_is_logged_once_not_raised(tmp_path: Path, caplog) -> None:
+def test_unwritable_status_file_is_logged_once_not_raised(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     missing = str(tmp_path / "no-such-dir" / "status.json")
     files = ReadinessFile("", missing)
     with caplog.at_level("WARNING", logger="deviceplugin.readiness"):
@@ -141,7 +142,8 @@ def healthy(count: int) -> Any:
     return lambda status: status.resources.get(GPU) == ResourceStatus(28, count)
 
 
-def test_layout_problems_are_errors_once_and_in_the_status(caplog) -> None:
+def test_layout_problems_are_errors_once_and_in_the_status(
+        caplog: pytest.LogCaptureFixture) -> None:
     # a100-mig-partial under single: four GPUs have MIG disabled and are left out.
     with short_tmpdir() as directory, caplog.at_level("ERROR"):
         config = plugin_config(directory, "a100-mig-partial", "single")
@@ -180,7 +182,8 @@ def test_status_file_shows_problems_while_not_ready() -> None:
             assert document["resources"] == {GPU: {"devices": 8, "healthy": 8}}
 
 
-def test_unreadable_mig_minors_with_cdi_serves_whole_gpus_and_reports(caplog) -> None:
+def test_unreadable_mig_minors_with_cdi_serves_whole_gpus_and_reports(
+        caplog: pytest.LogCaptureFixture) -> None:
     # Before: the whole plugin failed to start. Now the CDI spec leaves the MIG devices out,
     # the whole GPUs are served, and the problem is logged and in the status.
     with short_tmpdir() as directory, caplog.at_level("ERROR"):
@@ -198,6 +201,7 @@ def test_unreadable_mig_minors_with_cdi_serves_whole_gpus_and_reports(caplog) ->
             spec = read_json(os.path.join(directory, "cdi",
                                           "k8s.device-plugin.nvidia.com-gpu.json"))
             names = {d["name"] for d in spec["devices"]}
+            assert plugin.snapshot is not None
             whole = {g.uuid for g in plugin.snapshot.gpus if not g.mig_enabled}
             assert whole <= names and not any(n.startswith("MIG-") for n in names)
         assert [r.getMessage() for r in caplog.records if r.name == "deviceplugin.cdi"] == [
@@ -231,7 +235,7 @@ class HeldRegistrations:
         self.entered = threading.Event()
         self.release = threading.Event()
         self._handle = kubelet.handle_register
-        kubelet.handle_register = self._held  # type: ignore[method-assign]
+        kubelet.handle_register = self._held  # type: ignore[method-assign]  # held on purpose
 
     def _held(self, request: api_pb2.RegisterRequest) -> str | None:
         self.entered.set()
@@ -240,7 +244,8 @@ class HeldRegistrations:
         return self._handle(request)
 
 
-def test_not_ready_while_a_rebound_socket_is_not_registered(caplog) -> None:
+def test_not_ready_while_a_rebound_socket_is_not_registered(
+        caplog: pytest.LogCaptureFixture) -> None:
     with short_tmpdir() as directory, caplog.at_level(logging.INFO, "deviceplugin.kubelet"):
         config = plugin_config(directory, "dgx-a100")
         with running(config, directory) as (kubelet, plugin, ready, status):

@@ -84,7 +84,8 @@ class MockKubelet:
         """Listen on ``<dir>/kubelet.sock``; MockKubeletError when that cannot be done."""
         if self._server is not None:
             return
-        registration = _Registration(self.handle_register)
+        # Looked up on each call, not bound now: tests replace handle_register on a running mock.
+        registration = _Registration(lambda request: self.handle_register(request))
         self._server, self._executor = listen(
             self.socket_path,
             lambda server: api_pb2_grpc.add_RegistrationServicer_to_server(registration, server),
@@ -100,7 +101,7 @@ class MockKubelet:
                 raise
 
     def _start_pod_resources(self, path: str) -> None:
-        servicer = PodResourcesServicer(self._pods, self.all_devices)
+        servicer = PodResourcesServicer(self._pods, lambda: self.all_devices())
         self._pr_server, self._pr_executor = listen(
             path,
             lambda server: pr_pb2_grpc.add_PodResourcesListerServicer_to_server(servicer, server),

@@ -68,7 +68,7 @@ def strtab_offset() -> int:
     for number in range(6):
         tag, value = DYN.unpack_from(data, DYN_OFF + number * DYN.size)
         if tag == DT_STRTAB:
-            return value
+            return int(value)
     raise AssertionError("the stub has no DT_STRTAB")
 
 

@@ -300,6 +300,14 @@ def report(number: int, interval: Interval, status: ProcStatus) -> str:
     return "\n".join(lines)
 
 
+def print_log_errors(plugin_log: list[str]) -> None:
+    """The plugin log's size and its first ERROR/Traceback lines."""
+    errors = [line for line in plugin_log if " ERROR " in line or "Traceback" in line]
+    print(f"plugin log: {len(plugin_log)} lines, {len(errors)} ERROR/Traceback lines")
+    for line in errors[:5]:
+        print(f"    {line}")
+
+
 def run(args: argparse.Namespace) -> int:
     """The whole soak; returns the exit status."""
     rng = random.Random(args.seed)
@@ -378,10 +386,7 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(directory, "plugin.log"), encoding="utf-8",
                   errors="replace") as handle:
             plugin_log = handle.read().splitlines()
-    errors = [line for line in plugin_log if " ERROR " in line or "Traceback" in line]
-    print(f"plugin log: {len(plugin_log)} lines, {len(errors)} ERROR/Traceback lines")
-    for line in errors[:5]:
-        print(f"    {line}")
+    print_log_errors(plugin_log)
     if failures:
         print("FAILED: " + "; ".join(failures))
         return 1

@@ -2,7 +2,8 @@
 
 As NVIDIA's plugin does: one NVML event set over all GPUs (critical XID, single- and double-bit
 ECC); only critical XIDs act; XIDs 13, 31, 43, 45, 68 and 109 (application errors) are ignored by
-default, tuned by ``DP_DISABLE_HEALTHCHECKS`` / ``DP_ENABLE_HEALTHCHECKS``. Where we improve:
+default, tuned by ``DP_DISABLE_HEALTHCHECKS`` / ``DP_ENABLE_HEALTHCHECKS`` (that policy is
+:mod:`deviceplugin.healthpolicy`; its names are re-exported here). Where we improve:
 
 - An XID on a MIG device (GPU/compute instance given) marks only that MIG device; on a whole GPU
   it marks the GPU UUID (the resource map then marks its MIG devices and replicas).
@@ -24,9 +25,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from deviceplugin.healthpolicy import DISABLE_ENV
+from deviceplugin.healthpolicy import HealthPolicy as HealthPolicy
+from deviceplugin.healthpolicy import health_policy as health_policy
+from deviceplugin.healthpolicy import parse_health_env as parse_health_env
 from gpus.backoff import Backoff
 from gpus.model import Snapshot
 
@@ -40,9 +45,6 @@ EVENT_SINGLE_BIT_ECC = 0x1
 EVENT_DOUBLE_BIT_ECC = 0x2
 EVENT_XID = 0x8
 
-DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
-DISABLE_ENV = "DP_DISABLE_HEALTHCHECKS"
-ENABLE_ENV = "DP_ENABLE_HEALTHCHECKS"
 GPU_IS_LOST = "NVML_ERROR_GPU_IS_LOST"
 
 # One NVML wait blocks this long at most: stop() cannot interrupt a wait in the driver, so this
@@ -51,82 +53,6 @@ WAIT_TIMEOUT_MS = 100
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
 JOIN_TIMEOUT_S = 1.0
-
-
-# --- policy ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HealthPolicy:
-    """Which XIDs mark a device unhealthy (from the two environment variables)."""
-
-    enabled: bool = True
-    ignored: frozenset[int] = DEFAULT_IGNORED_XIDS
-    reenabled: frozenset[int] = frozenset()
-    all_reenabled: bool = False
-    # Entries that could not be parsed; logged, and otherwise ignored as NVIDIA does, so a typo
-    # in an environment variable does not stop the plugin.
-    problems: tuple[str, ...] = field(default=())
-
-    def is_critical(self, xid: int) -> bool:
-        """True when this XID should mark the device unhealthy."""
-        if not self.enabled:
-            return False
-        if self.all_reenabled or xid in self.reenabled:
-            return True
-        return xid not in self.ignored
-
-
-def _split(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _parse_xids(env: str, items: Iterable[str], problems: list[str]) -> set[int]:
-    xids: set[int] = set()
-    for item in items:
-        try:
-            xid = int(item, 10)
-        except ValueError:
-            problems.append(f"{env}: ignoring {item!r}: not an XID number")
-            continue
-        if xid < 0:
-            problems.append(f"{env}: ignoring {item!r}: XIDs are not negative")
-            continue
-        xids.add(xid)
-    return xids
-
-
-def parse_health_env(environ: Mapping[str, str]) -> HealthPolicy:
-    """The policy from the variables in ``environ`` (see :func:`health_policy`)."""
-    return health_policy(environ.get(DISABLE_ENV, ""), environ.get(ENABLE_ENV, ""))
-
-
-def health_policy(disable_value: str, enable_value: str) -> HealthPolicy:
-    """Build the policy from ``DP_DISABLE_HEALTHCHECKS`` and ``DP_ENABLE_HEALTHCHECKS``
-    (the daemon resolves them through gpus.config: ``config.daemon.plugin``).
-
-    - ``DP_DISABLE_HEALTHCHECKS`` containing ``all`` or ``xids`` (case-insensitive) turns health
-      checks off entirely, whatever ``DP_ENABLE_HEALTHCHECKS`` says; otherwise its entries are
-      extra XIDs to ignore on top of the defaults.
-    - ``DP_ENABLE_HEALTHCHECKS``: XIDs that are critical even if ignored (by default or by the
-      variable above); ``all`` makes every XID critical.
-    - Entries that are not non-negative integers are reported in ``problems`` and skipped.
-    """
-    problems: list[str] = []
-    disable = [item.lower() for item in _split(disable_value)]
-    if "all" in disable or "xids" in disable:
-        return HealthPolicy(enabled=False)
-    ignored = set(DEFAULT_IGNORED_XIDS) | _parse_xids(DISABLE_ENV, disable, problems)
-    enable = [item.lower() for item in _split(enable_value)]
-    all_reenabled = "all" in enable
-    reenabled = _parse_xids(ENABLE_ENV, (i for i in enable if i != "all"), problems)
-    return HealthPolicy(
-        enabled=True,
-        ignored=frozenset(ignored),
-        reenabled=frozenset(reenabled),
-        all_reenabled=all_reenabled,
-        problems=tuple(problems),
-    )
 
 
 # --- what the monitor needs from the NVML layer ------------------------------------------------

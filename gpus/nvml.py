@@ -1,40 +1,43 @@
-"""The only module that calls pynvml: reads a :class:`gpus.model.Snapshot` and watches events.
+"""The NVML reader: reads a :class:`gpus.model.Snapshot` (``Nvml.read_snapshot``) and probes.
 
 Every ``pynvml.NVMLError`` becomes an :class:`NvmlError` naming the NVML call. The same code runs
 against the real driver and against the fake NVML installed beneath pynvml (``gpus.fake``).
+The reader spans sibling modules it imports: :mod:`gpus.nvmlcall` (the call wrapper and
+:class:`NvmlError`, re-exported here) and :mod:`gpus.nvmlmig` (MIG devices and NVIDIA's MIG
+profile names, re-exported here); :mod:`gpus.nvmlevents` and :mod:`gpus.telemetry` build on it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import pynvml
 
-from gpus import errors
 from gpus.model import (
     GPU,
-    MIB,
     GpuFabric,
     Link,
-    MigDevice,
     Snapshot,
     SystemInfo,
     TopologyLevel,
     sysfs_bus_id,
 )
+from gpus.nvmlcall import NvmlError as NvmlError
+from gpus.nvmlcall import _call, _text
+from gpus.nvmlcall import error_name as error_name
+from gpus.nvmlmig import mig_memory_gb as mig_memory_gb
+from gpus.nvmlmig import mig_mode, read_mig_devices
+from gpus.nvmlmig import mig_profile_name as mig_profile_name
 from gpus.vgpu import read_vgpu
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 NOT_APPLICABLE = 0xFFFFFFFF
 
 EVENT_XID: int = pynvml.nvmlEventTypeXidCriticalError
@@ -49,9 +52,6 @@ COMPUTE_MODE_EXCLUSIVE_PROCESS: int = pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
 # NVSwitch PCI device ids (device << 16 | vendor): a link to one reaches every GPU on the fabric.
 NVSWITCH_PCI_DEVICE_IDS = frozenset({0x1AC010DE, 0x1AC110DE, 0x1AC210DE, 0x1AF110DE, 0x22A310DE})
 
-_ERROR_NAMES: dict[int, str] = {
-    getattr(pynvml, name): name for name in dir(pynvml) if name.startswith("NVML_ERROR_")
-}
 _ARCHITECTURES: dict[int, str] = {
     pynvml.NVML_DEVICE_ARCH_KEPLER: "kepler",
     pynvml.NVML_DEVICE_ARCH_MAXWELL: "maxwell",
@@ -81,19 +81,6 @@ _BRANDS: dict[int, str] = {
     pynvml.NVML_BRAND_GEFORCE_RTX: "GeForceRTX",
     pynvml.NVML_BRAND_TITAN_RTX: "TitanRTX",
 }
-# Name suffix of each GPU instance profile constant (NVIDIA's MIG profile naming).
-_GI_SUFFIXES: dict[int, str] = {
-    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1: "+me",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_REV1: "+me",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_GFX: "+gfx",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_GFX: "+gfx",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE_GFX: "+gfx",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE_GFX: "+gfx",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_NO_ME: "-me",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_NO_ME: "-me",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_ALL_ME: "+me.all",
-    pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE_ALL_ME: "+me.all",
-}
 _INIT_HINTS = {
     pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: (
         "NVIDIA driver not found: cannot load libnvidia-ml.so.1 "
@@ -103,79 +90,15 @@ _INIT_HINTS = {
 }
 
 
-def error_name(code: int) -> str:
-    """NVML's name for a return code, e.g. "NVML_ERROR_GPU_IS_LOST"."""
-    return _ERROR_NAMES.get(code, f"NVML_ERROR_{code}")
-
-
-class NvmlError(errors.NvmlError):
-    """An NVML call failed: ``call`` (e.g. "nvmlDeviceGetUUID"), ``code`` and ``name``.
-
-    Raised by every :class:`Nvml` method; part of the error tree (:mod:`gpus.errors`)."""
-
-    def __init__(self, call: str, code: int, description: str = "", hint: str = "") -> None:
-        self.call = call
-        self.code = code
-        self.name = error_name(code)
-        self.description = description
-        message = f"{call}: {self.name}"
-        if description:
-            message += f" ({description})"
-        if hint:
-            message += f": {hint}"
-        super().__init__(message)
-
-    @classmethod
-    def from_pynvml(cls, call: str, exc: pynvml.NVMLError, hint: str = "") -> NvmlError:
-        """Convert pynvml's exception."""
-        code = int(exc.value)
-        try:
-            description = str(exc)
-        except Exception:  # pynvml's __str__ may itself call into NVML
-            description = ""
-        return cls(call, code, description, hint)
-
-
-def _call(call: str, fn: Callable[..., T], *args: Any) -> T:
-    """Run a pynvml wrapper, converting its errors."""
-    try:
-        return fn(*args)
-    except pynvml.NVMLError as exc:
-        raise NvmlError.from_pynvml(call, exc) from None
-
-
 def _handle_key(handle: Any) -> int:
     """A handle's address, usable as a dict key."""
     return ctypes.cast(handle, ctypes.c_void_p).value or 0
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def normalize_bus_id(bus_id: str | bytes) -> str:
     """A bus id in NVML's form: "00000000:07:00.0" (upper case, 8-digit domain)."""
     domain, _, rest = _text(bus_id).strip().upper().partition(":")
     return f"{int(domain, 16):08X}:{rest}" if rest else domain
-
-
-def mig_memory_gb(total_mib: int, mig_mib: int) -> int:
-    """The memory figure in a MIG profile name (NVIDIA's rule, as in go-nvlib).
-
-    The product is rounded like Go's ``math.Round``, halves away from zero: Python's
-    ``round()`` rounds halves to even and would name a 4.5 GB profile ``4gb`` where NVIDIA
-    says ``5gb``. Both factors are positive, so ``floor(x + 0.5)`` is that rule.
-    """
-    fraction = math.ceil(mig_mib / total_mib * 8) / 8
-    return math.floor(fraction * math.ceil(total_mib / 1024) + 0.5)
-
-
-def mig_profile_name(
-    gi_profile: int, gi_slices: int, ci_slices: int, total_mib: int, mig_mib: int
-) -> str:
-    """NVIDIA's MIG profile name: ``[<c>c.]<g>g.<mem>gb[+me|+gfx|-me|+me.all]``."""
-    name = f"{gi_slices}g.{mig_memory_gb(total_mib, mig_mib)}gb{_GI_SUFFIXES.get(gi_profile, '')}"
-    return name if ci_slices == gi_slices else f"{ci_slices}c.{name}"
 
 
 def read_sysfs(sysfs_root: str, bus_id: str) -> tuple[int | None, int | None]:
@@ -192,13 +115,6 @@ def read_sysfs(sysfs_root: str, bus_id: str) -> tuple[int | None, int | None]:
     except (OSError, ValueError):
         log.debug("no NUMA node for %s under %s", bus_id, sysfs_root)
     return pci_class, numa
-
-
-@dataclass(frozen=True)
-class _GiProfile:
-    constant: int
-    slices: int
-    memory_mib: int
 
 
 class Nvml:
@@ -277,8 +193,8 @@ class Nvml:
         pci_class, numa = read_sysfs(sysfs_root, bus_id)
         memory = _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, handle).total
         uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, handle))
-        capable, enabled = self._mig_mode(handle)
-        mig_devices = self._read_mig_devices(handle, index, uuid, memory) if enabled else ()
+        capable, enabled = mig_mode(handle)
+        mig_devices = read_mig_devices(handle, index, uuid, memory) if enabled else ()
         return GPU(
             index=index,
             uuid=uuid,
@@ -367,113 +283,6 @@ class Nvml:
             if exc.code in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
                 return default
             raise
-
-    @staticmethod
-    def _mig_mode(handle: Any) -> tuple[bool, bool]:
-        """(MIG capable, MIG enabled now)."""
-        try:
-            current, _pending = _call("nvmlDeviceGetMigMode", pynvml.nvmlDeviceGetMigMode, handle)
-        except NvmlError as exc:
-            if exc.code in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
-                return False, False
-            raise
-        return True, current == pynvml.NVML_DEVICE_MIG_ENABLE
-
-    def _read_mig_devices(
-        self, handle: Any, index: int, uuid: str, memory: int
-    ) -> tuple[MigDevice, ...]:
-        total_mib = int(memory) // MIB
-        profiles = self._gi_profiles(handle)
-        slots = _call(
-            "nvmlDeviceGetMaxMigDeviceCount", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle
-        )
-        devices = []
-        for slot in range(slots):
-            try:
-                mig = _call(
-                    "nvmlDeviceGetMigDeviceHandleByIndex",
-                    pynvml.nvmlDeviceGetMigDeviceHandleByIndex,
-                    handle,
-                    slot,
-                )
-            except NvmlError as exc:
-                if exc.code == pynvml.NVML_ERROR_NOT_FOUND:
-                    continue  # an empty slot
-                raise
-            devices.append(self._read_mig(handle, mig, slot, index, uuid, total_mib, profiles))
-        return tuple(devices)
-
-    @staticmethod
-    def _gi_profiles(handle: Any) -> dict[int, _GiProfile]:
-        """GPU instance profile id -> (constant, slices, memory) for every profile the GPU has."""
-        found: dict[int, _GiProfile] = {}
-        for constant in range(pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
-            try:
-                info = _call(
-                    "nvmlDeviceGetGpuInstanceProfileInfo",
-                    pynvml.nvmlDeviceGetGpuInstanceProfileInfo,
-                    handle,
-                    constant,
-                )
-            except NvmlError as exc:
-                if exc.code in (
-                    pynvml.NVML_ERROR_NOT_SUPPORTED,
-                    pynvml.NVML_ERROR_INVALID_ARGUMENT,
-                ):
-                    continue
-                raise
-            found.setdefault(
-                int(info.id), _GiProfile(constant, int(info.sliceCount), int(info.memorySizeMB))
-            )
-        return found
-
-    @staticmethod
-    def _read_mig(
-        parent: Any,
-        mig: Any,
-        slot: int,
-        parent_index: int,
-        parent_uuid: str,
-        total_mib: int,
-        profiles: dict[int, _GiProfile],
-    ) -> MigDevice:
-        gi_id = _call("nvmlDeviceGetGpuInstanceId", pynvml.nvmlDeviceGetGpuInstanceId, mig)
-        ci_id = _call("nvmlDeviceGetComputeInstanceId", pynvml.nvmlDeviceGetComputeInstanceId, mig)
-        attrs = _call("nvmlDeviceGetAttributes", pynvml.nvmlDeviceGetAttributes, mig)
-        gi = _call(
-            "nvmlDeviceGetGpuInstanceById", pynvml.nvmlDeviceGetGpuInstanceById, parent, gi_id
-        )
-        gi_info = _call("nvmlGpuInstanceGetInfo", pynvml.nvmlGpuInstanceGetInfo, gi)
-        profile = profiles.get(int(gi_info.profileId))
-        if profile is None:
-            raise NvmlError(
-                "nvmlDeviceGetGpuInstanceProfileInfo",
-                pynvml.NVML_ERROR_NOT_FOUND,
-                f"no GPU instance profile with id {gi_info.profileId}",
-            )
-        ci_slices = int(attrs.computeInstanceSliceCount)
-        return MigDevice(
-            uuid=_text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, mig)),
-            index=slot,
-            parent_index=parent_index,
-            parent_uuid=parent_uuid,
-            gpu_instance_id=int(gi_id),
-            compute_instance_id=int(ci_id),
-            profile=mig_profile_name(
-                profile.constant, profile.slices, ci_slices, total_mib, profile.memory_mib
-            ),
-            memory_bytes=int(
-                _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, mig).total
-            ),
-            gpu_instance_slices=profile.slices,
-            compute_instance_slices=ci_slices,
-            multiprocessors=int(attrs.multiprocessorCount),
-            copy_engines=int(attrs.sharedCopyEngineCount),
-            decoders=int(attrs.sharedDecoderCount),
-            encoders=int(attrs.sharedEncoderCount),
-            jpeg_decoders=int(attrs.sharedJpegCount),
-            ofa_engines=int(attrs.sharedOfaCount),
-        )
 
     # -- topology -------------------------------------------------------------------------------
 

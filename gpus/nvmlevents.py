@@ -13,15 +13,8 @@ from typing import Any
 
 import pynvml
 
-from gpus.nvml import (
-    DEFAULT_EVENTS,
-    NOT_APPLICABLE,
-    Nvml,
-    NvmlError,
-    _call,
-    _handle_key,
-    _text,
-)
+from gpus.nvml import DEFAULT_EVENTS, NOT_APPLICABLE, Nvml, _handle_key
+from gpus.nvmlcall import NvmlError, _call, _text
 
 log = logging.getLogger("gpus.nvml")
 

@@ -22,7 +22,7 @@ from typing import Any
 import pynvml
 
 from gpus.model import GPU, MIB, Snapshot
-from gpus.nvml import NvmlError, _call
+from gpus.nvmlcall import NvmlError, _call
 
 log = logging.getLogger(__name__)
 

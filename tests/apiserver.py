@@ -433,6 +433,51 @@ class FakeApiServer:
             self._state.nodefeatures[(namespace, name)] = updated
             return 200, copy.deepcopy(updated)
 
+    def _answer(self, method: str, path: str, content_type: str,
+                body: Any) -> tuple[int, bytes] | None:
+        """The status and body bytes for one request, recorded; None: close the connection."""
+        fault = self._next_fault(method)
+        if fault is not None and fault.kind == "delay":
+            self._stopping.wait(fault.delay)
+            fault = None
+        if fault is not None and fault.kind == "close":
+            self._record(Request(method, path, content_type, body, 0))
+            return None
+        data: bytes | None = None  # set: sent verbatim instead of ``payload``
+        if fault is not None and fault.kind == "body":
+            status, data = fault.status, fault.body
+        elif fault is not None:
+            status, payload = self._fault_payload(fault, path)
+        else:
+            status, payload = self._route(method, path, content_type, body)
+        self._record(Request(method, path, content_type, body, status))
+        if data is None:
+            data = json.dumps(payload).encode()
+        return status, data
+
+    def _fault_payload(self, fault: Fault, path: str) -> tuple[int, Any]:
+        """What a "mangle" or "status" fault answers."""
+        if fault.kind == "mangle":
+            assert fault.change is not None
+            status, payload = self._get(path[len(NODE_PATH):].split("?")[0])
+            if status == 200:
+                return status, fault.change(payload)
+            return status, payload
+        return fault.status, _status(fault.status, "Injected", "injected fault")
+
+    def _route(self, method: str, path: str, content_type: str,
+               body: Any) -> tuple[int, dict[str, Any]]:
+        """The answer of the API server proper (no fault)."""
+        if path.split("?")[0].startswith((NFD_API, "/api/v1/namespaces/")):
+            return self._custom(method, path.split("?")[0], body)
+        if not path.startswith(NODE_PATH) or "/" in path[len(NODE_PATH):]:
+            return 404, _status(404, "NotFound", "the server could not "
+                                "find the requested resource")
+        name = path[len(NODE_PATH):].split("?")[0]
+        if method == "GET":
+            return self._get(name)
+        return self._patch(name, content_type, body)
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -477,41 +522,12 @@ class FakeApiServer:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
-                fault = server._next_fault(method)
-                if fault is not None and fault.kind == "delay":
-                    server._stopping.wait(fault.delay)
-                    fault = None
-                if fault is not None and fault.kind == "close":
-                    server._record(Request(method, self.path, content_type, body, 0))
+                answer = server._answer(method, self.path, content_type, body)
+                if answer is None:  # a "close" fault
                     self.close_connection = True
                     self.connection.close()
                     return
-                data: bytes | None = None  # set: sent verbatim instead of ``payload``
-                payload: Any = {}
-                if fault is not None and fault.kind == "body":
-                    status, data = fault.status, fault.body
-                elif fault is not None and fault.kind == "mangle":
-                    assert fault.change is not None
-                    status, payload = server._get(self.path[len(NODE_PATH):].split("?")[0])
-                    if status == 200:
-                        payload = fault.change(payload)
-                elif fault is not None:
-                    status, payload = fault.status, _status(fault.status, "Injected",
-                                                            "injected fault")
-                elif self.path.split("?")[0].startswith((NFD_API, "/api/v1/namespaces/")):
-                    status, payload = server._custom(method, self.path.split("?")[0], body)
-                elif not self.path.startswith(NODE_PATH) or "/" in self.path[len(NODE_PATH):]:
-                    status, payload = 404, _status(404, "NotFound", "the server could not "
-                                                   "find the requested resource")
-                else:
-                    name = self.path[len(NODE_PATH):].split("?")[0]
-                    if method == "GET":
-                        status, payload = server._get(name)
-                    else:
-                        status, payload = server._patch(name, content_type, body)
-                server._record(Request(method, self.path, content_type, body, status))
-                if data is None:
-                    data = json.dumps(payload).encode()
+                status, data = answer
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -61,6 +61,20 @@ def parse_soname(data: bytes) -> str | None:
 
 
 def _soname(read_at: Callable[[int, int], bytes]) -> str | None:
+    """What ldconfig reads: ELF header -> program headers -> dynamic segment -> the name."""
+    load_bias, dynamic = _segments(*_program_headers(read_at))
+    if dynamic is None:
+        return None
+    strtab, soname = _dynamic_entries(read_at(*dynamic))
+    if soname is None:
+        return None
+    if strtab is None or load_bias is None:
+        raise ElfError("DT_SONAME without a string table")
+    return _name_at(read_at, strtab - load_bias + soname)
+
+
+def _program_headers(read_at: Callable[[int, int], bytes]) -> tuple[bytes, int, int]:
+    """The program header table (checked against the bounds), its entry size and count."""
     header_bytes = read_at(0, _EHDR.size)
     if len(header_bytes) < _EHDR.size or header_bytes[:4] != ELF_MAGIC:
         raise ElfError("not an ELF file")
@@ -73,6 +87,13 @@ def _soname(read_at: Callable[[int, int], bytes]) -> str | None:
     table = read_at(phoff, phnum * phentsize)
     if len(table) != phnum * phentsize:
         raise ElfError("program headers outside the file")
+    return table, phentsize, phnum
+
+
+def _segments(
+    table: bytes, phentsize: int, phnum: int
+) -> tuple[int | None, tuple[int, int] | None]:
+    """(load bias of the first PT_LOAD, (offset, size) of PT_DYNAMIC); None where absent."""
     load_bias: int | None = None
     dynamic: tuple[int, int] | None = None
     for number in range(phnum):
@@ -82,9 +103,11 @@ def _soname(read_at: Callable[[int, int], bytes]) -> str | None:
             load_bias = p_vaddr - p_offset
         elif p_type == PT_DYNAMIC:
             dynamic = (p_offset, min(p_filesz, MAX_HEADER_BYTES))
-    if dynamic is None:
-        return None
-    entries = read_at(*dynamic)
+    return load_bias, dynamic
+
+
+def _dynamic_entries(entries: bytes) -> tuple[int | None, int | None]:
+    """(DT_STRTAB, DT_SONAME) values up to DT_NULL; None where absent."""
     strtab = soname = None
     for at in range(0, len(entries) - _DYN.size + 1, _DYN.size):
         tag, value = _DYN.unpack_from(entries, at)
@@ -94,11 +117,11 @@ def _soname(read_at: Callable[[int, int], bytes]) -> str | None:
             strtab = value
         elif tag == DT_SONAME:
             soname = value
-    if soname is None:
-        return None
-    if strtab is None or load_bias is None:
-        raise ElfError("DT_SONAME without a string table")
-    start = strtab - load_bias + soname
+    return strtab, soname
+
+
+def _name_at(read_at: Callable[[int, int], bytes], start: int) -> str:
+    """The NUL-terminated name at file offset ``start`` (at most MAX_SONAME bytes)."""
     if start < 0:
         raise ElfError("DT_SONAME outside the file")
     name = read_at(start, MAX_SONAME)

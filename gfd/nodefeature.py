@@ -37,6 +37,7 @@ from gfd.nodepatch import (
     KubeConfigError,
     KubeNodeApi,
     NodeApiError,
+    RetryingPublisher,
     _kubeconfig_problem,
 )
 from gpus.backoff import Backoff
@@ -298,48 +299,21 @@ def _crd_missing(namespace: str) -> CrdMissing:
 # --------------------------------------------------------------------------- publishing
 
 
-class NodeFeaturePublisher:
+class NodeFeaturePublisher(RetryingPublisher):
     """Keeps the node's NodeFeature equal to the latest labels, retrying with backoff."""
 
     def __init__(self, api: NodeFeatureApi, node_name: str, namespace: str, pod_name: str = "",
                  backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
                  refresh_only: Collection[str] = ()) -> None:
         """``pod_name`` (GFD's own pod) makes the object owned by the pod's DaemonSet."""
+        super().__init__(backoff, clock, refresh_only)
         self.api = api
         self.node_name = node_name
         self.namespace = namespace
         self.pod_name = pod_name
-        self.backoff = backoff or Backoff()
-        self._clock = clock
-        self.refresh_only = frozenset(refresh_only)
         self._owners: list[Obj] | None = None if pod_name else []
-        self._desired: dict[str, str] | None = None
-        self._retry_at: float | None = None
-        self._state = "ok"
         self.creates = 0
         self.updates = 0
-
-    @property
-    def converged(self) -> bool:
-        """True when the last attempt succeeded."""
-        return self._retry_at is None and self._state == "ok"
-
-    def retry_in(self) -> float | None:
-        """Seconds until the next retry (0 when overdue), None when nothing is pending."""
-        if self._retry_at is None:
-            return None
-        return max(0.0, self._retry_at - self._clock())
-
-    def publish(self, labels: Mapping[str, str]) -> bool:
-        """Make the NodeFeature carry ``labels``; True on success, else a retry is scheduled."""
-        self._desired = dict(labels)
-        return self._attempt()
-
-    def retry(self) -> bool:
-        """Try again with the latest labels (no-op success when nothing is pending)."""
-        if self._desired is None:
-            return True
-        return self._attempt()
 
     def _owner_references(self) -> list[Obj]:
         if self._owners is None:  # looked up once: a pod's owner never changes
@@ -349,39 +323,29 @@ class NodeFeaturePublisher:
                          self.namespace, self.pod_name)
         return self._owners
 
-    def _attempt(self) -> bool:
-        assert self._desired is not None
+    def _apply(self, desired_labels: dict[str, str]) -> None:
         name = object_name(self.node_name)
-        try:
-            desired = desired_object(self.node_name, self.namespace, self._desired,
-                                     self._owner_references())
-            current = self.api.get(self.namespace, name)
-            if current is None:
-                self.api.create(self.namespace, desired)
-                self.creates += 1
-                log.info("NodeFeature %s/%s created with %d labels", self.namespace, name,
-                         len(self._desired))
-            else:
-                updated = plan_update(current, desired, self.refresh_only)
-                if updated is not None:
-                    self.api.replace(self.namespace, name, updated)
-                    self.updates += 1
-                    log.info("NodeFeature %s/%s updated", self.namespace, name)
-        except NodeApiError as err:
-            self._failed(err)
-            return False
-        if self._state != "ok":
-            log.info("NodeFeature %s/%s: up to date again", self.namespace, name)
-        self._state = "ok"
-        self._retry_at = None
-        self.backoff.reset()
-        return True
+        desired = desired_object(self.node_name, self.namespace, desired_labels,
+                                 self._owner_references())
+        current = self.api.get(self.namespace, name)
+        if current is None:
+            self.api.create(self.namespace, desired)
+            self.creates += 1
+            log.info("NodeFeature %s/%s created with %d labels", self.namespace, name,
+                     len(desired_labels))
+        else:
+            updated = plan_update(current, desired, self.refresh_only)
+            if updated is not None:
+                self.api.replace(self.namespace, name, updated)
+                self.updates += 1
+                log.info("NodeFeature %s/%s updated", self.namespace, name)
 
-    def _failed(self, err: NodeApiError) -> None:
-        delay = self.backoff.next_delay()
-        self._retry_at = self._clock() + delay
-        if err.state != self._state:
+    def _log_failure(self, err: NodeApiError, new_state: bool, delay: float) -> None:
+        if new_state:
             level = logging.ERROR if isinstance(err, CrdMissing) else logging.WARNING
             log.log(level, "NodeFeature for node %s: %s; retrying with backoff up to %.0fs",
                     self.node_name, err, self.backoff.cap)
-        self._state = err.state
+
+    def _log_recovery(self) -> None:
+        log.info("NodeFeature %s/%s: up to date again", self.namespace,
+                 object_name(self.node_name))

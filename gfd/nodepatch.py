@@ -304,28 +304,24 @@ def _kubeconfig_problem(err: Exception, path: str | None) -> str:
 # --------------------------------------------------------------------------- retry + publish
 
 
-class NodePublisher:
-    """Keeps a Node's GFD labels equal to the latest desired set, retrying until they converge."""
+class RetryingPublisher:
+    """Keeps an API object equal to the latest desired labels, retrying with backoff until
+    they converge: the scheduling every GFD output that talks to the API server shares.
 
-    def __init__(
-        self,
-        api: NodeApi,
-        node_name: str,
-        backoff: Backoff | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        refresh_only: Collection[str] = (),
-    ) -> None:
+    Subclasses implement :meth:`_apply` (one attempt, raising :class:`NodeApiError`) and say
+    how a failure and a recovery are logged.
+    """
+
+    def __init__(self, backoff: Backoff | None, clock: Callable[[], float],
+                 refresh_only: Collection[str]) -> None:
         """``clock`` is monotonic seconds (injectable for tests); ``refresh_only`` are labels
-        whose new value alone does not warrant a patch (see :func:`plan_patch`)."""
-        self.api = api
-        self.node_name = node_name
+        whose new value alone does not warrant a write (see :func:`plan_patch`)."""
         self.backoff = backoff or Backoff()
         self._clock = clock
         self.refresh_only = frozenset(refresh_only)
         self._desired: dict[str, str] | None = None
         self._retry_at: float | None = None
         self._state = "ok"
-        self.patches = 0  # successful PATCH requests, for tests and the bench
 
     @property
     def converged(self) -> bool:
@@ -339,7 +335,7 @@ class NodePublisher:
         return max(0.0, self._retry_at - self._clock())
 
     def publish(self, labels: Mapping[str, str]) -> bool:
-        """Make the Node carry ``labels``; True on success, else a retry is scheduled."""
+        """Make the object carry ``labels``; True on success, else a retry is scheduled."""
         self._desired = dict(labels)
         return self._attempt()
 
@@ -352,30 +348,67 @@ class NodePublisher:
     def _attempt(self) -> bool:
         assert self._desired is not None
         try:
-            node = self.api.get_node(self.node_name)
-            patch = plan_patch(node, self._desired, self.refresh_only, name=self.node_name)
-            if patch is not None:
-                self.api.patch_node(self.node_name, pinned(patch))
-                self.patches += 1
-                log.info("node %s: patched %d labels", self.node_name,
-                         len(patch["metadata"].get("labels", {})))
+            self._apply(self._desired)
         except NodeApiError as err:
-            self._failed(err)
+            delay = self.backoff.next_delay()
+            self._retry_at = self._clock() + delay
+            self._log_failure(err, err.state != self._state, delay)
+            self._state = err.state
             return False
         if self._state != "ok":
-            log.info("node %s: labels converged; API server reachable again", self.node_name)
+            self._log_recovery()
         self._state = "ok"
         self._retry_at = None
         self.backoff.reset()
         return True
 
-    def _failed(self, err: NodeApiError) -> None:
-        delay = self.backoff.next_delay()
-        self._retry_at = self._clock() + delay
-        if err.state != self._state:
+    def _apply(self, desired: dict[str, str]) -> None:
+        """One attempt to make the object carry ``desired``; NodeApiError on failure."""
+        raise NotImplementedError
+
+    def _log_failure(self, err: NodeApiError, new_state: bool, delay: float) -> None:
+        """Log a failed attempt (``new_state``: the first of its kind in a row)."""
+        raise NotImplementedError
+
+    def _log_recovery(self) -> None:
+        """Log the first success after failures."""
+        raise NotImplementedError
+
+
+class NodePublisher(RetryingPublisher):
+    """Keeps a Node's GFD labels equal to the latest desired set, retrying until they converge."""
+
+    def __init__(
+        self,
+        api: NodeApi,
+        node_name: str,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        refresh_only: Collection[str] = (),
+    ) -> None:
+        """``clock`` is monotonic seconds (injectable for tests); ``refresh_only`` are labels
+        whose new value alone does not warrant a patch (see :func:`plan_patch`)."""
+        super().__init__(backoff, clock, refresh_only)
+        self.api = api
+        self.node_name = node_name
+        self.patches = 0  # successful PATCH requests, for tests and the bench
+
+    def _apply(self, desired: dict[str, str]) -> None:
+        node = self.api.get_node(self.node_name)
+        patch = plan_patch(node, desired, self.refresh_only, name=self.node_name)
+        if patch is not None:
+            self.api.patch_node(self.node_name, pinned(patch))
+            self.patches += 1
+            log.info("node %s: patched %d labels", self.node_name,
+                     len(patch["metadata"].get("labels", {})))
+
+    def _log_failure(self, err: NodeApiError, new_state: bool, delay: float) -> None:
+        if new_state:
             log.warning("node %s: cannot update labels (%s); retrying with backoff up to %.0fs",
                         self.node_name, err, self.backoff.cap)
         else:
             log.debug("node %s: still failing (%s); next try in %.1fs", self.node_name, err,
                       delay)
-        self._state = err.state
+
+    def _log_recovery(self) -> None:
+        log.info("node %s: labels converged; API server reachable again", self.node_name)

@@ -528,16 +528,21 @@ def rss_fields(pid: int) -> tuple[float, float]:
     return values["VmRSS"], values["VmHWM"]
 
 
+def spawn_plugin(kubelet: MockKubelet, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The daemon as its own process on the fake dgx-a100, registering with ``kubelet``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deviceplugin.main", "--nvml", "fake:dgx-a100",
+         "--kubelet-socket", kubelet.socket_path],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 def bench_attack() -> list[str]:
     """RSS of the daemon (its own process) before, at peak and after refusing huge requests."""
     with short_dir("nvkb") as pycache:
         env = bytecode_env(pycache)
         with short_dir("nvkb") as directory, MockKubelet(directory) as kubelet:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "deviceplugin.main", "--nvml", "fake:dgx-a100",
-                 "--kubelet-socket", kubelet.socket_path],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
+            proc = spawn_plugin(kubelet, env)
             try:
                 if not kubelet.wait_for_registration(GPU, 30):
                     raise RuntimeError("the daemon did not register within 30 s")
@@ -640,11 +645,7 @@ def _bench_start(starts: int, env: dict[str, str]) -> list[str]:
     for run in range(starts + 1):
         with short_dir("nvkb") as directory, MockKubelet(directory) as kubelet:
             begin = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "deviceplugin.main", "--nvml", "fake:dgx-a100",
-                 "--kubelet-socket", kubelet.socket_path],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
+            proc = spawn_plugin(kubelet, env)
             try:
                 if not kubelet.wait_for_registration_request(GPU, 30):
                     raise RuntimeError("the daemon did not register within 30 s")

@@ -34,11 +34,10 @@ from typing import Any, Protocol
 
 from gfd.nodepatch import (
     REQUEST_TIMEOUT,
-    KubeConfigError,
     KubeNodeApi,
     NodeApiError,
     RetryingPublisher,
-    _kubeconfig_problem,
+    kube_api_client,
 )
 from gpus.backoff import Backoff
 
@@ -202,22 +201,8 @@ class KubeNodeFeatureApi:
                          ) -> KubeNodeFeatureApi:
         """In-cluster config, else ``kubeconfig`` (or the default kubeconfig)."""
         from kubernetes import client
-        from kubernetes import config as kube_config
 
-        configuration = client.Configuration()
-        try:
-            if kubeconfig:
-                kube_config.load_kube_config(config_file=kubeconfig,
-                                             client_configuration=configuration)
-            else:
-                try:
-                    kube_config.load_incluster_config(client_configuration=configuration)
-                except kube_config.ConfigException:
-                    kube_config.load_kube_config(client_configuration=configuration)
-            configuration.retries = False  # retries are ours, with backoff
-            api_client = client.ApiClient(configuration)
-        except Exception as err:
-            raise KubeConfigError(_kubeconfig_problem(err, kubeconfig)) from err
+        api_client = kube_api_client(kubeconfig)
         return cls(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client), limiter)
 
     def get(self, namespace: str, name: str) -> Obj | None:

@@ -18,16 +18,21 @@ becomes a Python object, and a refused request never costs one per ID.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import chain, compress
+from itertools import chain, filterfalse
 from typing import Protocol
 
 from deviceplugin.allocate import AllocationError, ContainerAllocation, build_allocation
 from deviceplugin.allocator import Allocator, impossible_request
-from deviceplugin.shared_policy import device_order, preferred_shared_ordered
+from deviceplugin.shared_policy import (
+    FreeRun,
+    SharedRequest,
+    device_order,
+    preferred_shared_runs,
+)
 from gpus.config import Config
 from gpus.model import Snapshot
 from gpus.resources import Device, Resource
@@ -102,9 +107,9 @@ class WholeGpuAllocator(Protocol):
     ) -> list[str]: ...
 
 
-# (free devices, distinct and in shared_policy.device_order, must include, size, policy,
-# devices in use per physical GPU UUID) -> chosen IDs: shared_policy.preferred_shared_ordered.
-SharedPolicy = Callable[[Sequence[Device], Sequence[str], int, str, Mapping[str, int]], list[str]]
+# (the free devices GPU by GPU, must include, size, policy, devices in use per physical GPU
+# UUID) -> chosen IDs: shared_policy.preferred_shared_runs.
+SharedPolicy = Callable[[SharedRequest, Sequence[str], int, str, Mapping[str, int]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ class NodeManagers:
     config: Config
     snapshot: Snapshot
     whole: WholeGpuAllocator
-    shared: SharedPolicy = preferred_shared_ordered
+    shared: SharedPolicy = preferred_shared_runs
     warm: Callable[[], None] | None = None
 
     @classmethod
@@ -189,9 +194,15 @@ class GpuRun:
     """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered`."""
 
     uuid: str
+    index: int  # the GPU's NVML index
     start: int
     stop: int
-    healthy: int  # how many of them are Healthy
+    ids: frozenset[str]  # the run's device IDs
+    unhealthy: frozenset[str]  # those of them that are Unhealthy
+
+    def in_use(self, missing: AbstractSet[str]) -> int:
+        """Devices in use given the run's devices a request left out (:func:`in_use_counts`)."""
+        return len(missing - self.unhealthy) if self.unhealthy else len(missing)
 
 
 @dataclass(frozen=True)
@@ -200,17 +211,15 @@ class RequestIndex:
 
     Resources are immutable and replaced whole on every change (health included), so an index
     is valid for exactly the resource object it was built from. With it, a request naming all
-    8,192 replicas of a time-sliced node costs a few C-speed passes (one set lookup per
-    device, then slices) instead of sorting with a Python key and a Python loop per device.
+    8,192 replicas of a time-sliced node costs one set difference per GPU (C speed) and the
+    picks, instead of a sort with a Python key and a Python loop per device.
     """
 
     resource: Resource
     known: Mapping[str, Device]
-    # The devices in the allocator's pick order (each GPU's devices contiguous), their IDs,
-    # and 1 for each Healthy one, 0 otherwise (summed over the requested ones per GPU).
-    ordered: tuple[Device, ...]
+    ordered: tuple[Device, ...]  # the allocator's pick order: each GPU's devices contiguous
     ordered_ids: tuple[str, ...]
-    healthy: tuple[int, ...]
+    id_set: frozenset[str]
     runs: tuple[GpuRun, ...]
     whole_gpus: bool
 
@@ -219,49 +228,79 @@ class RequestIndex:
         """Index ``resource`` (linear in its devices; sorting dominates). ``known`` is its
         devices by ID when the caller has that map already."""
         ordered = tuple(sorted(resource.devices, key=device_order))
-        healthy = tuple(int(d.healthy) for d in ordered)
+        ordered_ids = tuple(d.id for d in ordered)
         runs: list[GpuRun] = []
         start = 0
         for position in range(1, len(ordered) + 1):
             if position == len(ordered) or ordered[position].gpu.uuid != ordered[start].gpu.uuid:
-                uuid = ordered[start].gpu.uuid
-                runs.append(GpuRun(uuid, start, position, sum(healthy[start:position])))
+                gpu = ordered[start].gpu
+                sick = frozenset(d.id for d in ordered[start:position] if not d.healthy)
+                runs.append(GpuRun(gpu.uuid, gpu.index, start, position,
+                                   frozenset(ordered_ids[start:position]), sick))
                 start = position
         return cls(
             resource=resource,
             known={d.id: d for d in resource.devices} if known is None else known,
             ordered=ordered,
-            ordered_ids=tuple(d.id for d in ordered),
-            healthy=healthy,
+            ordered_ids=ordered_ids,
+            id_set=frozenset(ordered_ids),
             runs=tuple(runs),
             whole_gpus=is_whole_gpu_resource(resource),
         )
 
-    def present(self, available: AbstractSet[str]) -> list[bool]:
-        """For each device in pick order, whether ``available`` names it."""
-        return list(map(available.__contains__, self.ordered_ids))
+    def missing(self, left_out: AbstractSet[str]) -> list[AbstractSet[str]]:
+        """``left_out`` (IDs of the index's devices a request did not offer) split per run."""
+        # Compacted first: a difference from the 8,192-ID set keeps that set's table size,
+        # and each intersection would walk all of its slots.
+        few = set(left_out)
+        return [run.ids & few for run in self.runs]
 
-    def in_pick_order(
-        self, available: Iterable[str], present: Sequence[bool] | None = None
-    ) -> list[Device]:
-        """The devices of ``available`` (known IDs) in the allocator's pick order.
+    def shared_request(self, available: AbstractSet[str],
+                       missing: Sequence[AbstractSet[str]]) -> SharedRequest:
+        """The shared policy's view of ``available`` (known IDs; ``missing`` from
+        :meth:`missing` of them): per GPU with a free device, its free IDs in pick order."""
+        ordered_ids = self.ordered_ids
+        runs = [
+            FreeRun(run.uuid, run.index,
+                    filterfalse(left_out.__contains__, ordered_ids[run.start:run.stop]))
+            for run, left_out in zip(self.runs, missing, strict=True)
+            if run.stop - run.start > len(left_out)
+        ]
+        known = self.known
+        return SharedRequest(runs, len(available), available, lambda i: known[i].gpu.uuid)
 
-        ``present`` is :meth:`present` of them when the caller has it already.
-        """
-        flags = self.present(set(available)) if present is None else present
-        return list(compress(self.ordered, flags))
+    def in_use(self, missing: Sequence[AbstractSet[str]]) -> dict[str, int]:
+        """:func:`in_use_counts` from :meth:`missing` of the available IDs."""
+        return {run.uuid: run.in_use(left_out)
+                for run, left_out in zip(self.runs, missing, strict=True)}
 
-    def in_use(
-        self, available: Iterable[str], present: Sequence[bool] | None = None
-    ) -> dict[str, int]:
-        """:func:`in_use_counts` for ``available`` (known IDs); ``present`` as above."""
-        flags = self.present(set(available)) if present is None else present
-        healthy = self.healthy
-        return {
-            run.uuid: run.healthy
-            - sum(compress(healthy[run.start:run.stop], flags[run.start:run.stop]))
-            for run in self.runs
-        }
+
+@dataclass(frozen=True)
+class KnownOffer(AbstractSet[str]):
+    """The IDs a request offered when they are exactly the index's devices less ``left_out``:
+    the kubelet's usual request, answered without a set of thousands of IDs."""
+
+    known: Mapping[str, Device]
+    left_out: AbstractSet[str]
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self.known and device_id not in self.left_out
+
+    def __len__(self) -> int:
+        return len(self.known) - len(self.left_out)
+
+    def __iter__(self) -> Iterator[str]:
+        return filterfalse(self.left_out.__contains__, self.known)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What one request offers of one resource version (:meth:`PreferredQuery.scan`)."""
+
+    index: RequestIndex
+    offered: AbstractSet[str]  # the offered IDs the resource has, distinct
+    unknown: AbstractSet[str]  # the offered IDs it does not have (stale or bogus)
+    missing: list[AbstractSet[str]]  # per run of the index: its devices not offered
 
 
 @dataclass
@@ -269,21 +308,16 @@ class PreferredQuery:
     """One GetPreferredAllocation container request, its IDs read out of the message once."""
 
     requested: Sequence[str]  # the available IDs as sent (the message's repeated field)
-    available_set: set[str]
     must_include: list[str]  # distinct
     size: int
-    # Filled by :meth:`unknown`: the available IDs the resource does not have, and (shared
-    # resources) RequestIndex.present of the available IDs, which unknown IDs do not change.
-    _unknown: set[str] | None = None
-    _present: list[bool] | None = None
-    _index: RequestIndex | None = None
+    _scan: Scan | None = None
     _available: list[str] | None = None
 
     @classmethod
     def of(cls, available: Sequence[str], must_include: Iterable[str], size: int
            ) -> PreferredQuery:
-        """Read the ID lists into sets; call it only on counted lists."""
-        return cls(available, set(available), list(dict.fromkeys(must_include)), size)
+        """The request's fields; call it only on counted lists."""
+        return cls(available, list(dict.fromkeys(must_include)), size)
 
     @property
     def available(self) -> list[str]:
@@ -292,31 +326,37 @@ class PreferredQuery:
             self._available = list(dict.fromkeys(self.requested))
         return self._available
 
-    def unknown(self, index: RequestIndex) -> set[str]:
-        """The available IDs ``index``'s resource does not have (stale or bogus)."""
-        if self._index is not index:
-            self._index, self._unknown, self._present = index, None, None
-        if self._unknown is None:
-            if index.whole_gpus:
-                self._unknown = self.available_set.difference(index.known)
-            else:
-                # Thousands of replicas: count the known ones while marking them.
-                present = self.present(index)
-                all_known = present.count(True) == len(self.available_set)
-                self._unknown = set() if all_known else self.available_set.difference(index.known)
-        return self._unknown
+    def scan(self, index: RequestIndex) -> Scan:
+        """The request against ``index``, computed once per index.
 
-    def present(self, index: RequestIndex) -> list[bool]:
-        """``index.present`` of the available IDs, computed once."""
-        if self._index is not index:
-            self._index, self._unknown, self._present = index, None, None
-        if self._present is None:
-            self._present = index.present(self.available_set)
-        return self._present
+        Thousands of replicas: one pass over the message's IDs removes them from a copy of
+        the index's ID set, leaving the few devices not offered. When the IDs sent number
+        exactly the devices offered, none was unknown or repeated (each of those would make
+        the count exceed), and the offer needs no set of its own.
+        """
+        if self._scan is not None and self._scan.index is index:
+            return self._scan
+        available: AbstractSet[str]
+        unknown: AbstractSet[str] = frozenset()
+        if index.whole_gpus:
+            available = set(self.available)
+            left_out: AbstractSet[str] = index.id_set.difference(available)
+        else:
+            left_out = index.id_set.difference(self.requested)
+            if len(self.requested) == len(index.id_set) - len(left_out):
+                available = KnownOffer(index.known, left_out)
+            else:
+                available = set(self.requested)
+        if not isinstance(available, KnownOffer):
+            unknown = available.difference(index.id_set)
+            if unknown:
+                available = available - unknown
+        self._scan = Scan(index, available, unknown, index.missing(left_out))
+        return self._scan
 
     def id_problem(self, index: RequestIndex) -> str | None:
         """A device ID too long to be one (only unknown IDs can be), or None."""
-        return long_id_problem(chain(self.unknown(index), self.must_include))
+        return long_id_problem(chain(self.scan(index).unknown, self.must_include))
 
 
 def long_id_problem(ids: Iterable[str]) -> str | None:
@@ -341,7 +381,7 @@ class GpuResourceManager:
         resource: Resource,
         config: Config,
         whole: WholeGpuAllocator,
-        shared: SharedPolicy = preferred_shared_ordered,
+        shared: SharedPolicy = preferred_shared_runs,
     ) -> None:
         self._resource = resource
         self.config = config
@@ -405,44 +445,36 @@ class GpuResourceManager:
         An impossible request (NVIDIA answers it with an empty list too) is logged as a
         warning naming the resource and why: the kubelet then falls back to its own choice.
         """
-        resource, index = self._resource, self.index
-        available_set, must, size = query.available_set, query.must_include, query.size
+        resource = self._resource
+        must, size = query.must_include, query.size
         # A stale id (the map changed since the kubelet's last list) is simply not available.
-        unknown = query.unknown(index)
-        if unknown:
-            available_set = available_set - unknown
-        problem = impossible_request(len(available_set), must, size, available_set)
+        scan = query.scan(self.index)
+        offered = scan.offered
+        problem = impossible_request(len(offered), must, size, offered)
         if problem is not None:
             log.warning("GetPreferredAllocation for %s: no preferred set: %s",
                         resource.name, problem)
             return []
         try:
-            chosen = self._choose(query, index, available_set, unknown)
+            chosen = self._choose(query, scan)
         except Exception:  # the kubelet falls back to its own choice; never fail the pod
             log.exception("preferred allocation failed for %s", resource.name)
             return []
         # Never hand back fewer, padding or unknown devices, whatever the allocator did.
-        if len(chosen) != size or len(set(chosen)) != size or not set(chosen) <= available_set:
+        if len(chosen) != size or len(set(chosen)) != size or not all(map(offered.__contains__,
+                                                                          chosen)):
             log.error("allocator returned an invalid set for %s: %s", resource.name, chosen)
             return []
         return chosen
 
-    def _choose(
-        self,
-        query: PreferredQuery,
-        index: RequestIndex,
-        available_set: AbstractSet[str],
-        unknown: AbstractSet[str],
-    ) -> list[str]:
+    def _choose(self, query: PreferredQuery, scan: Scan) -> list[str]:
         """The allocator's answer for a possible request (known IDs only)."""
-        must, size = query.must_include, query.size
+        must, size, index = query.must_include, query.size, scan.index
         if index.whole_gpus:
             offered = query.available
-            if unknown:
-                offered = [i for i in offered if i not in unknown]
+            if scan.unknown:
+                offered = [i for i in offered if i not in scan.unknown]
             return list(self._whole.preferred(offered, must, size))
         policy = self.config.flags.plugin.shared_devices_allocation_policy
-        present = query.present(index)
-        devices = index.in_pick_order(available_set, present)
-        counts = index.in_use(available_set, present)
-        return list(self._shared(devices, must, size, policy, counts))
+        request = index.shared_request(scan.offered, scan.missing)
+        return list(self._shared(request, must, size, policy, index.in_use(scan.missing)))

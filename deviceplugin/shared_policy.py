@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
+from itertools import filterfalse
 from operator import attrgetter
 
 from deviceplugin.allocator import impossible_request
@@ -57,14 +59,8 @@ def preferred_shared_ordered(
 ) -> list[str]:
     """:func:`preferred_shared` for ``available`` already distinct and in :func:`device_order`.
 
-    What the server calls: it keeps each resource's devices in that order, so a request of
-    8,192 replicas costs no per-device Python work here beyond C-speed passes and the picks
-    themselves (sorting them with a Python key took most of the 13.5 ms such a request cost).
     Each GPU's devices are one contiguous run in that order, found by bisection.
     """
-    if policy not in POLICIES:
-        log.warning("unknown allocation policy %r; using distributed", policy)
-        policy = "distributed"
     must = list(dict.fromkeys(must_include))
     # By ID only when must-include devices need finding: the usual request has none.
     devices = dict(zip(map(_device_id, available), available, strict=True)) if must else {}
@@ -78,16 +74,67 @@ def preferred_shared_ordered(
         )
         return []
     free = _gpu_runs(available)
-    in_use = _in_use(free, allocated_counts)
-    gpu_index = {uuid: group[0].gpu.index for uuid, group in free.items()}
-    taken = set(must)
+    request = SharedRequest(
+        runs=[FreeRun(uuid, group[0].gpu.index, map(_device_id, group))
+              for uuid, group in free.items()],
+        available=len(available),
+        offered=devices,
+        gpu_of=lambda device_id: devices[device_id].gpu.uuid,
+    )
+    return preferred_shared_runs(request, must, size, policy, _in_use(free, allocated_counts))
+
+
+@dataclass(frozen=True)
+class FreeRun:
+    """One physical GPU's free devices in a request, in pick order."""
+
+    uuid: str
+    index: int  # the GPU's NVML index: the tie-break between GPUs
+    ids: Iterable[str]  # read lazily: only the devices the picks reach are looked at
+
+
+@dataclass(frozen=True)
+class SharedRequest:
+    """A shared / MIG request as the policy reads it, GPU by GPU.
+
+    The resource manager builds it from its per-resource index without a Python step per
+    device: a time-sliced node's request names 8,192 replicas, of which a pick reads a few.
+    """
+
+    runs: Sequence[FreeRun]  # the GPUs with free devices, each once
+    available: int  # distinct free devices in all
+    offered: Container[str]  # the free device IDs (must-include devices must be among them)
+    gpu_of: Callable[[str], str]  # the physical GPU UUID of an offered device ID
+
+
+def preferred_shared_runs(
+    request: SharedRequest,
+    must_include: Sequence[str],
+    size: int,
+    policy: str,
+    allocated_counts: Mapping[str, int],
+) -> list[str]:
+    """The policy of :func:`preferred_shared` over ``request``'s GPUs; ``allocated_counts``
+    is the devices in use per physical GPU UUID (absent: none). Impossible requests return []
+    and log a warning."""
+    if policy not in POLICIES:
+        log.warning("unknown allocation policy %r; using distributed", policy)
+        policy = "distributed"
+    must = list(dict.fromkeys(must_include))
+    problem = impossible_request(request.available, must, size, request.offered)
+    if problem:
+        log.warning("preferred allocation impossible: %s (%d available, must_include=%s)",
+                    problem, request.available, must)
+        return []
+    in_use = {run.uuid: int(allocated_counts.get(run.uuid, 0)) for run in request.runs}
+    gpu_index = {run.uuid: run.index for run in request.runs}
     for device_id in must:
-        in_use[devices[device_id].gpu.uuid] += 1
+        in_use[request.gpu_of(device_id)] += 1
     chosen = list(must)
-    picker = _Picker(free, taken)
+    picker = _Picker({run.uuid: iter(run.ids) for run in request.runs}, set(must))
     # One heap entry per GPU with free devices; only the picked GPU's key changes per pick.
     sign = -1 if policy == "packed" else 1
-    heap = [(sign * in_use[u], gpu_index[u], u) for u in free if picker.peek(u) is not None]
+    heap = [(sign * in_use[u], gpu_index[u], u) for u in gpu_index if picker.peek(u) is not None]
     heapify(heap)
     while len(chosen) < size:
         uuid = heappop(heap)[2]
@@ -101,24 +148,22 @@ def preferred_shared_ordered(
 class _Picker:
     """Each GPU's free devices in order, skipping the must-include ones already chosen."""
 
-    def __init__(self, free: Mapping[str, Sequence[Device]], taken: set[str]) -> None:
+    def __init__(self, free: Mapping[str, Iterator[str]], taken: set[str]) -> None:
         self._free = free
         self._taken = taken
-        self._next = dict.fromkeys(free, 0)
+        self._next: dict[str, str | None] = {}
 
     def peek(self, uuid: str) -> str | None:
         """The next free device ID of GPU ``uuid``, or None when it has none left."""
-        group, position = self._free[uuid], self._next[uuid]
-        while position < len(group) and group[position].id in self._taken:
-            position += 1
-        self._next[uuid] = position
-        return group[position].id if position < len(group) else None
+        if uuid not in self._next:
+            self._next[uuid] = next(filterfalse(self._taken.__contains__, self._free[uuid]), None)
+        return self._next[uuid]
 
     def take(self, uuid: str) -> str:
         """Take the device :meth:`peek` names (the caller has checked there is one)."""
         device_id = self.peek(uuid)
         assert device_id is not None
-        self._next[uuid] += 1
+        del self._next[uuid]
         return device_id
 
 

@@ -22,7 +22,7 @@ from test_server_support import (
     short_tmpdir,
 )
 
-from deviceplugin.rm import NodeManagers, RequestIndex, in_use_counts
+from deviceplugin.rm import NodeManagers, PreferredQuery, RequestIndex, in_use_counts
 from deviceplugin.server import (
     MAX_UNIX_PATH,
     PluginServer,
@@ -382,9 +382,39 @@ def test_request_index_matches_the_reference(sick: set[int], offered: set[int],
     index = RequestIndex.of(resource)
     available = [resource.devices[i].id for i in offered]
     rng.shuffle(available)
-    assert index.in_use(available) == in_use_counts(resource, set(available))
-    assert index.in_pick_order(available) == sorted(
-        (index.known[i] for i in available), key=device_order)
+    missing = index.missing(index.id_set - set(available))
+    assert index.in_use(missing) == in_use_counts(resource, set(available))
+    request = index.shared_request(set(available), missing)
+    assert [i for run in request.runs for i in run.ids] == [
+        d.id for d in sorted((index.known[i] for i in available), key=device_order)]
+    assert [(run.uuid, run.index) for run in request.runs] == sorted(
+        {(index.known[i].gpu.uuid, index.known[i].gpu.index) for i in available},
+        key=lambda gpu: gpu[1])
+    assert request.available == len(available)
+    assert all(request.gpu_of(i) == index.known[i].gpu.uuid for i in available)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 11), max_size=16), st.lists(st.sampled_from(["bogus", "GPU-x::9"]),
+                                                         max_size=3),
+       st.randoms(use_true_random=False))
+def test_request_scan_matches_the_reference(offered: list[int], strangers: list[str],
+                                            rng: random.Random) -> None:
+    # Repeats and unknown IDs, alone or together (a repeat and an unknown ID make the count
+    # of IDs sent match a clean request of one more device): the scan must see through both.
+    snap = make_snapshot(4)
+    resource = make_resource(snap, name="nvidia.com/gpu.shared", replicas=3)
+    index = RequestIndex.of(resource)
+    requested = [resource.devices[i].id for i in offered] + strangers
+    rng.shuffle(requested)
+    scan = PreferredQuery.of(requested, [], 1).scan(index)
+    assert set(scan.offered) == set(requested) & index.id_set
+    assert len(scan.offered) == len(set(requested) & index.id_set)
+    assert all(i in scan.offered for i in requested if i in index.id_set)
+    assert not any(i in scan.offered for i in strangers)
+    assert set(scan.unknown) == set(strangers)
+    assert [set(m) for m in scan.missing] == [
+        set(run.ids) - set(requested) for run in index.runs]
 
 
 def test_socket_path_too_long(snapshot: Snapshot, allocator: FakeAllocator) -> None:

@@ -14,6 +14,7 @@ import builders
 import grpc
 
 from deviceplugin.rm import GpuResourceManager, NodeManagers
+from deviceplugin.shared_policy import SharedRequest
 from gpus.config import Config
 from gpus.model import GPU, Snapshot
 from gpus.resources import Device, Resource, ResourceMap
@@ -96,15 +97,16 @@ class FakeAllocator:
 
     def shared(
         self,
-        available: Sequence[Device],
+        request: SharedRequest,
         must: Sequence[str],
         size: int,
         policy: str,
         allocated_counts: Mapping[str, int] | None = None,
     ) -> list[str]:
-        self.calls.append((policy, [d.id for d in available], list(must), size))
+        available = [i for run in request.runs for i in run.ids]
+        self.calls.append((policy, available, list(must), size))
         self.counts.append(dict(allocated_counts or {}))
-        return list(dict.fromkeys([*must, *(d.id for d in available)]))[:size]
+        return list(dict.fromkeys([*must, *available]))[:size]
 
 
 def fake_context(snapshot: Snapshot, allocator: FakeAllocator | None = None) -> NodeManagers:

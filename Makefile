@@ -47,9 +47,10 @@ bench: $(STAMP)
 
 # Mutation testing (docs/testing.md); not part of CI. MODULES picks source files, e.g.
 # `make mutate MODULES=deviceplugin/allocator.py`; results accumulate in mutants/ across runs.
-MODULES ?= deviceplugin/allocator.py gpus/resources.py deviceplugin/allocate.py \
-	deviceplugin/health.py deviceplugin/kubelet.py gfd/labels.py gfd/nodepatch.py \
-	gpus/config.py gpus/atomicfile.py
+MODULES ?= deviceplugin/allocator.py deviceplugin/shared_policy.py deviceplugin/rm.py \
+	gpus/resources.py deviceplugin/allocate.py deviceplugin/extras.py \
+	deviceplugin/health.py deviceplugin/healthpolicy.py deviceplugin/kubelet.py \
+	gfd/labels.py gfd/nodepatch.py $(wildcard gpus/config/*.py) gpus/atomicfile.py
 MUTATE_JOBS ?= 2
 # Address-space cap per process (KiB): a mutant that grows a list forever must fail, not take
 # the machine's memory with it.

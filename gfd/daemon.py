@@ -33,7 +33,7 @@ from gfd.labels import (
     node_labels,
     timestamp_labels,
 )
-from gfd.metrics import CountingNodeApi
+from gfd.metrics import CountingNodeApi, CountingNodeFeatureApi
 from gfd.nodefeature import (
     KubeNodeFeatureApi,
     NodeFeatureApi,
@@ -178,8 +178,10 @@ class Daemon:
         self.publisher: NodePublisher | NodeFeaturePublisher | None = None
         if options.publishes_node_feature and not options.dry_run:
             flags = config.flags
-            feature_api = node_feature_api or KubeNodeFeatureApi.from_environment(
+            feature_api: NodeFeatureApi = node_feature_api or KubeNodeFeatureApi.from_environment(
                 options.kubeconfig or None, TokenBucket(flags.kube_api_qps, flags.kube_api_burst))
+            if metrics is not None:
+                feature_api = CountingNodeFeatureApi(feature_api, metrics)
             # As for the Node: a new timestamp alone does not rewrite the object.
             self.publisher = NodeFeaturePublisher(
                 feature_api, options.node_name, flags.namespace, flags.pod_name, backoff,

@@ -7,8 +7,8 @@ configuration table (gpus/config/model.py): NVIDIA's GFD settings, and our own o
 ``--dry-run``, ``--log-level``/``GFD_LOG_LEVEL``, any case, for every package's loggers).
 
 Metrics: ``--metrics-address`` (env ``GFD_METRICS_ADDRESS``, default "" = off), ``[host]:port``,
-serves GFD's own Prometheus metrics (gpus.runtime.metrics, docs/metrics.md); not yet a row of
-the configuration table.
+serves GFD's own Prometheus metrics (gpus.runtime.metrics, docs/metrics.md); a row of the
+configuration table like every other option.
 
 Exit status (gpus.runtime.exits): 0 ok (after a signal, or a oneshot pass that succeeded);
 1 a runtime failure (NVML with --fail-on-init-error, the API server, a kubeconfig); 2 bad

@@ -34,7 +34,9 @@ import gfd.main as gfd_main
 from deviceplugin.health import HealthMonitor, reason_kind
 from deviceplugin.kubelet import RegistrationLoop
 from deviceplugin.server import PluginServer
-from gfd.nodepatch import KubeNodeApi
+from gfd.metrics import CountingNodeFeatureApi
+from gfd.nodefeature import KubeNodeFeatureApi, TokenBucket
+from gfd.nodepatch import KubeNodeApi, NodeApiError
 from gpus.backoff import Backoff
 from gpus.config import Config, ConfigError
 from gpus.model import Snapshot
@@ -267,3 +269,61 @@ def test_gfd_nvml_errors(tmp_path: Path, fake_snapshot: Callable[..., Snapshot])
     samples = [s for f in metrics.registry.collect() for s in f.samples
                if s.name == "gpu_feature_discovery_nvml_errors_total"]
     assert [s.value for s in samples] == [1]
+
+
+def test_gfd_node_feature_api_errors_are_counted(
+        tmp_path: Path, fake_snapshot: Callable[..., Snapshot]) -> None:
+    snapshot = fake_snapshot("dgx-a100")
+    metrics = GfdMetrics()
+    reg = metrics.registry
+    with FakeApiServer() as server:  # no NodeFeature CRD yet: the kind answers 404
+        api = KubeNodeFeatureApi.from_environment(server.kubeconfig(str(tmp_path / "kc")),
+                                                  TokenBucket(1000, 1000))
+        d = daemon(tmp_path, lambda c: snapshot, oneshot=False, mode="node-feature",
+                   node_feature_api=api, backoff=Backoff(initial=0.01, cap=0.05),
+                   metrics=metrics)
+        assert not d.run_pass()
+        assert value(reg, "gpu_feature_discovery_api_server_errors_total",
+                     operation="get_nodefeature", status="404") == 1
+        server.install_nodefeature_crd()
+        server.fail_next(1, 500)
+        assert not d.run_pass()
+        assert value(reg, "gpu_feature_discovery_api_server_errors_total",
+                     operation="get_nodefeature", status="500") == 1
+        assert d.run_pass()
+        assert value(reg, "gpu_feature_discovery_api_server_errors_total",
+                     operation="create_nodefeature", status="500") == 0
+
+
+def test_counting_node_feature_api_names_each_operation() -> None:
+    metrics = GfdMetrics()
+
+    class Failing:
+        def get(self, namespace: str, name: str) -> dict[str, object] | None:
+            raise NodeApiError("HTTP 503", "unavailable")
+
+        def create(self, namespace: str, body: dict[str, object]) -> dict[str, object]:
+            raise NodeApiError("HTTP 403", "forbidden")
+
+        def replace(self, namespace: str, name: str, body: dict[str, object]
+                    ) -> dict[str, object]:
+            raise NodeApiError("HTTP 409", "conflict")
+
+        def get_pod(self, namespace: str, name: str) -> dict[str, object]:
+            raise NodeApiError("connection refused", "no answer")
+
+    api = CountingNodeFeatureApi(Failing(), metrics)
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("get_nodefeature", lambda: api.get("ns", "n")),
+        ("create_nodefeature", lambda: api.create("ns", {})),
+        ("update_nodefeature", lambda: api.replace("ns", "n", {})),
+        ("get_pod", lambda: api.get_pod("ns", "p")),
+    ]
+    for _, call in calls:
+        with pytest.raises(NodeApiError):
+            call()
+    counted = {(s.labels["operation"], s.labels["status"]): s.value
+               for f in metrics.registry.collect() for s in f.samples
+               if s.name == "gpu_feature_discovery_api_server_errors_total"}
+    assert counted == {("get_nodefeature", "503"): 1, ("create_nodefeature", "403"): 1,
+                       ("update_nodefeature", "409"): 1, ("get_pod", "0"): 1}

@@ -195,6 +195,10 @@ def test_retries_converge_after_faults(server: FakeApiServer, tmp_path: Path,
     assert pub.retry()
     assert pub.retry_in() is None and pub.converged
     assert server.labels(NODE) == FOREIGN | want
+    # The stub recorded what each faulted request got: 0 for a closed connection.
+    answered = [r.answered for r in server.requests()]
+    assert answered[:2] == [0 if fault == "close" else int(fault)] * 2
+    assert answered[2:] and all(a == 200 for a in answered[2:])
 
 
 def test_conflict_from_a_concurrent_writer_rereads(server: FakeApiServer,

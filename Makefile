@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-# Device plugin + GFD + mock kubelet on a simulated DGX A100. RUN_ARGS='--exit-after 5' stops it.
+# Device plugin + GFD + metrics exporter + mock kubelet on a simulated DGX A100.
+# RUN_ARGS='--exit-after 5' stops it.
 run: $(STAMP)
 	$(PY) -m demo $(RUN_ARGS)
 

@@ -1,5 +1,6 @@
-"""The simulated GPU node behind ``make run``: device plugin, GFD and the mock kubelet together.
+"""The simulated GPU node behind ``make run``: device plugin, GFD, metrics exporter and the mock
+kubelet together.
 
-It lives outside ``deviceplugin`` and ``gfd`` because it is the one place allowed to import
-both (the layering contracts in pyproject.toml keep the daemons independent).
+It lives outside ``deviceplugin``, ``gfd`` and ``exporter`` because it is the one place allowed
+to import several daemons (the layering contracts in pyproject.toml keep them independent).
 """

@@ -1,11 +1,19 @@
-"""``make run``: the device plugin on a simulated DGX A100, talking to the mock kubelet.
+"""``make run``: the device plugin, GFD and the metrics exporter on a simulated DGX A100,
+talking to the mock kubelet.
 
 Everything runs in one process in a temporary directory: the mock kubelet serves
-``kubelet.sock``, the device plugin runs on the fake NVML (``fake:dgx-a100``, sysfs written by
-the fake), registers, and the mock kubelet prints what it sees, allocates two GPUs
-(GetPreferredAllocation, then Allocate) and the GFD labels of the node are printed. Then it
+``kubelet.sock`` (and the PodResources API on ``pod-resources/kubelet.sock``), the device
+plugin runs on the fake NVML (``fake:dgx-a100``, sysfs written by the fake), registers, and the
+mock kubelet prints what it sees, allocates two GPUs (GetPreferredAllocation, then Allocate) on
+behalf of the pod ``default/demo-pod`` (container ``main``) and the GFD labels of the node are
+printed. Then ``gpu-metrics-exporter`` (dcgm-exporter's metric names) starts on the same fake
+NVML, learns from PodResources which pod holds which GPU, and serves Prometheus metrics on
+``--metrics-address`` (default ``127.0.0.1:0``: a free port; ``""`` leaves the exporter out);
+the demo prints the ``curl`` line for it and a sample of what it serves (the allocated GPUs'
+``DCGM_FI_DEV_GPU_UTIL``, with the pod's ``pod``/``namespace``/``container`` labels). Then it
 serves until Ctrl-C (or ``--exit-after`` seconds); inject faults meanwhile with
-``fake-nvml inject --control <printed socket> xid 0 79`` and watch ListAndWatch change.
+``fake-nvml inject --control <printed socket> xid 0 79`` and watch ListAndWatch change (and
+``DCGM_FI_DEV_XID_ERRORS`` in the exporter's metrics).
 
 ``--mig-strategy`` and a MIG profile (``--profile a100-mig-1g``) show MIG resources;
 ``--pass-device-specs`` makes the fake write a driver root (``mig-minors``) and device nodes in
@@ -26,6 +34,7 @@ import signal
 import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +43,10 @@ from deviceplugin.allocate import CDI_STRATEGIES
 from deviceplugin.cdi import SPEC_FILE_NAME, cdi_enabled
 from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_plugin_flags
 from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
+from exporter.main import parse_address
+from exporter.service import Exporter, ExporterOptions, build_exporter
 from gpus.config import Config, ConfigError, parse_device_list_strategy
+from gpus.errors import NvkError
 from gpus.fake.driverroot import write_fake_driver_root
 from gpus.model import Snapshot
 from gpus.resources import GPU_RESOURCE
@@ -44,6 +56,22 @@ if TYPE_CHECKING:
     from gpus.fake import Profile
 
 REGISTER_TIMEOUT_S = 30.0
+# The pod the demo's allocation is made for: PodResources reports it, the exporter labels with it.
+DEMO_NAMESPACE, DEMO_POD, DEMO_CONTAINER = "default", "demo-pod", "main"
+# The kubelet's own layout: PodResources in its own directory beside the registration socket.
+POD_RESOURCES_SOCKET = os.path.join("pod-resources", "kubelet.sock")
+EXPORTER_WAIT_S = 10.0  # the exporter's first PodResources answer, and the demo's own scrape
+SAMPLE_LINES = 4  # series printed from the exporter's /metrics
+
+
+def metrics_address(text: str) -> tuple[str, int] | None:
+    """``--metrics-address``: ``[host]:port`` as (host, port), None for "" (no exporter)."""
+    if not text.strip():
+        return None
+    try:
+        return parse_address(text, "--metrics-address")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-list-strategy", default="envvar", metavar="LIST",
                         help="comma list of envvar, volume-mounts, cdi-annotations, cdi-cri "
                         "(default envvar); a CDI one writes a fake driver root and the spec")
+    parser.add_argument("--metrics-address", type=metrics_address, default="127.0.0.1:0",
+                        metavar="[HOST]:PORT",
+                        help="serve the GPU metrics exporter there (default 127.0.0.1:0, a free "
+                        "port; \"\" leaves the exporter out)")
     parser.add_argument("--exit-after", type=float, metavar="S", help="exit after S seconds")
     parser.add_argument("--verbose", action="store_true", help="show the daemons' logs")
     add_version_flag(parser)
@@ -134,6 +166,93 @@ def print_labels(
         out(f"    {key}={value}")
 
 
+def metrics_url(address: tuple[str, int]) -> str:
+    """Where to scrape an exporter listening on ``address`` (the wildcard hosts: loopback)."""
+    host, port = address
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"
+
+
+def metrics_sample(text: str, limit: int = SAMPLE_LINES) -> list[str]:
+    """A few series of a /metrics page worth showing a newcomer: the utilisation of the GPUs a
+    pod holds (``pod`` label), else any series a pod holds (MIG-enabled GPUs report no
+    DCGM_FI_DEV_GPU_UTIL), else the utilisation of the first GPUs, else the first series."""
+    series = [line for line in text.splitlines() if line.startswith("DCGM_")]
+    held = [line for line in series if 'pod="' in line and 'pod=""' not in line]
+    util = [line for line in series if line.startswith("DCGM_FI_DEV_GPU_UTIL{")]
+    for candidates in ([line for line in held if line in util], held, util, series):
+        if candidates:
+            return candidates[:limit]
+    return []
+
+
+def start_exporter(
+    address: tuple[str, int], config: Config, workdir: str, pod_resources_socket: str
+) -> Exporter:
+    """The metrics exporter, started on the NVML backend the plugin installed (the fake lives
+    in this process, and NVML counts each init, so the two share it).
+
+    Raises OSError when ``address`` cannot be listened on, NvkError when NVML fails.
+    """
+    exporter = build_exporter(ExporterOptions(
+        address=address,
+        kubernetes=True,
+        pod_resources_socket=pod_resources_socket,
+        sysfs_root=config.flags.sysfs_root,
+        # The simulated GPUs' processes are not this host's: read no /proc or container logs
+        # of the machine the demo runs on (these directories do not exist).
+        proc_root=os.path.join(workdir, "proc"),
+        container_logs=os.path.join(workdir, "containers"),
+    ))
+    exporter.start()
+    return exporter
+
+
+def serve_metrics(
+    address: tuple[str, int], config: Config, workdir: str, pod_resources_socket: str,
+    out: _Printer,
+) -> Exporter | None:
+    """Start the exporter and show what it serves; None (said in one line) if it cannot start."""
+    try:
+        exporter = start_exporter(address, config, workdir, pod_resources_socket)
+    except OSError as err:
+        out(f"[demo] the metrics exporter cannot listen on {address[0]}:{address[1]}: "
+            f"{err.strerror or err}")
+        return None
+    except NvkError as err:
+        out(f"[demo] the metrics exporter could not start: {err}")
+        return None
+    try:
+        describe_metrics(exporter, out)
+    except BaseException:
+        exporter.stop()  # run() closes only what it was handed back
+        raise
+    return exporter
+
+
+def describe_metrics(exporter: Exporter, out: _Printer) -> None:
+    """The exporter's address as a curl line, and a sample of what a scrape of it returns."""
+    assert exporter.server is not None and exporter.refresher is not None
+    url = metrics_url((exporter.options.address[0], exporter.server.port))
+    # The refresher asks PodResources on its own thread as it starts: the sample shows the pod
+    # labels once that first answer is in.
+    if exporter.refresher.wait_for(lambda c: c.fetched_at is not None, EXPORTER_WAIT_S) is None:
+        out(f"[exporter] no PodResources answer yet: {exporter.refresher.current().health}")
+    gpus = len(exporter.sampler.snapshot.gpus) if exporter.sampler is not None else 0
+    out(f"[exporter] gpu-metrics-exporter: {gpus} GPUs, pod labels from PodResources; "
+        f"curl {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=EXPORTER_WAIT_S) as response:
+            text = response.read().decode("utf-8")
+    except OSError as err:  # e.g. a host name that does not resolve back to the listener
+        out(f"[exporter] cannot scrape {url} here: {err}")
+        return
+    for line in metrics_sample(text):
+        out(f"    {line}")
+
+
 class _Printer:
     """Serialises prints from the main thread and ListAndWatch callbacks."""
 
@@ -150,17 +269,38 @@ class _Printer:
             self(format_devices(resource, devices))  # type: ignore[arg-type]
 
 
+def allocate_for_the_demo_pod(
+    kubelet: MockKubelet, plugin: DevicePlugin, served: Sequence[str], count: int, out: _Printer
+) -> None:
+    """Allocate ``count`` devices of nvidia.com/gpu (else of the first resource served) like
+    the kubelet, for the demo's pod, so PodResources reports them as that pod's."""
+    if not served:
+        out("[demo] nothing to allocate: no resource has devices")
+        return
+    target = GPU_RESOURCE if GPU_RESOURCE in served else served[0]
+    count = min(count, len(plugin.resource_map.resources[target].devices))
+    out(format_allocation(kubelet.allocate(
+        target, count, pod=DEMO_POD, namespace=DEMO_NAMESPACE, container=DEMO_CONTAINER)))
+    out(f"[demo] allocated to pod {DEMO_NAMESPACE}/{DEMO_POD}, container {DEMO_CONTAINER} "
+        "(the mock kubelet's PodResources API reports it)")
+    if cdi_enabled(plugin.config):
+        out(describe_cdi_spec(plugin.config))
+
+
 def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
     """The demo proper, in ``workdir``."""
-    kubelet = MockKubelet(workdir, on_update=out.update)
-    kubelet.start()
     try:
         config = demo_config(workdir, args.profile, args.mig_strategy, args.pass_device_specs,
                              args.device_list_strategy)
     except ConfigError as err:
         out(f"[demo] {err}")
         return 2
+    pod_resources = os.path.join(workdir, POD_RESOURCES_SOCKET)
+    os.makedirs(os.path.dirname(pod_resources))
+    kubelet = MockKubelet(workdir, on_update=out.update, pod_resources_socket=pod_resources)
+    kubelet.start()
     plugin = DevicePlugin(config, os.environ)
+    exporter: Exporter | None = None
     try:
         controller = plugin.select_backend()
         if controller is not None:
@@ -180,17 +320,15 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
                 return 1
         for resource in kubelet.resources():
             out(format_devices(resource, kubelet.devices(resource)))
-        if served:
-            target = GPU_RESOURCE if GPU_RESOURCE in served else served[0]
-            count = min(args.allocate, len(plugin.resource_map.resources[target].devices))
-            out(format_allocation(kubelet.allocate(target, count)))
-            if cdi_enabled(config):
-                out(describe_cdi_spec(config))
-        else:
-            out("[demo] nothing to allocate: no resource has devices")
+        allocate_for_the_demo_pod(kubelet, plugin, served, args.allocate, out)
         assert plugin.snapshot is not None
         profile = controller.profile if controller is not None else None
         print_labels(plugin.snapshot, config, out, machine_type(profile))
+        if args.metrics_address is not None:
+            exporter = serve_metrics(args.metrics_address, plugin.config, workdir, pod_resources,
+                                     out)
+            if exporter is None:
+                return 1
         control = config.flags.nvml.partition("control=")[2]
         out(f"[demo] serving; try: fake-nvml inject --control {control} xid 0 79")
         out.live = True
@@ -205,6 +343,11 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
         return 1
     finally:
         out.live = False
+        # The exporter first: its NVML reference and event set live in the fake the plugin
+        # installed, and plugin.close() uninstalls it; then the plugin, then the kubelet that
+        # both talk to.
+        if exporter is not None:
+            exporter.stop()
         plugin.close()
         kubelet.stop()
 

@@ -22,6 +22,10 @@ from gpus.nvmlevents import EventWatcher
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_MS = 300_000
+# One NVML event wait blocks this long at most, and so bounds how long stop() takes (a wait in
+# the driver cannot be interrupted); the plugin's health monitor waits as long, for the same
+# reason, and a wake-up ten times a second costs nothing measurable.
+POLL_MS = 100
 # NVIDIA's XID catalogue, as dcgm-exporter's table words the common ones.
 XID_MESSAGES: Mapping[int, str] = {
     8: "GPU stopped processing",
@@ -107,7 +111,7 @@ class XidListener:
     """The one NVML event listener: XIDs of ``uuids`` into a tracker, on a daemon thread."""
 
     def __init__(self, nvml: Nvml, uuids: Iterable[str], tracker: XidTracker,
-                 poll_ms: int = 500) -> None:
+                 poll_ms: int = POLL_MS) -> None:
         self._watcher = EventWatcher(nvml, uuids, EVENT_XID)
         self.tracker = tracker
         self._poll_ms = poll_ms

@@ -8,6 +8,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -221,10 +222,11 @@ def test_sighup_reloads_the_collectors_and_a_bad_file_keeps_the_old_set(
         assert exporter.sampler is not None
         names.append(series_names(scrape(exporter)))
         csv.write_text("DCGM_FI_DEV_GPU_TEMP, gauge, temp\nDCGM_FI_DEV_POWER_USAGE, gauge, W\n")
-        before = exporter.sampler.latest()
         assert run.reload() is True
-        # POWER_USAGE is read from the next NVML sample on.
-        assert exporter.sampler.wait_for(lambda r: r is not before, TIMEOUT)
+        reloaded_at = time.monotonic()
+        # POWER_USAGE is read from the next NVML sample on: one that *began* after the reload
+        # had been applied (a sample in progress meanwhile finishes with the old fields).
+        assert exporter.sampler.wait_for(lambda r: r.sample.taken_at >= reloaded_at, TIMEOUT)
         names.append(series_names(scrape(exporter)))
         csv.write_text("DCGM_FI_DEV_POWER_USAGE, gauge, W\nDCGM_FI_DEV_NOPE, gauge, x\n")
         assert run.reload() is False

@@ -205,7 +205,10 @@ class HealthMonitor:
         known = {gpu.uuid for gpu in snapshot.gpus}
         known.update(mig.uuid for gpu in snapshot.gpus for mig in gpu.mig_devices)
         with self._lock:
-            carried = {uuid: _Mark(mark.reason, mark.last_bad, mark.rewatch, mark.generation)
+            # Not ``rewatch``: the new monitor's first event set registers every GPU again (a
+            # failure marks it again), so a carried flag would only rebuild that watcher once
+            # more when the device recovers, with every GPU unwatched meanwhile.
+            carried = {uuid: _Mark(mark.reason, mark.last_bad, generation=mark.generation)
                        for uuid, mark in self._marks.items() if uuid in known}
         for uuid, mark in sorted(carried.items()):
             LOG.info("device %s stays unhealthy across the reload: %s", uuid, mark.reason)

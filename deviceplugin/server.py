@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from deviceplugin.allocate import AllocationError, ContainerAllocation
+from deviceplugin.kubelet import plugin_options
 from deviceplugin.rm import ResourceManager
 from gpus.config import RESOURCE_PREFIX
 from gpus.resources import HEALTHY, UNHEALTHY, Device, Resource
@@ -410,9 +411,7 @@ class _Servicer(api_pb2_grpc.DevicePluginServicer):
     def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> api_pb2.DevicePluginOptions:
-        return api_pb2.DevicePluginOptions(
-            pre_start_required=False, get_preferred_allocation_available=True
-        )
+        return plugin_options()
 
     def ListAndWatch(
         self, request: api_pb2.Empty, context: grpc.ServicerContext

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +58,11 @@ def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
     if node is None:
         return None, {}
     lines: dict[str, int] = {}
-    _record_lines(node, "", lines, source, _Walk())
-    loader = yaml.SafeLoader("")
+    loader = _loader_class()("")
     try:
+        # _record_lines recurses once per level and follows aliases, which the composer never
+        # does: aliases can nest a small document deeper than the stack allows.
+        _record_lines(node, "", lines, source, _Walk())
         data = loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ConfigError(f"{_yaml_where(error, source)}: not valid YAML: "
@@ -68,6 +72,31 @@ def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
     finally:
         loader.dispose()
     return data, lines
+
+
+@functools.cache
+def _loader_class() -> type[yaml.SafeLoader]:
+    """PyYAML's SafeLoader, except that a scalar it cannot build is a YAML error at its line.
+
+    PyYAML raises ValueError, KeyError or AttributeError for a date-like value that is no date
+    (``2024-02-30``, which its resolver takes for a timestamp) or a tagged ``!!int x``; left
+    alone they escape as a crash (a reload on SIGHUP included) instead of a ConfigError.
+    Built on first use, as PyYAML is imported: most starts read no config file.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as error:
+                # Raised by scalar constructors only (those of collections raise YAML errors).
+                tag = node.tag.rpartition(":")[2]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"cannot read {reprlib.repr(node.value)} as {tag}: {error}",
+                    node.start_mark) from None
+
+    return Loader
 
 
 def _yaml_where(error: yaml.YAMLError, source: str) -> str:
@@ -85,6 +114,8 @@ def _parse_json(text: str, source: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{source}:{error.lineno}: not valid JSON: {error.msg}") from None
+    except ValueError as error:  # a number beyond Python's int() digit limit
+        raise ConfigError(f"{source}: not valid JSON: {error}") from None
     except RecursionError:
         raise ConfigError(f"{source}: not valid JSON: nested too deeply") from None
 

@@ -442,7 +442,9 @@ class ImexChannelsKind(Kind):
             if isinstance(item, bool):
                 return None
             text = str(item).strip()
-            if not text.isdigit():
+            # ASCII only: str.isdigit() is also true of "²" (which int() refuses: a ValueError,
+            # not a ConfigError) and of other scripts' digits, which no channel is named with.
+            if not (text.isascii() and text.isdigit()):
                 return None
             result.append(str(int(text)))
         return tuple(dict.fromkeys(result))

@@ -18,7 +18,8 @@ def parse_address(text: str) -> tuple[str, int] | None:
     if not text:
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII only: str.isdigit() is also true of "²" (int() refuses it) and "٣" (int() reads 3).
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise MetricsAddressError(
             f"--metrics-address {text!r}: expected [host]:port, e.g. :9401 or 127.0.0.1:9401")
     return host.strip("[]"), int(port)

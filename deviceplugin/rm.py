@@ -191,7 +191,7 @@ def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class GpuRun:
-    """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered`."""
+    """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered_ids`."""
 
     uuid: str
     index: int  # the GPU's NVML index
@@ -217,8 +217,7 @@ class RequestIndex:
 
     resource: Resource
     known: Mapping[str, Device]
-    ordered: tuple[Device, ...]  # the allocator's pick order: each GPU's devices contiguous
-    ordered_ids: tuple[str, ...]
+    ordered_ids: tuple[str, ...]  # the allocator's pick order: each GPU's devices contiguous
     id_set: frozenset[str]
     runs: tuple[GpuRun, ...]
     whole_gpus: bool
@@ -241,7 +240,6 @@ class RequestIndex:
         return cls(
             resource=resource,
             known={d.id: d for d in resource.devices} if known is None else known,
-            ordered=ordered,
             ordered_ids=ordered_ids,
             id_set=frozenset(ordered_ids),
             runs=tuple(runs),

@@ -113,11 +113,12 @@ def feature_nodes(feature: Feature, dev_root: str) -> list[str]:
     return _names_in(dev_root, feature.directory, feature.pattern)
 
 
-def imex_channels(config: Config) -> tuple[str, ...]:
+def imex_channels(config: Config, *, fatal: bool = True) -> tuple[str, ...]:
     """The configured IMEX channel IDs present under the dev root (``all``: every one there).
 
-    Raises InitError naming what is missing when ``--imex-required`` is set and a configured
-    channel is not there (or, with ``all``, none is).
+    When ``--imex-required`` is set and a configured channel is not there (or, with ``all``,
+    none is): InitError naming what is missing, or with ``fatal`` False (allocations, after the
+    start-up check passed) an error log line, and the channels that are there are still given.
     """
     wanted = config.imex.channel_ids
     if not wanted:
@@ -132,9 +133,13 @@ def imex_channels(config: Config) -> tuple[str, ...]:
         found = tuple(i for i in wanted if i in present)
         missing = [_under(dev_root, f"{IMEX_DIR}/channel{i}") for i in wanted if i not in present]
     if missing and config.imex.required:
-        raise InitError(f"IMEX channel required (--imex-required) but not found: "
-                        f"{', '.join(missing)}")
-    if missing:
+        message = (f"IMEX channel required (--imex-required) but not found: "
+                   f"{', '.join(missing)}")
+        if fatal:
+            raise InitError(message)
+        # A channel that vanished since start-up: only it is left out, not those still there.
+        LOG.error("%s", message)
+    elif missing:
         LOG.warning("IMEX channels not found, not added to allocations: %s", ", ".join(missing))
     return found
 
@@ -157,11 +162,7 @@ def compute_extras(config: Config) -> Extras:
         return NOTHING
     features = enabled_features(config)
     dev_root = config.flags.dev_root
-    try:
-        channels = imex_channels(config)
-    except InitError as err:  # checked at start; a channel that vanished since is skipped
-        LOG.error("%s", err)
-        channels = ()
+    channels = imex_channels(config, fatal=False)  # checked at start (check_imex)
     paths = [f"{IMEX_DIR}/channel{i}" for i in channels]
     names = [f"{CDI_VENDOR}/{IMEX_CLASS}={i}" for i in channels]
     for feature in features:
@@ -201,11 +202,7 @@ def extra_cdi_specs(config: Config) -> dict[str, dict[str, Any]]:
     left for the writer to compute."""
     dev_root = config.flags.dev_root
     specs: dict[str, dict[str, Any]] = {}
-    try:
-        channels = imex_channels(config)
-    except InitError as err:
-        LOG.error("%s", err)
-        channels = ()
+    channels = imex_channels(config, fatal=False)
     if channels:
         specs[IMEX_CLASS] = {"kind": f"{CDI_VENDOR}/{IMEX_CLASS}", "devices": [
             {"name": i, "containerEdits": {"deviceNodes": [

@@ -54,6 +54,11 @@ MIG_MINORS_FILE = "proc/driver/nvidia-caps/mig-minors"
 NVIDIA_CAPS_DIR = "/dev/nvidia-caps"
 
 
+def cdi_enabled(config: Config) -> bool:
+    """True when a CDI device-list strategy is configured."""
+    return bool(CDI_STRATEGIES.intersection(config.flags.plugin.device_list_strategy))
+
+
 @dataclass(frozen=True)
 class Mount:
     """A bind mount for the container (kubelet ``Mount``)."""

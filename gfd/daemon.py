@@ -46,6 +46,7 @@ from gpus.backoff import Backoff
 from gpus.config import Config, ConfigError, GfdOptions, OutputMode, reload
 from gpus.errors import InitError, NvmlError
 from gpus.model import Snapshot
+from gpus.nvml import Nvml
 from gpus.runtime import EXIT_FAILURE, EXIT_OK, NvmlBackend, Signals
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
@@ -126,8 +127,6 @@ def read_machine_type(path: str) -> str:
 
 def read_nvml_snapshot(config: Config) -> Snapshot:
     """One NVML session: init, read everything, shut down (as NVIDIA's GFD does per pass)."""
-    from gpus.nvml import Nvml
-
     nvml = Nvml()
     nvml.init()
     try:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from gpus.driver.discover import (
     Link,
     discover_driver,
 )
+from gpus.records import record
 from gpus.resources import Device, ResourceMap
 
 LOG = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ FEATURE_FLAGS = frozenset({
 _VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0")
 
 
-@dataclass(frozen=True)
+@record
 class CdiOptions:
     """The CDI settings of NVIDIA's plugin, with its defaults (the caller maps the flags).
 

@@ -28,6 +28,7 @@ import grpc
 
 from gpus.backoff import Backoff
 from gpus.errors import KubeletError
+from gpus.records import record
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
@@ -87,7 +88,7 @@ def register(
             ) from err
 
 
-@dataclass(frozen=True)
+@record
 class SocketState:
     """What a stat of the kubelet socket path says; ``identity`` changes when it is recreated."""
 

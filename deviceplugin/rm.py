@@ -35,6 +35,7 @@ from deviceplugin.shared_policy import (
 )
 from gpus.config import Config
 from gpus.model import Snapshot
+from gpus.records import record
 from gpus.resources import Device, Resource
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class WholeGpuAllocator(Protocol):
 SharedPolicy = Callable[[SharedRequest, Sequence[str], int, str, Mapping[str, int]], list[str]]
 
 
-@dataclass(frozen=True)
+@record
 class NodeManagers:
     """The resource managers of one (config, snapshot): built once per start or reload, while
     health changes only build new managers from it."""
@@ -189,7 +190,7 @@ def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
     return counts
 
 
-@dataclass(frozen=True)
+@record
 class GpuRun:
     """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered_ids`."""
 
@@ -205,7 +206,7 @@ class GpuRun:
         return len(missing - self.unhealthy) if self.unhealthy else len(missing)
 
 
-@dataclass(frozen=True)
+@record
 class RequestIndex:
     """One resource version's devices as GetPreferredAllocation needs them, built once.
 

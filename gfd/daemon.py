@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from gfd.labels import (
@@ -47,6 +46,7 @@ from gpus.config import Config, ConfigError, GfdOptions, OutputMode, reload
 from gpus.errors import InitError, NvmlError
 from gpus.model import Snapshot
 from gpus.nvml import Nvml
+from gpus.records import record
 from gpus.runtime import EXIT_FAILURE, EXIT_OK, NvmlBackend, Signals
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
@@ -59,7 +59,7 @@ ONESHOT_PATCH_ATTEMPTS = 5  # oneshot + node-api: tries (with backoff) before gi
 SnapshotReader = Callable[[Config], Snapshot]
 
 
-@dataclass(frozen=True)
+@record
 class Options:
     """The process's own options (rows of ``daemon`` in gpus/config/model.py), as the daemon
     uses them. Built with :meth:`from_config`; constructed directly (tests, the bench), the

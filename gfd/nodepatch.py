@@ -18,11 +18,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gpus.backoff import Backoff
 from gpus.errors import ApiServerError
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def ownership_value(keys: set[str] | frozenset[str]) -> str:
     return ",".join(sorted(k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys))
 
 
-@dataclass(frozen=True)
+@record
 class NodeMeta:
     """The parts of a Node's metadata that planning reads, checked for shape."""
 

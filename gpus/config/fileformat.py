@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpus.records import record
+
 from .errors import ConfigError, type_name
 
 if TYPE_CHECKING:  # imported where a config file is parsed: most starts read none (start-up time)
@@ -19,7 +21,7 @@ if TYPE_CHECKING:  # imported where a config file is parsed: most starts read no
 LOG = logging.getLogger(__package__)
 
 
-@dataclass(frozen=True)
+@record
 class _Doc:
     """A parsed file: plain data plus the line of every field path (for error messages)."""
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from gpus.model import MIB, sysfs_bus_id
+from gpus.records import record
 
 ARCHITECTURES = (
     "kepler",
@@ -56,7 +56,7 @@ class ProfileError(ValueError):
     """A profile that cannot be loaded: message is ``<file>: <field path>: <reason>``."""
 
 
-@dataclass(frozen=True)
+@record
 class MigProfile:
     """One GPU instance profile of a model (a row of ``nvidia-smi mig -lgip``)."""
 
@@ -79,7 +79,7 @@ class MigProfile:
         return GI_PROFILES.index(self.profile)
 
 
-@dataclass(frozen=True)
+@record
 class Model:
     """A GPU model and the figures NVML reports for it."""
 
@@ -115,7 +115,7 @@ class Model:
         return math.ceil(profile.memory_mib / self.memory_mib * 8)
 
 
-@dataclass(frozen=True)
+@record
 class ComputeInstance:
     """A compute instance inside a GPU instance: one MIG device."""
 
@@ -123,7 +123,7 @@ class ComputeInstance:
     slices: int
 
 
-@dataclass(frozen=True)
+@record
 class GpuInstance:
     """A GPU instance on a MIG-enabled GPU."""
 
@@ -137,7 +137,7 @@ class GpuInstance:
 FABRIC_STATES = {"not_supported": 0, "not_started": 1, "in_progress": 2, "completed": 3}
 
 
-@dataclass(frozen=True)
+@record
 class FabricSpec:
     """What ``nvmlDeviceGetGpuFabricInfo(V)`` answers for a GPU on an NVLink fabric."""
 
@@ -147,7 +147,7 @@ class FabricSpec:
     status: int  # nvmlReturn_t of the fabric registration (0: success)
 
 
-@dataclass(frozen=True)
+@record
 class VgpuSpec:
     """A vGPU guest: the host driver the hypervisor reports in each GPU's PCI config space."""
 
@@ -158,7 +158,7 @@ class VgpuSpec:
 VGPU_FIELD_BYTES = 10  # the host driver record holds 10 bytes of version and 10 of branch
 
 
-@dataclass(frozen=True)
+@record
 class GpuSpec:
     """One GPU of a profile."""
 
@@ -179,7 +179,7 @@ class GpuSpec:
         return sysfs_bus_id(self.bus_id)
 
 
-@dataclass(frozen=True)
+@record
 class NvSwitchSpec:
     """NVSwitches every GPU's NVLinks go to (round robin over the switches)."""
 
@@ -187,7 +187,7 @@ class NvSwitchSpec:
     pci_device_id: int
 
 
-@dataclass(frozen=True)
+@record
 class Topology:
     """Pairwise PCIe common-ancestor levels and direct NVLink counts (symmetric matrices)."""
 
@@ -196,7 +196,7 @@ class Topology:
     nvswitch: NvSwitchSpec | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Profile:
     """A machine: system versions, GPUs and their topology."""
 

@@ -4,9 +4,9 @@
 ``__repr__``, shared by every record instead of compiled for each class. The standard decorator
 compiles six methods from source text for every frozen class when its module is imported, and
 the device plugin imports ~60 frozen dataclasses before its first Register: with them it ran
-978 M instructions from process start to Register, with ``@record`` 904 M (callgrind, fake
-dgx-a100; docs/benchmarks.md). ``dataclass`` still compiles ``__init__`` and the frozen
-``__setattr__`` / ``__delattr__``; the other three behave as the generated ones:
+978 M instructions from process start to Register, with ``@record`` 904 M, and 851 M once the
+configuration table and the fake's profile model shared their ``__init__`` too (callgrind, fake
+dgx-a100; docs/benchmarks.md). The shared methods behave as the generated ones:
 
 - ``==`` compares the fields (those with ``compare``) in order, as tuples, for instances of
   the very same class; anything else is ``NotImplemented``.
@@ -19,6 +19,12 @@ They cost a little more per call (a shared function reading the class's field ge
 hundred ns): a class hashed or compared in a hot loop may stay ``@dataclass(frozen=True)``, with
 a comment on that line saying why (``tests/test_records.py`` accepts it then).
 
+``@record(shared_init=True)`` also shares ``__init__`` (the same parameters, defaults, default
+factories, ``__post_init__`` call and error messages; no ``kw_only`` fields or ``InitVar``) and
+the frozen ``__setattr__`` / ``__delattr__``, so nothing is compiled. Construction is several
+times slower: it is for classes built a few times per process, such as the configuration
+table's sections.
+
 ``dataclasses.fields``, ``replace`` and ``asdict`` work as on any dataclass; type checkers see
 a frozen dataclass (``dataclass_transform``).
 """
@@ -30,7 +36,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -50,17 +56,45 @@ Key = Callable[[Any], tuple[Any, ...]]
 # (_record_shown).
 
 
+@overload
+def record(cls: type[T], /) -> type[T]: ...
+
+
+@overload
+def record(*, shared_init: bool = False) -> Callable[[type[T]], type[T]]: ...
+
+
 @dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
-def record(cls: type[T]) -> type[T]:
-    """A frozen dataclass of ``cls`` (see the module docstring)."""
+def record(cls: type[T] | None = None, /, *, shared_init: bool = False) -> Any:
+    """A frozen dataclass of ``cls`` (see the module docstring); ``@record(shared_init=True)``
+    shares ``__init__``, ``__setattr__`` and ``__delattr__`` too."""
+    if cls is None:
+        return lambda later: _make(later, shared_init)
+    return _make(cls, shared_init)
+
+
+def _make(cls: type[T], shared_init: bool) -> type[T]:
     body = set(cls.__dict__)  # what the class itself wrote, before dataclass adds anything
     # As dataclass: a class that writes __eq__ alone gets __hash__ = None from Python, which
     # does not count as writing one; any other __hash__ it wrote is kept (None included).
     wrote_hash = "__hash__" in body and not (cls.__dict__["__hash__"] is None
                                              and "__eq__" in body)
-    made = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+    if shared_init:
+        for name in ("__setattr__", "__delattr__"):
+            if name in body:  # as dataclass refuses it for a frozen class
+                raise TypeError(f"Cannot overwrite attribute {name} in class {cls.__name__}")
+        made = dataclasses.dataclass(init=False, eq=False, repr=False)(cls)
+    else:
+        made = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
     fields = dataclasses.fields(made)  # type: ignore[arg-type]  # made is a dataclass now
     target: Any = made  # methods and their data are set on the class
+    if shared_init:
+        if "__init__" not in body:
+            target._record_init = _init_spec(made, fields)
+            target.__init__ = _init
+        target._record_frozen = (made, tuple(f.name for f in fields))
+        target.__setattr__ = _frozen_setattr
+        target.__delattr__ = _frozen_delattr
     if "__eq__" not in body:
         target._record_eq_key = _key([f.name for f in fields if f.compare])
         target.__eq__ = _eq
@@ -115,3 +149,87 @@ def _repr(self: Any) -> str:
         return f"{self.__class__.__qualname__}({shown})"
     finally:
         _showing.discard(running)
+
+
+# --- shared_init: the configuration table's classes, built a few times per process ---------------
+
+_MISSING = dataclasses.MISSING
+
+# (class name, fields in order as (name, in __init__, default, default factory), the positional
+# parameters, how many of them have no default, whether __post_init__ exists)
+InitSpec = tuple[str, tuple[tuple[str, bool, Any, Any], ...], tuple[str, ...], int, bool]
+
+
+def _init_spec(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> InitSpec:
+    """What :func:`_init` needs; refuses what it does not implement (kw_only, InitVar)."""
+    # InitVar pseudo-fields are in __dataclass_fields__ but not in fields() (ClassVars too, which
+    # __init__ ignores); dataclasses marks them with a private constant.
+    initvar = getattr(dataclasses, "_FIELD_INITVAR", None)
+    every = getattr(cls, "__dataclass_fields__", {}).values()
+    if any(f.kw_only for f in fields) or any(f._field_type is initvar for f in every):
+        raise TypeError(f"record(shared_init=True) {cls.__name__}: kw_only fields and InitVar "
+                        "are not supported")
+    positional = [f for f in fields if f.init]
+    required = 0
+    for f in positional:
+        if f.default is _MISSING and f.default_factory is _MISSING:
+            if required < positional.index(f):
+                raise TypeError(f"non-default argument {f.name!r} follows default argument")
+            required += 1
+    order = tuple((f.name, f.init, f.default, f.default_factory) for f in fields)
+    return (cls.__qualname__, order, tuple(f.name for f in positional), required,
+            hasattr(cls, "__post_init__"))
+
+
+def _init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """The generated ``__init__`` of a frozen dataclass, read from the class's spec: the same
+    parameters, defaults, factories, errors and ``__post_init__`` call."""
+    name, order, positional, required, post_init = self.__class__._record_init
+    method = f"{name}.__init__()"
+    if len(args) > len(positional):
+        allowed = (f"from {required + 1} to {len(positional) + 1}" if required < len(positional)
+                   else f"{len(positional) + 1}")
+        raise TypeError(f"{method} takes {allowed} positional arguments but {len(args) + 1} "
+                        "were given")
+    given = dict(zip(positional, args, strict=False))  # args may be fewer
+    for key, value in kwargs.items():
+        if key not in positional:
+            raise TypeError(f"{method} got an unexpected keyword argument {key!r}")
+        if key in given:
+            raise TypeError(f"{method} got multiple values for argument {key!r}")
+        given[key] = value
+    missing = [field for field, init, default, factory in order
+               if init and field not in given and default is _MISSING and factory is _MISSING]
+    if missing:
+        names = [repr(field) for field in missing]
+        listed = names[0] if len(names) == 1 else (
+            f"{names[0]} and {names[1]}" if len(names) == 2
+            else ", ".join(names[:-1]) + f", and {names[-1]}")
+        plural = "argument" if len(names) == 1 else "arguments"
+        raise TypeError(f"{method} missing {len(names)} required positional {plural}: {listed}")
+    for field, init, default, factory in order:
+        if init and field in given:
+            value = given[field]
+        elif factory is not _MISSING:
+            value = factory()
+        elif init:
+            value = default
+        else:
+            continue  # the class attribute holds the default, as with the generated __init__
+        object.__setattr__(self, field, value)
+    if post_init:
+        self.__post_init__()
+
+
+def _frozen_setattr(self: Any, name: str, value: Any) -> None:
+    cls, fields = self.__class__._record_frozen
+    if type(self) is cls or name in fields:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+    super(cls, self).__setattr__(name, value)
+
+
+def _frozen_delattr(self: Any, name: str) -> None:
+    cls, fields = self.__class__._record_frozen
+    if type(self) is cls or name in fields:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+    super(cls, self).__delattr__(name)

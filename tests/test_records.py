@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -179,6 +180,112 @@ def test_a_record_without_fields() -> None:
     std_cls, rec_cls = both(empty)
     assert rec_cls() == rec_cls() and hash(std_cls()) == hash(rec_cls())
     same(std_cls(), rec_cls())
+
+
+# --- shared_init=True: nothing compiled (the configuration table) -------------------------------
+
+
+def shared(cls: type) -> type:
+    return record(shared_init=True)(cls)
+
+
+def table(decorate: Decorator) -> type:
+    @decorate
+    class Table:
+        a: int
+        b: str = "b"
+        items: tuple[int, ...] = field(default_factory=tuple)
+        made: list[int] = field(default_factory=list, init=False)
+        fixed: int = field(default=7, init=False)
+        seen: list[str] = field(default_factory=list, compare=False, repr=False)
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "b", self.b.upper())
+            self.seen.append("post")
+
+    return Table
+
+
+def outcome(build: Callable[[], Any]) -> str:
+    """What a construction gives: the repr, or the error's type and message."""
+    try:
+        value = build()
+    except Exception as err:  # the same error, whichever it is
+        return f"{type(err).__name__}: {err}"
+    return repr(value) + repr(vars(value))
+
+
+CALLS: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+    ((1,), {}), ((1, "x"), {}), ((1, "x", (2,)), {}), ((), {"a": 1, "items": (3,)}),
+    ((), {}), ((1, "x", (2,), 4), {}), ((1,), {"a": 2}), ((1,), {"nope": 2}),
+    ((1,), {"made": [1]}),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), CALLS)
+def test_shared_init_builds_and_refuses_as_the_generated_one(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    std_cls, rec_cls = table(standard), table(shared)
+    assert outcome(lambda: std_cls(*args, **kwargs)) == outcome(lambda: rec_cls(*args, **kwargs))
+
+
+def test_shared_init_names_every_missing_argument() -> None:
+    def three(decorate: Decorator) -> type:
+        @decorate
+        class Three:
+            x: int
+            y: int
+            z: int
+
+        return Three
+
+    std_cls, rec_cls = three(standard), three(shared)
+    for count in range(3):
+        args = tuple(range(count))
+        assert outcome(functools.partial(std_cls, *args)) == outcome(
+            functools.partial(rec_cls, *args))
+
+
+def test_shared_init_keeps_the_class_frozen() -> None:
+    std_cls, rec_cls = table(standard), table(shared)
+    for cls in (std_cls, rec_cls):
+        value: Any = cls(1)
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'a'"):
+            value.a = 2
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot delete field 'a'"):
+            del value.a
+        with pytest.raises(dataclasses.FrozenInstanceError, match="assign to field 'other'"):
+            value.other = 2
+        assert dataclasses.replace(value, b="z") == cls(1, "z")
+        assert copy.deepcopy(value) == value
+        assert vars(cls)["__match_args__"] == ("a", "b", "items", "seen")
+
+        class Loose(cls):  # type: ignore[valid-type,misc]  # not a dataclass: only fields frozen
+            pass
+
+        loose: Any = Loose(1)
+        loose.other = 2
+        assert loose.other == 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            loose.a = 3
+
+
+def test_shared_init_refuses_what_it_does_not_implement() -> None:
+    with pytest.raises(TypeError, match="kw_only"):
+
+        @record(shared_init=True)
+        class KeywordOnly:
+            a: int = field(default=0, kw_only=True)
+
+    with pytest.raises(TypeError, match="Cannot overwrite attribute __setattr__"):
+
+        @record(shared_init=True)
+        class Settable:
+            a: int = 0
+
+            def __setattr__(self, name: str, value: Any) -> None:
+                pass
 
 
 def test_the_packages_declare_frozen_dataclasses_with_record() -> None:

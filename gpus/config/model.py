@@ -80,7 +80,7 @@ def _all(*names: str) -> dict[str, tuple[str, ...]]:
     return {"plugin": names, "gfd": names, "exporter": names}
 
 
-@record
+@record(shared_init=True)
 class PluginFlags:
     """``flags.plugin``: options only the device plugin reads."""
 
@@ -154,7 +154,7 @@ class PluginFlags:
         coerce_settings(self)
 
 
-@record
+@record(shared_init=True)
 class GfdFlags:
     """``flags.gfd``: options only GPU feature discovery reads."""
 
@@ -178,7 +178,7 @@ class GfdFlags:
         help="file holding the machine type (default {default})")
 
 
-@record
+@record(shared_init=True)
 class Imex:
     """``imex``: the IMEX channels every allocation gets (deviceplugin/extras.py)."""
 
@@ -195,7 +195,7 @@ class Imex:
         coerce_settings(self)
 
 
-@record
+@record(shared_init=True)
 class Flags:
     """``flags``: options both daemons read."""
 
@@ -289,7 +289,7 @@ DEFAULT_READY_FILE = "/run/nvidia-device-plugin/ready"  # where daemonset/base's
 DEFAULT_HEALTH_FILE = "/run/gfd/last-pass-ok"  # idem, for GFD
 
 
-@record
+@record(shared_init=True)
 class PluginOptions:
     """``daemon.plugin``: the device plugin process's own options (not in the file)."""
 
@@ -319,7 +319,7 @@ class PluginOptions:
         help="XIDs that are critical even if ignored, or all")
 
 
-@record
+@record(shared_init=True)
 class GfdOptions:
     """``daemon.gfd``: GPU feature discovery's own options (not in the file).
 
@@ -361,7 +361,7 @@ DEFAULT_XID_WINDOW_MS = 300000  # dcgm-exporter's -x default
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 
-@record
+@record(shared_init=True)
 class ExporterOptions:
     """``daemon.exporter``: gpu-metrics-exporter's options, dcgm-exporter's flags and variables
     where they mean something without DCGM (the others are refused by exporter.main)."""
@@ -420,7 +420,7 @@ class ExporterOptions:
         coerce_settings(self)
 
 
-@record
+@record(shared_init=True)
 class DaemonOptions:
     """``daemon``: options of the daemon processes themselves, not of NVIDIA's format."""
 
@@ -437,7 +437,7 @@ class DaemonOptions:
         coerce_settings(self)
 
 
-@record
+@record(shared_init=True)
 class TimeSlicing:
     """``sharing.timeSlicing``."""
 
@@ -459,7 +459,7 @@ class TimeSlicing:
         return shared_name(resource, self.rename_by_default)
 
 
-@record
+@record(shared_init=True)
 class Mps:
     """``sharing.mps``: CUDA MPS, one MPS server per shared resource (see docs/sharing.md)."""
 
@@ -478,7 +478,7 @@ class Mps:
         return shared_name(resource, self.rename_by_default)
 
 
-@record
+@record(shared_init=True)
 class Sharing:
     """``sharing``: time-slicing or MPS; MPS wins when it has resources, as NVIDIA decides."""
 
@@ -502,7 +502,7 @@ class Sharing:
         return self.mps if self.strategy is SharingStrategy.MPS else self.time_slicing
 
 
-@record
+@record(shared_init=True)
 class Config:
     """A whole, validated configuration."""
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
 log = logging.getLogger(__name__)
 
 
-@record
+@record(shared_init=True)
 class ApplyResult:
     """What one :meth:`PluginManager.apply` did, by resource name."""
 

@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_READY_FILE", "READY_FILE_ENV", "STATUS_FILE_ENV", "Readiness
            "ResourceStatus", "Status"]
 
 
-@record
+@record(shared_init=True)
 class ResourceStatus:
     """One resource's device counts, as the status reports them."""
 
@@ -51,7 +51,7 @@ class ResourceStatus:
     healthy: int
 
 
-@record
+@record(shared_init=True)
 class Status:
     """What the readiness and status files say."""
 

@@ -113,7 +113,7 @@ class WholeGpuAllocator(Protocol):
 SharedPolicy = Callable[[SharedRequest, Sequence[str], int, str, Mapping[str, int]], list[str]]
 
 
-@record
+@record(shared_init=True)
 class NodeManagers:
     """The resource managers of one (config, snapshot): built once per start or reload, while
     health changes only build new managers from it."""

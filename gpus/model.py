@@ -52,7 +52,7 @@ class Link:
     nvlinks: int = 0
 
 
-@record
+@record(shared_init=True)
 class SystemInfo:
     """Node-wide versions."""
 
@@ -139,7 +139,7 @@ class GPU:
         return sysfs_bus_id(self.pci_bus_id)
 
 
-@record
+@record(shared_init=True)
 class VgpuInfo:
     """Whether the node is a vGPU guest, from NVIDIA PCI functions' config space (not NVML).
 
@@ -153,7 +153,7 @@ class VgpuInfo:
     error: str = ""
 
 
-@record
+@record(shared_init=True)
 class Snapshot:
     """Everything read from NVML in one pass.
 

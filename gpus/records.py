@@ -4,8 +4,8 @@
 ``__repr__``, shared by every record instead of compiled for each class. The standard decorator
 compiles six methods from source text for every frozen class when its module is imported, and
 the device plugin imports ~60 frozen dataclasses before its first Register: with them it ran
-978 M instructions from process start to Register, with ``@record`` 904 M, and 851 M once the
-configuration table and the fake's profile model shared their ``__init__`` too (callgrind, fake
+978 M instructions from process start to Register, with ``@record`` 904 M, and 830 M once the
+classes built only a few times per process shared their ``__init__`` too (callgrind, fake
 dgx-a100; docs/benchmarks.md). The shared methods behave as the generated ones:
 
 - ``==`` compares the fields (those with ``compare``) in order, as tuples, for instances of
@@ -23,7 +23,7 @@ a comment on that line saying why (``tests/test_records.py`` accepts it then).
 factories, ``__post_init__`` call and error messages; no ``kw_only`` fields or ``InitVar``) and
 the frozen ``__setattr__`` / ``__delattr__``, so nothing is compiled. Construction is several
 times slower: it is for classes built a few times per process, such as the configuration
-table's sections.
+table's sections, a snapshot and its system info, the status or one apply's result.
 
 ``dataclasses.fields``, ``replace`` and ``asdict`` work as on any dataclass; type checkers see
 a frozen dataclass (``dataclass_transform``).

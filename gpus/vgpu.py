@@ -36,7 +36,7 @@ HOST_DRIVER_RECORD = 0
 FIELD_BYTES = 10
 
 
-@record
+@record(shared_init=True)
 class HostDriver:
     """The host driver record of a vGPU capability."""
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # imported where a config file is parsed: most starts read no
 LOG = logging.getLogger(__package__)
 
 
-@record
+@record(shared_init=True)
 class _Doc:
     """A parsed file: plain data plus the line of every field path (for error messages)."""
 

@@ -32,7 +32,7 @@ _DEVICES_EXPECTED = ("must be 'all', a count > 0, or a list of GPU indices, MIG 
                      "(<gpu>:<mig>) or UUIDs")
 
 
-@record
+@record(shared_init=True)
 class ReplicatedResource:
     """One ``sharing.timeSlicing.resources[]`` entry."""
 

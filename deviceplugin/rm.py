@@ -274,7 +274,7 @@ class RequestIndex:
                 for run, left_out in zip(self.runs, missing, strict=True)}
 
 
-@dataclass(frozen=True)
+@record
 class KnownOffer(AbstractSet[str]):
     """The IDs a request offered when they are exactly the index's devices less ``left_out``:
     the kubelet's usual request, answered without a set of thousands of IDs."""
@@ -292,7 +292,7 @@ class KnownOffer(AbstractSet[str]):
         return filterfalse(self.left_out.__contains__, self.known)
 
 
-@dataclass(frozen=True)
+@record
 class Scan:
     """What one request offers of one resource version (:meth:`PreferredQuery.scan`)."""
 

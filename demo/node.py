@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deviceplugin.allocate import CDI_STRATEGIES
-from deviceplugin.cdi import SPEC_FILE_NAME, cdi_enabled
+from deviceplugin.allocate import CDI_STRATEGIES, cdi_enabled
+from deviceplugin.cdi import SPEC_FILE_NAME
 from deviceplugin.main import DevicePlugin, InitError, replace_flags, replace_plugin_flags
 from deviceplugin.mockkubelet import MockKubelet, format_allocation, format_devices
 from exporter.main import parse_address
@@ -321,9 +321,11 @@ def run(args: argparse.Namespace, workdir: str, out: _Printer) -> int:
         for resource in kubelet.resources():
             out(format_devices(resource, kubelet.devices(resource)))
         allocate_for_the_demo_pod(kubelet, plugin, served, args.allocate, out)
-        assert plugin.snapshot is not None
+        assert plugin.nvml is not None
         profile = controller.profile if controller is not None else None
-        print_labels(plugin.snapshot, config, out, machine_type(profile))
+        # GFD reads the whole node (vGPU included), which the plugin's snapshot leaves out.
+        labels_snapshot = plugin.nvml.read_snapshot(config.flags.sysfs_root)
+        print_labels(labels_snapshot, config, out, machine_type(profile))
         if args.metrics_address is not None:
             exporter = serve_metrics(args.metrics_address, plugin.config, workdir, pod_resources,
                                      out)

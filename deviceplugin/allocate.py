@@ -28,12 +28,13 @@ import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from deviceplugin import extras as extras_mod
 from gpus import mps
 from gpus.config import Config
+from gpus.records import record
 from gpus.resources import Device, Resource
 
 VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
@@ -54,7 +55,12 @@ MIG_MINORS_FILE = "proc/driver/nvidia-caps/mig-minors"
 NVIDIA_CAPS_DIR = "/dev/nvidia-caps"
 
 
-@dataclass(frozen=True)
+def cdi_enabled(config: Config) -> bool:
+    """True when a CDI device-list strategy is configured."""
+    return bool(CDI_STRATEGIES.intersection(config.flags.plugin.device_list_strategy))
+
+
+@record
 class Mount:
     """A bind mount for the container (kubelet ``Mount``)."""
 
@@ -63,7 +69,7 @@ class Mount:
     read_only: bool = True
 
 
-@dataclass(frozen=True)
+@record
 class DeviceSpec:
     """A device node for the container (kubelet ``DeviceSpec``)."""
 
@@ -72,7 +78,7 @@ class DeviceSpec:
     permissions: str = "rw"
 
 
-@dataclass(frozen=True)
+@record
 class ContainerAllocation:
     """Everything one container gets for its share of a resource."""
 

@@ -41,12 +41,12 @@ import logging
 import threading
 from array import array
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from itertools import combinations, compress, repeat
 from math import comb
 from operator import add, and_, eq, sub
 
 from gpus.model import Link, Snapshot, TopologyLevel
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def pair_score(link: Link) -> int:
     return LEVEL_SCORES[link.level] + NVLINK_SCORE * link.nvlinks
 
 
-@dataclass(frozen=True)
+@record
 class _SizePlan:
     """What queries of one request size ``k`` use, built once per size.
 
@@ -94,7 +94,7 @@ class _SizePlan:
     pack_bound: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@record
 class TableStats:
     """What the allocator has precomputed, for reports and benchmarks."""
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,12 @@ from deviceplugin.allocate import (
     CONTROL_DEVICE_NODES,
     MIG_MINORS_FILE,
     VISIBLE_DEVICES_ENV,
+    cdi_enabled,  # its home is allocate, beside CDI_STRATEGIES
     device_node_paths,
     host_path,
     read_mig_minors,
 )
+from deviceplugin.extras import CDI_VENDOR, EXTRA_CLASSES, extra_cdi_specs
 from gpus.atomicfile import replace_file
 from gpus.config import Config
 from gpus.driver.discover import (
@@ -48,6 +49,7 @@ from gpus.driver.discover import (
     Link,
     discover_driver,
 )
+from gpus.records import record
 from gpus.resources import Device, ResourceMap
 
 LOG = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ FEATURE_FLAGS = frozenset({
 _VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0")
 
 
-@dataclass(frozen=True)
+@record
 class CdiOptions:
     """The CDI settings of NVIDIA's plugin, with its defaults (the caller maps the flags).
 
@@ -126,11 +128,6 @@ class CdiOptions:
                    feature_flags=tuple(plugin.cdi_feature_flags),
                    disabled_hooks=tuple(plugin.cdi_disable_hooks),
                    annotation_prefix=plugin.cdi_annotation_prefix)
-
-
-def cdi_enabled(config: Config) -> bool:
-    """True when a CDI device-list strategy is configured."""
-    return bool(CDI_STRATEGIES.intersection(config.flags.plugin.device_list_strategy))
 
 
 def unknown_feature_flags(options: CdiOptions) -> list[str]:
@@ -398,8 +395,6 @@ def write_cdi_spec(
 
 def extra_spec_files(config: Config) -> dict[str, Path]:
     """Where the extra classes' specs go (``k8s.device-plugin.nvidia.com-<class>.json``)."""
-    from deviceplugin.extras import CDI_VENDOR, EXTRA_CLASSES
-
     directory = Path(config.flags.plugin.cdi_spec_dir)
     return {name: directory / f"{CDI_VENDOR}-{name}.json" for name in EXTRA_CLASSES}
 
@@ -408,8 +403,6 @@ def write_extra_cdi_specs(config: Config) -> list[Path]:
     """Write the specs of the IMEX-channel, GDS, MOFED and gdrcopy classes that have device
     nodes (deviceplugin/extras.py), and remove those of classes that no longer have any, so
     Allocate never names a device no spec holds. CdiError when one cannot be written."""
-    from deviceplugin.extras import extra_cdi_specs
-
     specs = extra_cdi_specs(config)
     written = []
     for name, target in extra_spec_files(config).items():

@@ -27,12 +27,12 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from gpus.config import Config
 from gpus.config.values import IMEX_ALL
 from gpus.errors import InitError
+from gpus.records import record
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ ENABLED = "enabled"
 EXTRA_CLASSES = (IMEX_CLASS, "gds", "mofed", "gdrcopy")
 
 
-@dataclass(frozen=True)
+@record
 class Feature:
     """One of NVIDIA's additional modes: its CDI class, env var and device nodes."""
 
@@ -62,7 +62,7 @@ FEATURES = (
 )
 
 
-@dataclass(frozen=True)
+@record
 class Extras:
     """What one configuration adds to every allocation (container paths of device nodes)."""
 

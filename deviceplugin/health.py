@@ -34,6 +34,8 @@ from deviceplugin.healthpolicy import health_policy as health_policy
 from deviceplugin.healthpolicy import parse_health_env as parse_health_env
 from gpus.backoff import Backoff
 from gpus.model import Snapshot
+from gpus.nvml import Nvml
+from gpus.nvmlevents import EventWatcher
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
     from gpus.runtime.metrics import PluginMetrics
@@ -92,11 +94,7 @@ WatcherFactory = Callable[[Prober, list[str]], Watcher]
 
 
 def nvml_watcher(nvml: Prober, uuids: list[str]) -> Watcher:
-    """The real watcher: ``gpus.nvmlevents.EventWatcher`` over ``uuids`` (imported when
-    first used)."""
-    from gpus.nvml import Nvml
-    from gpus.nvmlevents import EventWatcher
-
+    """The real watcher: ``gpus.nvmlevents.EventWatcher`` over ``uuids``."""
     if not isinstance(nvml, Nvml):
         raise TypeError(f"the NVML event watcher needs a gpus.nvml.Nvml, not {type(nvml)!r}")
     watcher: Watcher = EventWatcher(nvml, uuids)

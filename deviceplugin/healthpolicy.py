@@ -8,14 +8,16 @@ policy and which re-exports these names). As NVIDIA's plugin does, XIDs 13, 31, 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from gpus.records import record
 
 DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
 DISABLE_ENV = "DP_DISABLE_HEALTHCHECKS"
 ENABLE_ENV = "DP_ENABLE_HEALTHCHECKS"
 
 
-@dataclass(frozen=True)
+@record
 class HealthPolicy:
     """Which XIDs mark a device unhealthy (from the two environment variables)."""
 

@@ -28,6 +28,7 @@ import grpc
 
 from gpus.backoff import Backoff
 from gpus.errors import KubeletError
+from gpus.records import record
 from protos.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
@@ -87,7 +88,7 @@ def register(
             ) from err
 
 
-@dataclass(frozen=True)
+@record
 class SocketState:
     """What a stat of the kubelet socket path says; ``identity`` changes when it is recreated."""
 
@@ -243,6 +244,7 @@ class RegistrationLoop:
         self._log = StateLog(log)
         self._recoveries = RateLimitedLog(log, RECOVERY_LOG_BURST, RECOVERY_LOG_WINDOW_S)
         self._lock = threading.Lock()
+        self._ticked = threading.Event()  # set once the thread finished its first tick
         self.last_problem: str | None = None
 
     def start(self) -> None:
@@ -250,6 +252,7 @@ class RegistrationLoop:
         if self._thread is not None:
             return
         self._stop.clear()
+        self._ticked.clear()
         self._thread = threading.Thread(target=self._run, name="kubelet-watch", daemon=True)
         self._thread.start()
 
@@ -260,6 +263,11 @@ class RegistrationLoop:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait_first_tick(self, timeout: float) -> bool:
+        """Wait until the thread finished its first tick since :meth:`start` (every served
+        resource had its first Register, whatever the answer); False after ``timeout``."""
+        return self._ticked.wait(timeout)
 
     def wake(self) -> None:
         """Tick now (a new resource needs registering)."""
@@ -298,6 +306,7 @@ class RegistrationLoop:
             except Exception:  # the watch must survive anything a tick meets
                 log.exception("kubelet watch tick failed")
             self._report()
+            self._ticked.set()
             self._wake.wait(self._poll)
             self._wake.clear()
 

@@ -20,13 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING
 
 from deviceplugin.kubelet import RegistrationLoop
 from deviceplugin.rm import ResourceManager, ResourceManagers
 from deviceplugin.server import PluginServer, ServeError
 from gpus.backoff import Backoff
+from gpus.records import record
 from gpus.resources import Resource, ResourceMap
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class ApplyResult:
     """What one :meth:`PluginManager.apply` did, by resource name."""
 

@@ -11,10 +11,10 @@ import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 
+from gpus.records import record
 from protos.deviceplugin.v1beta1 import api_pb2
 
 KUBELET_SOCKET = "kubelet.sock"
@@ -28,7 +28,7 @@ class MockKubeletError(RuntimeError):
     """The mock kubelet cannot listen; the message says where and why."""
 
 
-@dataclass(frozen=True)
+@record
 class DeviceInfo:
     """One device as the kubelet saw it in ListAndWatch."""
 
@@ -37,7 +37,7 @@ class DeviceInfo:
     numa_nodes: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class AllocationOutcome:
     """What an allocation through the kubelet's path returned."""
 
@@ -47,7 +47,7 @@ class AllocationOutcome:
     response: api_pb2.ContainerAllocateResponse
 
 
-@dataclass(frozen=True)
+@record
 class PodAllocation:
     """Devices of one resource allocated to one container of one pod (what List reports)."""
 
@@ -58,7 +58,7 @@ class PodAllocation:
     device_ids: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record
 class PodResourcesFault:
     """How the PodResources server misbehaves (tests of its clients): every call first waits
     ``delay_s`` (cut short when the mock stops), then fails with ``error`` if set."""

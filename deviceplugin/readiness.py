@@ -29,9 +29,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from gpus.config import DEFAULT_READY_FILE
+from gpus.records import record
 from gpus.runtime import StateFile
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ __all__ = ["DEFAULT_READY_FILE", "READY_FILE_ENV", "STATUS_FILE_ENV", "Readiness
            "ResourceStatus", "Status"]
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class ResourceStatus:
     """One resource's device counts, as the status reports them."""
 
@@ -50,7 +51,7 @@ class ResourceStatus:
     healthy: int
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Status:
     """What the readiness and status files say."""
 

@@ -35,6 +35,7 @@ from deviceplugin.shared_policy import (
 )
 from gpus.config import Config
 from gpus.model import Snapshot
+from gpus.records import record
 from gpus.resources import Device, Resource
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class WholeGpuAllocator(Protocol):
 SharedPolicy = Callable[[SharedRequest, Sequence[str], int, str, Mapping[str, int]], list[str]]
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class NodeManagers:
     """The resource managers of one (config, snapshot): built once per start or reload, while
     health changes only build new managers from it."""
@@ -189,7 +190,7 @@ def in_use_counts(resource: Resource, available: set[str]) -> dict[str, int]:
     return counts
 
 
-@dataclass(frozen=True)
+@record
 class GpuRun:
     """One physical GPU's devices: positions ``start:stop`` of :attr:`RequestIndex.ordered_ids`."""
 
@@ -205,7 +206,7 @@ class GpuRun:
         return len(missing - self.unhealthy) if self.unhealthy else len(missing)
 
 
-@dataclass(frozen=True)
+@record
 class RequestIndex:
     """One resource version's devices as GetPreferredAllocation needs them, built once.
 
@@ -273,7 +274,7 @@ class RequestIndex:
                 for run, left_out in zip(self.runs, missing, strict=True)}
 
 
-@dataclass(frozen=True)
+@record
 class KnownOffer(AbstractSet[str]):
     """The IDs a request offered when they are exactly the index's devices less ``left_out``:
     the kubelet's usual request, answered without a set of thousands of IDs."""
@@ -291,7 +292,7 @@ class KnownOffer(AbstractSet[str]):
         return filterfalse(self.left_out.__contains__, self.known)
 
 
-@dataclass(frozen=True)
+@record
 class Scan:
     """What one request offers of one resource version (:meth:`PreferredQuery.scan`)."""
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from bisect import bisect_right
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 from itertools import filterfalse
 from operator import attrgetter
 
 from deviceplugin.allocator import impossible_request
+from gpus.records import record
 from gpus.resources import Device
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def preferred_shared_ordered(
     return preferred_shared_runs(request, must, size, policy, _in_use(free, allocated_counts))
 
 
-@dataclass(frozen=True)
+@record
 class FreeRun:
     """One physical GPU's free devices in a request, in pick order."""
 
@@ -93,7 +93,7 @@ class FreeRun:
     ids: Iterable[str]  # read lazily: only the devices the picks reach are looked at
 
 
-@dataclass(frozen=True)
+@record
 class SharedRequest:
     """A shared / MIG request as the policy reads it, GPU by GPU.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from deviceplugin.server import socket_dir_unusable as unusable
 from gpus.config import Config, PluginFlags
 
 SOCKET_DIR_ENV = "PLUGIN_SOCKET_DIR"
@@ -48,8 +49,6 @@ def socket_dir_unusable(config: Config, override: str) -> str | None:
     Checked once before any server starts: otherwise each resource would fail with the same
     reason, logged by the manager and then printed again as the start-up error.
     """
-    from deviceplugin.server import socket_dir_unusable as unusable  # grpc: only when serving
-
     directory = socket_dir_for(config, override)
     problem = unusable(directory)
     if problem is None:

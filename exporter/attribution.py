@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 
 from gpus.model import Snapshot
+from gpus.records import record
 from protos.podresources.v1 import api_pb2 as pr_pb2
 from protos.podresources.v1 import api_pb2_grpc as pr_pb2_grpc
 
@@ -74,7 +75,7 @@ Resolver = Callable[[str], "DeviceKey | None"]
 _EMPTY: Mapping[DeviceKey, tuple[PodRef, ...]] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@record
 class Attribution:
     """Device -> every container holding it (sorted, no repeats); immutable."""
 
@@ -127,7 +128,7 @@ def _old_mig_id(device_id: str, known_gpus: set[str]) -> DeviceKey | None:
     return None
 
 
-@dataclass(frozen=True)
+@record
 class ResourceFilter:
     """Which resources are read: every ``nvidia.com/`` one, plus ``extra`` names
     (``--nvidia-resource-names``)."""
@@ -254,7 +255,7 @@ class PodResourcesClient:
 # the refresher -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Health:
     """How the last refresh went. ``kind`` is stable (logs and counters key on it); ``detail``
     is the error's text."""
@@ -271,7 +272,7 @@ class Health:
 NEVER = Health("pending", "no refresh yet")
 
 
-@dataclass(frozen=True)
+@record
 class Current:
     """What a scrape reads: the mapping, when it was fetched, and how the last refresh went."""
 
@@ -290,7 +291,7 @@ class Current:
         return not self.health.ok and self.fetched_at is not None
 
 
-@dataclass(frozen=True)
+@record
 class RefreshCounters:
     """Plain counts since start (phase 2 exports them as metrics)."""
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,6 +25,7 @@ from exporter.pods import PidMapper, PodOwner
 from exporter.series import Family, Inputs, SeriesOptions, build_families
 from exporter.xid import XidTracker, XidView
 from gpus.model import Snapshot
+from gpus.records import record
 from gpus.telemetry import Sample, TelemetryReader
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _NO_OWNERS: Mapping[int, PodOwner] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@record
 class Reading:
     """One sample and the process owners found with it."""
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from enum import Enum
 from pathlib import Path
+
+from gpus.records import record
 
 
 class PromType(str, Enum):
@@ -42,7 +43,7 @@ NUMERIC_TYPES = (PromType.GAUGE, PromType.COUNTER, PromType.LABEL)
 STRING_TYPES = (PromType.LABEL,)  # a string value cannot be a sample
 
 
-@dataclass(frozen=True)
+@record
 class FieldSpec:
     """One field we know: what dcgm-exporter calls it and where NVML has it."""
 
@@ -210,7 +211,7 @@ FIELDS: tuple[FieldSpec, ...] = (
 FIELDS_BY_NAME: Mapping[str, FieldSpec] = {spec.name: spec for spec in FIELDS}
 
 
-@dataclass(frozen=True)
+@record
 class Collector:
     """One row of a collectors file: a field, the type it is exported as, and its help."""
 

@@ -23,7 +23,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.utils import floatToGoString
 
 from exporter.fields import ValueFormat
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class WebConfigError(ValueError):
     """A --web-config-file that cannot be used."""
 
 
-@dataclass(frozen=True)
+@record
 class WebConfig:
     """The supported part of exporter-toolkit's web config."""
 

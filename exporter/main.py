@@ -27,6 +27,7 @@ from exporter.http import WebConfigError, load_web_config
 from exporter.service import Exporter, ExporterOptions, build_exporter
 from gpus.config import Config, add_flags, resolve
 from gpus.errors import ConfigError, InitError
+from gpus.records import record
 from gpus.runtime import EXIT_OK, EXIT_USAGE, NvmlBackend, Signals, run_daemon, setup_logging
 from gpus.runtime.version import add_version_flag
 
@@ -37,7 +38,7 @@ NEEDS_DCGM = "needs DCGM; not supported by this exporter"
 _FALSE = frozenset({"", "false", "0", "no"})
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Refused:
     """A dcgm-exporter flag we do not serve: its names, variables, and why."""
 
@@ -200,7 +201,7 @@ def reload_collectors(exporter: Exporter, path: str) -> bool:
     return True
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Hooks:
     """Calls into a running main (tests): the exporter once serving, each reload's outcome."""
 

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpus.records import record
+
 log = logging.getLogger(__name__)
 
 PROC_ROOT = "/proc"
@@ -40,7 +42,7 @@ class PodOwner:
     container: str
 
 
-@dataclass(frozen=True)
+@record
 class CgroupIds:
     """What a cgroup path says: the pod UID (dashes) and the container id, where present."""
 

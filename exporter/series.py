@@ -19,13 +19,13 @@ Pods (better than dcgm-exporter, see docs/metrics.md):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from exporter.attribution import Attribution, DeviceKey, PodRef
 from exporter.fields import Collector, PromType, ValueFormat
 from exporter.pods import PodOwner
 from exporter.xid import XidView, xid_message
 from gpus.model import GPU, MigDevice, Snapshot
+from gpus.records import record
 from gpus.telemetry import DeviceSample, Sample
 
 MAX_LABELS = 30  # Prometheus/Mimir's common per-series limit
@@ -70,7 +70,7 @@ def wanted_attributes(collectors: Iterable[Collector]) -> frozenset[str]:
     return frozenset(names | {"processes"})
 
 
-@dataclass(frozen=True)
+@record
 class SeriesOptions:
     """dcgm-exporter's flags that shape series."""
 
@@ -79,7 +79,7 @@ class SeriesOptions:
     use_old_namespace: bool = False  # uuid, pod_name, pod_namespace, container_name
 
 
-@dataclass(frozen=True)
+@record
 class Series:
     """One sample: labels in exposition order, and the value."""
 
@@ -87,7 +87,7 @@ class Series:
     value: float
 
 
-@dataclass(frozen=True)
+@record
 class Family:
     """One metric family."""
 
@@ -98,7 +98,7 @@ class Family:
     series: tuple[Series, ...]
 
 
-@dataclass(frozen=True)
+@record
 class Inputs:
     """Everything one scrape renders."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from exporter.attribution import (
     POD_RESOURCES_SOCKET,
@@ -29,6 +29,7 @@ from exporter.series import SeriesOptions, wanted_attributes
 from exporter.xid import DEFAULT_WINDOW_MS, XidListener, XidTracker
 from gpus.model import Snapshot
 from gpus.nvml import Nvml
+from gpus.records import record
 from gpus.telemetry import TelemetryReader
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 _DEVICE_NAME = re.compile(r"^nvidia(\d+)$")
 
 
-@dataclass(frozen=True)
+@record
 class ExporterOptions:
     """dcgm-exporter's flags that mean something without DCGM."""
 

@@ -13,11 +13,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from exporter.attribution import DeviceKey
 from gpus.nvml import EVENT_XID, Nvml, NvmlError
 from gpus.nvmlevents import EventWatcher
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def xid_message(xid: int) -> str:
     return XID_MESSAGES.get(xid, "Unknown Error")
 
 
-@dataclass(frozen=True)
+@record
 class XidView:
     """What a scrape reads: last XID and windowed counts per device."""
 

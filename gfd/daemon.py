@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from gfd.labels import (
@@ -46,6 +45,8 @@ from gpus.backoff import Backoff
 from gpus.config import Config, ConfigError, GfdOptions, OutputMode, reload
 from gpus.errors import InitError, NvmlError
 from gpus.model import Snapshot
+from gpus.nvml import Nvml
+from gpus.records import record
 from gpus.runtime import EXIT_FAILURE, EXIT_OK, NvmlBackend, Signals
 
 if TYPE_CHECKING:  # prometheus_client: imported only with --metrics-address
@@ -58,7 +59,7 @@ ONESHOT_PATCH_ATTEMPTS = 5  # oneshot + node-api: tries (with backoff) before gi
 SnapshotReader = Callable[[Config], Snapshot]
 
 
-@dataclass(frozen=True)
+@record
 class Options:
     """The process's own options (rows of ``daemon`` in gpus/config/model.py), as the daemon
     uses them. Built with :meth:`from_config`; constructed directly (tests, the bench), the
@@ -126,8 +127,6 @@ def read_machine_type(path: str) -> str:
 
 def read_nvml_snapshot(config: Config) -> Snapshot:
     """One NVML session: init, read everything, shut down (as NVIDIA's GFD does per pass)."""
-    from gpus.nvml import Nvml
-
     nvml = Nvml()
     nvml.init()
     try:

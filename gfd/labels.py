@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from gfd.imex import imex_labels, imex_problems
 from gfd.values import MAX_VALUE_LEN, PREFIX, Labels, label_value, sanitise
 from gfd.vgpu import vgpu_labels, vgpu_problems
 from gpus.config import Config, SharingStrategy
 from gpus.model import GPU, MIB, MigDevice, Snapshot
+from gpus.records import record
 from gpus.resources import (
     GPU_RESOURCE,
     build_resource_map,
@@ -72,7 +72,7 @@ def arch_family(major: int, minor: int) -> str:
 # --------------------------------------------------------------------------- sharing
 
 
-@dataclass(frozen=True)
+@record
 class Sharing:
     """How one resource name is shared, as the labels report it."""
 

@@ -200,7 +200,7 @@ class KubeNodeFeatureApi:
     def from_environment(cls, kubeconfig: str | None, limiter: TokenBucket
                          ) -> KubeNodeFeatureApi:
         """In-cluster config, else ``kubeconfig`` (or the default kubeconfig)."""
-        from kubernetes import client
+        from kubernetes import client  # heavy, node-api mode only: see kube_api_client
 
         api_client = kube_api_client(kubeconfig)
         return cls(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client), limiter)
@@ -246,7 +246,7 @@ class KubeNodeFeatureApi:
             raise _crd_missing(namespace) from err
 
     def _call(self, request: Callable[[], Any]) -> Obj:
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # see kube_api_client
 
         self.limiter.take()
         try:

@@ -18,11 +18,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gpus.backoff import Backoff
 from gpus.errors import ApiServerError
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def ownership_value(keys: set[str] | frozenset[str]) -> str:
     return ",".join(sorted(k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys))
 
 
-@dataclass(frozen=True)
+@record
 class NodeMeta:
     """The parts of a Node's metadata that planning reads, checked for shape."""
 
@@ -250,7 +250,7 @@ class KubeNodeApi:
     def from_environment(cls, kubeconfig: str | None = None,
                          request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> KubeNodeApi:
         """In-cluster config, or ``kubeconfig`` (or the default kubeconfig) outside a cluster."""
-        from kubernetes import client
+        from kubernetes import client  # heavy, node-api mode only: see kube_api_client
 
         return cls(client.CoreV1Api(kube_api_client(kubeconfig)), request_timeout)
 
@@ -269,6 +269,7 @@ class KubeNodeApi:
 
     @staticmethod
     def _call(request: Callable[[], Any]) -> dict[str, Any]:
+        # The kubernetes client and its urllib3: node-api mode only (see kube_api_client).
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
 
@@ -296,6 +297,7 @@ def _kubeconfig_problem(err: Exception, path: str | None) -> str:
     """One line about a kubeconfig that cannot be used, naming the file but never quoting it
     (it holds credentials): the client's own messages for a missing file or missing entries,
     the position of a YAML error, only the exception's type for anything else."""
+    # PyYAML (~11 ms) and the kubernetes client: node-api mode only (see kube_api_client).
     import yaml
     from kubernetes.config import ConfigException
 

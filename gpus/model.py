@@ -7,8 +7,10 @@ function of a :class:`Snapshot`, so the same fixtures test all of them and nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import IntEnum
+
+from gpus.records import record
 
 # NVML reports memory in bytes; labels, profiles and the fake speak MiB.
 MIB = 1 << 20
@@ -42,7 +44,7 @@ def sysfs_bus_id(bus_id: str) -> str:
         return f"{domain}:{rest}"  # not a bus id NVML would give: leave it for the caller's error
 
 
-@dataclass(frozen=True)
+@record
 class Link:
     """How two GPUs are connected: their PCIe common ancestor and NVLink count."""
 
@@ -50,7 +52,7 @@ class Link:
     nvlinks: int = 0
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class SystemInfo:
     """Node-wide versions."""
 
@@ -59,7 +61,7 @@ class SystemInfo:
     nvml_version: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class MigDevice:
     """One MIG device (a GPU instance + compute instance pair) on a MIG-enabled GPU."""
 
@@ -86,7 +88,7 @@ NVML_SUCCESS = 0
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
-@dataclass(frozen=True)
+@record
 class GpuFabric:
     """``nvmlDeviceGetGpuFabricInfo(V)``: the GPU's place in a multi-node NVLink fabric.
 
@@ -110,7 +112,7 @@ class GpuFabric:
                 and self.status == NVML_SUCCESS and self.cluster_uuid != ZERO_UUID)
 
 
-@dataclass(frozen=True)
+@record
 class GPU:
     """One physical GPU as NVML reports it."""
 
@@ -137,7 +139,7 @@ class GPU:
         return sysfs_bus_id(self.pci_bus_id)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class VgpuInfo:
     """Whether the node is a vGPU guest, from NVIDIA PCI functions' config space (not NVML).
 
@@ -151,7 +153,7 @@ class VgpuInfo:
     error: str = ""
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Snapshot:
     """Everything read from NVML in one pass.
 

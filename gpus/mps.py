@@ -19,10 +19,10 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from gpus.model import MIB
+from gpus.records import record
 from gpus.resources import Resource
 
 CONTROL_BINARY = "nvidia-cuda-mps-control"
@@ -46,7 +46,7 @@ class MpsError(Exception):
     """An MPS control daemon could not be started, configured or reached."""
 
 
-@dataclass(frozen=True)
+@record
 class MpsRoot:
     """NVIDIA's layout under an MPS root; resource names keep their ``/`` (nested dirs)."""
 
@@ -171,7 +171,7 @@ def active_thread_percentage(resource: Resource) -> int | None:
     return 100 // (len(resource.devices) // len(counts))
 
 
-@dataclass(frozen=True)
+@record
 class Mount:
     """A host directory mounted into a client container (read-write, as NVIDIA's)."""
 

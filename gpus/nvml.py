@@ -154,11 +154,14 @@ class Nvml:
 
     # -- snapshot -------------------------------------------------------------------------------
 
-    def read_snapshot(self, sysfs_root: str = "/", skip_lost: bool = True) -> Snapshot:
+    def read_snapshot(self, sysfs_root: str = "/", skip_lost: bool = True, *,
+                      vgpu: bool = True) -> Snapshot:
         """Read versions, every GPU (with MIG devices) and the pairwise topology once.
 
         A GPU that answers NVML_ERROR_GPU_IS_LOST is left out (logged) so one GPU off the bus
-        does not hide the others; ``GPU.index`` keeps NVML's index.
+        does not hide the others; ``GPU.index`` keeps NVML's index. ``vgpu=False`` leaves
+        ``Snapshot.vgpu`` None (not read): only GFD labels it, and reading it opens two files
+        of every PCI function on the node.
         """
         system = SystemInfo(
             driver_version=_text(
@@ -185,7 +188,8 @@ class Nvml:
                 log.warning("GPU %d left out of the snapshot: %s", index, exc)
         links = self._read_links(handles, gpus)
         # vGPU: sysfs, not NVML, read here so that a Snapshot describes the whole node.
-        return Snapshot(system=system, gpus=tuple(gpus), links=links, vgpu=read_vgpu(sysfs_root))
+        return Snapshot(system=system, gpus=tuple(gpus), links=links,
+                        vgpu=read_vgpu(sysfs_root) if vgpu else None)
 
     def _read_gpu(self, index: int, handle: Any, sysfs_root: str) -> GPU:
         pci = _call("nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, handle)

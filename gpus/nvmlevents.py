@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -15,11 +14,12 @@ import pynvml
 
 from gpus.nvml import DEFAULT_EVENTS, NOT_APPLICABLE, Nvml, _handle_key
 from gpus.nvmlcall import NvmlError, _call, _text
+from gpus.records import record
 
 log = logging.getLogger("gpus.nvml")
 
 
-@dataclass(frozen=True)
+@record
 class NvmlEvent:
     """One NVML event: XID (``xid`` = eventData) or ECC error, on a GPU or a MIG instance."""
 

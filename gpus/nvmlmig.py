@@ -8,13 +8,13 @@ functions. NVML failures are :class:`gpus.nvmlcall.NvmlError` naming the call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import pynvml
 
 from gpus.model import MIB, MigDevice
 from gpus.nvmlcall import NvmlError, _call, _text
+from gpus.records import record
 
 # Name suffix of each GPU instance profile constant (NVIDIA's MIG profile naming).
 _GI_SUFFIXES: dict[int, str] = {
@@ -50,7 +50,7 @@ def mig_profile_name(
     return name if ci_slices == gi_slices else f"{ci_slices}c.{name}"
 
 
-@dataclass(frozen=True)
+@record
 class _GiProfile:
     constant: int
     slices: int

@@ -21,7 +21,7 @@ See docs/mig.md and docs/sharing.md for the rules, and how they differ from NVID
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from gpus.config import (
     MPS_NOT_FOR_MIG,
@@ -33,6 +33,7 @@ from gpus.config import (
     TimeSlicing,
 )
 from gpus.model import GPU, MigDevice, Snapshot
+from gpus.records import record
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -51,7 +52,7 @@ def mps_max_clients(gpu: GPU) -> int:
     return MPS_MAX_CLIENTS if gpu.compute_capability >= (7, 5) else MPS_MAX_CLIENTS_BEFORE_7_5
 
 
-@dataclass(frozen=True)
+@record
 class Device:
     """One advertised device: a whole GPU, a MIG device, or a time-slicing replica of either."""
 
@@ -80,7 +81,7 @@ class Device:
         return HEALTHY if self.healthy else UNHEALTHY
 
 
-@dataclass(frozen=True)
+@record
 class Resource:
     """One advertised resource: what one gRPC server serves."""
 
@@ -116,7 +117,7 @@ class Resource:
         return resource_short_name(self.name)
 
 
-@dataclass(frozen=True)
+@record
 class ResourceMap:
     """All resources of a node plus the problems found while building them."""
 
@@ -143,7 +144,7 @@ def mig_resource_name(profile: str) -> str:
 # Step 1: MIG strategy -> units per unshared resource name.
 
 
-@dataclass(frozen=True)
+@record
 class _Unit:
     """A device before sharing: a whole GPU or one MIG device."""
 
@@ -266,7 +267,7 @@ _STRATEGIES = {"none": _units_none, "single": _units_single, "mixed": _units_mix
 # Step 2: sharing (time-slicing or MPS).
 
 
-@dataclass(frozen=True)
+@record
 class _Shared:
     """One sharing entry applied: its units become replicas under ``name``."""
 

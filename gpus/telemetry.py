@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 from typing import Any
 
@@ -23,6 +23,7 @@ import pynvml
 
 from gpus.model import GPU, MIB, Snapshot
 from gpus.nvmlcall import NvmlError, _call
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ GPM_METRICS: dict[int, tuple[str, float]] = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class ProcessSample:
     """A process on a device: NVML's pid, memory and SM share (None: not reported)."""
 
@@ -50,7 +51,7 @@ class ProcessSample:
     sm_util: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class DeviceSample:
     """One GPU's or one MIG device's values; None means NVML has no value (omit, never 0)."""
 
@@ -97,7 +98,7 @@ class DeviceSample:
 _EMPTY_ERRORS: Mapping[tuple[str, str], int] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@record
 class Sample:
     """Every device's values from one read."""
 

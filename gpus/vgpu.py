@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 from gpus.model import VgpuInfo
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ HOST_DRIVER_RECORD = 0
 FIELD_BYTES = 10
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class HostDriver:
     """The host driver record of a vGPU capability."""
 

@@ -6,10 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from gpus.backoff import Backoff
 from gpus.mps import CONTROL_BINARY, MpsError, MpsRoot
+from gpus.records import record
 from gpus.resources import Resource, ResourceMap
 from mpsdaemon.daemon import ComputeModes, MpsDaemon
 from mpsdaemon.logfollow import LogFollower
@@ -25,7 +26,7 @@ def mps_resources(resource_map: ResourceMap) -> list[Resource]:
     return [resource for resource in resource_map.resources.values() if resource.mps]
 
 
-@dataclass(frozen=True)
+@record
 class DaemonStatus:
     """Where one resource's daemon stands, for logs and status files."""
 

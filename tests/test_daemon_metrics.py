@@ -71,7 +71,8 @@ def test_address_parses(text: str, address: tuple[str, int] | None) -> None:
     assert parse_address(text) == address
 
 
-@pytest.mark.parametrize("text", ["9401", "host:", "host:port", ":70000", ":-1", "a:1:", ":²", ":٣"])
+@pytest.mark.parametrize(
+    "text", ["9401", "host:", "host:port", ":70000", ":-1", "a:1:", ":²", ":٣"])
 def test_bad_address_is_a_clear_error(text: str) -> None:
     with pytest.raises(MetricsAddressError, match=r"--metrics-address .*expected \[host\]:port"):
         parse_address(text)

@@ -298,6 +298,30 @@ class HeldRegister(Recorder):
             assert self.release.wait(TIMEOUT)
 
 
+def test_the_first_tick_can_be_waited_for(sockdir: str) -> None:
+    # The plugin starts its health monitor once the first Register is done (wait_first_tick).
+    path = os.path.join(sockdir, "kubelet.sock")
+    register, server = HeldRegister(), FakeServer("nvidia.com/gpu")
+    register.hold = True
+    loop = RegistrationLoop(path, lambda: [server], register_fn=register)
+    kubelet = make_socket(path)
+    try:
+        for _ in range(2):  # and again after a stop: each start has its first tick
+            server.generation += 1  # (re)bound: due for a Register
+            register.entered.clear()
+            register.release.clear()
+            loop.start()
+            assert register.entered.wait(TIMEOUT)
+            assert not loop.wait_first_tick(0)  # its Register is still in flight
+            register.release.set()
+            assert loop.wait_first_tick(TIMEOUT)
+            loop.stop()
+    finally:
+        register.release.set()
+        loop.stop()
+        kubelet.close()
+
+
 @pytest.mark.parametrize("loss", ["kubelet restart", "socket removed"])
 def test_lost_registration_is_reported_before_a_register_that_hangs(
     sockdir: str, loss: str

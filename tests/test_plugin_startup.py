@@ -147,6 +147,35 @@ def test_a_blocked_socket_keeps_the_other_resources_served() -> None:
         assert Path(blocked).read_text() == "keep me"
 
 
+def test_health_checks_start_once_the_first_register_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # NVIDIA's order (serve, register, then check health): building the monitor beside the
+    # first Register delayed it (docs/benchmarks.md). The kubelet sees no monitor yet.
+    monkeypatch.setattr("deviceplugin.plugin.FIRST_REGISTER_WAIT_S", TIMEOUT)
+    plugins: list[DevicePlugin] = []
+    seen: list[bool] = []
+
+    class Kubelet(MockKubelet):
+        def handle_register(self, request: Any) -> str | None:
+            seen.append(plugins[0].health is None)
+            return super().handle_register(request)
+
+    with short_tmpdir() as directory, Kubelet(directory) as kubelet:
+        plugin = DevicePlugin(mixed_config(directory), {}, poll_interval=0.02)
+        plugins.append(plugin)
+        try:
+            controller = plugin.select_backend()
+            assert controller is not None
+            controller.write_sysfs(Path(directory, "root"))
+            plugin.start()
+            assert plugin.health is not None  # start() returns with the monitor running
+            assert kubelet.wait_for_registration(GPU, TIMEOUT)
+        finally:
+            plugin.close()
+    assert seen and all(seen)
+
+
 # --- --socket-dir and the kubelet socket --------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_server_support import short_tmpdir
 
-from deviceplugin.cdi import cdi_enabled
+from deviceplugin.allocate import cdi_enabled
 from deviceplugin.main import (
     DevicePlugin,
     InitError,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpus.records import record
+
 from .errors import ConfigError, type_name
 
 if TYPE_CHECKING:  # imported where a config file is parsed: most starts read none (start-up time)
@@ -19,7 +21,7 @@ if TYPE_CHECKING:  # imported where a config file is parsed: most starts read no
 LOG = logging.getLogger(__package__)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class _Doc:
     """A parsed file: plain data plus the line of every field path (for error messages)."""
 
@@ -40,7 +42,7 @@ class _Doc:
 
 def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
     """YAML (or JSON) text -> (data, {field path: line}); duplicate keys are errors."""
-    import yaml
+    import yaml  # ~11 ms of start-up, paid only when a config file is read
 
     if text.lstrip().startswith(("{", "[")):
         # JSON may indent with tabs, which YAML forbids; JSON strings cannot hold a raw tab,

@@ -7,7 +7,9 @@ Field names are snake_case; the file's keys are NVIDIA's camelCase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from gpus.records import record
 
 from .enums import (
     AllocationPolicy,
@@ -78,7 +80,7 @@ def _all(*names: str) -> dict[str, tuple[str, ...]]:
     return {"plugin": names, "gfd": names, "exporter": names}
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class PluginFlags:
     """``flags.plugin``: options only the device plugin reads."""
 
@@ -152,7 +154,7 @@ class PluginFlags:
         coerce_settings(self)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class GfdFlags:
     """``flags.gfd``: options only GPU feature discovery reads."""
 
@@ -176,7 +178,7 @@ class GfdFlags:
         help="file holding the machine type (default {default})")
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Imex:
     """``imex``: the IMEX channels every allocation gets (deviceplugin/extras.py)."""
 
@@ -193,7 +195,7 @@ class Imex:
         coerce_settings(self)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Flags:
     """``flags``: options both daemons read."""
 
@@ -287,7 +289,7 @@ DEFAULT_READY_FILE = "/run/nvidia-device-plugin/ready"  # where daemonset/base's
 DEFAULT_HEALTH_FILE = "/run/gfd/last-pass-ok"  # idem, for GFD
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class PluginOptions:
     """``daemon.plugin``: the device plugin process's own options (not in the file)."""
 
@@ -317,7 +319,7 @@ class PluginOptions:
         help="XIDs that are critical even if ignored, or all")
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class GfdOptions:
     """``daemon.gfd``: GPU feature discovery's own options (not in the file).
 
@@ -359,7 +361,7 @@ DEFAULT_XID_WINDOW_MS = 300000  # dcgm-exporter's -x default
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class ExporterOptions:
     """``daemon.exporter``: gpu-metrics-exporter's options, dcgm-exporter's flags and variables
     where they mean something without DCGM (the others are refused by exporter.main)."""
@@ -418,7 +420,7 @@ class ExporterOptions:
         coerce_settings(self)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class DaemonOptions:
     """``daemon``: options of the daemon processes themselves, not of NVIDIA's format."""
 
@@ -435,7 +437,7 @@ class DaemonOptions:
         coerce_settings(self)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class TimeSlicing:
     """``sharing.timeSlicing``."""
 
@@ -457,7 +459,7 @@ class TimeSlicing:
         return shared_name(resource, self.rename_by_default)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Mps:
     """``sharing.mps``: CUDA MPS, one MPS server per shared resource (see docs/sharing.md)."""
 
@@ -476,7 +478,7 @@ class Mps:
         return shared_name(resource, self.rename_by_default)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Sharing:
     """``sharing``: time-slicing or MPS; MPS wins when it has resources, as NVIDIA decides."""
 
@@ -500,7 +502,7 @@ class Sharing:
         return self.mps if self.strategy is SharingStrategy.MPS else self.time_slicing
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Config:
     """A whole, validated configuration."""
 

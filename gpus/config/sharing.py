@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+from gpus.records import record
 
 from .errors import type_name
 from .values import Kind, ValueProblem, split_keys
@@ -31,7 +32,7 @@ _DEVICES_EXPECTED = ("must be 'all', a count > 0, or a list of GPU indices, MIG 
                      "(<gpu>:<mig>) or UUIDs")
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class ReplicatedResource:
     """One ``sharing.timeSlicing.resources[]`` entry."""
 

@@ -20,10 +20,11 @@ import logging
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from gpus.driver.elf import ElfError, read_soname
 from gpus.driver.ldcache import LdCacheError, read_ld_cache
+from gpus.records import record
 
 LOG = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class DriverError(RuntimeError):
     """The driver root lacks a required piece; the message names what and where."""
 
 
-@dataclass(frozen=True)
+@record
 class DriverFile:
     """One file to mount: where the workload sees it, and where the runtime finds it."""
 
@@ -88,7 +89,7 @@ class DriverFile:
     local_path: str  # where this plugin reads it (under --driver-root-ctr-path)
 
 
-@dataclass(frozen=True)
+@record
 class DeviceNode:
     """A device node under the dev root; numbers are None for a plain stand-in file."""
 
@@ -105,7 +106,7 @@ class DeviceNode:
         return self.major is not None
 
 
-@dataclass(frozen=True)
+@record
 class Link:
     """A symlink the ``create-symlinks`` hook makes in the container: ``link`` -> ``target``."""
 
@@ -113,7 +114,7 @@ class Link:
     link: str
 
 
-@dataclass(frozen=True)
+@record
 class DriverInfo:
     """Everything of the driver a CDI spec mounts or names (all tuples sorted, no duplicates)."""
 
@@ -138,7 +139,7 @@ class DriverInfo:
         return None
 
 
-@dataclass(frozen=True)
+@record
 class DriverRoots:
     """Where the driver is: on the host, and as this plugin sees it (NVIDIA's defaults)."""
 

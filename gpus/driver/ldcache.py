@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from gpus.records import record
 
 OLD_MAGIC = b"ld.so-1.7.0\0"
 NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -45,7 +46,7 @@ class LdCacheError(ValueError):
     """The file is not an ld.so.cache this reader understands; the message says why."""
 
 
-@dataclass(frozen=True)
+@record
 class CacheEntry:
     """One library of the cache: its SONAME, its path and the raw flags."""
 
@@ -54,7 +55,7 @@ class CacheEntry:
     flags: int
 
 
-@dataclass(frozen=True)
+@record
 class LdCache:
     """The cache's ELF entries, split into the 64-bit and 32-bit lists (file order)."""
 

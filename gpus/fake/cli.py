@@ -34,6 +34,7 @@ from gpus.fake.control import (
     send,
 )
 from gpus.fake.controller import install, write_sysfs
+from gpus.fake.driverroot import write_fake_driver_root
 from gpus.fake.profile import ProfileError, list_profiles, load_profile
 from gpus.model import Snapshot, TopologyLevel
 from gpus.nvml import Nvml, NvmlError
@@ -205,8 +206,6 @@ def _show(profile_ref: str, as_json: bool) -> str:
 
 def _driver_root(profile_ref: str, directory: str, dev_root: str | None) -> str:
     """Write the fake driver root; a one-line summary (gpus/fake/driverroot.py)."""
-    from gpus.fake.driverroot import write_fake_driver_root
-
     made = write_fake_driver_root(load_profile(profile_ref), directory, dev_root)
     return (f"fake NVIDIA driver {made.version} in {made.root}: {len(made.libraries)} "
             f"libraries, {len(made.binaries)} binaries, {len(made.firmware)} firmware files")

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+from gpus.fake.telemetry import FakeProcess
+
+if TYPE_CHECKING:  # the controller imports this module (it serves the control socket)
     from gpus.fake.controller import FakeNvml
-    from gpus.fake.telemetry import FakeProcess
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def _int(request: dict[str, Any], key: str, optional: bool = False) -> int | Non
 
 
 def _processes(request: dict[str, Any]) -> list[FakeProcess]:
-    from gpus.fake.telemetry import FakeProcess
-
     items = request.get("processes")
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise ValueError("'processes' must be a list of {pid, used_mib, sm_util} objects")

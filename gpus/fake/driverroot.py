@@ -17,13 +17,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from gpus.driver.elf import stub_shared_object
 from gpus.driver.ldcache import build_ld_cache
 from gpus.fake.controller import write_driver_root
 from gpus.fake.profile import Profile, ProfileError, load_profile
+from gpus.records import record
 
 LIB_DIR = "usr/lib/x86_64-linux-gnu"
 # (file name stem, SONAME; "{v}" is the driver version): the libraries of a 5xx driver
@@ -74,7 +74,7 @@ CONFIGS = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class FakeDriverRoot:
     """What :func:`write_fake_driver_root` made (container paths, i.e. relative to the root)."""
 

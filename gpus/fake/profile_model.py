@@ -1,11 +1,14 @@
-"""The data model of a machine profile: frozen dataclasses and the vocabulary profiles use."""
+"""The data model of a machine profile: frozen dataclasses and the vocabulary profiles use.
+
+Built once per profile load, so its records share even ``__init__`` (``shared_init``,
+gpus/records.py): the fake starts with every daemon under test and in the benchmarks."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from gpus.model import MIB, sysfs_bus_id
+from gpus.records import record
 
 ARCHITECTURES = (
     "kepler",
@@ -56,7 +59,7 @@ class ProfileError(ValueError):
     """A profile that cannot be loaded: message is ``<file>: <field path>: <reason>``."""
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class MigProfile:
     """One GPU instance profile of a model (a row of ``nvidia-smi mig -lgip``)."""
 
@@ -79,7 +82,7 @@ class MigProfile:
         return GI_PROFILES.index(self.profile)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Model:
     """A GPU model and the figures NVML reports for it."""
 
@@ -115,7 +118,7 @@ class Model:
         return math.ceil(profile.memory_mib / self.memory_mib * 8)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class ComputeInstance:
     """A compute instance inside a GPU instance: one MIG device."""
 
@@ -123,7 +126,7 @@ class ComputeInstance:
     slices: int
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class GpuInstance:
     """A GPU instance on a MIG-enabled GPU."""
 
@@ -137,7 +140,7 @@ class GpuInstance:
 FABRIC_STATES = {"not_supported": 0, "not_started": 1, "in_progress": 2, "completed": 3}
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class FabricSpec:
     """What ``nvmlDeviceGetGpuFabricInfo(V)`` answers for a GPU on an NVLink fabric."""
 
@@ -147,7 +150,7 @@ class FabricSpec:
     status: int  # nvmlReturn_t of the fabric registration (0: success)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class VgpuSpec:
     """A vGPU guest: the host driver the hypervisor reports in each GPU's PCI config space."""
 
@@ -158,7 +161,7 @@ class VgpuSpec:
 VGPU_FIELD_BYTES = 10  # the host driver record holds 10 bytes of version and 10 of branch
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class GpuSpec:
     """One GPU of a profile."""
 
@@ -179,7 +182,7 @@ class GpuSpec:
         return sysfs_bus_id(self.bus_id)
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class NvSwitchSpec:
     """NVSwitches every GPU's NVLinks go to (round robin over the switches)."""
 
@@ -187,7 +190,7 @@ class NvSwitchSpec:
     pci_device_id: int
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Topology:
     """Pairwise PCIe common-ancestor levels and direct NVLink counts (symmetric matrices)."""
 
@@ -196,7 +199,7 @@ class Topology:
     nvswitch: NvSwitchSpec | None = None
 
 
-@dataclass(frozen=True)
+@record(shared_init=True)
 class Profile:
     """A machine: system versions, GPUs and their topology."""
 

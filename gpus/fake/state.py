@@ -18,6 +18,7 @@ import pynvml
 
 from gpus.fake.profile_model import ComputeInstance, GpuInstance, GpuSpec, Profile, ProfileError
 from gpus.fake.telemetry import Telemetry
+from gpus.records import record
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class GpmRecord:
     timestamp_ns: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class PendingEvent:
     """An event waiting in an event set."""
 

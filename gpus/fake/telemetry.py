@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpus.model import MIB
+from gpus.records import record
 
 STEP_S = 1.0  # one step is one second of simulated time (energy = power x time)
 
 
-@dataclass(frozen=True)
+@record
 class ArchFigures:
     """What a generation's data-center parts report."""
 
@@ -60,7 +61,7 @@ def figures(architecture: str) -> ArchFigures:
     return ARCH_FIGURES.get(architecture, _DEFAULT_FIGURES)
 
 
-@dataclass(frozen=True)
+@record
 class FakeProcess:
     """A process the fake says runs on a GPU or MIG device."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from gpus.backend import BackendError, effective_config, select_backend
 from gpus.errors import ConfigError, InitError, NvkError
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ class NvmlBackend:
         """
         if spec == self.spec:
             return self.controller
-        from gpus.backend import BackendError, select_backend
-
         self.close()
         try:
             self.controller = select_backend(spec, environ=self._environ, sysfs_root=sysfs_root)
@@ -58,8 +57,6 @@ class NvmlBackend:
 
     def effective(self, config: Config) -> Config:
         """``config`` reading sysfs where a fake backend wrote its profile's files."""
-        from gpus.backend import effective_config
-
         return effective_config(config, self.controller)
 
     def close(self) -> None:

@@ -51,8 +51,10 @@ def _add_argument(group: argparse._ArgumentGroup, row: Row, program: str) -> Non
         group.add_argument(*flags, dest=row.name, nargs="?", const="true", default=None,
                            metavar="BOOL", help=help_text)
         return
-    # The metavar argparse would derive from the first long flag, whatever the dest.
-    metavar = flags[0].lstrip("-").replace("-", "_").upper()
+    # The metavar argparse would derive from the first long flag, whatever the dest: the
+    # exporter's rows list the short flag first, and "-f F" would tell the reader nothing.
+    long_flag = next((flag for flag in flags if flag.startswith("--")), flags[0])
+    metavar = long_flag.lstrip("-").replace("-", "_").upper()
     action = "append" if form == "multi" else "store"
     group.add_argument(*flags, dest=row.name, action=action, default=None, metavar=metavar,
                        help=help_text)

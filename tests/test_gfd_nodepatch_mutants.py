@@ -14,10 +14,12 @@ from gfd.nodepatch import (
     OWNERSHIP_ANNOTATION,
     NodeApiError,
     NodePublisher,
+    UnpinnedPatch,
     _kubeconfig_problem,
     node_meta,
     owned_keys,
     ownership_value,
+    pinned,
 )
 from gpus.backoff import Backoff
 
@@ -200,3 +202,27 @@ def test_publisher_counts_every_patch() -> None:
         assert publisher.publish({"nvidia.com/gpu.count": count})
     assert publisher.publish({"nvidia.com/gpu.count": "2"})  # no change, no patch
     assert len(api.patched) == 3 and publisher.patches == 3
+
+
+@pytest.mark.parametrize(("node", "detail"), [
+    ({"kind": "Node", "apiVersion": "v1", "metadata": "n1"}, "no metadata object: 'n1'"),
+    ({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n2", "resourceVersion": "1"}},
+     "not the Node 'n1': 'n2'"),
+    ({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1", "resourceVersion": 7}},
+     "no metadata.resourceVersion string: 7"),
+], ids=["no-metadata", "other-node", "numeric-version"])
+def test_a_bad_node_names_the_problem_and_quotes_the_part(node: Any, detail: str) -> None:
+    assert bad_response(node, "n1") == detail
+
+
+# --------------------------------------------------------------------------- pinned
+
+
+@pytest.mark.parametrize("patch", [["metadata"], {"metadata": {"labels": {"x": "y" * 100}}}],
+                         ids=["not-a-map", "long"])
+def test_an_unpinned_patch_is_refused_with_a_short_quote(patch: Any) -> None:
+    with pytest.raises(UnpinnedPatch) as info:
+        pinned(patch)
+    assert info.value.state == "unpinned patch"
+    assert info.value.detail == ("refusing to send a Node patch without "
+                                 "metadata.resourceVersion: " + repr(patch)[:80])

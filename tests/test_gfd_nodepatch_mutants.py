@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 import yaml
+from apiserver import merge_patch
 from kubernetes.config import ConfigException
 
 from gfd.nodepatch import (
     OWNERSHIP_ANNOTATION,
     NodeApiError,
     NodePublisher,
+    UnpinnedPatch,
     _kubeconfig_problem,
     node_meta,
     owned_keys,
     ownership_value,
+    pinned,
 )
 from gpus.backoff import Backoff
 
@@ -116,3 +120,109 @@ def test_ownership_annotation_round_trips_keys_of_any_prefix() -> None:
     value = ownership_value(keys)
     assert value == "example.com/x,gfd.timestamp,gpu.count"
     assert owned_keys({OWNERSHIP_ANNOTATION: value}) == keys
+
+
+# --------------------------------------------------------------------------- bad answers
+# What the operator reads in "cannot update labels (bad response: ...)": the problem and a
+# short quote of the offending part of the answer.
+
+
+def bad_response(node: Any, name: str | None = None) -> str:
+    with pytest.raises(NodeApiError) as info:
+        node_meta(node, name)
+    assert info.value.state == "bad response"
+    return info.value.detail
+
+
+def test_a_node_of_another_kind_is_quoted_by_kind_and_api_version() -> None:
+    status = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+              "metadata": {"name": "n1", "resourceVersion": "1"}}
+    assert bad_response(status, "n1") == "not a v1 Node: {'kind': 'Status', 'apiVersion': 'v1'}"
+    old = {"kind": "Node", "apiVersion": "v1beta1", "metadata": {"name": "n1"}}
+    assert bad_response(old, "n1") == \
+        "not a v1 Node: {'kind': 'Node', 'apiVersion': 'v1beta1'}"
+
+
+@pytest.mark.parametrize("field", ["labels", "annotations"])
+def test_a_string_map_of_the_wrong_shape_is_named_and_quoted(field: str) -> None:
+    def node(value: Any) -> dict[str, Any]:
+        return {"kind": "Node", "apiVersion": "v1",
+                "metadata": {"name": "n1", "resourceVersion": "1", field: value}}
+
+    assert bad_response(node(["a=b"]), "n1") == f"metadata.{field} is not an object: ['a=b']"
+    # Only the offending entry is quoted, not the whole map.
+    assert bad_response(node({"a": "b", "nvidia.com/gpu.count": 8}), "n1") == \
+        f"metadata.{field} holds a value that is not a string: {{'nvidia.com/gpu.count': 8}}"
+
+
+# --------------------------------------------------------------------------- NodePublisher
+
+
+class StoredNodeApi:
+    """A NodeApi over one in-memory Node that applies merge patches and bumps its version."""
+
+    def __init__(self, labels: dict[str, str], annotations: dict[str, str]) -> None:
+        self.node: dict[str, Any] = {
+            "kind": "Node", "apiVersion": "v1",
+            "metadata": {"name": "n1", "resourceVersion": "1", "labels": labels,
+                         "annotations": annotations}}
+        self.patched: list[dict[str, Any]] = []
+
+    def get_node(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.node)
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patched.append(patch)
+        patch = copy.deepcopy(patch)
+        version = int(patch["metadata"].pop("resourceVersion"))
+        self.node = merge_patch(self.node, patch)
+        self.node["metadata"]["resourceVersion"] = str(version + 1)
+        return copy.deepcopy(self.node)
+
+
+TS = "nvidia.com/gfd.timestamp"
+
+
+def test_publisher_does_not_patch_for_a_new_timestamp_alone() -> None:
+    # The publisher hands its refresh_only labels to the planning: a pass whose only change
+    # is the timestamp sends no PATCH.
+    api = StoredNodeApi({"nvidia.com/gpu.count": "8", TS: "1000"},
+                        {OWNERSHIP_ANNOTATION: "gfd.timestamp,gpu.count"})
+    publisher = NodePublisher(api, "n1", refresh_only={TS})
+    assert publisher.publish({"nvidia.com/gpu.count": "8", TS: "1060"})
+    assert api.patched == [] and publisher.patches == 0
+    assert publisher.publish({"nvidia.com/gpu.count": "4", TS: "1120"})
+    assert api.node["metadata"]["labels"] == {"nvidia.com/gpu.count": "4", TS: "1120"}
+
+
+def test_publisher_counts_every_patch() -> None:
+    api = StoredNodeApi({}, {})
+    publisher = NodePublisher(api, "n1")
+    for count in ("8", "4", "2"):
+        assert publisher.publish({"nvidia.com/gpu.count": count})
+    assert publisher.publish({"nvidia.com/gpu.count": "2"})  # no change, no patch
+    assert len(api.patched) == 3 and publisher.patches == 3
+
+
+@pytest.mark.parametrize(("node", "detail"), [
+    ({"kind": "Node", "apiVersion": "v1", "metadata": "n1"}, "no metadata object: 'n1'"),
+    ({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n2", "resourceVersion": "1"}},
+     "not the Node 'n1': 'n2'"),
+    ({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1", "resourceVersion": 7}},
+     "no metadata.resourceVersion string: 7"),
+], ids=["no-metadata", "other-node", "numeric-version"])
+def test_a_bad_node_names_the_problem_and_quotes_the_part(node: Any, detail: str) -> None:
+    assert bad_response(node, "n1") == detail
+
+
+# --------------------------------------------------------------------------- pinned
+
+
+@pytest.mark.parametrize("patch", [["metadata"], {"metadata": {"labels": {"x": "y" * 100}}}],
+                         ids=["not-a-map", "long"])
+def test_an_unpinned_patch_is_refused_with_a_short_quote(patch: Any) -> None:
+    with pytest.raises(UnpinnedPatch) as info:
+        pinned(patch)
+    assert info.value.state == "unpinned patch"
+    assert info.value.detail == ("refusing to send a Node patch without "
+                                 "metadata.resourceVersion: " + repr(patch)[:80])

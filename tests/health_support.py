@@ -39,6 +39,18 @@ class Clock:
         return self.now
 
 
+class FailingOnce(Clock):
+    """A clock whose next reading raises once ``fail`` is set (a probe pass that blows up)."""
+
+    fail = False
+
+    def __call__(self) -> float:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("clock broke")
+        return self.now
+
+
 class LogWaiter(logging.Handler):
     """Collects log messages; :meth:`wait_for` blocks (bounded) until one contains a text.
 

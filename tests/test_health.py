@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import builders
 import pytest
-from health_support import WAIT_S, Changes, Clock
+from health_support import WAIT_S, Changes, Clock, FailingOnce
 
 from deviceplugin.health import (
     EVENT_DOUBLE_BIT_ECC,
@@ -457,15 +457,6 @@ def test_a_later_problem_does_not_cancel_the_rebuild_of_a_failed_registration() 
 
 
 def test_probe_thread_survives_a_failing_pass() -> None:
-    class FailingOnce(Clock):
-        fail = False
-
-        def __call__(self) -> float:
-            if self.fail:
-                self.fail = False
-                raise RuntimeError("clock broke")
-            return self.now
-
     clock = FailingOnce(1000.0)
     mon, changes, _, _ = monitor(recovery_interval=0.001, clock=clock)
     mon.handle_event(Event("GPU-1"))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from health_support import WAIT_S, Changes, Clock
+from health_support import WAIT_S, Changes, Clock, FailingOnce
 from prometheus_client import CollectorRegistry, Counter
 from test_health import (
     ALL_GPUS,
@@ -90,18 +90,6 @@ class CountHook:
         if hook is not None:
             hook()
         return self.counter.labels(*values)
-
-
-class FailingOnce(Clock):
-    """A clock whose next reading raises once ``fail`` is set (a probe pass that blows up)."""
-
-    fail = False
-
-    def __call__(self) -> float:
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("clock broke")
-        return self.now
 
 
 # --- construction -------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ def test_help_groups_the_table_flags_under_the_precedence(monkeypatch: pytest.Mo
     for program in ("plugin", "gfd"):
         text = parser_for(program).format_help()
         assert "\nconfiguration (flag > env > config file > default):\n" in text, program
+    # The exporter reads no config file, and its help says so.
+    text = parser_for("exporter").format_help()
+    assert "\nconfiguration (flag > env > default):\n" in text
+    assert "config file >" not in text
 
 
 def test_help_names_each_flag_with_its_variables_default_and_choices(

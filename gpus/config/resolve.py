@@ -36,8 +36,12 @@ def add_flags(parser: argparse.ArgumentParser, program: Program,
     if program not in PROGRAMS:
         raise ValueError(f"program must be one of {', '.join(PROGRAMS)}, got {program!r}")
     parser.set_defaults(**{PROGRAM_DEST: program})
-    group = parser.add_argument_group("configuration (flag > env > config file > default)")
-    for row in rows_for(Config, program):
+    rows = rows_for(Config, program)
+    # The exporter reads no config file: its help must not promise one.
+    reads_file = any(row.name == _CONFIG_FILE and not row.section for row in rows)
+    order = "flag > env > config file > default" if reads_file else "flag > env > default"
+    group = parser.add_argument_group(f"configuration ({order})")
+    for row in rows:
         if row.setting.flags and (only is None or row.name in only):
             _add_argument(group, row, program)
 

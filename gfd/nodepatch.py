@@ -405,7 +405,7 @@ class NodePublisher(RetryingPublisher):
         super().__init__(backoff, clock, refresh_only)
         self.api = api
         self.node_name = node_name
-        self.patches = 0  # successful PATCH requests, for tests and the bench
+        self.patches = 0  # successful PATCH requests (tests read it; the bench counts its own)
 
     def _apply(self, desired: dict[str, str]) -> None:
         node = self.api.get_node(self.node_name)

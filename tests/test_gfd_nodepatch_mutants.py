@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from apiserver import merge_patch
-from kubernetes.config import ConfigException
+from apiserver import FakeApiServer, merge_patch
+from kubernetes import client
+from kubernetes.config import ConfigException, incluster_config, kube_config
+from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 
 from gfd.nodepatch import (
     OWNERSHIP_ANNOTATION,
+    KubeConfigError,
+    KubeNodeApi,
     NodeApiError,
     NodePublisher,
     UnpinnedPatch,
     _kubeconfig_problem,
+    kube_api_client,
     node_meta,
     owned_keys,
     ownership_value,
@@ -226,3 +233,149 @@ def test_an_unpinned_patch_is_refused_with_a_short_quote(patch: Any) -> None:
     assert info.value.state == "unpinned patch"
     assert info.value.detail == ("refusing to send a Node patch without "
                                  "metadata.resourceVersion: " + repr(patch)[:80])
+
+
+# --------------------------------------------------------------------------- client configuration
+# Which configuration reaches the kubernetes client: the loaders fill the Configuration we hand
+# them (without one they would set the client's process-wide default instead, which our
+# ApiClient never reads).
+
+
+@pytest.fixture
+def no_default_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeps the client's process-wide default Configuration out of (and unchanged by) a test."""
+    monkeypatch.setattr(client.Configuration, "_default", None)
+
+
+@pytest.mark.usefixtures("no_default_configuration")
+def test_in_a_cluster_the_service_account_configures_the_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("s3cret")
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    configuration = kube_api_client(None).configuration
+    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.ssl_ca_cert == str(ca)
+    assert configuration.api_key["BearerToken"] == "bearer s3cret"
+    assert configuration.retries is False  # our backoff, not urllib3's hidden retries
+
+
+@pytest.fixture
+def stub() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as server:
+        server.add_node("n1")
+        yield server
+
+
+@pytest.mark.usefixtures("no_default_configuration")
+def test_outside_a_cluster_the_default_kubeconfig_reaches_the_api_server(
+        stub: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        stub.kubeconfig(str(tmp_path / "config")))
+    api = KubeNodeApi.from_environment()
+    assert api.get_node("n1")["metadata"]["name"] == "n1"
+
+
+def test_an_unusable_kubeconfig_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    # The stderr line after "cannot configure the Kubernetes client: ".
+    missing = tmp_path / "missing"
+    with pytest.raises(KubeConfigError) as info:
+        kube_api_client(str(missing))
+    assert str(info.value).startswith(f"{missing}: ")
+    assert "No configuration found" in str(info.value)
+    broken = tmp_path / "broken"
+    broken.write_text("token: s3cret\n::: [x\n")
+    with pytest.raises(KubeConfigError) as info:
+        kube_api_client(str(broken))
+    assert str(info.value) == f"{broken}: not valid YAML at line 3, column 1"
+
+
+# --------------------------------------------------------------------------- failed calls
+# What a failed call becomes: the state (a new one is warned about, a repeat goes to debug)
+# and the detail an operator reads in "cannot update labels (<state>: <detail>)". Through the
+# real kubernetes client and urllib3 against the local API server stub.
+
+
+def failed_call(api: KubeNodeApi) -> NodeApiError:
+    with pytest.raises(NodeApiError) as info:
+        api.get_node("n1")
+    assert str(info.value) == f"{info.value.state}: {info.value.detail}"
+    return info.value
+
+
+def stub_api(server: FakeApiServer, tmp_path: Path,
+             request_timeout: tuple[float, float] = (5.0, 10.0)) -> KubeNodeApi:
+    return KubeNodeApi.from_environment(server.kubeconfig(str(tmp_path / "kubeconfig")),
+                                        request_timeout)
+
+
+NOT_JSON = b"<html>" + b"x" * 200 + b"</html>"
+
+
+@pytest.mark.parametrize(("fault", "state", "detail"), [
+    # The status and its reason phrase, not the client's multi-line dump of headers and body.
+    (lambda s: s.fail_next(1, 500), "HTTP 500", "Internal Server Error"),
+    (lambda s: s.fail_next(1, 403), "HTTP 403", "Forbidden"),
+    # A proxy's page: named, and quoted up to 80 bytes.
+    (lambda s: s.answer_next(1, NOT_JSON), "bad response", f"not JSON: {NOT_JSON[:80]!r}"),
+    (lambda s: s.answer_next(1, b"[1, 2]"), "bad response", "not a JSON object"),
+], ids=["http-500", "http-403", "not-json", "json-list"])
+def test_a_failed_call_names_its_state_and_detail(
+        stub: FakeApiServer, tmp_path: Path, fault: Any, state: str, detail: str) -> None:
+    fault(stub)
+    err = failed_call(stub_api(stub, tmp_path))
+    assert (err.state, err.detail) == (state, detail)
+
+
+def test_a_closed_connection_is_a_connection_error(stub: FakeApiServer,
+                                                   tmp_path: Path) -> None:
+    stub.close_next(1)
+    err = failed_call(stub_api(stub, tmp_path))
+    assert err.state == "connection error"
+    assert isinstance(err.__cause__, ProtocolError)
+    assert err.detail == str(err.__cause__) and "Connection aborted" in err.detail
+
+
+def test_a_refused_connection_is_a_connection_error_not_a_timeout(tmp_path: Path) -> None:
+    # urllib3 2's NewConnectionError is also a TimeoutError: a refused connection must not
+    # read as a slow API server.
+    server = FakeApiServer()
+    api = stub_api(server, tmp_path)
+    server.stop()  # nothing listens on the port any more
+    err = failed_call(api)
+    assert err.state == "connection error"
+    assert isinstance(err.__cause__, NewConnectionError)
+    assert err.detail == str(err.__cause__) and "Connection refused" in err.detail
+
+
+def test_a_hung_api_server_is_a_timeout(stub: FakeApiServer, tmp_path: Path) -> None:
+    stub.delay_next(1, 60)  # answered long after the read timeout (stopping cuts it short)
+    err = failed_call(stub_api(stub, tmp_path, request_timeout=(5.0, 0.1)))
+    assert err.state == "timeout"
+    assert isinstance(err.__cause__, ReadTimeoutError)
+    assert err.detail == str(err.__cause__) and "Read timed out" in err.detail
+
+
+# --------------------------------------------------------------------------- RetryingPublisher
+
+
+def test_a_fresh_publisher_has_nothing_pending() -> None:
+    # The daemon's loop asks retry_in() whether a retry is due, and oneshot waits on converged.
+    publisher = NodePublisher(ScriptedApi(), "n1", clock=lambda: 100.0)
+    assert publisher.retry_in() is None
+    assert publisher.converged
+
+
+def test_successes_without_a_failure_log_no_recovery(caplog: pytest.LogCaptureFixture) -> None:
+    # "API server reachable again" only after failures, never on the first or a later success.
+    publisher = NodePublisher(ScriptedApi(), "n1", clock=lambda: 100.0)
+    with caplog.at_level("INFO", logger="gfd.nodepatch"):
+        assert publisher.publish({"nvidia.com/gpu.count": "8"})
+        assert publisher.publish({"nvidia.com/gpu.count": "4"})
+    assert [r.getMessage() for r in caplog.records] == ["node n1: patched 1 labels"] * 2
+    assert publisher.converged

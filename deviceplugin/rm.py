@@ -216,7 +216,6 @@ class RequestIndex:
     picks, instead of a sort with a Python key and a Python loop per device.
     """
 
-    resource: Resource
     known: Mapping[str, Device]
     ordered_ids: tuple[str, ...]  # the allocator's pick order: each GPU's devices contiguous
     id_set: frozenset[str]
@@ -239,7 +238,6 @@ class RequestIndex:
                                    frozenset(ordered_ids[start:position]), sick))
                 start = position
         return cls(
-            resource=resource,
             known={d.id: d for d in resource.devices} if known is None else known,
             ordered_ids=ordered_ids,
             id_set=frozenset(ordered_ids),

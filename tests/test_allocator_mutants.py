@@ -127,3 +127,29 @@ def test_packing_steps_counts_the_groups_packing_table_examines(
     monkeypatch.setattr(allocator, "_best_split", counting_split)
     allocator.packing_table(allocator.subset_scores(ring(count)), count, size)
     assert allocator.packing_steps(count, size) == examined[0]
+
+
+# --- the allocator's own refusals, for callers that use it directly (the bench, tools) -----------
+
+def test_unknown_devices_are_refused_and_named_once_each_sorted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    alloc = Allocator.from_snapshot(no_topology(2))
+    caplog.clear()  # the construction's "no topology" warning
+    with caplog.at_level("WARNING", logger="deviceplugin.allocator"):
+        chosen = alloc.preferred([alloc.ids[0], "stale-b", "stale-b"], ["stale-a"], 1)
+    assert chosen == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "preferred allocation: unknown devices ['stale-a', 'stale-b']"]
+
+
+def test_an_impossible_request_says_why_and_what_was_offered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    alloc = Allocator.from_snapshot(no_topology(2))
+    first, second = alloc.ids
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deviceplugin.allocator"):
+        chosen = alloc.preferred([first], [second], 1)
+    assert chosen == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"preferred allocation impossible: must-include devices not available: {second} "
+        f"(available=['{first}'] must_include=['{second}'])"]

@@ -14,7 +14,9 @@ from test_resources import make_gpu
 
 from deviceplugin import allocator
 from deviceplugin.allocator import Allocator
+from deviceplugin.rm import NodeManagers
 from deviceplugin.shared_policy import preferred_shared
+from gpus.config import Config
 from gpus.model import Snapshot
 from gpus.resources import Device
 
@@ -153,3 +155,43 @@ def test_an_impossible_request_says_why_and_what_was_offered(
     assert [r.getMessage() for r in caplog.records] == [
         f"preferred allocation impossible: must-include devices not available: {second} "
         f"(available=['{first}'] must_include=['{second}'])"]
+
+
+# --- warm(): what an eager allocator has ready, and what warming builds ---------------------------
+
+def eight_gpus() -> Allocator:
+    """Eight GPUs with uneven pair scores: few enough that the constructor warms every size."""
+    n = 8
+    return Allocator([str(i) for i in range(n)],
+                     [[0 if i == j else (i + j) % 5 for j in range(n)] for i in range(n)])
+
+
+def test_an_eager_allocator_has_every_free_node_answer_ready() -> None:
+    alloc = eight_gpus()
+    built = alloc.stats()
+    # Subset scores and the packing tables of sizes 2 and 3 (a larger size's rest fits in one
+    # group), plus the best-first order of the k-sets of each size 2..7: sizes 1 and 8 (the
+    # whole node) are answered without one.
+    assert built.sizes_built == (2, 3)
+    assert built.table_bytes == 4 * 3 * (1 << 8) + 4 * sum(comb(8, k) for k in range(2, 8))
+    # The free node's request of each size (the one a node without allocations always sends)
+    # is answered without building anything more: warm() in the constructor did it all.
+    for size in range(1, 9):
+        assert len(alloc.preferred(alloc.ids, [], size)) == size
+    assert alloc.stats() == built
+
+
+def test_warming_sizes_that_need_no_table_builds_nothing() -> None:
+    alloc = eight_gpus()
+    built = alloc.stats()
+    # Size 1 and the whole node are answered directly; 0 and 9 are no request at all.
+    alloc.warm([0, 1, 8, 9])
+    assert alloc.stats() == built
+
+
+def test_only_exact_allocators_too_big_to_build_at_once_are_warmed_later() -> None:
+    # 13..16 GPUs: tables left to a background warm-up; beyond 16 the allocator is greedy
+    # and has no tables, so the plugin must not start a warm-up for it.
+    assert [allocator.lazy_tables(n) for n in (12, 13, 16, 17)] == [False, True, True, False]
+    assert NodeManagers.create(Config(), no_topology(17)).warm is None
+    assert NodeManagers.create(Config(), no_topology(13)).warm is not None

@@ -195,3 +195,96 @@ def test_only_exact_allocators_too_big_to_build_at_once_are_warmed_later() -> No
     assert [allocator.lazy_tables(n) for n in (12, 13, 16, 17)] == [False, True, True, False]
     assert NodeManagers.create(Config(), no_topology(17)).warm is None
     assert NodeManagers.create(Config(), no_topology(13)).warm is not None
+
+
+# --- the exact allocator's limit, and what a greedy one tells the operator -----------------------
+
+def uniform(n: int, score: int = 10) -> Allocator:
+    return Allocator([f"g{i}" for i in range(n)],
+                     [[0 if i == j else score for j in range(n)] for i in range(n)])
+
+
+def test_sixteen_gpus_are_still_allocated_exactly(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="deviceplugin.allocator"):
+        alloc = uniform(allocator.MAX_EXACT_GPUS)
+    assert alloc.stats().exact
+    assert caplog.records == []
+
+
+def test_beyond_sixteen_gpus_the_warning_says_greedy_and_why(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="deviceplugin.allocator"):
+        alloc = uniform(17)
+    assert not alloc.stats().exact
+    assert [r.getMessage() for r in caplog.records] == [
+        "17 GPUs exceed the exact allocator's limit of 16: preferred allocations will be "
+        "greedy (best-connected set, packing of the rest ignored)"]
+
+
+# --- answers: must-include devices on a free node, and a full answer cache ------------------------
+
+def test_a_must_include_device_on_a_free_node_is_in_the_answer() -> None:
+    # GPUs 1 and 2 are the best pair: the free node's answer of size 2. Requiring GPU 0 on
+    # the same free node must not reuse that answer.
+    scores = [[0, 1, 1, 1], [1, 0, 50, 1], [1, 50, 0, 1], [1, 1, 1, 0]]
+    alloc = Allocator(["g0", "g1", "g2", "g3"], scores)
+    assert alloc.preferred(alloc.ids, [], 2) == ["g1", "g2"]
+    for must in ("g0", "g3"):
+        chosen = alloc.preferred(alloc.ids, [must], 2)
+        assert must in chosen and len(chosen) == 2
+
+
+def test_more_distinct_requests_than_the_answer_cache_holds_are_all_answered() -> None:
+    alloc = eight_gpus()
+    ids = alloc.ids
+    # Every (available set of 5 or more, size 3) request: 219 sets x a few sizes, well past
+    # the cache's size, so older answers are evicted on the way.
+    asked = 0
+    for mask in range(1, 1 << 8):
+        available = [ids[i] for i in range(8) if mask >> i & 1]
+        for size in (2, 3, 4):
+            if len(available) > size:
+                chosen = alloc.preferred(available, [], size)
+                assert len(chosen) == size and set(chosen) <= set(available)
+                asked += 1
+    assert asked > allocator.RESULT_CACHE_SIZE
+    # Evicted answers are computed again, the same.
+    assert alloc.preferred(list(ids[:5]), [], 2) == alloc.preferred(list(ids[:5]), [], 2)
+
+
+# --- the score matrix: what is checked, and what each refusal names ------------------------------
+
+def test_duplicate_ids_name_each_duplicate_once() -> None:
+    with pytest.raises(ValueError) as refused:
+        Allocator(["a", "b", "a", "c", "c", "c"], [[0] * 6 for _ in range(6)])
+    assert str(refused.value) == "duplicate device ids: ['a', 'c']"
+
+
+@pytest.mark.parametrize(("pair", "text"), [
+    ((0, 1), "scores are not symmetric at (0, 1)"),
+    ((0, 2), "scores are not symmetric at (0, 2)"),
+    ((1, 2), "scores are not symmetric at (1, 2)"),
+])
+def test_an_asymmetric_matrix_names_the_pair_upper_first(pair: tuple[int, int], text: str
+                                                          ) -> None:
+    scores = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
+    scores[pair[0]][pair[1]] = 7
+    with pytest.raises(ValueError) as refused:
+        Allocator(["a", "b", "c"], scores)
+    assert str(refused.value) == text
+
+
+def test_a_negative_score_names_its_pair_upper_first() -> None:
+    with pytest.raises(ValueError) as refused:
+        Allocator(["a", "b", "c"], [[0, 1, 1], [1, 0, -3], [1, -3, 0]])
+    assert str(refused.value) == "negative score at (1, 2)"
+
+
+@pytest.mark.parametrize("diagonal", [1, 5, 2**40])
+def test_the_diagonal_is_ignored(diagonal: int) -> None:
+    # A pair score of 2**31 - 1 still fits the 4-byte subset-score table, however large the
+    # diagonal the caller passed: it is set to 0 before anything is sized from it.
+    top = 2**31 - 1
+    alloc = Allocator(["a", "b"], [[diagonal, top], [top, diagonal]])
+    assert alloc.stats().table_bytes == 4 * 4
+    assert alloc.score(["a", "b"]) == top

@@ -288,3 +288,18 @@ def test_the_diagonal_is_ignored(diagonal: int) -> None:
     alloc = Allocator(["a", "b"], [[diagonal, top], [top, diagonal]])
     assert alloc.stats().table_bytes == 4 * 4
     assert alloc.score(["a", "b"]) == top
+
+
+@pytest.mark.parametrize(("pair_score", "entry_bytes"), [(2**31 - 1, 4), (2**31, 8), (2**40, 8)])
+def test_subset_scores_get_entries_wide_enough_for_the_largest(pair_score: int, entry_bytes: int
+                                                               ) -> None:
+    # The table's entry width follows the largest subset score (a pair score here): past
+    # 2**31 - 1 it takes 8-byte entries instead of overflowing.
+    alloc = Allocator(["a", "b"], [[0, pair_score], [pair_score, 0]])
+    assert alloc.score(["a", "b"]) == pair_score
+    assert alloc.stats().table_bytes == 4 * entry_bytes  # the four subsets of two GPUs
+
+
+def test_every_missing_must_include_device_is_listed() -> None:
+    assert allocator.impossible_request(3, ["x", "y"], 2, {"a", "b", "c"}) == (
+        "must-include devices not available: x, y")

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from benchutil import short_dir  # noqa: E402
+from benchutil import rss_mib, short_dir  # noqa: E402
 from test_plugin_mig_e2e import mig_config  # noqa: E402
 from test_podresources import pod_resources_env  # noqa: E402
 
@@ -111,14 +111,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    """VmRSS of ``pid`` in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 @contextmanager

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
-from benchutil import short_dir  # noqa: E402
+from benchutil import rss_mib, short_dir  # noqa: E402
 
 from deviceplugin.allocator import lazy_tables, pair_score  # noqa: E402
 from deviceplugin.main import DevicePlugin, replace_flags, replace_plugin_flags  # noqa: E402
@@ -682,15 +682,6 @@ def attack_lines(pid: int, socket_path: str) -> list[str]:
         f"after {final:.1f} MiB (DaemonSet limit 160 MiB)"
     )
     return lines
-
-
-def rss_mib(pid: int) -> float:
-    """Resident set size of a process in MiB (Linux /proc)."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def bare_import(env: dict[str, str]) -> tuple[float, float]:

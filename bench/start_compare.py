@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchutil import short_dir  # noqa: E402
+from benchutil import rss_mib, short_dir  # noqa: E402
 
 from deviceplugin.mockkubelet import MockKubelet  # noqa: E402
 
@@ -55,15 +55,6 @@ def cpu_ms(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended meanwhile
     return total / 1e6
-
-
-def rss_mib(pid: int) -> float:
-    """VmRSS of ``pid`` in MiB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one_start(checkout: Path, env: dict[str, str]) -> tuple[float, float, float]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import codecs
-import locale
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from locale_support import ascii_default_encoding
 
 from gpus.atomicfile import replace_file
 
@@ -55,18 +53,10 @@ def test_a_bare_file_name_is_written_in_the_working_directory(
 
 def test_replace_writes_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
     # A container without a locale may run Python with an ASCII default encoding; product
-    # names and paths can still hold non-ASCII characters. In-process (not in a subprocess) so
-    # that mutation testing links this test to replace_file.
+    # names and paths can still hold non-ASCII characters.
     target = tmp_path / "spec"
-    previous = locale.setlocale(locale.LC_CTYPE)
-    try:
-        locale.setlocale(locale.LC_CTYPE, "C")
-        if sys.flags.utf8_mode or codecs.lookup(locale.getpreferredencoding(False)).name == (
-                "utf-8"):
-            pytest.skip("the C locale's default encoding is UTF-8 here")
+    with ascii_default_encoding():
         replace_file(target, "Tesla \u00e9")
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
     assert target.read_bytes() == "Tesla \u00e9".encode()
 
 

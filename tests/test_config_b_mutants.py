@@ -8,14 +8,12 @@ the file, the line, the field path and the reason.
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
-import locale
 import logging
-import sys
 from pathlib import Path
 
 import pytest
+from locale_support import ascii_default_encoding
 
 from gpus.config import (
     MAX_EXPANDED_NODES,
@@ -214,18 +212,11 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
 
 def test_the_file_is_read_as_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
     # A container without a locale may run Python with an ASCII default encoding; a ConfigMap
-    # is UTF-8 whatever the locale. In-process, so mutation testing links this test to _read.
+    # is UTF-8 whatever the locale.
     path = tmp_path / "config.yaml"
     path.write_text("flags:\n  nvidiaDriverRoot: /opt/nvidi\u00e4\n", encoding="utf-8")
-    previous = locale.setlocale(locale.LC_CTYPE)
-    try:
-        locale.setlocale(locale.LC_CTYPE, "C")
-        if sys.flags.utf8_mode or codecs.lookup(locale.getpreferredencoding(False)).name == (
-                "utf-8"):
-            pytest.skip("the C locale's default encoding is UTF-8 here")
+    with ascii_default_encoding():
         config = load_config(path)
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
     assert config.flags.nvidia_driver_root == "/opt/nvidi\u00e4"
 
 

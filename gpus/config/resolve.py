@@ -38,12 +38,17 @@ def add_flags(parser: argparse.ArgumentParser, program: Program,
     parser.set_defaults(**{PROGRAM_DEST: program})
     rows = rows_for(Config, program)
     # The exporter reads no config file: its help must not promise one.
-    reads_file = any(row.name == _CONFIG_FILE and not row.section for row in rows)
+    reads_file = any(map(_names_config_file, rows))
     order = "flag > env > config file > default" if reads_file else "flag > env > default"
     group = parser.add_argument_group(f"configuration ({order})")
     for row in rows:
         if row.setting.flags and (only is None or row.name in only):
             _add_argument(group, row, program)
+
+
+def _names_config_file(row: Row) -> bool:
+    """Whether ``row`` is the top-level setting naming the config file."""
+    return row.name == _CONFIG_FILE and not row.section
 
 
 def _add_argument(group: argparse._ArgumentGroup, row: Row, program: str) -> None:
@@ -107,7 +112,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     program = getattr(args, PROGRAM_DEST, "plugin")
     table = rows_for(Config, program)
     path = next((_given(row, args, environ, program) for row in table
-                 if row.name == _CONFIG_FILE and not row.section), _UNSET)
+                 if _names_config_file(row)), _UNSET)
     config = load_config(path) if path is not _UNSET and path else Config()
     changes: dict[tuple[str, ...], dict[str, Any]] = {}
     for row in table:

@@ -59,6 +59,7 @@ from gpus.runtime import (
     run_daemon,
     setup_logging,
 )
+from gpus.runtime.heap import steady_heap
 from gpus.runtime.metricsaddress import MetricsAddressError
 from gpus.runtime.metricsaddress import parse_address as parse_metrics_address
 from gpus.runtime.version import add_version_flag
@@ -143,6 +144,7 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise ConfigError(problem)
     address = metrics_address(args.metrics_address, environ)
     undo_logging = setup_logging(config.daemon.log_level)
+    steady_heap()  # kubelet requests of hundreds of KiB: no page faults to take memory back
     metrics: PluginMetrics | None = None
     endpoint: MetricsEndpoint | None = None
     if address is not None:

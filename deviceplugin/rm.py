@@ -18,6 +18,7 @@ becomes a Python object, and a refused request never costs one per ID.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -245,6 +246,21 @@ class RequestIndex:
             whole_gpus=is_whole_gpu_resource(resource),
         )
 
+    def left_out(self, offered: Iterable[str]) -> AbstractSet[str] | None:
+        """The index's device IDs that ``offered`` does not name, or None when it names an ID
+        the index does not have or names one twice.
+
+        One pass over the offered IDs at C speed: each is popped from a copy of the ID map (a
+        dict copies as one block, half the memory of a set's table), so a repeat or a stranger
+        is a KeyError and no set of the offered IDs is built.
+        """
+        left = dict(self.known)
+        try:
+            deque(map(left.pop, offered), maxlen=0)
+        except KeyError:
+            return None
+        return left.keys()
+
     def missing(self, left_out: AbstractSet[str]) -> list[AbstractSet[str]]:
         """``left_out`` (IDs of the index's devices a request did not offer) split per run."""
         # Compacted first: a difference from the 8,192-ID set keeps that set's table size,
@@ -327,24 +343,21 @@ class PreferredQuery:
         """The request against ``index``, computed once per index.
 
         Thousands of replicas: one pass over the message's IDs removes them from a copy of
-        the index's ID set, leaving the few devices not offered. When the IDs sent number
-        exactly the devices offered, none was unknown or repeated (each of those would make
-        the count exceed), and the offer needs no set of its own.
+        the index's ID map (:meth:`RequestIndex.left_out`), leaving the few devices not
+        offered, and the offer needs no set of its own. Only a request naming an unknown or
+        repeated ID (a stale list), and whole GPUs (a few IDs), build a set of what was sent;
+        the stale list's IDs are then read out of the message a second time (it was counted).
         """
         if self._scan is not None and self._scan.index is index:
             return self._scan
         available: AbstractSet[str]
         unknown: AbstractSet[str] = frozenset()
-        if index.whole_gpus:
-            available = set(self.available)
-            left_out: AbstractSet[str] = index.id_set.difference(available)
+        left_out = None if index.whole_gpus else index.left_out(self.requested)
+        if left_out is not None:
+            available = KnownOffer(index.known, left_out)
         else:
-            left_out = index.id_set.difference(self.requested)
-            if len(self.requested) == len(index.id_set) - len(left_out):
-                available = KnownOffer(index.known, left_out)
-            else:
-                available = set(self.requested)
-        if not isinstance(available, KnownOffer):
+            available = set(self.available if index.whole_gpus else self.requested)
+            left_out = index.id_set.difference(available)
             unknown = available.difference(index.id_set)
             if unknown:
                 available = available - unknown

@@ -379,6 +379,27 @@ def test_a_scan_offers_exactly_the_known_ids_sent() -> None:
     assert set(scan.unknown) == {"GPU-9::0"}
 
 
+def test_left_out_is_what_an_exact_offer_does_not_name() -> None:
+    index = RequestIndex.of(replicas(gpus(2), 2))
+    every = list(index.ordered_ids)
+    results = [index.left_out(offer) for offer in (every[1:3], every, [])]
+    assert [None if r is None else set(r) for r in results] == [
+        {every[0], every[3]}, set(), set(every)]
+    # A repeat or a stranger: None, and the scan takes the set path instead.
+    assert index.left_out([every[1], every[1]]) is None
+    assert index.left_out([every[1], "GPU-9::0"]) is None
+    # The index's own map is never changed by a scan.
+    assert len(index.known) == 4
+
+
+def test_a_repeat_alone_falls_back_to_the_exact_offer() -> None:
+    resource = replicas(gpus(2), 2)
+    every = ids(resource)
+    scan = PreferredQuery.of([every[2], every[0], every[2]], [], 1).scan(RequestIndex.of(resource))
+    assert sorted(scan.offered) == [every[0], every[2]] and set(scan.unknown) == set()
+    assert [set(m) for m in scan.missing] == [{every[1]}, {every[3]}]
+
+
 def test_a_query_is_scanned_again_against_a_new_resource_version() -> None:
     # A health change builds a new resource and index; a scan must never answer for another.
     old, new = replicas(gpus(1), 2), replicas(gpus(2), 2)

@@ -220,6 +220,7 @@ class RequestIndex:
     known: Mapping[str, Device]
     ordered_ids: tuple[str, ...]  # the allocator's pick order: each GPU's devices contiguous
     id_set: frozenset[str]
+    id_map: dict[str, None]  # the same IDs as keys, for :meth:`left_out` to copy
     runs: tuple[GpuRun, ...]
     whole_gpus: bool
 
@@ -242,6 +243,7 @@ class RequestIndex:
             known={d.id: d for d in resource.devices} if known is None else known,
             ordered_ids=ordered_ids,
             id_set=frozenset(ordered_ids),
+            id_map=dict.fromkeys(ordered_ids),
             runs=tuple(runs),
             whole_gpus=is_whole_gpu_resource(resource),
         )
@@ -250,11 +252,12 @@ class RequestIndex:
         """The index's device IDs that ``offered`` does not name, or None when it names an ID
         the index does not have or names one twice.
 
-        One pass over the offered IDs at C speed: each is popped from a copy of the ID map (a
-        dict copies as one block, half the memory of a set's table), so a repeat or a stranger
+        One pass over the offered IDs at C speed: each is popped from a copy of
+        :attr:`id_map` (a dict copies as one block, in half the memory of a set's table; its
+        values are all None, so the copy touches no device object), so a repeat or a stranger
         is a KeyError and no set of the offered IDs is built.
         """
-        left = dict(self.known)
+        left = self.id_map.copy()
         try:
             deque(map(left.pop, offered), maxlen=0)
         except KeyError:

@@ -389,7 +389,7 @@ def test_left_out_is_what_an_exact_offer_does_not_name() -> None:
     assert index.left_out([every[1], every[1]]) is None
     assert index.left_out([every[1], "GPU-9::0"]) is None
     # The index's own map is never changed by a scan.
-    assert len(index.known) == 4
+    assert list(index.id_map) == every and len(index.known) == 4
 
 
 def test_a_repeat_alone_falls_back_to_the_exact_offer() -> None:

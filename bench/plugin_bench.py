@@ -483,8 +483,9 @@ def bench_sliced(calls: int, seed: int) -> list[str]:
             try:
                 if not kubelet.wait_for_registration(GPU, 30):
                     raise RuntimeError("the daemon did not register within 30 s")
-                ours_ns, floor_ns, requests = _sliced_calls(
-                    os.path.join(directory, "nvidia-gpu.sock"), floor_sock, calls, rng)
+                ours_ns, floor_ns, requests, faults = _sliced_calls(
+                    os.path.join(directory, "nvidia-gpu.sock"), floor_sock, calls, rng,
+                    (proc.pid, floor.pid))
             finally:
                 for child in (proc, floor):
                     child.send_signal(signal.SIGTERM)
@@ -498,15 +499,17 @@ def bench_sliced(calls: int, seed: int) -> list[str]:
         f"~{requests[0].ByteSize() // 1024} KiB each, 1-8 of {SLICED_REPLICAS} replicas x 8 GPUs;"
         f" daemon and floor each in its own process) | target p99 <= "
         f"{TARGET_SLICED_P99_MS:g} ms: {verdict}",
+        f"  page faults per call: daemon {faults[0]:.1f}, floor {faults[1]:.1f}",
         f"  the handler alone (in process, parsed request -> chosen IDs): p50 {handler.p50:.3f} ms"
         f"  p99 {handler.p99:.3f} ms",
     ]
 
 
 def _sliced_calls(
-    socket_path: str, floor_sock: str, calls: int, rng: random.Random
-) -> tuple[list[int], list[int], list[api_pb2.PreferredAllocationRequest]]:
-    """Alternate the daemon and the floor on the same kubelet-like requests.
+    socket_path: str, floor_sock: str, calls: int, rng: random.Random, pids: tuple[int, int]
+) -> tuple[list[int], list[int], list[api_pb2.PreferredAllocationRequest], list[float]]:
+    """Alternate the daemon and the floor on the same kubelet-like requests; also the minor
+    page faults per timed call of each process (``pids``: daemon, floor).
 
     Each request is serialised before its clock starts, and both servers get the same bytes:
     Python's protobuf takes ~0.5 ms to serialise 374 KiB where the kubelet's Go client takes a
@@ -530,6 +533,7 @@ def _sliced_calls(
             base(payload)
         ours_ns, floor_ns = [], []
         clock = time.perf_counter_ns
+        faults_before = [minor_faults(pid) for pid in pids]
         for payload, size in wire:
             begin = clock()
             response = ours(payload)
@@ -539,7 +543,9 @@ def _sliced_calls(
             ours_ns.append(middle - begin)
             if len(response.container_responses[0].deviceIDs) != size:
                 raise RuntimeError(f"GetPreferredAllocation answered {response} for size {size}")
-        return ours_ns, floor_ns, requests
+        faults = [(minor_faults(pid) - before) / calls
+                  for pid, before in zip(pids, faults_before, strict=True)]
+        return ours_ns, floor_ns, requests, faults
     finally:
         channel.close()
         floor_channel.close()
@@ -602,6 +608,13 @@ def attack_payload(method: str, count: int) -> bytes:
     if method == "Allocate":
         return allocate_request(ids).SerializeToString()
     return preferred_request(ids, 1).SerializeToString()
+
+
+def minor_faults(pid: int) -> int:
+    """A process's minor page faults so far (/proc/PID/stat, the 10th field)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        # The command name (field 2) may hold spaces: count from the ")" that closes it.
+        return int(handle.read().rsplit(")", 1)[1].split()[7])
 
 
 def rss_fields(pid: int) -> tuple[float, float]:

@@ -6,6 +6,8 @@
 - :mod:`~gpus.runtime.statefile`: the files probes read (readiness, status, health);
 - :mod:`~gpus.runtime.exits` and :mod:`~gpus.runtime.entry`: exit codes, and ``run_daemon``,
   which turns the error tree (:mod:`gpus.errors`) into them with one stderr line.
+- :mod:`~gpus.runtime.heap`: glibc's malloc thresholds fixed, for a daemon that receives
+  requests of hundreds of KiB (the device plugin).
 
 A daemon's ``main`` is then: parse flags, ``resolve`` the configuration (gpus.config, which
 holds the daemon's own options too), ``setup_logging``, and run its body through

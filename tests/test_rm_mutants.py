@@ -21,6 +21,7 @@ from deviceplugin.rm import (
     MAX_CONTAINER_REQUESTS,
     MAX_DEVICE_ID_BYTES,
     GpuResourceManager,
+    KnownOffer,
     NodeManagers,
     PreferredQuery,
     RequestIndex,
@@ -398,6 +399,22 @@ def test_a_repeat_alone_falls_back_to_the_exact_offer() -> None:
     scan = PreferredQuery.of([every[2], every[0], every[2]], [], 1).scan(RequestIndex.of(resource))
     assert sorted(scan.offered) == [every[0], every[2]] and set(scan.unknown) == set()
     assert [set(m) for m in scan.missing] == [{every[1]}, {every[3]}]
+
+
+@pytest.mark.parametrize("resource", [replicas(gpus(8), 64), whole(gpus(8)), migs([2, 3])],
+                         ids=["replicas", "whole", "mig"])
+def test_the_kubelets_request_builds_no_set_of_the_offered_ids(resource: Resource) -> None:
+    # Issue 10, defect 7: the usual request (every free device, each once) is checked against
+    # the index's ID map in one pass; a set of the thousands of offered IDs is built only for a
+    # stale list (an unknown or repeated ID).
+    every = ids(resource)
+    index = RequestIndex.of(resource)
+    scan = PreferredQuery.of(every[2:][::-1], [], 1).scan(index)
+    assert isinstance(scan.offered, KnownOffer) and sorted(scan.offered) == sorted(every[2:])
+    assert sorted(i for m in scan.missing for i in m) == sorted(every[:2])
+    stale = PreferredQuery.of([*every[2:], "GPU-gone"], [], 1).scan(index)
+    assert isinstance(stale.offered, set) and set(stale.unknown) == {"GPU-gone"}
+    assert sorted(stale.offered) == sorted(every[2:])
 
 
 def test_a_query_is_scanned_again_against_a_new_resource_version() -> None:

@@ -213,14 +213,13 @@ class RequestIndex:
 
     Resources are immutable and replaced whole on every change (health included), so an index
     is valid for exactly the resource object it was built from. With it, a request naming all
-    8,192 replicas of a time-sliced node costs one set difference per GPU (C speed) and the
-    picks, instead of a sort with a Python key and a Python loop per device.
+    8,192 replicas of a time-sliced node costs one dict probe per ID (C speed) and the picks,
+    instead of a sort with a Python key and a Python loop per device.
     """
 
     known: Mapping[str, Device]
     ordered_ids: tuple[str, ...]  # the allocator's pick order: each GPU's devices contiguous
-    id_set: frozenset[str]
-    id_map: dict[str, None]  # the same IDs as keys, for :meth:`left_out` to copy
+    id_map: dict[str, None]  # the IDs as keys (all values None), for :meth:`left_out` to copy
     runs: tuple[GpuRun, ...]
     whole_gpus: bool
 
@@ -242,7 +241,6 @@ class RequestIndex:
         return cls(
             known={d.id: d for d in resource.devices} if known is None else known,
             ordered_ids=ordered_ids,
-            id_set=frozenset(ordered_ids),
             id_map=dict.fromkeys(ordered_ids),
             runs=tuple(runs),
             whole_gpus=is_whole_gpu_resource(resource),
@@ -266,8 +264,8 @@ class RequestIndex:
 
     def missing(self, left_out: AbstractSet[str]) -> list[AbstractSet[str]]:
         """``left_out`` (IDs of the index's devices a request did not offer) split per run."""
-        # Compacted first: a difference from the 8,192-ID set keeps that set's table size,
-        # and each intersection would walk all of its slots.
+        # Compacted first: what is left of the 8,192-ID map keeps the map's table size (a
+        # set difference keeps the set's), and each intersection would walk all of its slots.
         few = set(left_out)
         return [run.ids & few for run in self.runs]
 
@@ -360,8 +358,8 @@ class PreferredQuery:
             available = KnownOffer(index.known, left_out)
         else:
             available = set(self.requested)
-            left_out = index.id_set.difference(available)
-            unknown = available.difference(index.id_set)
+            left_out = index.id_map.keys() - available
+            unknown = available.difference(index.id_map)
             if unknown:
                 available = available - unknown
         self._scan = Scan(index, available, unknown, index.missing(left_out))

@@ -382,7 +382,7 @@ def test_request_index_matches_the_reference(sick: set[int], offered: set[int],
     index = RequestIndex.of(resource)
     available = [resource.devices[i].id for i in offered]
     rng.shuffle(available)
-    missing = index.missing(index.id_set - set(available))
+    missing = index.missing(index.id_map.keys() - set(available))
     assert index.in_use(missing) == in_use_counts(resource, set(available))
     request = index.shared_request(set(available), missing)
     assert [i for run in request.runs for i in run.ids] == [
@@ -408,9 +408,9 @@ def test_request_scan_matches_the_reference(offered: list[int], strangers: list[
     requested = [resource.devices[i].id for i in offered] + strangers
     rng.shuffle(requested)
     scan = PreferredQuery.of(requested, [], 1).scan(index)
-    assert set(scan.offered) == set(requested) & index.id_set
-    assert len(scan.offered) == len(set(requested) & index.id_set)
-    assert all(i in scan.offered for i in requested if i in index.id_set)
+    assert set(scan.offered) == set(requested) & index.id_map.keys()
+    assert len(scan.offered) == len(set(requested) & index.id_map.keys())
+    assert all(i in scan.offered for i in requested if i in index.id_map)
     assert not any(i in scan.offered for i in strangers)
     assert set(scan.unknown) == set(strangers)
     assert [set(m) for m in scan.missing] == [
